@@ -1,0 +1,40 @@
+"""DeepSeek-V3 / V2 for the Hugging Face stack.
+
+Importing this package registers model_type "deepseek" with AutoConfig, AutoModel and AutoModelForCausalLM, and the
+checkpoint conversion that maps official per-expert keys (`mlp.experts.{j}.gate_proj.weight` ...) onto our fused
+expert tensors on load and back on save. Both are idempotent: importing or reloading twice never raises.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration import DeepseekConfig
+from .modeling import DeepseekCausalLMOutput, DeepseekForCausalLM, DeepseekModel, DeepseekPreTrainedModel
+from .balancing import update_balancing_bias, max_violation
+
+
+def _register() -> None:
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    AutoConfig.register(DeepseekConfig.model_type, DeepseekConfig, exist_ok=True)
+    AutoModel.register(DeepseekConfig, DeepseekModel, exist_ok=True)
+    AutoModelForCausalLM.register(DeepseekConfig, DeepseekForCausalLM, exist_ok=True)
+    # Same per-expert <-> fused mapping transformers uses for its own DeepSeek classes.
+    register_checkpoint_conversion_mapping(
+        DeepseekConfig.model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True
+    )
+
+
+_register()
+
+__all__ = [
+    "DeepseekConfig",
+    "DeepseekModel",
+    "DeepseekForCausalLM",
+    "DeepseekPreTrainedModel",
+    "DeepseekCausalLMOutput",
+    "update_balancing_bias",
+    "max_violation",
+]

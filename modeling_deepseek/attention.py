@@ -1,0 +1,175 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2 section 2.1).
+
+Every token is compressed to one latent c_KV (kv_lora_rank values, after kv_a_layernorm) plus one decoupled RoPE key
+shared by all heads (qk_rope_head_dim values). That pair is the only thing the cache holds: 512 + 64 = 576 values per
+token per layer for V3, against 128 heads x (192 + 128) for the multi-head attention it replaces (71x smaller).
+
+Per head, keys and values are linear in the latent: k_nope = W_UK c, v = W_UV c (the two halves of kv_b_proj). So
+attention can run two ways over the same cache:
+
+- expanded: rebuild per-head K and V from the latent, then ordinary attention through transformers' attention
+  interface (eager / sdpa / ...). Cheap when the queries are many (training, prefill), since the K/V rebuild is
+  shared by all of them.
+- absorbed: fold W_UK into the query (q_nope W_UK gives a query in latent space) and apply W_UV after attending, so
+  every head attends as MQA over the cached [latent | rope key] directly and nothing per head is built per cached
+  token. Cheap when the queries are few (decode, speculative verification): the expanded rebuild costs
+  S x kv_lora_rank x heads x (nope + v) per step, whatever T is.
+
+`DeepseekAttention.forward` picks the cheaper path from the FLOP counts of both (`mla_impl="auto"`), or as told.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .layers import DeepseekRMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain attention over per-head K/V: query [B, H, T, Dqk], key [B, H, S, Dqk], value [B, H, S, Dv]."""
+    scores_BHTS = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores_BHTS = scores_BHTS + attention_mask
+    probs_BHTS = F.softmax(scores_BHTS, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs_BHTS = F.dropout(probs_BHTS, p=dropout, training=module.training)
+    out_BTHV = torch.matmul(probs_BHTS, value).transpose(1, 2).contiguous()
+    return out_BTHV, probs_BHTS
+
+
+def _additive_mask(attention_mask: torch.Tensor | None, T: int, S: int, device, dtype) -> torch.Tensor | None:
+    """Turn transformers' mask (bool "may attend", additive float, or None = causal) into an additive [*, T, S] mask."""
+    if attention_mask is None:
+        if T == 1:
+            return None
+        # Queries are the last T positions of S keys: query t sees keys up to S - T + t.
+        allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+        attention_mask = allowed
+    if attention_mask.dtype == torch.bool:
+        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~attention_mask, torch.finfo(dtype).min)
+    return attention_mask[..., -S:].to(dtype)
+
+
+class DeepseekAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.attention_dropout = config.attention_dropout
+        self.num_key_value_groups = 1  # the expanded path builds one K/V per head
+        self.is_causal = True
+        self.scaling = softmax_scale(config)
+        # "auto" | "absorbed" | "expanded": which MLA path runs (see the module docstring).
+        self.mla_impl = getattr(config, "mla_impl", "auto")
+
+        H, C, R = self.num_heads, config.kv_lora_rank, config.qk_rope_head_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = DeepseekRMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * self.qk_head_dim, bias=False)
+        # One projection gives [latent (C) | shared rope key (R)]: the only per-token state that is cached.
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, C + R, bias=config.attention_bias)
+        self.kv_a_layernorm = DeepseekRMSNorm(C)
+        # Per head: [W_UK (nope rows) | W_UV (v rows)] stacked, head-major.
+        self.kv_b_proj = nn.Linear(C, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def project_query(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        B, T, _ = x_BTD.shape
+        return q.view(B, T, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope + rope]
+
+    def compress_kv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached pair: normalised latent [B, 1, T, C] and (not yet rotated) rope key [B, 1, T, R]."""
+        latent_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        return self.kv_a_layernorm(latent_BTC).unsqueeze(1), k_rope_BTR.unsqueeze(1)
+
+    def absorbable(self) -> bool:
+        """The absorbed path reads kv_b_proj's weight directly: only a plain float Linear (not LoRA- or 4-bit-wrapped)."""
+        w = getattr(self.kv_b_proj, "weight", None)
+        return type(self.kv_b_proj) is nn.Linear and w is not None and w.dtype.is_floating_point
+
+    def use_absorbed(self, T: int, S: int) -> bool:
+        if self.mla_impl != "auto":
+            return self.mla_impl == "absorbed" and self.absorbable()
+        if self.training or not self.absorbable():
+            return False
+        C, R, nope, v = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim
+        # Multiply-adds per head. Expanded: rebuild K/V for S keys, then attend. Absorbed: absorb T queries and
+        # outputs, then attend over (C + R)-wide keys and C-wide values.
+        expanded = S * C * (nope + v) + T * S * (nope + R + v)
+        absorbed = T * C * (nope + v) + T * S * (2 * C + R)
+        return absorbed < expanded
+
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        q_BHTK = self.project_query(hidden_states)
+        q_nope, q_rope = q_BHTK.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent_B1TC, k_rope_B1TR = self.compress_kv(hidden_states)
+
+        cos, sin = position_embeddings
+        q_rope = apply_rope(q_rope, cos, sin, self.config.rope_interleave)
+        k_rope_B1TR = apply_rope(k_rope_B1TR, cos, sin, self.config.rope_interleave)
+
+        if past_key_values is not None:  # the cache sees only the compressed pair
+            latent_B1TC, k_rope_B1TR = past_key_values.update(latent_B1TC, k_rope_B1TR, self.layer_idx)
+        S = latent_B1TC.shape[2]
+
+        if self.use_absorbed(T, S):
+            out_BTHV, weights = self.absorbed_attention(q_nope, q_rope, latent_B1TC, k_rope_B1TR, attention_mask)
+        else:
+            out_BTHV, weights = self.expanded_attention(q_nope, q_rope, latent_B1TC, k_rope_B1TR, attention_mask, **kwargs)
+        return self.o_proj(out_BTHV.reshape(B, T, -1)), weights
+
+    def expanded_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask, **kwargs):
+        B, H, _, _ = q_nope.shape
+        S = latent_B1SC.shape[2]
+        kv_BHSK = self.kv_b_proj(latent_B1SC.squeeze(1)).view(B, S, H, -1).transpose(1, 2)
+        k_nope, value = kv_BHSK.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat((k_nope, k_rope_B1SR.expand(-1, H, -1, -1)), dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+        )
+
+    def absorbed_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask):
+        H, C = self.num_heads, self.kv_lora_rank
+        T, S = q_nope.shape[2], latent_B1SC.shape[2]
+        w_HKC = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
+        w_uk_HNC, w_uv_HVC = w_HKC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk_HNC)
+        # MQA: one latent "head" is shared by all H query heads (broadcast over dim 1, never copied).
+        scores_BHTS = torch.matmul(q_latent_BHTC, latent_B1SC.transpose(-1, -2))
+        scores_BHTS = scores_BHTS + torch.matmul(q_rope, k_rope_B1SR.transpose(-1, -2))
+        scores_BHTS = scores_BHTS.float() * self.scaling
+        mask = _additive_mask(attention_mask, T, S, scores_BHTS.device, torch.float32)
+        if mask is not None:
+            scores_BHTS = scores_BHTS + mask
+        probs_BHTS = scores_BHTS.softmax(dim=-1).to(latent_B1SC.dtype)
+        ctx_BHTC = torch.matmul(probs_BHTS, latent_B1SC)
+        out_BTHV = torch.einsum("bhtc,hvc->bthv", ctx_BHTC, w_uv_HVC)
+        return out_BTHV, probs_BHTS

@@ -1,0 +1,204 @@
+"""DeepseekConfig: one config for DeepSeek-V3 and DeepSeek-V2 shaped models.
+
+Field names and meanings are those of the official `config.json` files, so an official DeepSeek-V3 / V2 config (or
+one saved by transformers' `deepseek_v3` / `deepseek_v2` classes) loads unchanged. The only additions are the
+training knobs of the V3 report, which the official files do not carry:
+
+    bias_update_speed   gamma of auxiliary-loss-free balancing (V3: 0.001); 0 or use_bias_update=False turns it off
+    seq_balance_alpha   weight of the complementary sequence-wise balance loss (V3: 0.0001); 0 turns it off
+    mtp_loss_weight     lambda of the multi-token-prediction loss (V3: 0.3 for the first 10T tokens, then 0.1)
+
+Invalid combinations raise a ValueError that names the field, at construction time rather than deep in a forward.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+# topk_method names of the official configs, and the scoring function each one implies.
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+SCORING_FUNCS = ("sigmoid", "softmax")
+
+
+class DeepseekConfig(PreTrainedConfig):
+    model_type = "deepseek"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    # Names transformers' own DeepSeek configs use for the same fields.
+    attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
+    def __init__(
+        self,
+        vocab_size: int = 129280,
+        hidden_size: int = 7168,
+        intermediate_size: int = 18432,  # dense FFN width (the first first_k_dense_replace layers)
+        moe_intermediate_size: int = 2048,  # width of ONE fine-grained expert
+        num_hidden_layers: int = 61,
+        num_attention_heads: int = 128,
+        num_key_value_heads: int | None = None,  # MLA has no KV heads; kept because official files carry it
+        n_shared_experts: int = 1,  # always-on experts, fused into one MLP of n_shared * moe_intermediate
+        n_routed_experts: int = 256,
+        num_experts_per_tok: int = 8,
+        n_group: int = 8,  # experts are split in n_group groups (one group per node in V3's deployment)
+        topk_group: int = 4,  # a token may only pick experts inside its topk_group best groups
+        topk_method: str = "noaux_tc",  # V3: noaux_tc (sigmoid + bias); V2: greedy / group_limited_greedy
+        scoring_func: str = "sigmoid",
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 2.5,
+        first_k_dense_replace: int = 3,
+        moe_layer_freq: int = 1,
+        q_lora_rank: int | None = 1536,  # None: full-rank q_proj (V2-Lite)
+        kv_lora_rank: int = 512,  # the cached latent's width
+        qk_nope_head_dim: int = 128,
+        qk_rope_head_dim: int = 64,  # decoupled RoPE key, shared by all heads and cached beside the latent
+        v_head_dim: int = 128,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 163840,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 0,
+        eos_token_id: int | list[int] | None = 1,
+        tie_word_embeddings: bool = False,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        rope_parameters: dict | None = None,
+        rope_interleave: bool = True,  # official weights rotate interleaved pairs (x0,x1),(x2,x3)...
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        num_nextn_predict_layers: int = 1,  # MTP depth D
+        # --- training knobs from the V3 report (not in official files) ---
+        use_bias_update: bool = True,
+        bias_update_speed: float = 0.001,
+        seq_balance_alpha: float = 0.0001,
+        mtp_loss_weight: float = 0.3,
+        experts_implementation: str | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.n_shared_experts = n_shared_experts
+        self.n_routed_experts = n_routed_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.topk_method = topk_method
+        self.scoring_func = scoring_func
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.first_k_dense_replace = first_k_dense_replace
+        self.moe_layer_freq = moe_layer_freq
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_theta = rope_theta
+        self.rope_interleave = rope_interleave
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.num_nextn_predict_layers = num_nextn_predict_layers
+        self.use_bias_update = use_bias_update
+        self.bias_update_speed = bias_update_speed
+        self.seq_balance_alpha = seq_balance_alpha
+        self.mtp_loss_weight = mtp_loss_weight
+        # transformers' rope machinery reads `head_dim` for the rotary width: in MLA only the RoPE part rotates.
+        self.head_dim = qk_rope_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        # Official files say `rope_scaling` (with "type"); transformers 5 says `rope_parameters` (with "rope_type").
+        self.rope_parameters = dict(rope_parameters or rope_scaling or {})
+        if "type" in self.rope_parameters and "rope_type" not in self.rope_parameters:
+            self.rope_parameters["rope_type"] = self.rope_parameters.pop("type")
+        # Fields of official files that we do not model, dropped so they do not pollute the saved config.
+        for legacy in ("aux_loss_alpha", "seq_aux", "ep_size", "scoring_func_v2", "pretraining_tp", "qk_head_dim",
+                       "head_dim", "output_router_logits", "router_aux_loss_coef", "num_experts", "mlp_bias"):
+            kwargs.pop(legacy, None)
+        kwargs.pop("model_type", None)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            experts_implementation=experts_implementation,
+            rope_theta=rope_theta,
+            **kwargs,
+        )
+        self.validate_deepseek()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def validate_deepseek(self) -> None:
+        """Raise ValueError naming the offending field for every combination the model cannot build."""
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
+            positive(name)
+        if not isinstance(self.kv_lora_rank, int) or self.kv_lora_rank <= 0:
+            raise ValueError(f"`kv_lora_rank` must be a positive integer (the cached latent width), got {self.kv_lora_rank!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise ValueError(f"`q_lora_rank` must be a positive integer or null, got {self.q_lora_rank!r}")
+        if not isinstance(self.qk_rope_head_dim, int) or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ValueError(f"`qk_rope_head_dim` must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
+        if self.num_nextn_predict_layers is None or self.num_nextn_predict_layers < 0:
+            raise ValueError(f"`num_nextn_predict_layers` must be >= 0, got {self.num_nextn_predict_layers!r}")
+        if self.first_k_dense_replace < 0:
+            raise ValueError(f"`first_k_dense_replace` must be >= 0, got {self.first_k_dense_replace!r}")
+        if self.first_k_dense_replace >= self.num_hidden_layers and self.num_nextn_predict_layers == 0:
+            return  # a dense model: the routing fields are never used
+        for name in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                     "moe_layer_freq"):
+            positive(name)
+        if self.n_shared_experts is None or self.n_shared_experts < 0:
+            raise ValueError(f"`n_shared_experts` must be >= 0, got {self.n_shared_experts!r}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"`topk_method` must be one of {TOPK_METHODS}, got {self.topk_method!r}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"`scoring_func` must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"`n_routed_experts` ({self.n_routed_experts}) must be divisible by `n_group` ({self.n_group})"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(f"`topk_group` ({self.topk_group}) must not exceed `n_group` ({self.n_group})")
+        reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+        if self.topk_method != "greedy" and self.num_experts_per_tok > reachable:
+            raise ValueError(
+                f"`num_experts_per_tok` ({self.num_experts_per_tok}) exceeds the {reachable} experts inside "
+                f"`topk_group` ({self.topk_group}) of `n_group` ({self.n_group}) groups"
+            )
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` ({self.num_experts_per_tok}) exceeds `n_routed_experts` ({self.n_routed_experts})"
+            )
+        if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
+            raise ValueError("`noaux_tc` scores a group by its top-2 experts: `n_routed_experts / n_group` must be >= 2")
+        for name in ("bias_update_speed", "seq_balance_alpha", "mtp_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layers below first_k_dense_replace are dense (V3: 3, V2: 1); MTP blocks (idx >= num_hidden_layers) are MoE."""
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    @property
+    def latent_cache_dim(self) -> int:
+        """Values cached per token per layer: the compressed KV latent plus the shared RoPE key (576 for V3)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+__all__ = ["DeepseekConfig"]

@@ -1,0 +1,313 @@
+"""DeepseekModel and DeepseekForCausalLM: the decoder stack, the LM head, MTP and the training-signal bookkeeping.
+
+The layout follows transformers' DeepSeek classes (and so the official checkpoint keys):
+
+    model.embed_tokens
+    model.layers.{0 .. N-1}            DeepseekDecoderLayer   (dense FFN below first_k_dense_replace, MoE above)
+    model.layers.{N .. N+D-1}          DeepseekMTPLayer       (the D multi-token-prediction modules)
+    model.norm, lm_head
+
+The loss with labels is   CE_main + mtp_loss_weight * mean_k CE_k + sum over MoE layers of the sequence-wise balance
+loss, and the output carries each part on its own together with the per-layer expert load and MaxVio.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+from . import balancing
+from .attention import DeepseekAttention
+from .configuration import DeepseekConfig
+from .decoder import DeepseekDecoderLayer
+from .experts import DeepseekExperts
+from .layers import DeepseekRMSNorm
+from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
+from .moe import DeepseekMoE
+from .rope import DeepseekRotaryEmbedding
+from .routing import DeepseekTopkRouter
+
+
+@dataclass
+class DeepseekModelOutput(MoeModelOutputWithPast):
+    """`pre_norm_hidden_state`: the last block's output before model.norm, the h^0 that MTP module 1 reads."""
+
+    pre_norm_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class DeepseekCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`loss` is the total; its parts, and the routing statistics of this forward, are reported alongside.
+
+    main_loss: next-token CE. mtp_loss: mean over depths of the MTP CE (unweighted). balance_loss: the sequence-wise
+    balance loss summed over MoE layers (already weighted by alpha). expert_load: [num MoE layers, n_routed_experts]
+    tokens per expert. max_violation: MaxVio averaged over the main model's MoE layers.
+    """
+
+    main_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+    max_violation: torch.Tensor | None = None
+    mtp_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class DeepseekPreTrainedModel(PreTrainedModel):
+    config_class = DeepseekConfig
+    config: DeepseekConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekDecoderLayer", "DeepseekMTPLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # kv_b_proj gives v_head_dim != qk_head_dim, which FA2's padding handles poorly
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    # Official checkpoints store copies of the shared embedding and head inside each MTP layer.
+    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, DeepseekTopkRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, DeepseekExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, DeepseekRMSNorm):
+            init.ones_(module.weight)
+        else:
+            super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
+        """transformers' loader, made strict: a weight the checkpoint lacks raises instead of being randomly initialised.
+
+        Known-optional weights are exempt: the MTP modules (transformers' DeepseekV3 drops them on save; they are then
+        trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", []) if not model._is_optional_weight(k)]
+        if missing and not allow_missing_weights:
+            shown = ", ".join(sorted(missing)[:20])
+            raise OSError(
+                f"{cls.__name__}.from_pretrained: the checkpoint is missing {len(missing)} weight(s) the model needs: "
+                f"{shown}{' ...' if len(missing) > 20 else ''}. Pass allow_missing_weights=True to initialise them."
+            )
+        return (model, info) if want_info else model
+
+    def _is_optional_weight(self, key: str) -> bool:
+        match = re.search(r"layers\.(\d+)\.", key)
+        if match and int(match.group(1)) >= self.config.num_hidden_layers:
+            return True  # an MTP module
+        return key.endswith("lm_head.weight") and self.config.tie_word_embeddings
+
+    def moe_layers(self, include_mtp: bool = True) -> list[DeepseekMoE]:
+        decoder = self.get_decoder()
+        layers = decoder.layers if include_mtp else decoder.layers[: self.config.num_hidden_layers]
+        return [layer.moe for layer in layers if layer.moe is not None]
+
+
+class DeepseekModel(DeepseekPreTrainedModel):
+    def __init__(self, config: DeepseekConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        N, D = config.num_hidden_layers, config.num_nextn_predict_layers
+        self.layers = nn.ModuleList(
+            [DeepseekDecoderLayer(config, i) for i in range(N)] + [DeepseekMTPLayer(config, N + k) for k in range(D)]
+        )
+        self.norm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeepseekRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if balancing.bias_update_enabled(config):
+            balancing.track(self)
+        self.post_init()
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        return self.layers[self.config.num_hidden_layers :]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DeepseekModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        for unused in ("output_attentions", "output_router_logits"):
+            kwargs.pop(unused, None)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
+            moe.last_load_E = moe.last_balance_loss = None
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+        # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
+        balancing.record_loads(self.moe_layers(include_mtp=False), self.config)
+
+        return DeepseekModelOutput(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            pre_norm_hidden_state=hidden_states,
+        )
+
+    def run_mtp(self, h0_BTD, inputs_embeds_BTD, position_ids, attention_mask=None, depths=None, **kwargs):
+        """Run MTP modules 1..depths over full-length sequences; returns [h^1, ..., h^depths] (before shared_head.norm)."""
+        depths = len(self.mtp_layers) if depths is None else depths
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds_BTD,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds_BTD, position_ids)
+        h, outputs = h0_BTD, []
+        for k, layer in enumerate(self.mtp_layers[:depths], start=1):
+            h = layer(
+                *mtp_inputs(h, inputs_embeds_BTD, k),
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            outputs.append(h)
+        balancing.record_loads([layer.moe for layer in self.mtp_layers[:depths] if layer.moe is not None], self.config)
+        return outputs
+
+
+class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__(config)
+        self.model = DeepseekModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DeepseekCausalLMOutput:
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = main_loss = mtp_loss = balance_loss = mtp_logits = None
+        if labels is not None:
+            loss_kwargs = {"vocab_size": self.config.vocab_size, "num_items_in_batch": num_items_in_batch}
+            main_loss = self.loss_function(logits=logits, labels=labels, **loss_kwargs)
+            loss = main_loss
+            if self.config.num_nextn_predict_layers > 0:
+                if position_ids is None:
+                    position_ids = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
+                hs = self.model.run_mtp(outputs.pre_norm_hidden_state, inputs_embeds, position_ids, attention_mask)
+                mtp_logits = tuple(self.lm_head(layer.shared_head.norm(h)) for layer, h in zip(self.model.mtp_layers, hs))
+                mtp_loss = torch.stack(
+                    [self.loss_function(logits=lg, labels=mtp_labels(labels, k), **loss_kwargs)
+                     for k, lg in enumerate(mtp_logits, start=1)]
+                ).mean()
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+            balance_terms = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
+            if balance_terms:
+                balance_loss = torch.stack(balance_terms).sum()
+                loss = loss + balance_loss
+
+        expert_load = max_vio = None
+        loads = [m.last_load_E for m in self.moe_layers() if m.last_load_E is not None]
+        if loads and (self.training or labels is not None):
+            expert_load = torch.stack(loads)
+            main_loads = expert_load[: len(self.moe_layers(include_mtp=False))]
+            max_vio = balancing.max_violation(main_loads).mean() if len(main_loads) else None
+
+        return DeepseekCausalLMOutput(
+            loss=loss,
+            aux_loss=balance_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            main_loss=main_loss,
+            mtp_loss=mtp_loss,
+            balance_loss=balance_loss,
+            expert_load=expert_load,
+            max_violation=max_vio,
+            mtp_logits=mtp_logits,
+        )
+
+
+__all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput"]

@@ -1,0 +1,86 @@
+"""Token-to-expert routing: DeepSeek-V3's sigmoid group-limited routing and DeepSeek-V2's softmax routing.
+
+V3 (`topk_method="noaux_tc"`, `scoring_func="sigmoid"`):
+  1. affinity s = sigmoid(x W^T), in fp32 whatever the model dtype (a high-precision island of the FP8 recipe);
+  2. selection scores s + b, where b = `e_score_correction_bias` is the auxiliary-loss-free balancing bias. The bias
+     steers *which* experts are chosen, never how much they weigh;
+  3. group-limited: a group is scored by the sum of its two best biased scores, only the best `topk_group` groups
+     stay, the others are masked with -inf (masking with 0 would let a masked expert win when scores go negative);
+  4. top-k over what is left; gate weights are the *unbiased* s of the chosen experts, normalised to sum to one when
+     `norm_topk_prob`, then times `routed_scaling_factor`.
+V2 (`scoring_func="softmax"`): softmax affinities, `greedy` top-k or `group_limited_greedy` (groups scored by their
+max); weights are the softmax probabilities times `routed_scaling_factor` (normalised only if `norm_topk_prob`).
+
+The bias is updated outside the model, once per optimizer step (see balancing.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DeepseekTopkRouter(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":
+            # fp32 always: a gamma = 1e-3 nudge vanishes in bf16 next to values near 1.
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
+            # Tokens per expert since the last bias update. Not saved: it is zero at every optimizer-step boundary,
+            # which is where checkpoints are taken.
+            self.pending_load = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        else:
+            self.e_score_correction_bias = None
+        self.has_pending_load = False
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits [T, E], gate weights [T, K], expert ids [T, K] and affinities [T, E] (fp32)."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        choice_TE = scores_TE.detach()
+        if self.e_score_correction_bias is not None:
+            choice_TE = choice_TE + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.topk_group < self.n_group:
+            choice_TE = self._mask_to_best_groups(choice_TE)
+        expert_ids_TK = torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits_TE, weights_TK * self.routed_scaling_factor, expert_ids_TK, scores_TE
+
+    def _mask_to_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        T = choice_TE.shape[0]
+        grouped_TGe = choice_TE.view(T, self.n_group, -1)
+        if self.topk_method == "noaux_tc":
+            group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        else:  # group_limited_greedy
+            group_score_TG = grouped_TGe.amax(dim=-1)
+        best_groups_TG = torch.topk(group_score_TG, k=self.topk_group, dim=-1, sorted=False).indices
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
+        return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, expert_ids_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """V3's complementary sequence-wise balance loss (eq. 17-20), averaged over sequences.
+
+    f_i = E / (K T) * (tokens of the sequence routed to expert i);  P_i = mean over the sequence of s_i / sum_j s_j;
+    loss = alpha * sum_i f_i P_i. Gradients flow through P (the affinities), not through the discrete counts f.
+    """
+    B, T, E = scores_BTE.shape
+    K = expert_ids_BTK.shape[-1]
+    counts_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+        1, expert_ids_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device)
+    )
+    f_BE = counts_BE * (E / (K * T))
+    p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
