@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+# model_type of the official / transformers configs that this config reads unchanged.
+OFFICIAL_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 # topk_method names of the official configs, and the scoring function each one implies.
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -41,7 +43,7 @@ class DeepseekConfig(PreTrainedConfig):
         n_group: int = 8,  # experts are split in n_group groups (one group per node in V3's deployment)
         topk_group: int = 4,  # a token may only pick experts inside its topk_group best groups
         topk_method: str = "noaux_tc",  # V3: noaux_tc (sigmoid + bias); V2: greedy / group_limited_greedy
-        scoring_func: str = "sigmoid",
+        scoring_func: str | None = None,  # None: sigmoid for noaux_tc (V3), softmax otherwise (V2)
         norm_topk_prob: bool = True,
         routed_scaling_factor: float = 2.5,
         first_k_dense_replace: int = 3,
@@ -88,7 +90,7 @@ class DeepseekConfig(PreTrainedConfig):
         self.n_group = n_group
         self.topk_group = topk_group
         self.topk_method = topk_method
-        self.scoring_func = scoring_func
+        self.scoring_func = scoring_func or ("sigmoid" if topk_method == "noaux_tc" else "softmax")
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
         self.first_k_dense_replace = first_k_dense_replace
@@ -134,6 +136,14 @@ class DeepseekConfig(PreTrainedConfig):
             **kwargs,
         )
         self.validate_deepseek()
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """Read official `deepseek_v3` / `deepseek_v2` config.json files as ours (same fields, other model_type)."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") in OFFICIAL_MODEL_TYPES:
+            config_dict = dict(config_dict, model_type=cls.model_type)
+        return config_dict, kwargs
 
     # ------------------------------------------------------------------------------------------------------------
     def validate_deepseek(self) -> None:

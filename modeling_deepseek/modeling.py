@@ -87,6 +87,8 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, DeepseekRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, DeepseekRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq()[0])
         else:
             super()._init_weights(module)
 

@@ -40,15 +40,19 @@ class DeepseekRotaryEmbedding(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        if rope_type == "default":
-            dim = config.qk_rope_head_dim
-            base = config.rope_parameters.get("rope_theta", config.rope_theta)
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.config = config
+        inv_freq, self.attention_scaling = self.compute_inv_freq()
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
+        """Frequencies and cos/sin scale. Also re-run after from_pretrained, which builds buffers on the meta device."""
+        rope = self.config.rope_parameters or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](self.config)
+        dim = self.config.qk_rope_head_dim
+        base = rope.get("rope_theta", self.config.rope_theta)
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
