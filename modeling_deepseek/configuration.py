@@ -74,6 +74,9 @@ class DeepseekConfig(PreTrainedConfig):
         bias_update_speed: float = 0.001,
         seq_balance_alpha: float = 0.0001,
         mtp_loss_weight: float = 0.3,
+        # --- serving knobs ---
+        mla_impl: str = "auto",  # "auto" | "absorbed" | "expanded": see attention.py
+        latent_cache_dtype: str | None = None,  # None (model dtype) or "fp8": e4m3 latent cache, half the bytes
         experts_implementation: str | None = None,
         **kwargs,
     ):
@@ -114,6 +117,8 @@ class DeepseekConfig(PreTrainedConfig):
         self.bias_update_speed = bias_update_speed
         self.seq_balance_alpha = seq_balance_alpha
         self.mtp_loss_weight = mtp_loss_weight
+        self.mla_impl = mla_impl
+        self.latent_cache_dtype = latent_cache_dtype
         # transformers' rope machinery reads `head_dim` for the rotary width: in MLA only the RoPE part rotates.
         self.head_dim = qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -196,6 +201,10 @@ class DeepseekConfig(PreTrainedConfig):
             )
         if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
             raise ValueError("`noaux_tc` scores a group by its top-2 experts: `n_routed_experts / n_group` must be >= 2")
+        if self.mla_impl not in ("auto", "absorbed", "expanded"):
+            raise ValueError(f"`mla_impl` must be 'auto', 'absorbed' or 'expanded', got {self.mla_impl!r}")
+        if self.latent_cache_dtype not in (None, "fp8"):
+            raise ValueError(f"`latent_cache_dtype` must be null or 'fp8', got {self.latent_cache_dtype!r}")
         for name in ("bias_update_speed", "seq_balance_alpha", "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")

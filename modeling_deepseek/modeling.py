@@ -13,6 +13,7 @@ loss, and the output carries each part on its own together with the per-layer ex
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -20,11 +21,15 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from . import balancing
+from .cache import DeepseekLatentCache
+from .speculative import mtp_generate
 from .attention import DeepseekAttention
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
@@ -34,6 +39,18 @@ from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
 from .moe import DeepseekMoE
 from .rope import DeepseekRotaryEmbedding
 from .routing import DeepseekTopkRouter
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MTPGenerateOutput(GenerateDecoderOnlyOutput):
+    """generate(use_mtp=True, return_dict_in_generate=True): the sequences plus how the drafts fared."""
+
+    mtp_acceptance_rate: float | None = None
+    mtp_drafted: int | None = None
+    mtp_accepted: int | None = None
 
 
 @dataclass
@@ -167,7 +184,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
             moe.last_load_E = moe.last_balance_loss = None
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = DeepseekLatentCache(fp8=self.config.latent_cache_dtype == "fp8")
         if position_ids is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
@@ -310,6 +327,56 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             max_violation=max_vio,
             mtp_logits=mtp_logits,
         )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Serving
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets the latent cache (FP8 with cache_implementation="fp8_latent" or config.latent_cache_dtype)."""
+        impl = generation_config.cache_implementation
+        if model_kwargs.get("past_key_values") is None and impl in (None, "dynamic", "fp8_latent"):
+            fp8 = impl == "fp8_latent" or self.config.latent_cache_dtype == "fp8"
+            model_kwargs["past_key_values"] = DeepseekLatentCache(fp8=fp8)
+            return
+        if impl == "fp8_latent":
+            generation_config.cache_implementation = None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' generate, plus `use_mtp=True`: self-speculative decoding with the MTP module (speculative.py).
+
+        Works at any batch size and with left padding. The acceptance rate is logged, kept on `self.last_mtp_stats`,
+        and returned on the output with return_dict_in_generate=True.
+        """
+        use_mtp = kwargs.pop("use_mtp", None)
+        base = generation_config if generation_config is not None else self.generation_config
+        if use_mtp is None:
+            use_mtp = bool(getattr(base, "use_mtp", False))
+        if not use_mtp:
+            if generation_config is not None and getattr(generation_config, "use_mtp", False):
+                generation_config = copy.deepcopy(generation_config)
+                generation_config.use_mtp = False
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+        gc = copy.deepcopy(base)
+        gc.use_mtp = False
+        model_kwargs = gc.update(**kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids")
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        streamer = model_kwargs.pop("streamer", None)
+        for ignored in ("logits_processor", "stopping_criteria", "past_key_values", "use_cache"):
+            if model_kwargs.pop(ignored, None) not in (None, True, [], ()):
+                raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
+        if model_kwargs:
+            raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
+        sequences, stats = mtp_generate(self, input_ids, attention_mask, gc, streamer=streamer)
+        self.last_mtp_stats = stats
+        logger.info(f"MTP speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.1%})")
+        if gc.return_dict_in_generate:
+            return MTPGenerateOutput(
+                sequences=sequences, mtp_acceptance_rate=stats.acceptance_rate,
+                mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
+            )
+        return sequences
 
 
 __all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput"]
