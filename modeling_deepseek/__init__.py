@@ -13,18 +13,14 @@ from .balancing import update_balancing_bias, max_violation
 
 
 def _register() -> None:
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
-
     AutoConfig.register(DeepseekConfig.model_type, DeepseekConfig, exist_ok=True)
     AutoModel.register(DeepseekConfig, DeepseekModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepseekConfig, DeepseekForCausalLM, exist_ok=True)
-    # Same per-expert <-> fused mapping transformers uses for its own DeepSeek classes.
-    register_checkpoint_conversion_mapping(
-        DeepseekConfig.model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True
-    )
+    try:  # Trainer integration: MTP / MaxVio logging and the MTP-weight schedule in every Trainer, TRL's too
+        from trainers.callbacks import register_default_callback
+    except ImportError:  # the package installed without its trainers/ sibling
+        return
+    register_default_callback()
 
 
 _register()

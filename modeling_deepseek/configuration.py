@@ -7,6 +7,8 @@ training knobs of the V3 report, which the official files do not carry:
     bias_update_speed   gamma of auxiliary-loss-free balancing (V3: 0.001); 0 or use_bias_update=False turns it off
     seq_balance_alpha   weight of the complementary sequence-wise balance loss (V3: 0.0001); 0 turns it off
     mtp_loss_weight     lambda of the multi-token-prediction loss (V3: 0.3 for the first 10T tokens, then 0.1)
+    mtp_loss_weight_late, mtp_late_fraction
+                        the schedule: after that fraction of the Trainer's max_steps, lambda becomes the late value
 
 Invalid combinations raise a ValueError that names the field, at construction time rather than deep in a forward.
 """
@@ -74,6 +76,8 @@ class DeepseekConfig(PreTrainedConfig):
         bias_update_speed: float = 0.001,
         seq_balance_alpha: float = 0.0001,
         mtp_loss_weight: float = 0.3,
+        mtp_loss_weight_late: float | None = None,  # V3: 0.1 for the last 4.8T of 14.8T tokens; None keeps one weight
+        mtp_late_fraction: float = 10 / 14.8,  # fraction of training after which mtp_loss_weight_late applies
         # --- serving knobs ---
         mla_impl: str = "auto",  # "auto" | "absorbed" | "expanded": see attention.py
         latent_cache_dtype: str | None = None,  # None (model dtype) or "fp8": e4m3 latent cache, half the bytes
@@ -117,6 +121,8 @@ class DeepseekConfig(PreTrainedConfig):
         self.bias_update_speed = bias_update_speed
         self.seq_balance_alpha = seq_balance_alpha
         self.mtp_loss_weight = mtp_loss_weight
+        self.mtp_loss_weight_late = mtp_loss_weight_late
+        self.mtp_late_fraction = mtp_late_fraction
         self.mla_impl = mla_impl
         self.latent_cache_dtype = latent_cache_dtype
         # transformers' rope machinery reads `head_dim` for the rotary width: in MLA only the RoPE part rotates.

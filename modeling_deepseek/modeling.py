@@ -44,6 +44,21 @@ from .routing import DeepseekTopkRouter
 logger = logging.get_logger(__name__)
 
 
+def _register_checkpoint_conversion() -> None:
+    """Map official per-expert keys onto the fused expert tensors on load, and back on save.
+
+    Lives here rather than in __init__ so that it also runs when this file is loaded as remote code.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    register_checkpoint_conversion_mapping(
+        DeepseekConfig.model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True
+    )
+
+
+_register_checkpoint_conversion()
+
+
 @dataclass
 class MTPGenerateOutput(GenerateDecoderOnlyOutput):
     """generate(use_mtp=True, return_dict_in_generate=True): the sequences plus how the drafts fared."""
@@ -297,11 +312,21 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                     position_ids = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
                 hs = self.model.run_mtp(outputs.pre_norm_hidden_state, inputs_embeds, position_ids, attention_mask)
                 mtp_logits = tuple(self.lm_head(layer.shared_head.norm(h)) for layer, h in zip(self.model.mtp_layers, hs))
-                mtp_loss = torch.stack(
-                    [self.loss_function(logits=lg, labels=mtp_labels(labels, k), **loss_kwargs)
-                     for k, lg in enumerate(mtp_logits, start=1)]
-                ).mean()
-                loss = loss + self.config.mtp_loss_weight * mtp_loss
+                depth_losses = []
+                for k, lg in enumerate(mtp_logits, start=1):
+                    labels_k = mtp_labels(labels, k)
+                    ce_k = self.loss_function(logits=lg, labels=labels_k, **loss_kwargs)
+                    if num_items_in_batch is not None:
+                        # Under gradient accumulation CE is a share of the step's sum (sum / num_items_in_batch);
+                        # the reported MTP loss is this forward's own mean, like main_loss without accumulation.
+                        ce_k = ce_k * num_items_in_batch / (labels_k[:, 1:] != -100).sum().clamp_min(1)
+                    depth_losses.append(ce_k)
+                mtp_loss = torch.stack(depth_losses).mean()
+                mtp_share = mtp_loss
+                if num_items_in_batch is not None:
+                    valid = (labels[:, 1:] != -100).sum().clamp_min(1)
+                    mtp_share = mtp_loss * valid / num_items_in_batch
+                loss = loss + self.config.mtp_loss_weight * mtp_share
             balance_terms = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
             if balance_terms:
                 balance_loss = torch.stack(balance_terms).sum()
@@ -313,6 +338,8 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             expert_load = torch.stack(loads)
             main_loads = expert_load[: len(self.moe_layers(include_mtp=False))]
             max_vio = balancing.max_violation(main_loads).mean() if len(main_loads) else None
+        if self.training and torch.is_grad_enabled() and labels is not None:
+            self._accumulate_train_metrics(mtp_loss=mtp_loss, balance_loss=balance_loss, maxvio=max_vio)
 
         return DeepseekCausalLMOutput(
             loss=loss,
@@ -327,6 +354,20 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             max_violation=max_vio,
             mtp_logits=mtp_logits,
         )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training metrics, read by trainers.callbacks.DeepseekTrainerCallback at every Trainer log step
+    def _accumulate_train_metrics(self, **values) -> None:
+        sums = self.__dict__.setdefault("_train_metric_sums", {})
+        for name, value in values.items():
+            if value is not None:  # detached device tensors: no host sync per step
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + value.detach().float(), count + 1)
+
+    def pop_train_metrics(self) -> dict[str, float]:
+        """Means of the MTP loss, balance loss and MaxVio over the training forwards since the last call."""
+        sums = self.__dict__.pop("_train_metric_sums", {})
+        return {name: float(total) / count for name, (total, count) in sums.items() if count}
 
     # ------------------------------------------------------------------------------------------------------------
     # Serving

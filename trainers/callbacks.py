@@ -1,0 +1,62 @@
+"""Trainer integration without glue: one callback that every transformers / TRL Trainer picks up.
+
+`import modeling_deepseek` appends `DeepseekTrainerCallback` to transformers' default Trainer callbacks (once; it
+does nothing for other models). It
+
+- adds the parts of the training signal to the logs: `mtp_loss`, `balance_loss` (the sequence-wise term) and
+  `maxvio` (MaxVio over the MoE layers), averaged over the forwards since the previous log, next to `loss`;
+- applies the MTP loss-weight schedule of DeepSeek-V3 (config.mtp_loss_weight until mtp_late_fraction of max_steps,
+  then config.mtp_loss_weight_late) at the start of every optimizer step.
+
+The aux-loss-free bias update needs no callback: it hangs on the optimizer step itself (modeling_deepseek.balancing).
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+
+def _deepseek_modules(model):
+    """The Deepseek causal LMs inside `model` (which may be wrapped by PEFT, DDP or FSDP)."""
+    if model is None:
+        return []
+    return [m for m in model.modules() if hasattr(m, "pop_train_metrics") and hasattr(m, "config")]
+
+
+class DeepseekTrainerCallback(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        for lm in _deepseek_modules(model):
+            cfg = lm.config
+            if getattr(cfg, "mtp_loss_weight_late", None) is None or not state.max_steps:
+                continue
+            late = state.global_step >= cfg.mtp_late_fraction * state.max_steps
+            if late and not getattr(lm, "_mtp_weight_early", None):
+                lm._mtp_weight_early = cfg.mtp_loss_weight
+                cfg.mtp_loss_weight = cfg.mtp_loss_weight_late
+            elif not late and getattr(lm, "_mtp_weight_early", None) is not None:
+                cfg.mtp_loss_weight = lm._mtp_weight_early
+                lm._mtp_weight_early = None
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        metrics = {}
+        for lm in _deepseek_modules(model):
+            metrics.update(lm.pop_train_metrics())
+            if getattr(lm.config, "mtp_loss_weight_late", None) is not None:
+                metrics["mtp_loss_weight"] = lm.config.mtp_loss_weight
+        if not metrics:
+            return
+        logs.update(metrics)
+        # Trainer.log appended a copy of `logs` to log_history before calling us: keep the history complete too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+
+def register_default_callback() -> None:
+    """Make every Trainer created from now on carry DeepseekTrainerCallback (idempotent)."""
+    from transformers import trainer
+
+    if not any(cb is DeepseekTrainerCallback or getattr(cb, "__name__", "") == "DeepseekTrainerCallback"
+               for cb in trainer.DEFAULT_CALLBACKS):
+        trainer.DEFAULT_CALLBACKS.append(DeepseekTrainerCallback)
