@@ -10,7 +10,7 @@ nothing per head is ever stored. Two layer kinds:
   bf16 (plus 8 bytes of scales per token and layer). A per-token scale needs no calibration and never goes stale
   as new tokens arrive, unlike a per-tensor scale frozen on the prompt. Reads dequantize to the compute dtype.
 
-`DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., cache_implementation="fp8_latent")` or
+`DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., latent_cache_dtype="fp8")` or
 `config.latent_cache_dtype = "fp8"` does the same inside generate.
 """
 

@@ -372,14 +372,10 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------------------------
     # Serving
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets the latent cache (FP8 with cache_implementation="fp8_latent" or config.latent_cache_dtype)."""
-        impl = generation_config.cache_implementation
-        if model_kwargs.get("past_key_values") is None and impl in (None, "dynamic", "fp8_latent"):
-            fp8 = impl == "fp8_latent" or self.config.latent_cache_dtype == "fp8"
-            model_kwargs["past_key_values"] = DeepseekLatentCache(fp8=fp8)
+        """generate() gets the latent cache; FP8 with generate(latent_cache_dtype="fp8") or config.latent_cache_dtype."""
+        if model_kwargs.get("past_key_values") is None and generation_config.cache_implementation in (None, "dynamic"):
+            model_kwargs["past_key_values"] = DeepseekLatentCache(fp8=self._latent_cache_dtype == "fp8")
             return
-        if impl == "fp8_latent":
-            generation_config.cache_implementation = None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
@@ -388,6 +384,9 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         Works at any batch size and with left padding. The acceptance rate is logged, kept on `self.last_mtp_stats`,
         and returned on the output with return_dict_in_generate=True.
         """
+        self._latent_cache_dtype = kwargs.pop("latent_cache_dtype", self.config.latent_cache_dtype)
+        if self._latent_cache_dtype not in (None, "fp8"):
+            raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {self._latent_cache_dtype!r}")
         use_mtp = kwargs.pop("use_mtp", None)
         base = generation_config if generation_config is not None else self.generation_config
         if use_mtp is None:
@@ -409,7 +408,9 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
         if model_kwargs:
             raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
-        sequences, stats = mtp_generate(self, input_ids, attention_mask, gc, streamer=streamer)
+        sequences, stats = mtp_generate(
+            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=self._latent_cache_dtype == "fp8"
+        )
         self.last_mtp_stats = stats
         logger.info(f"MTP speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.1%})")
         if gc.return_dict_in_generate:

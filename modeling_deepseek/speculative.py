@@ -96,7 +96,7 @@ class _Sampler:
 
 
 @torch.no_grad()
-def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=None):
+def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=None, fp8_cache=False):
     """Returns (sequences [B, P + new], MTPStats). `model` is a DeepseekForCausalLM with at least one MTP module."""
     gc = generation_config
     check_generation_config(gc)
@@ -113,8 +113,7 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
 
     valid_BS = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
     positions_BP = (valid_BS.long().cumsum(-1) - 1).clamp_min(0)
-    fp8 = getattr(model.config, "latent_cache_dtype", None) == "fp8"
-    main_cache, mtp_cache = DeepseekLatentCache(fp8=fp8), DeepseekLatentCache(fp8=fp8)
+    main_cache, mtp_cache = DeepseekLatentCache(fp8=fp8_cache), DeepseekLatentCache(fp8=fp8_cache)
     sampler = _Sampler(gc, input_ids)
     stats = MTPStats()
 
