@@ -1,0 +1,33 @@
+"""Training utilities for the DeepSeek models: corpus building, tokenizer training and sequence packing.
+
+Names are imported lazily so that ``import trainers`` stays cheap (no tokenizers/datasets import until used).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "stdlib_source_files": "trainers.corpus",
+    "read_text": "trainers.corpus",
+    "train_tokenizer": "trainers.corpus",
+    "train_tokenizer_from_texts": "trainers.corpus",
+    "pack_dataset": "trainers.corpus",
+    "pack_texts": "trainers.corpus",
+    "SPECIAL_TOKENS": "trainers.corpus",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
