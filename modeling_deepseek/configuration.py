@@ -94,8 +94,9 @@ class DeepseekConfig(PreTrainedConfig):
         self.n_shared_experts = n_shared_experts
         self.n_routed_experts = n_routed_experts
         self.num_experts_per_tok = num_experts_per_tok
-        self.n_group = n_group
-        self.topk_group = topk_group
+        # transformers' DeepseekV2Config leaves these None for greedy routing, where groups play no part.
+        self.n_group = 1 if n_group is None else n_group
+        self.topk_group = 1 if topk_group is None else topk_group
         self.topk_method = topk_method
         self.scoring_func = scoring_func or ("sigmoid" if topk_method == "noaux_tc" else "softmax")
         self.norm_topk_prob = norm_topk_prob
@@ -137,6 +138,7 @@ class DeepseekConfig(PreTrainedConfig):
                        "head_dim", "output_router_logits", "router_aux_loss_coef", "num_experts", "mlp_bias"):
             kwargs.pop(legacy, None)
         kwargs.pop("model_type", None)
+        self.validate_deepseek()  # before transformers' own rope checks, so errors name our fields
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -146,7 +148,6 @@ class DeepseekConfig(PreTrainedConfig):
             rope_theta=rope_theta,
             **kwargs,
         )
-        self.validate_deepseek()
 
     @classmethod
     def get_config_dict(cls, *args, **kwargs):

@@ -23,13 +23,12 @@ from transformers.activations import ACT2FN
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned rows (bf16/fp16 widths that are multiples of 8) and float weights."""
-    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dtype != w.dtype:
+def _grouped_mm_ok(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """grouped_mm needs float weights and 16-byte aligned rows for D, 2I and I (bf16 widths multiple of 8)."""
+    if gate_up.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dtype != gate_up.dtype:
         return False
-    return (x.shape[-1] * x.element_size()) % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0 and (
-        w.shape[-2] * w.element_size()
-    ) % 16 == 0
+    two_i, d = gate_up.shape[-2:]
+    return all((width * gate_up.element_size()) % 16 == 0 for width in (d, two_i, two_i // 2))
 
 
 def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -43,6 +43,15 @@ class DeepseekTopkRouter(nn.Module):
             self.e_score_correction_bias = None
         self.has_pending_load = False
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the balancing state: keep the fp32 values, follow the device only.
+        keep = {name: getattr(self, name) for name in ("e_score_correction_bias", "pending_load")
+                if getattr(self, name, None) is not None}
+        super()._apply(fn, recurse)
+        for name, fp32 in keep.items():
+            self._buffers[name] = fp32.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns router logits [T, E], gate weights [T, K], expert ids [T, K] and affinities [T, E] (fp32)."""
         logits_TE = F.linear(x_TD.float(), self.weight.float())

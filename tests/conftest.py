@@ -1,0 +1,163 @@
+"""Shared fixtures and helpers for the modeling_deepseek test suite.
+
+Everything runs in fp32 on CPU with tiny shapes: 3 decoder layers (layer 0 dense, layers 1-2 MoE), 8 routed experts in
+2 groups, top-2, one shared expert, one MTP module at model.layers.3.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import modeling_deepseek  # noqa: F401  (registers model_type "deepseek")
+from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning)
+# Tiny shapes: one intra-op thread is fastest, and immune to OpenMP spin contention when the 2 cores are busy.
+torch.set_num_threads(1)
+
+VOCAB = 128
+
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=256,
+)
+
+# transformers' DeepseekV3Config / DeepseekV2Config take the same field names (minus our MTP/training knobs).
+# num_key_value_heads: DeepseekV3Config defaults it to 128, which breaks transformers' eager attention at 4 heads.
+HF_TINY = dict({k: v for k, v in TINY.items() if k != "num_nextn_predict_layers"}, num_key_value_heads=4)
+
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 10000.0,
+}
+YARN_V2 = dict(YARN, mscale=0.707, mscale_all_dim=0.707)
+
+
+def tiny_kwargs(**overrides) -> dict:
+    return {**TINY, **overrides}
+
+
+def tiny_config(**overrides) -> DeepseekConfig:
+    return DeepseekConfig(**tiny_kwargs(**overrides))
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial weights: N(0, 0.1) for weights, U(0.5, 1.5) for RMSNorm scales, N(0, 0.05) for the routing bias.
+
+    Works on transformers' DeepSeek classes and ours (RMSNorms are found by class name, so both kinds are covered).
+    """
+    g = torch.Generator().manual_seed(seed)
+    norm_params = set()
+    for module_name, module in model.named_modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            for pname, _ in module.named_parameters(recurse=False):
+                norm_params.add(f"{module_name}.{pname}" if module_name else pname)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in norm_params:
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).uniform_(0.5, 1.5, generator=g).to(p.dtype))
+            else:
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, 0.1, generator=g).to(p.dtype))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.empty(b.shape, dtype=torch.float32).normal_(0.0, 0.05, generator=g).to(b.dtype))
+    return model
+
+
+def tiny_model(seed: int = 0, train: bool = False, **overrides) -> DeepseekForCausalLM:
+    torch.manual_seed(seed)
+    model = randomize_(DeepseekForCausalLM(tiny_config(**overrides)), seed)
+    return model.train(train)
+
+
+def random_ids(batch: int, length: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
+    # Token ids 2.. so that no id equals bos (0) / eos (1).
+    return torch.randint(2, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_v3_model(seed: int = 0, **overrides):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    return randomize_(DeepseekV3ForCausalLM(DeepseekV3Config(**{**HF_TINY, **overrides})), seed).eval()
+
+
+def hf_v2_model(seed: int = 0, **overrides):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(seed)
+    return randomize_(DeepseekV2ForCausalLM(DeepseekV2Config(**{**HF_TINY, **overrides})), seed).eval()
+
+
+def save_and_load_ours(hf_model, path: Path, **from_pretrained_kwargs) -> DeepseekForCausalLM:
+    """transformers model -> save_pretrained(path) -> DeepseekForCausalLM.from_pretrained(path)."""
+    hf_model.save_pretrained(path)
+    return DeepseekForCausalLM.from_pretrained(path, **from_pretrained_kwargs).eval()
+
+
+def set_mla_impl(model: nn.Module, impl: str) -> int:
+    """Force every attention module's MLA path; returns how many modules were set."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "mla_impl"):
+            module.mla_impl = impl
+            n += 1
+    assert n > 0
+    return n
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def routers(model: nn.Module) -> list[nn.Module]:
+    """Routers carrying a balancing bias, in layer order (main layers then MTP)."""
+    return [m for m in model.modules() if getattr(m, "e_score_correction_bias", None) is not None]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def model():
+    """A randomised tiny model in eval mode."""
+    return tiny_model()

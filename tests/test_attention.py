@@ -1,0 +1,164 @@
+"""MLA: the absorbed and expanded paths agree (prefill, decode, multi-token chunks, padding); the cache holds only
+the latent and the shared RoPE key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import max_diff, random_ids, set_mla_impl, tiny_model
+from modeling_deepseek.attention import DeepseekAttention
+from modeling_deepseek.rope import apply_rope
+
+TOL = 1e-4
+
+
+def make_cache(kind, model):
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    from modeling_deepseek.cache import DeepseekLatentCache
+
+    return DeepseekLatentCache()
+
+
+def cached_run(model, ids, chunks, attention_mask=None, cache_kind="dynamic"):
+    """Prefill ids[:, :chunks[0]], then feed the rest in pieces of the given sizes; returns concatenated logits."""
+    cache = make_cache(cache_kind, model)
+    logits, start = [], 0
+    with torch.no_grad():
+        for size in chunks:
+            end = start + size
+            kwargs = {}
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask[:, :end]
+                kwargs["position_ids"] = (attention_mask[:, :end].cumsum(-1) - 1).clamp_min(0)[:, start:end]
+            out = model(ids[:, start:end], past_key_values=cache, use_cache=True, **kwargs)
+            assert out.past_key_values is cache
+            logits.append(out.logits)
+            start = end
+    assert cache.get_seq_length() == ids.shape[1]
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("chunks", [[8, 1, 1, 1, 1], [8, 3, 3, 1], [5, 2, 1, 4]], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("cache_kind", ["dynamic", "latent"])
+def test_absorbed_matches_expanded_with_cache(attn, chunks, cache_kind):
+    model = tiny_model(q_lora_rank=None if attn == "eager" else 32)
+    model.config._attn_implementation = attn
+    ids = random_ids(2, sum(chunks))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits  # no cache at all: the ground truth
+    results = {}
+    for impl in ("expanded", "absorbed"):
+        set_mla_impl(model, impl)
+        results[impl], _ = cached_run(model, ids, chunks, cache_kind=cache_kind)
+    assert max_diff(results["absorbed"], results["expanded"]) < TOL
+    assert max_diff(results["expanded"], full) < TOL
+    assert max_diff(results["absorbed"], full) < TOL
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("chunks", [[9, 1, 1, 1], [9, 3, 1]], ids=lambda c: "-".join(map(str, c)))
+def test_absorbed_matches_expanded_with_left_padding(attn, chunks):
+    model = tiny_model()
+    model.config._attn_implementation = attn
+    T = sum(chunks)
+    ids = random_ids(2, T, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    results = {}
+    for impl in ("expanded", "absorbed"):
+        set_mla_impl(model, impl)
+        results[impl], _ = cached_run(model, ids, chunks, attention_mask=mask)
+    assert max_diff(results["absorbed"][0, 3:], results["expanded"][0, 3:]) < TOL
+    assert max_diff(results["absorbed"][1], results["expanded"][1]) < TOL
+    # the padded row equals its unpadded sequence run alone
+    set_mla_impl(model, "auto")
+    with torch.no_grad():
+        alone = model(ids[:1, 3:], use_cache=False).logits
+    assert max_diff(results["absorbed"][0, 3:], alone[0]) < TOL
+
+
+def test_absorbed_prefill_without_cache_matches_expanded():
+    model = tiny_model()
+    ids = random_ids(2, 14)
+    out = {}
+    for impl in ("expanded", "absorbed"):
+        set_mla_impl(model, impl)
+        with torch.no_grad():
+            out[impl] = model(ids, use_cache=False).logits
+    assert max_diff(out["absorbed"], out["expanded"]) < TOL
+
+
+def test_absorbed_path_gradients_match_expanded():
+    ids = random_ids(2, 10)
+    grads = {}
+    for impl in ("expanded", "absorbed"):
+        model = tiny_model(train=True, num_nextn_predict_layers=0, seq_balance_alpha=0.0)
+        set_mla_impl(model, impl)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if "self_attn" in n}
+    for name in grads["expanded"]:
+        assert max_diff(grads["absorbed"][name], grads["expanded"][name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "latent", "default"])
+def test_cache_holds_only_the_latent(cache_kind):
+    model = tiny_model()
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        if cache_kind == "default":
+            cache = model(ids, use_cache=True).past_key_values
+        else:
+            cache = make_cache(cache_kind, model)
+            model(ids, past_key_values=cache, use_cache=True)
+        model(ids[:, :1], past_key_values=cache, use_cache=True)  # one decode step
+    layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    assert len(layers) == 3  # the 3 main layers (MTP does not cache)
+    for layer in layers:
+        assert layer.keys.shape == (2, 1, 8, 32)  # [B, 1, S, kv_lora_rank]
+        assert layer.values.shape == (2, 1, 8, 8)  # [B, 1, S, qk_rope_head_dim]
+    assert cache.get_seq_length() == 8
+
+
+def test_cache_latent_is_normalised_latent_and_rotated_rope_key():
+    """keys = kv_a_layernorm(latent), values = RoPE'd shared key: the same pair the attention computes."""
+    model = tiny_model()
+    ids = random_ids(1, 5)
+    cache = DynamicCache(config=model.config)
+    captured = {}
+    attn0 = model.model.layers[0].self_attn
+    handle = model.model.layers[0].input_layernorm.register_forward_hook(
+        lambda m, i, o: captured.setdefault("x", o.detach()))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    handle.remove()
+    latent, k_rope = attn0.compress_kv(captured["x"])
+    assert max_diff(cache.layers[0].keys, latent) < 1e-6
+    cos, sin = model.model.rotary_emb(captured["x"], torch.arange(5)[None])
+    rotated = apply_rope(k_rope, cos, sin, model.config.rope_interleave)
+    assert max_diff(cache.layers[0].values, rotated) < 1e-6
+    assert max_diff(rotated, k_rope) > 1e-3  # positions 1..4 really rotate
+
+
+def test_auto_picks_absorbed_for_decode_and_expanded_for_prefill():
+    model = tiny_model()
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn, DeepseekAttention) and attn.mla_impl == "auto"
+    assert attn.use_absorbed(1, 100)
+    assert not attn.use_absorbed(100, 100)
+    attn.train()
+    assert not attn.use_absorbed(1, 100)  # training always expands
+    attn.mla_impl = "absorbed"
+    assert attn.use_absorbed(100, 100)
+    attn.mla_impl = "expanded"
+    attn.eval()
+    assert not attn.use_absorbed(1, 100)
+
+
+def test_mla_impl_config_field():
+    model = tiny_model(mla_impl="absorbed")
+    assert all(m.mla_impl == "absorbed" for m in model.modules() if isinstance(m, DeepseekAttention))
