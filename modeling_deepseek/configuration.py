@@ -227,4 +227,7 @@ class DeepseekConfig(PreTrainedConfig):
         return self.kv_lora_rank + self.qk_rope_head_dim
 
 
+# save_pretrained of a config (and of our models) writes auto_map["AutoConfig"] and copies this file (remote code).
+DeepseekConfig.register_for_auto_class()
+
 __all__ = ["DeepseekConfig"]

@@ -14,6 +14,7 @@ loss, and the output carries each part on its own together with the per-layer ex
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from transformers.utils import logging
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from . import balancing
+from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache
 from .speculative import mtp_generate
 from .attention import DeepseekAttention
@@ -114,6 +115,7 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.e_score_correction_bias is not None:
                 init.zeros_(module.e_score_correction_bias)
+                init.zeros_(module.pending_load)
         elif isinstance(module, DeepseekExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
@@ -132,7 +134,14 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
         """
         want_info = kwargs.pop("output_loading_info", False)
+        from .quantized import finish_quantized_load, prepare_quantized_load  # FP8 checkpoints, bnb-quantized experts
+
+        args, kwargs, quant_plan = prepare_quantized_load(cls, args, kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model = finish_quantized_load(model, info, quant_plan)
+        for router in balancing_routers(model):  # non-persistent, so never loaded: start from zero
+            router.pending_load.zero_()
+            router.has_pending_load = False
         missing = [k for k in info.get("missing_keys", []) if not model._is_optional_weight(k)]
         if missing and not allow_missing_weights:
             shown = ", ".join(sorted(missing)[:20])
@@ -141,6 +150,20 @@ class DeepseekPreTrainedModel(PreTrainedModel):
                 f"{shown}{' ...' if len(missing) > 20 else ''}. Pass allow_missing_weights=True to initialise them."
             )
         return (model, info) if want_info else model
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        # Reentrant checkpointing runs a layer's first forward under no_grad, which would silently drop the
+        # sequence-wise balance loss's gradient: use the non-reentrant form whenever that loss is on.
+        if enable and self.config.seq_balance_alpha > 0 and getattr(gradient_checkpointing_func, "keywords", {}).get(
+            "use_reentrant"
+        ):
+            logger.warning_once("seq_balance_alpha > 0: switching gradient checkpointing to use_reentrant=False")
+            gradient_checkpointing_func = functools.partial(
+                gradient_checkpointing_func.func, **{**gradient_checkpointing_func.keywords, "use_reentrant": False}
+            )
+        super()._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs
+        )
 
     def _is_optional_weight(self, key: str) -> bool:
         match = re.search(r"layers\.(\d+)\.", key)
@@ -166,8 +189,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
         self.norm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DeepseekRotaryEmbedding(config)
         self.gradient_checkpointing = False
-        if balancing.bias_update_enabled(config):
-            balancing.track(self)
+        if bias_update_enabled(config):
+            track(self)
         self.post_init()
 
     @property
@@ -228,7 +251,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
         # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
-        balancing.record_loads(self.moe_layers(include_mtp=False), self.config)
+        record_loads(self.moe_layers(include_mtp=False), self.config)
 
         return DeepseekModelOutput(
             last_hidden_state=self.norm(hidden_states),
@@ -258,7 +281,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
                 **kwargs,
             )
             outputs.append(h)
-        balancing.record_loads([layer.moe for layer in self.mtp_layers[:depths] if layer.moe is not None], self.config)
+        record_loads([layer.moe for layer in self.mtp_layers[:depths] if layer.moe is not None], self.config)
         return outputs
 
 
@@ -337,7 +360,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         if loads and (self.training or labels is not None):
             expert_load = torch.stack(loads)
             main_loads = expert_load[: len(self.moe_layers(include_mtp=False))]
-            max_vio = balancing.max_violation(main_loads).mean() if len(main_loads) else None
+            max_vio = max_violation(main_loads).mean() if len(main_loads) else None
         if self.training and torch.is_grad_enabled() and labels is not None:
             self._accumulate_train_metrics(mtp_loss=mtp_loss, balance_loss=balance_loss, maxvio=max_vio)
 
@@ -419,6 +442,13 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
             )
         return sequences
+
+
+# save_pretrained writes `auto_map` into config.json and copies this file and the files it imports next to the
+# weights, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where this package is not
+# installed. With the package imported and trust_remote_code unset, transformers still picks the registered classes.
+DeepseekModel.register_for_auto_class("AutoModel")
+DeepseekForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 __all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput"]

@@ -1,0 +1,438 @@
+"""Export a model to the official DeepSeek checkpoint layout.
+
+    python -m modeling_deepseek.export SRC DST [--fp8] [--dtype bfloat16] [--max-shard-size 5GB]
+
+or, from Python, `export_official(src_or_model, dst, fp8=False)`. SRC is a folder written by our `save_pretrained`
+(read tensor by tensor, so an export never holds more than one shard in memory) or a `DeepseekForCausalLM`.
+
+What changes against our own save_pretrained:
+
+- config.json says `model_type: "deepseek_v3"`, `architectures: ["DeepseekV3ForCausalLM"]` (V2-style softmax
+  routers give `deepseek_v2` / `DeepseekV2ForCausalLM`) with the official field names: `rope_scaling` with a
+  "type" key, `num_nextn_predict_layers`, `aux_loss_alpha` / `seq_aux` ... Our training and serving knobs
+  (bias_update_speed, use_bias_update, seq_balance_alpha, mtp_loss_weight*, mtp_late_fraction, mla_impl,
+  latent_cache_dtype) are not written, and no `auto_map` either: readers use their own DeepSeek code.
+- routed experts are written one tensor per expert, `model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight`,
+  whatever the source holds (fused [E, 2I, D] / [E, D, I] tensors are split);
+- each MTP module, at `model.layers.{num_hidden_layers + k}`, also carries the copies of the shared embedding and
+  output head that the official files have (`embed_tokens.weight`, `shared_head.head.weight`);
+- `e_score_correction_bias` is always float32;
+- with `fp8=True`, the weights of every attention and FFN projection (dense, shared and routed experts, MTP blocks
+  included) become e4m3 plus a float32 `weight_scale_inv` of 128x128 blocks (dequantised weight = fp8 * scale per
+  block), and config.json carries the official `quantization_config`. Embeddings, the head, norms, routers and the
+  MTP `eh_proj` keep their precision, as in the official FP8 release.
+
+Files are written to a temporary name inside DST and moved into place with os.replace, so a reader never sees a
+half-written file; checkpoints above `max_shard_size` are sharded with a `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configuration import DeepseekConfig
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_BLOCK = 128
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+}
+
+# Our config fields that the official files do not have.
+TRAINING_ONLY_FIELDS = (
+    "bias_update_speed",
+    "use_bias_update",
+    "seq_balance_alpha",
+    "mtp_loss_weight",
+    "mtp_loss_weight_late",
+    "mtp_late_fraction",
+    "mla_impl",
+    "latent_cache_dtype",
+)
+
+# Fields copied unchanged, in the order of the official config.json (which is alphabetical).
+_COPIED_FIELDS = (
+    "attention_bias",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "first_k_dense_replace",
+    "hidden_act",
+    "hidden_size",
+    "initializer_range",
+    "intermediate_size",
+    "kv_lora_rank",
+    "max_position_embeddings",
+    "moe_intermediate_size",
+    "moe_layer_freq",
+    "n_group",
+    "n_routed_experts",
+    "n_shared_experts",
+    "norm_topk_prob",
+    "num_attention_heads",
+    "num_experts_per_tok",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "q_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "rms_norm_eps",
+    "routed_scaling_factor",
+    "scoring_func",
+    "tie_word_embeddings",
+    "topk_group",
+    "topk_method",
+    "use_cache",
+    "v_head_dim",
+    "vocab_size",
+)
+
+# Files of a source folder that belong in the export besides weights and config (tokenizer, generation defaults).
+_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+# Projections stored in FP8 by the official release: attention and FFN linears of every block (MTP included).
+_FP8_WEIGHT = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<name>gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config.json
+def official_config_dict(config: DeepseekConfig, torch_dtype: torch.dtype | None = None, fp8: bool = False) -> dict:
+    """The official config.json content for `config` (DeepSeek-V3 layout; V2 for softmax-routed models)."""
+    v3 = config.scoring_func == "sigmoid" or config.topk_method == "noaux_tc"
+    out: dict = {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+    }
+    for name in _COPIED_FIELDS:
+        out[name] = getattr(config, name)
+    # The official names of the sequence-wise balance loss, and fields the official files always carry.
+    out["aux_loss_alpha"] = config.seq_balance_alpha
+    out["seq_aux"] = True
+    out["ep_size"] = 1
+    out["pretraining_tp"] = 1
+    if v3:
+        out["num_nextn_predict_layers"] = config.num_nextn_predict_layers
+    if config.pad_token_id is not None:
+        out["pad_token_id"] = config.pad_token_id
+    if not config.rope_interleave:  # the official code always interleaves; transformers reads this field
+        out["rope_interleave"] = False
+
+    rope = dict(config.rope_parameters or {})
+    out["rope_theta"] = rope.pop("rope_theta", None) or config.rope_theta
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    rope.pop("partial_rotary_factor", None)
+    out["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+
+    if torch_dtype is not None:
+        out["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+    if fp8:
+        out["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    out["transformers_version"] = transformers.__version__
+    return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensors
+def _source_tensors(src) -> tuple[DeepseekConfig, Iterator[tuple[str, torch.Tensor]], dict, Path | None]:
+    """(config, iterator over (key, tensor), {"embed": ..., "head": ...}, source folder or None) for a folder or a
+    model instance. The embedding and head are fetched up front: the MTP modules need their copies."""
+    if isinstance(src, torch.nn.Module):
+        if hasattr(src, "peft_config"):
+            raise TypeError("export_official got a PEFT model: call merge_and_unload() first")
+        config = src.config
+        if getattr(config, "quantization_config", None) is not None:
+            raise ValueError("export_official needs a full-precision model (this one is quantized)")
+        state = src.state_dict()
+        shared = {"embed": state.get("model.embed_tokens.weight"), "head": state.get("lm_head.weight")}
+        return config, ((key, tensor.detach()) for key, tensor in state.items()), shared, None
+
+    folder = Path(src)
+    config = DeepseekConfig.from_pretrained(folder)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{folder} holds a quantized checkpoint; export from a full-precision one")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+    def read(key):
+        if key not in weight_map:
+            return None
+        with safe_open(folder / weight_map[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def from_files():
+        for name in sorted(set(weight_map.values())):
+            with safe_open(folder / name, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+
+    shared = {"embed": read("model.embed_tokens.weight"), "head": read("lm_head.weight")}
+    return config, from_files(), shared, folder
+
+
+def _official_tensors(config, items, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rename / split our tensors into the official layout (per-expert keys, fp32 bias), casting floats to dtype."""
+    for key, tensor in items:
+        fused = _FUSED_EXPERTS.match(key)
+        if fused:  # [E, 2I, D] -> gate (rows [0, I)) and up (rows [I, 2I)); [E, D, I] -> down
+            prefix = fused["prefix"]
+            for j in range(tensor.shape[0]):
+                if fused["name"] == "gate_up_proj":
+                    gate, up = tensor[j].chunk(2, dim=0)
+                    yield f"{prefix}.{j}.gate_proj.weight", _cast(gate, dtype)
+                    yield f"{prefix}.{j}.up_proj.weight", _cast(up, dtype)
+                else:
+                    yield f"{prefix}.{j}.down_proj.weight", _cast(tensor[j], dtype)
+        elif key.endswith("e_score_correction_bias"):
+            yield key, tensor.to(torch.float32)
+        else:
+            yield key, _cast(tensor, dtype)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(dtype)
+    return tensor
+
+
+def _with_mtp_copies(config, tensors, embed, head) -> Iterator[tuple[str, torch.Tensor]]:
+    """Add `embed_tokens.weight` and `shared_head.head.weight` to every MTP module, as the official files do.
+
+    The copies are emitted next to the first tensor of each MTP layer; copies already in the source (an official
+    checkpoint re-exported) are dropped and rebuilt from the main embedding and head.
+    """
+    N, D = config.num_hidden_layers, config.num_nextn_predict_layers
+    if D and embed is None:
+        raise ValueError("the checkpoint has no model.embed_tokens.weight to copy into the MTP modules")
+    head = embed if head is None else head  # tied embeddings
+    done: set[int] = set()
+    for key, tensor in tensors:
+        layer = _LAYER.match(key)
+        if layer and int(layer.group(1)) >= N:
+            if key.endswith((".embed_tokens.weight", ".shared_head.head.weight")):
+                continue
+            idx = int(layer.group(1))
+            if idx not in done:
+                done.add(idx)
+                yield f"model.layers.{idx}.embed_tokens.weight", embed
+                yield f"model.layers.{idx}.shared_head.head.weight", head
+        yield key, tensor
+    missing = set(range(N, N + D)) - done
+    if missing:
+        raise ValueError(f"the checkpoint lacks the MTP module(s) at model.layers.{sorted(missing)}")
+
+
+def quantize_blockwise_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 weight and float32 scale_inv [ceil(out/block), ceil(in/block)], dequantised = fp8 * scale per block.
+
+    Ragged edge blocks are zero-padded before their amax is taken (the official convention).
+    """
+    out_f, in_f = weight.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    w = torch.zeros(rows * block, cols * block, dtype=torch.float32, device=weight.device)
+    w[:out_f, :in_f] = weight.float()
+    blocks = w.view(rows, block, cols, block)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = (amax / torch.finfo(FP8_DTYPE).max).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (blocks / scale[:, None, :, None]).clamp(-torch.finfo(FP8_DTYPE).max, torch.finfo(FP8_DTYPE).max)
+    q = q.to(FP8_DTYPE).view(rows * block, cols * block)[:out_f, :in_f].contiguous()
+    return q, scale
+
+
+def _fp8_quantizer():
+    """quant.fp8's block quantizer when it is importable (export is a CLI, not remote code), else our own."""
+    try:
+        from quant.fp8 import quantize_weight_blockwise
+    except ImportError:
+        return quantize_blockwise_fp8
+
+    def checked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale_inv = quantize_weight_blockwise(weight, FP8_BLOCK)
+        expected = (-(-weight.shape[0] // FP8_BLOCK), -(-weight.shape[1] // FP8_BLOCK))
+        if q.dtype != FP8_DTYPE or tuple(q.shape) != tuple(weight.shape) or tuple(scale_inv.shape) != expected:
+            raise RuntimeError(
+                f"quant.fp8.quantize_weight_blockwise returned {q.dtype} {tuple(q.shape)} / {tuple(scale_inv.shape)}, "
+                f"expected {FP8_DTYPE} {tuple(weight.shape)} / {expected}"
+            )
+        return q, scale_inv.to(torch.float32)
+
+    return checked
+
+
+def _fp8_tensors(tensors, quantize) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, tensor in tensors:
+        if _FP8_WEIGHT.match(key) and tensor.dim() == 2:
+            q, scale_inv = quantize(tensor)
+            yield key, q
+            yield key.removesuffix("weight") + "weight_scale_inv", scale_inv
+        else:
+            yield key, tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+def _atomic_target(dst: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    tmp = _atomic_target(path.parent, path.name)
+    try:
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_shards(tensors, dst: Path, max_shard_bytes: int) -> tuple[dict[str, str], int, list[str]]:
+    """Write tensors to shards of at most max_shard_bytes (one oversized tensor gets its own shard)."""
+    temp_files: list[Path] = []
+    shard_keys: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = total = 0
+
+    def flush():
+        nonlocal current, current_bytes
+        if not current:
+            return
+        tmp = _atomic_target(dst, "shard")
+        temp_files.append(tmp)
+        save_file(current, str(tmp), metadata={"format": "pt"})
+        shard_keys.append(list(current))
+        current, current_bytes = {}, 0
+
+    try:
+        seen = set()
+        for key, tensor in tensors:
+            if key in seen:
+                raise ValueError(f"duplicate tensor {key}")
+            seen.add(key)
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and current_bytes + nbytes > max_shard_bytes:
+                flush()
+            # A private contiguous copy: slices of fused tensors and the MTP copies must not share storage.
+            current[key] = tensor.detach().to("cpu").contiguous().clone()
+            current_bytes += nbytes
+            total += nbytes
+        flush()
+        n = len(temp_files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for tmp, name in zip(temp_files, names):
+            os.replace(tmp, dst / name)
+    except BaseException:
+        for tmp in temp_files:
+            tmp.unlink(missing_ok=True)
+        raise
+    weight_map = {key: name for keys, name in zip(shard_keys, names) for key in keys}
+    return weight_map, total, names
+
+
+def _parse_size(size: int | str) -> int:
+    return transformers.utils.hub.convert_file_size_to_int(size)
+
+
+def export_official(
+    src_or_model,
+    dst: str | os.PathLike,
+    fp8: bool = False,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write `src_or_model` (a folder saved by our save_pretrained, or a DeepseekForCausalLM) to `dst` in the
+    official DeepSeek-V3 layout. `dtype` casts the floating-point weights (default: keep them; the routing bias
+    stays float32 always); `fp8=True` stores the projection weights as e4m3 with 128x128 block scales.
+    Returns the destination folder.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    config, items, shared, src_folder = _source_tensors(src_or_model)
+
+    embed, head = (None if t is None else _cast(t, dtype) for t in (shared["embed"], shared["head"]))
+    tensors = _with_mtp_copies(config, _official_tensors(config, items, dtype), embed, head)
+    if fp8:
+        tensors = _fp8_tensors(tensors, _fp8_quantizer())
+    weight_map, total, names = _write_shards(tensors, dst, _parse_size(max_shard_size))
+
+    if dtype is None:  # config.json's torch_dtype: the dtype the (unquantized) embedding was written in
+        key = "model.embed_tokens.weight"
+        with safe_open(dst / weight_map[key], framework="pt") as f:
+            stored = f.get_slice(key).get_dtype()
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+    index_path = dst / "model.safetensors.index.json"
+    if len(names) > 1:
+        _write_json_atomic(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json_atomic(dst / "config.json", official_config_dict(config, torch_dtype=dtype, fp8=fp8))
+
+    # Side files: from the source folder, or the model's own generation config.
+    if src_folder is not None:
+        for name in _SIDE_FILES:
+            if (src_folder / name).is_file() and (src_folder / name).resolve() != (dst / name).resolve():
+                tmp = _atomic_target(dst, name)
+                shutil.copyfile(src_folder / name, tmp)
+                os.replace(tmp, dst / name)
+    elif getattr(src_or_model, "generation_config", None) is not None:
+        _write_json_atomic(dst / "generation_config.json", src_or_model.generation_config.to_diff_dict())
+
+    # Weight files of an earlier export to the same folder that this one did not rewrite.
+    for stale in dst.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    if len(names) == 1 and index_path.exists():
+        index_path.unlink()
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_deepseek.export",
+        description="Write a checkpoint in the official DeepSeek-V3 layout (per-expert keys, MTP with its copies).",
+    )
+    parser.add_argument("src", help="folder written by DeepseekForCausalLM.save_pretrained")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--fp8", action="store_true", help="e4m3 projection weights with 128x128 weight_scale_inv")
+    parser.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep the source dtype)")
+    parser.add_argument("--max-shard-size", default="5GB", help="shard above this size (default 5GB)")
+    args = parser.parse_args(argv)
+    out = export_official(args.src, args.dst, fp8=args.fp8, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"exported {args.src} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

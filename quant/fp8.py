@@ -1,0 +1,201 @@
+"""FP8 block quantization in DeepSeek-V3's checkpoint format.
+
+The format
+----------
+DeepSeek-V3 ships its Linear weights in FP8 **e4m3** (`torch.float8_e4m3fn`: 1 sign, 4 exponent, 3 mantissa bits,
+largest finite value 448, no infinities). One e4m3 number cannot cover the range of a whole weight matrix, so every
+weight is cut into **128 x 128 blocks** and each block gets its own scale:
+
+    for a weight W [out, in] and block (i, j) = W[128 i : 128 (i+1), 128 j : 128 (j+1)]:
+        amax          = max |block|
+        scale_inv     = amax / 448                 (float32; 1.0 for an all-zero block)
+        stored block  = e4m3( block / scale_inv )   (round to nearest; |.| <= 448 so nothing saturates)
+        dequantized   = stored block * scale_inv
+
+The checkpoint stores, next to each quantized `*.weight` (dtype float8_e4m3fn, same shape as the original), a
+float32 `*.weight_scale_inv` of shape [ceil(out/128), ceil(in/128)]. Despite its name `weight_scale_inv` holds the
+**dequantization multiplier** (1 / the quantization scale 448 / amax), which is what a kernel multiplies by.
+
+Ragged edges: when out or in is not a multiple of 128, the last row/column of blocks is partial. It is handled as if
+zero-padded to a full block before the amax is taken (zeros never raise an amax), so its scale comes from its real
+entries only, and the grid is always anchored at 0 with a fixed block of 128: a 160-row weight has row blocks
+[0, 128) and [128, 160), never two blocks of 80. A loader must therefore use the fixed block size, not
+out // ceil(out/128).
+
+Error: within a block every entry is scaled into [-448, 448] and rounded to 3 mantissa bits, so the relative error
+of a normal e4m3 number is at most 2^-4 (half a unit in the last place), and entries small enough to land among
+the e4m3 subnormals (below 2^-6 after scaling) get an absolute error of at most 2^-10 in scaled units:
+
+    |dequantized - w|  <=  2^-4 |w|  +  2^-10 * scale_inv        (elementwise; hence <= amax / 16 per block)
+
+What is quantized (mirroring DeepSeek's choice, V3 report section 3.3): every 2-D Linear weight of attention, dense
+MLPs, shared and routed experts (and the MTP module's eh_proj). What stays in high precision (the checkpoint's
+bf16/fp32): the embedding, the output head (`lm_head`, `shared_head.head`), every norm, the MoE router
+(`mlp.gate.weight`) and its `e_score_correction_bias`, and any weight with a dimension below 16.
+
+config.json carries
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                             "weight_block_size": [128, 128]}
+"activation_scheme: dynamic" means activations are not stored quantized: at run time each token's activations are
+quantized on the fly in 1 x 128 groups (one scale per token per 128 input features), and the GEMM multiplies e4m3
+activations by e4m3 weights, applying both scales per 128-long slice of the contraction while accumulating in fp32.
+
+Loading such a folder with `DeepseekForCausalLM.from_pretrained(folder)`: on CPU (or with `fp8_keep_quantized=False`)
+every quantized weight is dequantized on load to the requested dtype, the per-expert `experts.{j}.*_proj` keys
+into the fused expert tensors; on CUDA the weights stay FP8 in `DeepseekFP8Linear` / `DeepseekFP8Experts`, whose
+forward runs block-scaled FP8 GEMMs (`torch.nn.functional.scaled_mm` with BlockWise1x128 x BlockWise128x128 on
+Hopper) and falls back to dequantize-and-matmul elsewhere. The implementation of the model side is
+modeling_deepseek/quantized.py; this module re-exports its functions and adds the checkpoint writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from modeling_deepseek.quantized import (
+    FP8_BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    FP8_QUANTIZATION_CONFIG,
+    DeepseekFP8Experts,
+    DeepseekFP8Linear,
+    dequantize_weight_blockwise,
+    fp8_block_linear,
+    fp8_block_matmul_reference,
+    is_high_precision_key,
+    quantize_activation_groupwise,
+    quantize_weight_blockwise,
+    scale_grid_shape,
+)
+
+FP8Linear = DeepseekFP8Linear  # the usual name
+MIN_QUANTIZED_DIM = 16
+
+__all__ = [
+    "FP8_BLOCK",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "FP8_QUANTIZATION_CONFIG",
+    "FP8Linear",
+    "DeepseekFP8Linear",
+    "DeepseekFP8Experts",
+    "quantize_weight_blockwise",
+    "dequantize_weight_blockwise",
+    "quantize_activation_groupwise",
+    "fp8_block_linear",
+    "fp8_block_matmul_reference",
+    "scale_grid_shape",
+    "should_quantize",
+    "quantization_error_bound",
+    "quantize_checkpoint",
+]
+
+
+def should_quantize(key: str, tensor: torch.Tensor) -> bool:
+    """Whether a checkpoint tensor is stored in FP8: a floating 2-D `*.weight` with both dims >= 16 that is not one
+    of the high-precision weights (embedding, heads, norms, router)."""
+    return (
+        key.endswith(".weight")
+        and tensor.ndim == 2
+        and tensor.is_floating_point()
+        and min(tensor.shape) >= MIN_QUANTIZED_DIM
+        and not is_high_precision_key(key)
+    )
+
+
+def quantization_error_bound(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """Elementwise bound on |dequantize(quantize(w)) - w|: 2^-4 |w| + 2^-10 scale_inv (see the module docstring)."""
+    rows, cols = w.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block, -2)[..., :rows, :].repeat_interleave(block, -1)[..., :cols]
+    return w.float().abs() * 2.0**-4 + s * 2.0**-10
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _split_fused_experts(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A fused expert tensor ([E, 2I, D] gate_up_proj or [E, D, I] down_proj) -> DeepSeek's per-expert keys."""
+    m = _FUSED_EXPERTS.match(key)
+    if m is None or tensor.ndim != 3:
+        return None
+    prefix, name = m.groups()
+    out = {}
+    for j in range(tensor.shape[0]):
+        if name == "gate_up_proj":
+            gate, up = tensor[j].chunk(2, dim=0)
+            out[f"{prefix}.{j}.gate_proj.weight"] = gate
+            out[f"{prefix}.{j}.up_proj.weight"] = up
+        else:
+            out[f"{prefix}.{j}.down_proj.weight"] = tensor[j]
+    return out
+
+
+def _quantize_tensors(tensors: dict[str, torch.Tensor], block: int, stats: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        split = _split_fused_experts(key, tensor)
+        items = split.items() if split is not None else [(key, tensor)]
+        for k, t in items:
+            stats["bytes_before"] += t.numel() * t.element_size()
+            if should_quantize(k, t):
+                q, s = quantize_weight_blockwise(t, block)
+                out[k] = q
+                out[k[: -len("weight")] + "weight_scale_inv"] = s
+                stats["quantized"] += 1
+                stats["bytes_after"] += q.numel() * q.element_size() + s.numel() * s.element_size()
+            else:
+                out[k] = t.contiguous()
+                stats["kept"] += 1
+                stats["bytes_after"] += t.numel() * t.element_size()
+    return out
+
+
+def quantize_checkpoint(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, block: int = FP8_BLOCK) -> dict:
+    """Write a DeepSeek-format FP8 checkpoint of the bf16/fp32 checkpoint in `src_folder` (a save_pretrained folder).
+
+    Every weight that `should_quantize` selects becomes e4m3 plus its `weight_scale_inv`; all other tensors are copied
+    unchanged. Fused expert tensors, if the source has them, are written as DeepSeek's per-expert keys. Shards keep
+    their file names (the index is rewritten); config.json gains `quantization_config`; every other file (generation
+    config, tokenizer, remote code) is copied. Returns counts and bytes before / after.
+    """
+    src, dst = Path(src_folder), Path(dst_folder)
+    if block != FP8_BLOCK:
+        raise ValueError(f"DeepSeek's FP8 format uses {FP8_BLOCK} x {FP8_BLOCK} blocks; got block={block}")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors files in {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+
+    stats = {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
+    weight_map: dict[str, str] = {}
+    for shard in shards:
+        with safe_open(src / shard, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        out = _quantize_tensors(tensors, block, stats)
+        save_file(out, dst / shard, metadata={**metadata, "format": "pt"})
+        weight_map.update({key: shard for key in out})
+        del tensors, out
+
+    index_name = "model.safetensors.index.json"
+    if (src / index_name).exists() or len(shards) > 1:
+        index = {"metadata": {"total_size": stats["bytes_after"]}, "weight_map": dict(sorted(weight_map.items()))}
+        (dst / index_name).write_text(json.dumps(index, indent=2) + "\n")
+
+    config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG, weight_block_size=[block, block])
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", index_name):
+            shutil.copy2(p, dst / p.name)
+    return stats
