@@ -4,36 +4,48 @@ This file is the model side of quantization; it is copied with the model as remo
 outside this package but torch, safetensors, transformers and (lazily) bitsandbytes. The user-facing tools
 (`quant.fp8.quantize_checkpoint`, `quant.memory_report`) live in the `quant` package.
 
-`post_load(model, ...)` runs at the end of `DeepseekPreTrainedModel.from_pretrained` and does two things:
+`DeepseekPreTrainedModel.from_pretrained` calls `prepare_quantized_load` before transformers' loader and
+`finish_quantized_load` after it:
 
 1. bitsandbytes (`quantization_config=BitsAndBytesConfig(load_in_4bit=True)` or `load_in_8bit=True`):
    transformers' bnb integration only swaps modules whose type is exactly `nn.Linear`
    (`replace_with_bnb_linear`), so attention, dense MLPs and shared experts become `Linear4bit` / `Linear8bitLt`
    while the fused routed experts (3-D `gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I] of `DeepseekExperts`)
-   load in full precision, untouched. Here each `DeepseekExperts` not excluded by the quantizer's
-   `modules_to_not_convert` is replaced by a `DeepseekBnbExperts` holding the same weights in NF4/FP4 (the
-   config's `bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`) or int8 (LLM.int8's
-   vector-wise, one absmax scale per output row). The router (`mlp.gate`, a `DeepseekTopkRouter`, never an
-   `nn.Linear`), its `e_score_correction_bias`, the norms, the embedding and `lm_head` (transformers' default skip
-   of the output embedding) stay in high precision, as in DeepSeek-V3's FP8 recipe.
+   load in full precision, untouched (modules it does not know are simply left alone). After loading, each
+   `DeepseekExperts` not excluded by the quantizer's `modules_to_not_convert` is replaced by a
+   `DeepseekBnbExperts` holding the same weights in NF4/FP4 (the config's `bnb_4bit_quant_type`,
+   `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`) or int8 (LLM.int8's vector-wise, one absmax scale per
+   output row), one layer at a time. The router (`mlp.gate`, a `DeepseekTopkRouter`, never an `nn.Linear`), its
+   `e_score_correction_bias`, the norms, the embedding and `lm_head` (transformers' default skip of the output
+   embedding) stay in high precision, as in DeepSeek-V3's FP8 recipe. save_pretrained writes the experts
+   dequantized (fused float tensors); reloading requantizes them to the same codes.
+   bitsandbytes 0.50.2 on CPU: its 4-bit Linear kernels need in_features % 64 == 0 (else the AVX512 path crashes
+   and the generic path dequantizes wrongly) and its AVX512-BF16 path needs out_features % 32 == 0 (such layers
+   are routed to the generic path, `_avoid_bnb_cpu_packing_crash`). The experts avoid both by quantizing each
+   expert's matrix flattened.
 
 2. DeepSeek FP8 checkpoints (`config.quantization_config.quant_method == "fp8"`, weights in e4m3 with a float32
    `weight_scale_inv` per 128 x 128 block; see quant/fp8.py for the format). transformers' own FineGrainedFP8
    loader derives the block size from the scale grid (rows // scale_rows), which is wrong for ragged edge blocks
-   (a 160-row weight has 2 row blocks of 128 and 32 rows, not 2 of 80) and raises when the division is not exact
-   (DeepSeek-V3's kv_a_proj_with_mqa: 576 rows, 5 row blocks). So every quantized weight is (re)read here from the
-   checkpoint's safetensors and dequantized with the fixed 128 x 128 grid into the model's parameters, the fused
-   experts included; a weight stored in FP8 without its `weight_scale_inv` raises an error naming the key.
-   `fp8_keep_quantized=True` (the default on CUDA) instead swaps the Linears for `DeepseekFP8Linear` and the
-   routed experts for `DeepseekFP8Experts`, which keep e4m3 weights and run block-scaled FP8 GEMMs
-   (1 x 128 activation groups, 128 x 128 weight blocks, `torch.nn.functional.scaled_mm` on Hopper) with a
-   dequantize-and-matmul fallback elsewhere.
+   (a 192-row q_b_proj has row blocks of 128 and 64, not 2 of 96) and raises when the division is not exact
+   (DeepSeek-V3's kv_a_proj_with_mqa: 576 rows, 5 row blocks). So `prepare_quantized_load` takes the FP8 config
+   off the config handed to transformers (which then loads the e4m3 tensors as placeholders), and
+   `finish_quantized_load` reads every quantized weight from the checkpoint's safetensors and dequantizes it with
+   the fixed 128 x 128 grid into the model's parameters, the fused experts included. A weight stored in FP8
+   without its `weight_scale_inv` raises an error naming the key, before anything is loaded.
+   `fp8_keep_quantized=True` (the default when the model lands on CUDA) instead swaps the Linears for
+   `DeepseekFP8Linear` and the routed experts for `DeepseekFP8Experts`, which keep e4m3 weights and run
+   block-scaled FP8 GEMMs (1 x 128 activation groups, 128 x 128 weight blocks, `torch.nn.functional.scaled_mm`
+   on Hopper when both dims are multiples of 128) with a dequantize-and-matmul fallback elsewhere
+   (`FP8_GEMM_BACKEND` forces one). The swap happens after transformers has loaded the model in the requested
+   dtype, so loading peaks at the unquantized size; and the activation quantization is eager PyTorch (unfused),
+   which at present costs more than the FP8 GEMM saves (H100, 4096 x 7168 x 2048: FP8 GEMM 0.10 ms, bf16 GEMM
+   0.15 ms, activation quantization 0.47 ms).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
@@ -319,7 +331,7 @@ class DeepseekBnbExperts(nn.Module):
         self.blocksize = blocksize
         self.compute_dtype = compute_dtype
         self.original_dtype = experts.gate_up_proj.dtype
-        E, D, I = self.num_experts, self.hidden_dim, self.intermediate_dim
+        D, I = self.hidden_dim, self.intermediate_dim
         self.shapes = {"gate_up_proj": (2 * I, D), "down_proj": (D, I)}
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(experts, name).detach()
@@ -333,7 +345,7 @@ class DeepseekBnbExperts(nn.Module):
         E, R, C = w.shape
         CB, SCB, _ = _bnb_functional().int8_vectorwise_quant(w.reshape(E * R, C).to(torch.float16))
         setattr(self, name, nn.Parameter(CB.view(E, R, C), requires_grad=False))
-        self.register_buffer(f"{name}_SCB", SCB.float().view(E, R))
+        setattr(self, f"{name}_SCB", nn.Buffer(SCB.float().view(E, R)))
 
     def _quantize_4bit(self, name: str, w: torch.Tensor) -> None:
         bnbF = _bnb_functional()
@@ -349,18 +361,16 @@ class DeepseekBnbExperts(nn.Module):
             if qs.nested:
                 offset.append(qs.offset.reshape(()))
                 absmax2.append(qs.state2.absmax)
-                self._nested = (qs.state2.code, qs.state2.blocksize)
         setattr(self, name, nn.Parameter(torch.stack(packed), requires_grad=False))
-        self.register_buffer(f"{name}_absmax", torch.stack(absmax))
+        setattr(self, f"{name}_absmax", nn.Buffer(torch.stack(absmax)))
         if "quant_map" not in self._buffers:
-            self.register_buffer("quant_map", qs.code.clone())
+            self.register_buffer("quant_map", qs.code.clone())  # the 16 NF4 / FP4 levels
         if self.double_quant:
-            self.register_buffer(f"{name}_offset", torch.stack(offset).float())
-            self.register_buffer(f"{name}_absmax2", torch.stack(absmax2))
-            if "nested_quant_map" not in self._buffers:
-                self.register_buffer("nested_quant_map", self._nested[0].clone())
-                self.nested_blocksize = self._nested[1]
-            del self._nested
+            setattr(self, f"{name}_offset", nn.Buffer(torch.stack(offset).float()))
+            setattr(self, f"{name}_absmax2", nn.Buffer(torch.stack(absmax2)))
+            if "nested_quant_map" not in self._buffers:  # the 8-bit code of the absmax values, and its block size
+                self.register_buffer("nested_quant_map", qs.state2.code.clone())
+                self.nested_blocksize = qs.state2.blocksize
 
     # -- dequantization -------------------------------------------------------------------------------------------
     def dequantize_expert(self, name: str, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -387,6 +397,30 @@ class DeepseekBnbExperts(nn.Module):
         """The full (gate_up_proj [E, 2I, D], down_proj [E, D, I]) stacks, dequantized."""
         return tuple(torch.stack([self.dequantize_expert(n, e, dtype) for e in range(self.num_experts)])
                      for n in ("gate_up_proj", "down_proj"))
+
+    # -- state dict: the fused float layout of DeepseekExperts ----------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Saved as DeepseekExperts would be (fused float tensors in the original dtype), so that save_pretrained
+        writes a checkpoint that loads anywhere; loading it with a BitsAndBytesConfig quantizes the experts again,
+        to the same codes (dequantized values requantize exactly)."""
+        gate_up, down = self.dequantize(self.original_dtype)
+        destination[prefix + "gate_up_proj"] = gate_up
+        destination[prefix + "down_proj"] = down
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("gate_up_proj", "down_proj"):
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            w = state_dict[key]
+            expected = (self.num_experts, *self.shapes[name])
+            if tuple(w.shape) != expected:
+                error_msgs.append(f"size mismatch for {key}: got {tuple(w.shape)}, expected {expected}")
+                continue
+            device = getattr(self, name).device
+            (self._quantize_int8 if self.bits == 8 else self._quantize_4bit)(name, w.to(device))
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x_TD.dtype
@@ -452,7 +486,6 @@ class QuantizedLoadPlan:
         self.files = files or []
         self.fp8_config = fp8_config
         self.keep_quantized = keep_quantized
-        self.original_ignore = _NO_ATTR
 
 
 def _fp8_config_of(config) -> dict | None:
@@ -550,8 +583,7 @@ def prepare_quantized_load(cls, args: tuple, kwargs: dict):
     _check_fp8_scales(files)
     plan = QuantizedLoadPlan(cls, files, fp8_config, keep)
     # The scales are read by finish_quantized_load, not by transformers: keep them out of its "unexpected" report.
-    plan.original_ignore = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _NO_ATTR)
-    _PENDING_IGNORE[cls] = plan.original_ignore
+    _PENDING_IGNORE[cls] = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _NO_ATTR)
     cls._keys_to_ignore_on_load_unexpected = [*(cls._keys_to_ignore_on_load_unexpected or []), _IGNORE_SCALES]
     return args, kwargs, plan
 
@@ -573,7 +605,7 @@ def finish_quantized_load(model, info: dict, plan: QuantizedLoadPlan | None):
     """Called by from_pretrained on the loaded model. Returns the model.
 
     - bitsandbytes: quantizes the routed experts like transformers quantized the Linears (see quantize_experts_bnb).
-    - FP8 checkpoint: dequantizes every FP8 weight from the files into the model, or keeps it FP8 (see load_fp8).
+    - FP8 checkpoint: dequantizes every FP8 weight from the files into the model, or keeps it FP8 (see load_fp8_weights).
     """
     if plan is not None:
         _restore_ignore_patterns(plan.cls)
@@ -595,9 +627,13 @@ def finish_quantized_load(model, info: dict, plan: QuantizedLoadPlan | None):
 def _avoid_bnb_cpu_packing_crash(model: nn.Module) -> None:
     """bitsandbytes 0.50's CPU Linear4bit repacks its weight for AVX512-BF16 kernels on the first forward and asserts
     out_features % 32 == 0 (e.g. kv_a_proj_with_mqa of a small model: kv_lora_rank + rope = 80). Such layers are sent
-    down bitsandbytes' generic path instead, which has no such constraint."""
+    down bitsandbytes' generic path instead, which has no such constraint as long as in_features is a multiple of the
+    4-bit block size (it dequantizes wrongly otherwise, so those are left to fail loudly)."""
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False) and getattr(module, "out_features", 0) % 32:
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module, "weight", None), "blocksize", 64) or 64
+        if module.out_features % 32 and module.in_features % blocksize == 0:
             module.support_avx512bf16_for_cpu = False
 
 
@@ -647,7 +683,11 @@ def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | 
                     if experts is None:
                         stats["skipped"] += 1
                         continue
-                    pending_experts.setdefault(experts, {})[(int(m["j"]), m["proj"])] = (w, s)
+                    if keep_quantized:  # gathered, stacked once every expert of the layer has been read
+                        pending_experts.setdefault(experts, {})[(int(m["j"]), m["proj"])] = (w, s)
+                    else:
+                        _copy_expert(model.get_submodule(experts), int(m["j"]), m["proj"], w, s)
+                        stats["dequantized"] += 1
                     continue
                 name = _model_key(key, params, prefix)
                 if name is None:
@@ -666,7 +706,7 @@ def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | 
                     stats["dequantized"] += 1
     for experts_name, parts in pending_experts.items():
         module = model.get_submodule(experts_name)
-        E, I = module.num_experts, module.intermediate_dim
+        E = module.num_experts
         complete = all((j, p) in parts for j in range(E) for p in ("gate_proj", "up_proj", "down_proj"))
         dev = module.gate_up_proj.device
         if keep_quantized and complete:
@@ -678,9 +718,16 @@ def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | 
             stats["fp8_experts"] += 1
             continue
         for (j, proj), (w, s) in parts.items():
-            target = module.down_proj if proj == "down_proj" else module.gate_up_proj
-            rows = slice(None) if proj == "down_proj" else (slice(0, I) if proj == "gate_proj" else slice(I, 2 * I))
-            target[j, rows].copy_(dequantize_weight_blockwise(w.to(dev), s.to(dev), FP8_BLOCK, target.dtype))
+            _copy_expert(module, j, proj, w, s)
             stats["dequantized"] += 1
     model.fp8_load_stats = stats
     return stats
+
+
+def _copy_expert(module: DeepseekExperts, j: int, proj: str, w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> None:
+    """Dequantize expert j's gate_proj / up_proj / down_proj into the fused tensors (gate rows first, then up)."""
+    I = module.intermediate_dim
+    target = module.down_proj if proj == "down_proj" else module.gate_up_proj
+    rows = slice(None) if proj == "down_proj" else (slice(0, I) if proj == "gate_proj" else slice(I, 2 * I))
+    dev = target.device
+    target[j, rows].copy_(dequantize_weight_blockwise(w_fp8.to(dev), scale_inv.to(dev), FP8_BLOCK, target.dtype))
