@@ -43,15 +43,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import DeepseekConfig
+from .quantized import FP8_BLOCK, FP8_QUANTIZATION_CONFIG, quantize_weight_blockwise, should_quantize
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_BLOCK = 128
-FP8_QUANTIZATION_CONFIG = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
-}
 
 # Our config fields that the official files do not have.
 TRAINING_ONLY_FIELDS = (
@@ -112,11 +105,6 @@ _SIDE_FILES = (
     "chat_template.jinja",
 )
 
-# Projections stored in FP8 by the official release: attention and FFN linears of every block (MTP included).
-_FP8_WEIGHT = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-    r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
-)
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<name>gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -254,47 +242,10 @@ def _with_mtp_copies(config, tensors, embed, head) -> Iterator[tuple[str, torch.
         raise ValueError(f"the checkpoint lacks the MTP module(s) at model.layers.{sorted(missing)}")
 
 
-def quantize_blockwise_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 weight and float32 scale_inv [ceil(out/block), ceil(in/block)], dequantised = fp8 * scale per block.
-
-    Ragged edge blocks are zero-padded before their amax is taken (the official convention).
-    """
-    out_f, in_f = weight.shape
-    rows, cols = -(-out_f // block), -(-in_f // block)
-    w = torch.zeros(rows * block, cols * block, dtype=torch.float32, device=weight.device)
-    w[:out_f, :in_f] = weight.float()
-    blocks = w.view(rows, block, cols, block)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale = (amax / torch.finfo(FP8_DTYPE).max).clamp_min(torch.finfo(torch.float32).tiny)
-    q = (blocks / scale[:, None, :, None]).clamp(-torch.finfo(FP8_DTYPE).max, torch.finfo(FP8_DTYPE).max)
-    q = q.to(FP8_DTYPE).view(rows * block, cols * block)[:out_f, :in_f].contiguous()
-    return q, scale
-
-
-def _fp8_quantizer():
-    """quant.fp8's block quantizer when it is importable (export is a CLI, not remote code), else our own."""
-    try:
-        from quant.fp8 import quantize_weight_blockwise
-    except ImportError:
-        return quantize_blockwise_fp8
-
-    def checked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, scale_inv = quantize_weight_blockwise(weight, FP8_BLOCK)
-        expected = (-(-weight.shape[0] // FP8_BLOCK), -(-weight.shape[1] // FP8_BLOCK))
-        if q.dtype != FP8_DTYPE or tuple(q.shape) != tuple(weight.shape) or tuple(scale_inv.shape) != expected:
-            raise RuntimeError(
-                f"quant.fp8.quantize_weight_blockwise returned {q.dtype} {tuple(q.shape)} / {tuple(scale_inv.shape)}, "
-                f"expected {FP8_DTYPE} {tuple(weight.shape)} / {expected}"
-            )
-        return q, scale_inv.to(torch.float32)
-
-    return checked
-
-
-def _fp8_tensors(tensors, quantize) -> Iterator[tuple[str, torch.Tensor]]:
+def _fp8_tensors(tensors) -> Iterator[tuple[str, torch.Tensor]]:
     for key, tensor in tensors:
-        if _FP8_WEIGHT.match(key) and tensor.dim() == 2:
-            q, scale_inv = quantize(tensor)
+        if should_quantize(key, tensor):
+            q, scale_inv = quantize_weight_blockwise(tensor, FP8_BLOCK)
             yield key, q
             yield key.removesuffix("weight") + "weight_scale_inv", scale_inv
         else:
@@ -387,7 +338,7 @@ def export_official(
     embed, head = (None if t is None else _cast(t, dtype) for t in (shared["embed"], shared["head"]))
     tensors = _with_mtp_copies(config, _official_tensors(config, items, dtype), embed, head)
     if fp8:
-        tensors = _fp8_tensors(tensors, _fp8_quantizer())
+        tensors = _fp8_tensors(tensors)
     weight_map, total, names = _write_shards(tensors, dst, _parse_size(max_shard_size))
 
     if dtype is None:  # config.json's torch_dtype: the dtype the (unquantized) embedding was written in

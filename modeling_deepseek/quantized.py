@@ -68,6 +68,18 @@ FP8_QUANTIZATION_CONFIG = {
 # --------------------------------------------------------------------------------------------------------------------
 # FP8 block quantization (DeepSeek's checkpoint format)
 
+# The weights DeepSeek's release stores in FP8: the attention and FFN projections of every block (experts, shared
+# experts and MTP blocks included). Embedding, heads, norms, the router and MTP's eh_proj stay in high precision.
+FP8_WEIGHT_PATTERN = re.compile(
+    r"^(model\.)?layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+
+
+def should_quantize(key: str, tensor: torch.Tensor) -> bool:
+    """Whether a checkpoint tensor is stored in FP8 (a 2-D floating projection weight, see FP8_WEIGHT_PATTERN)."""
+    return tensor.ndim == 2 and tensor.is_floating_point() and FP8_WEIGHT_PATTERN.match(key) is not None
+
 
 def is_high_precision_key(key: str) -> bool:
     """Checkpoint weights DeepSeek keeps out of FP8: embedding, output heads, norms, the MoE router and its bias."""

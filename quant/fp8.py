@@ -28,10 +28,11 @@ the e4m3 subnormals (below 2^-6 after scaling) get an absolute error of at most 
 
     |dequantized - w|  <=  2^-4 |w|  +  2^-10 * scale_inv        (elementwise; hence <= amax / 16 per block)
 
-What is quantized (mirroring DeepSeek's choice, V3 report section 3.3): every 2-D Linear weight of attention, dense
-MLPs, shared and routed experts (and the MTP module's eh_proj). What stays in high precision (the checkpoint's
-bf16/fp32): the embedding, the output head (`lm_head`, `shared_head.head`), every norm, the MoE router
-(`mlp.gate.weight`) and its `e_score_correction_bias`, and any weight with a dimension below 16.
+What is quantized (mirroring DeepSeek's release, V3 report section 3.3): every projection of attention, dense
+MLPs, shared and routed experts, in every block including the MTP block (`should_quantize`). What stays in high
+precision (the checkpoint's bf16/fp32): the embedding, the output heads (`lm_head`, `shared_head.head`), every
+norm, the MoE router (`mlp.gate.weight`) and its `e_score_correction_bias`, and MTP's `eh_proj` (which serving
+engines build as a plain high-precision Linear).
 
 config.json carries
     "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -73,12 +74,11 @@ from modeling_deepseek.quantized import (
     is_high_precision_key,
     quantize_activation_groupwise,
     quantize_weight_blockwise,
+    should_quantize,
     scale_grid_shape,
 )
 
 FP8Linear = DeepseekFP8Linear  # the usual name
-MIN_QUANTIZED_DIM = 16
-
 __all__ = [
     "FP8_BLOCK",
     "FP8_DTYPE",
@@ -97,18 +97,6 @@ __all__ = [
     "quantization_error_bound",
     "quantize_checkpoint",
 ]
-
-
-def should_quantize(key: str, tensor: torch.Tensor) -> bool:
-    """Whether a checkpoint tensor is stored in FP8: a floating 2-D `*.weight` with both dims >= 16 that is not one
-    of the high-precision weights (embedding, heads, norms, router)."""
-    return (
-        key.endswith(".weight")
-        and tensor.ndim == 2
-        and tensor.is_floating_point()
-        and min(tensor.shape) >= MIN_QUANTIZED_DIM
-        and not is_high_precision_key(key)
-    )
 
 
 def quantization_error_bound(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:

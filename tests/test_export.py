@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modeling_deepseek.quantized import quantize_weight_blockwise
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -26,7 +27,6 @@ from modeling_deepseek.export import (
     TRAINING_ONLY_FIELDS,
     export_official,
     main,
-    quantize_blockwise_fp8,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def _dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> t
 
 def test_blockwise_quantizer_ragged_blocks():
     w = torch.randn(300, 200) * torch.logspace(-3, 1, 300)[:, None]  # rows of very different magnitude
-    q, s = quantize_blockwise_fp8(w)
+    q, s = quantize_weight_blockwise(w)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
     assert s.dtype == torch.float32 and s.shape == (3, 2)
     # Each block's amax maps onto the e4m3 maximum; e4m3 keeps 3 mantissa bits: |error| <= |w| / 16 (+ subnormals).
