@@ -50,6 +50,18 @@ class DeepseekExperts(nn.Module):
         # "grouped" (default) or "loop"; the loop is the reference, and the fallback for odd shapes or dtypes.
         self.implementation = "grouped"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also accept the per-expert layout `{j}.{gate,up,down}_proj.weight` that save_pretrained writes: Trainer's
+        resume feeds such a state dict to load_state_dict(strict=False) without transformers' key conversion."""
+        projs = ("gate", "up", "down")
+        names = [f"{prefix}{j}.{proj}_proj.weight" for j in range(self.num_experts) for proj in projs]
+        if f"{prefix}gate_up_proj" not in state_dict and all(name in state_dict for name in names):
+            g, u, d = ([state_dict.pop(f"{prefix}{j}.{proj}_proj.weight") for j in range(self.num_experts)]
+                       for proj in projs)
+            state_dict[f"{prefix}gate_up_proj"] = torch.cat((torch.stack(g), torch.stack(u)), dim=1)
+            state_dict[f"{prefix}down_proj"] = torch.stack(d)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         if self.implementation == "loop" or not _grouped_mm_ok(x_TD, self.gate_up_proj):
             return self.forward_loop(x_TD, expert_ids_TK, weights_TK)

@@ -261,7 +261,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         )
 
     def run_mtp(self, h0_BTD, inputs_embeds_BTD, position_ids, attention_mask=None, depths=None, **kwargs):
-        """Run MTP modules 1..depths over full-length sequences; returns [h^1, ..., h^depths] (before shared_head.norm)."""
+        """Run MTP modules 1..depths over full-length sequences; returns [shared_head.norm(h^k) for k = 1..depths]."""
         depths = len(self.mtp_layers) if depths is None else depths
         causal_mask = create_causal_mask(
             config=self.config,
@@ -273,14 +273,14 @@ class DeepseekModel(DeepseekPreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds_BTD, position_ids)
         h, outputs = h0_BTD, []
         for k, layer in enumerate(self.mtp_layers[:depths], start=1):
-            h = layer(
+            h, h_normed = layer(
                 *mtp_inputs(h, inputs_embeds_BTD, k),
                 attention_mask=causal_mask,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
-            outputs.append(h)
+            outputs.append(h_normed)
         record_loads([layer.moe for layer in self.mtp_layers[:depths] if layer.moe is not None], self.config)
         return outputs
 
@@ -334,7 +334,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 if position_ids is None:
                     position_ids = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
                 hs = self.model.run_mtp(outputs.pre_norm_hidden_state, inputs_embeds, position_ids, attention_mask)
-                mtp_logits = tuple(self.lm_head(layer.shared_head.norm(h)) for layer, h in zip(self.model.mtp_layers, hs))
+                mtp_logits = tuple(self.lm_head(h) for h in hs)
                 depth_losses = []
                 for k, lg in enumerate(mtp_logits, start=1):
                     labels_k = mtp_labels(labels, k)

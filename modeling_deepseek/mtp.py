@@ -59,7 +59,9 @@ class DeepseekMTPLayer(DeepseekDecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekSharedHead(config)
 
-    def forward(self, h_prev_BTD, next_embeds_BTD, **block_kwargs) -> torch.Tensor:
-        """h^{k-1} and Emb(t_{i+k}) in, h^k out (before shared_head.norm)."""
+    def forward(self, h_prev_BTD, next_embeds_BTD, **block_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """h^{k-1} and Emb(t_{i+k}) in; (h^k, shared_head.norm(h^k)) out. The norm runs inside this forward so that
+        wrappers that own the module's parameters only during its forward (FSDP2) see it there."""
         x_BTD = self.eh_proj(torch.cat((self.enorm(next_embeds_BTD), self.hnorm(h_prev_BTD)), dim=-1))
-        return super().forward(x_BTD, **block_kwargs)
+        h_BTD = super().forward(x_BTD, **block_kwargs)
+        return h_BTD, self.shared_head.norm(h_BTD)

@@ -123,9 +123,9 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
             config=model.config, inputs_embeds=embeds, attention_mask=valid_BS.long(),
             past_key_values=mtp_cache, position_ids=position_ids, layer_idx=mtp.layer_idx,
         )
-        h1 = mtp(h_BTD, embeds, attention_mask=mask, position_ids=position_ids, past_key_values=mtp_cache,
-                 position_embeddings=decoder.rotary_emb(embeds, position_ids), use_cache=True)
-        return model.lm_head(mtp.shared_head.norm(h1))
+        _, h1_normed = mtp(h_BTD, embeds, attention_mask=mask, position_ids=position_ids, past_key_values=mtp_cache,
+                           position_embeddings=decoder.rotary_emb(embeds, position_ids), use_cache=True)
+        return model.lm_head(h1_normed)
 
     # Prefill: the main model over the prompt, then the MTP module over (h_i, Emb(t_{i+1})) with t_P the first new token.
     out = decoder(input_ids, attention_mask=valid_BS.long(), position_ids=positions_BP, past_key_values=main_cache,

@@ -117,9 +117,9 @@ def test_embedding_comes_first_in_the_concatenation():
     pe = model.model.rotary_emb(x, pos)
     emb = torch.randn(1, 6, D)
     with torch.no_grad():
-        out1 = layer(torch.randn(1, 6, D), emb, position_embeddings=pe, position_ids=pos)
-        out2 = layer(torch.randn(1, 6, D), emb, position_embeddings=pe, position_ids=pos)
-        out3 = layer(torch.randn(1, 6, D), torch.randn(1, 6, D), position_embeddings=pe, position_ids=pos)
+        out1 = layer(torch.randn(1, 6, D), emb, position_embeddings=pe, position_ids=pos)[0]
+        out2 = layer(torch.randn(1, 6, D), emb, position_embeddings=pe, position_ids=pos)[0]
+        out3 = layer(torch.randn(1, 6, D), torch.randn(1, 6, D), position_embeddings=pe, position_ids=pos)[0]
     assert max_diff(out1, out2) < 1e-6
     assert max_diff(out1, out3) > 1e-3
 

@@ -1,4 +1,5 @@
-"""Training utilities for the DeepSeek models: corpus building, tokenizer training and sequence packing.
+"""Training utilities for the DeepSeek models: corpus building, tokenizer training, sequence packing, and the
+Trainer callback that logs the MTP loss / MaxVio (installed by ``import modeling_deepseek``).
 
 Names are imported lazily so that ``import trainers`` stays cheap (no tokenizers/datasets import until used).
 """
@@ -15,6 +16,11 @@ _LAZY = {
     "pack_dataset": "trainers.corpus",
     "pack_texts": "trainers.corpus",
     "SPECIAL_TOKENS": "trainers.corpus",
+    "DeepseekTrainerCallback": "trainers.callbacks",
+    "DeepseekSFTTrainer": "trainers.sft",
+    "make_checkpoints_atomic": "trainers.checkpointing",
+    "AtomicCheckpointMixin": "trainers.checkpointing",
+    "register_default_callback": "trainers.callbacks",
 }
 
 __all__ = sorted(_LAZY)
