@@ -411,6 +411,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         if self._latent_cache_dtype not in (None, "fp8"):
             raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {self._latent_cache_dtype!r}")
         use_mtp = kwargs.pop("use_mtp", None)
+        draft_tokens = kwargs.pop("mtp_draft_tokens", None)
         base = generation_config if generation_config is not None else self.generation_config
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
@@ -432,7 +433,8 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         if model_kwargs:
             raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
         sequences, stats = mtp_generate(
-            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=self._latent_cache_dtype == "fp8"
+            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=self._latent_cache_dtype == "fp8",
+            draft_tokens=draft_tokens,
         )
         self.last_mtp_stats = stats
         logger.info(f"MTP speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.1%})")

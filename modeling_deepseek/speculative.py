@@ -1,21 +1,27 @@
 """Self-speculative decoding with the model's own MTP module (DeepSeek-V3 section 5.4.3).
 
-Each step the MTP module drafts one token from the main model's last hidden state, and one main-model forward over
-[last token, draft] both verifies the draft and yields the token after it:
+Each step the MTP module drafts k tokens (`mtp_draft_tokens`, default num_nextn_predict_layers), and one
+main-model forward over [last token, d_1 .. d_k] verifies them all and yields the token after the accepted prefix:
 
-    main([b, d]) -> logits at b (verifies d) and at d (the bonus token if d is accepted)
-    greedy:    accept d iff it is the main model's argmax, so the output is token-for-token plain greedy decoding
-    sampling:  accept d with probability min(1, p(d) / q(d)), else resample from norm(max(0, p - q)): the standard
-               speculative-sampling rule, which leaves the output distributed exactly as the main model's p
+    main([b, d_1..d_k]) -> logits at b (verifies d_1), at d_1 (verifies d_2), ..., at d_k (the bonus token)
+    greedy:    d_j is accepted iff it is the main model's argmax and d_1..d_{j-1} were, so the output is
+               token-for-token plain greedy decoding
+    sampling:  d_j is accepted with probability min(1, p(d_j) / q(d_j)); at the first rejection the token is drawn
+               from norm(max(0, p - q)): the standard speculative-sampling rule, which leaves the output
+               distributed exactly as the main model's p, whatever the drafts were
+
+Draft 1 comes from the MTP module as trained (main hidden state h_i, embedding of token i+1). Drafts 2..k chain the
+first MTP module on its own output (its hidden state stands in for the main model's), which is how serving
+engines stretch a single V3 MTP module to several drafts; those chained cache slots are dropped right after.
 
 Rows of a batch accept different numbers of tokens. Instead of cropping each row's cache to its own length, every
-step appends the same two slots to every row and a rejected draft's slot is switched off in the attention mask
+step appends the same k+1 slots to every row and a rejected draft's slot is switched off in the attention mask
 from then on (a "hole"). Position ids count only the valid slots, so RoPE and the attention pattern are exactly
 those of the compact sequence. Left padding is the same mechanism: the prompt's padding slots are holes from the
 start. The MTP module keeps its own latent cache whose slots line up one-to-one with the main cache's.
 
 The MTP module at position i reads the main model's pre-norm hidden state at i and the embedding of token i+1, so
-it runs once per step over the same two slots, after the main model has decided which tokens they hold.
+it runs once per step over the same k+1 slots, after the main model has decided which tokens they hold.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.masking_utils import create_causal_mask
 
 from .cache import DeepseekLatentCache
 from .mtp import DeepseekMTPLayer
@@ -85,8 +90,8 @@ class _Sampler:
         self.warpers = _warpers(gc)
         self.ids = ids
 
-    def probs(self, logits_BV: torch.Tensor) -> torch.Tensor:
-        return self.warpers(self.ids, logits_BV.float()).softmax(dim=-1)
+    def probs(self, logits_NV: torch.Tensor) -> torch.Tensor:
+        return self.warpers(self.ids, logits_NV.float()).softmax(dim=-1)
 
     def pick(self, logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.do_sample:
@@ -95,21 +100,35 @@ class _Sampler:
         return torch.multinomial(p, 1).squeeze(-1), p
 
 
+def slot_mask(valid_BS: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, T, S] mask for queries in the last T of S cache slots: causal by slot, holes masked out."""
+    S = valid_BS.shape[1]
+    causal_TS = torch.ones(T, S, dtype=torch.bool, device=valid_BS.device).tril(S - T)
+    allowed = causal_TS[None, None] & valid_BS[:, None, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid_BS.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 @torch.no_grad()
-def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=None, fp8_cache=False):
+def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=None, fp8_cache=False,
+                 draft_tokens=None):
     """Returns (sequences [B, P + new], MTPStats). `model` is a DeepseekForCausalLM with at least one MTP module."""
     gc = generation_config
     check_generation_config(gc)
     if model.config.num_nextn_predict_layers < 1:
         raise ValueError("generate(use_mtp=True) needs an MTP module: config.num_nextn_predict_layers is 0")
+    k = model.config.num_nextn_predict_layers if draft_tokens is None else draft_tokens
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`mtp_draft_tokens` must be a positive integer, got {k!r}")
     decoder = model.model
     mtp: DeepseekMTPLayer = decoder.mtp_layers[0]
     B, P = input_ids.shape
-    device = input_ids.device
+    device, dtype = input_ids.device, model.dtype
     max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - P
     eos = gc.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=device)
-    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0].item() if len(eos_ids) else 0)
+    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_list[0] if eos_list else 0)
+    rows, slots_K1 = torch.arange(B, device=device), torch.arange(k + 1, device=device)
 
     valid_BS = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
     positions_BP = (valid_BS.long().cumsum(-1) - 1).clamp_min(0)
@@ -117,76 +136,90 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
     sampler = _Sampler(gc, input_ids)
     stats = MTPStats()
 
-    def run_mtp(h_BTD, next_ids_BT, position_ids):
+    def run_mtp(h_BTD, next_ids_BT, position_ids, valid):
         embeds = decoder.embed_tokens(next_ids_BT)
-        mask = create_causal_mask(
-            config=model.config, inputs_embeds=embeds, attention_mask=valid_BS.long(),
-            past_key_values=mtp_cache, position_ids=position_ids, layer_idx=mtp.layer_idx,
-        )
-        _, h1_normed = mtp(h_BTD, embeds, attention_mask=mask, position_ids=position_ids, past_key_values=mtp_cache,
-                           position_embeddings=decoder.rotary_emb(embeds, position_ids), use_cache=True)
-        return model.lm_head(h1_normed)
+        return mtp(h_BTD, embeds, attention_mask=slot_mask(valid, embeds.shape[1], dtype), position_ids=position_ids,
+                   past_key_values=mtp_cache, position_embeddings=decoder.rotary_emb(embeds, position_ids),
+                   use_cache=True)
+
+    def draft(h_BD, normed_BD, bonus_pos_B, valid):
+        """k drafts after the bonus token: the first from the MTP pair just computed (which ends at the bonus), the
+        rest by chaining the module on itself at the bonus position and beyond."""
+        tokens, probs = [], []
+        for j in range(k):
+            if j:
+                h_BTD, normed_BTD = run_mtp(h_BD[:, None], tokens[-1][:, None], (bonus_pos_B + j - 1)[:, None],
+                                            torch.cat([valid, valid.new_ones(B, j)], 1))
+                h_BD, normed_BD = h_BTD[:, 0], normed_BTD[:, 0]
+            token, prob = sampler.pick(model.lm_head(normed_BD))
+            tokens.append(token)
+            probs.append(prob)
+        if k > 1:
+            mtp_cache.crop(-(k - 1))  # chained slots held guesses; next step writes the true pairs there
+        return torch.stack(tokens, 1), (torch.stack(probs, 1) if sampler.do_sample else None)
 
     # Prefill: the main model over the prompt, then the MTP module over (h_i, Emb(t_{i+1})) with t_P the first new token.
-    out = decoder(input_ids, attention_mask=valid_BS.long(), position_ids=positions_BP, past_key_values=main_cache,
-                  use_cache=True)
+    out = decoder(input_ids, attention_mask=slot_mask(valid_BS, P, dtype), position_ids=positions_BP,
+                  past_key_values=main_cache, use_cache=True)
     bonus_B, _ = sampler.pick(model.lm_head(out.last_hidden_state[:, -1]))
-    draft_logits = run_mtp(out.pre_norm_hidden_state, torch.cat([input_ids[:, 1:], bonus_B[:, None]], 1),
-                           positions_BP)[:, -1]
-    draft_B, q_BV = sampler.pick(draft_logits)
+    next_pos_B = positions_BP[:, -1] + 1  # position of the bonus token, not yet in the cache
+    h, normed = run_mtp(out.pre_norm_hidden_state, torch.cat([input_ids[:, 1:], bonus_B[:, None]], 1),
+                        positions_BP, valid_BS)
+    drafts_BK, q_BKV = draft(h[:, -1], normed[:, -1], next_pos_B, valid_BS)
 
     new_tokens = [[t] for t in bonus_B.tolist()]
-    done_B = torch.isin(bonus_B, eos_ids)
-    next_pos_B = positions_BP[:, -1] + 1  # position of the bonus token, not yet in the cache
+    done = [toks[0] in eos_list for toks in new_tokens]
     if streamer is not None:
         streamer.put(input_ids.cpu())
         streamer.put(bonus_B.cpu())
 
-    while min(len(t) for t in new_tokens) < max_new and not bool(done_B.all()):
-        step_ids = torch.stack([bonus_B, draft_B], 1)
-        step_pos = torch.stack([next_pos_B, next_pos_B + 1], 1)
-        valid_BS = torch.cat([valid_BS, torch.ones(B, 2, dtype=torch.bool, device=device)], 1)
-        out = decoder(step_ids, attention_mask=valid_BS.long(), position_ids=step_pos, past_key_values=main_cache,
-                      use_cache=True)
-        logits_B2V = model.lm_head(out.last_hidden_state)
+    while min(len(t) for t in new_tokens) < max_new and not all(done):
+        step_ids = torch.cat([bonus_B[:, None], drafts_BK], 1)
+        step_pos = next_pos_B[:, None] + slots_K1
+        valid_BS = torch.cat([valid_BS, valid_BS.new_ones(B, k + 1)], 1)
+        out = decoder(step_ids, attention_mask=slot_mask(valid_BS, k + 1, dtype), position_ids=step_pos,
+                      past_key_values=main_cache, use_cache=True)
+        logits_BTV = model.lm_head(out.last_hidden_state)
 
         if sampler.do_sample:
-            p_BV = sampler.probs(logits_B2V[:, 0])
-            p_d = p_BV.gather(1, draft_B[:, None]).squeeze(1)
-            q_d = q_BV.gather(1, draft_B[:, None]).squeeze(1)
-            accept_B = torch.rand(B, device=device) * q_d < p_d  # u < p/q without dividing by a zero q
-            residual = (p_BV - q_BV).clamp_min(0)
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_BV)
-            corrected_B = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1).squeeze(-1)
-            bonus_after_B, _ = sampler.pick(logits_B2V[:, 1])
+            p_BTV = sampler.probs(logits_BTV.flatten(0, 1)).view(B, k + 1, -1)
+            p_d = p_BTV[:, :k].gather(2, drafts_BK[..., None]).squeeze(-1)
+            q_d = q_BKV.gather(2, drafts_BK[..., None]).squeeze(-1)
+            ok_BK = torch.rand(B, k, device=device) * q_d < p_d  # u < p/q without dividing by a zero q
         else:
-            corrected_B = logits_B2V[:, 0].argmax(-1)
-            accept_B = corrected_B == draft_B
-            bonus_after_B = logits_B2V[:, 1].argmax(-1)
-        new_bonus_B = torch.where(accept_B, bonus_after_B, corrected_B)
-        valid_BS[:, -1] = accept_B  # a rejected draft's slot becomes a hole for every later step
+            pred_BT = logits_BTV.argmax(-1)
+            ok_BK = pred_BT[:, :k] == drafts_BK
+        n_acc_B = ok_BK.long().cumprod(1).sum(1)  # length of the accepted prefix, 0..k
+        if sampler.do_sample:
+            p_a = p_BTV[rows, n_acc_B]
+            residual = (p_a - q_BKV[rows, n_acc_B.clamp(max=k - 1)]).clamp_min(0)
+            keep_p = (n_acc_B == k)[:, None] | (residual.sum(-1, keepdim=True) <= 0)
+            dist = torch.where(keep_p, p_a, residual)
+            new_bonus_B = torch.multinomial(dist / dist.sum(-1, keepdim=True), 1).squeeze(-1)
+        else:
+            new_bonus_B = pred_BT[rows, n_acc_B]
+        valid_BS[:, -k:] = slots_K1[1:][None] <= n_acc_B[:, None]  # rejected drafts become holes for good
 
-        live = ~done_B
         stats.steps += 1
-        stats.drafted += int(live.sum())
-        stats.accepted += int((accept_B & live).sum())
-        for r, (acc, d, nb) in enumerate(zip(accept_B.tolist(), draft_B.tolist(), new_bonus_B.tolist())):
-            if done_B[r]:
+        for r, (a, ds, nb) in enumerate(zip(n_acc_B.tolist(), drafts_BK.tolist(), new_bonus_B.tolist())):
+            if done[r]:
                 continue
-            emitted = [d, nb] if acc else [nb]
+            stats.drafted += k
+            stats.accepted += a
+            emitted = ds[:a] + [nb]
             for t in emitted:
-                if len(new_tokens[r]) < max_new and not done_B[r]:
+                if len(new_tokens[r]) < max_new and not done[r]:
                     new_tokens[r].append(t)
-                    if t in eos_ids.tolist():
-                        done_B[r] = True
+                    done[r] = t in eos_list
             if streamer is not None and B == 1:
                 streamer.put(torch.tensor(emitted))
 
-        # MTP over the same two slots: slot 0 pairs h(b) with the token after b, slot 1 pairs h(d) with the new bonus.
-        slot0_next_B = torch.where(accept_B, draft_B, new_bonus_B)
-        mtp_logits_B2V = run_mtp(out.pre_norm_hidden_state, torch.stack([slot0_next_B, new_bonus_B], 1), step_pos)
-        draft_B, q_BV = sampler.pick(torch.where(accept_B[:, None], mtp_logits_B2V[:, 1], mtp_logits_B2V[:, 0]))
-        next_pos_B = next_pos_B + 1 + accept_B.long()
+        # MTP over the same k+1 slots: slot j pairs h(slot j) with the token that now follows it.
+        drafts_ext = torch.cat([drafts_BK, new_bonus_B[:, None]], 1)
+        next_BT = torch.where(slots_K1[None] < n_acc_B[:, None], drafts_ext, new_bonus_B[:, None])
+        h, normed = run_mtp(out.pre_norm_hidden_state, next_BT, step_pos, valid_BS)
+        next_pos_B = next_pos_B + n_acc_B + 1
+        drafts_BK, q_BKV = draft(h[rows, n_acc_B], normed[rows, n_acc_B], next_pos_B, valid_BS)
         bonus_B = new_bonus_B
 
     if streamer is not None:

@@ -109,3 +109,48 @@ def test_unsupported_option_is_named():
     no_mtp = DeepseekForCausalLM(_config(num_nextn_predict_layers=0)).eval()
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         no_mtp.generate(torch.tensor([[1, 2]]), max_new_tokens=2, use_mtp=True)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_chained_drafts_greedy_identical(cyclic_model, k):
+    model, cycle = cyclic_model
+    ids = torch.stack([torch.cat([torch.zeros(2, dtype=torch.long), cycle[1:6]]), torch.tensor([1, 20, 7, 5, 11, 2, 9])])
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=17, do_sample=False)
+    spec = model.generate(ids, attention_mask=mask, max_new_tokens=17, do_sample=False, use_mtp=True,
+                          mtp_draft_tokens=k)
+    assert torch.equal(plain, spec)
+    stats = model.last_mtp_stats
+    assert stats.drafted > 0 and stats.accepted / stats.steps > 1.0  # more than one draft accepted per step
+
+
+def test_chained_drafts_sampling_keeps_the_target_distribution():
+    """Three sampled tokens with two drafts per step: the joint law is p(t1) p(t2|t1) p(t3|t1,t2)."""
+    torch.manual_seed(4)
+    V = 4
+    model = DeepseekForCausalLM(_config(vocab_size=V, pad_token_id=None)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    prompt = torch.tensor([[1, 3, 2]])
+
+    def next_probs(ids):
+        with torch.no_grad():
+            return model(ids).logits[0, -1].softmax(-1)
+
+    exact = torch.zeros(V, V, V)
+    p1 = next_probs(prompt)
+    for a in range(V):
+        p2 = next_probs(torch.cat([prompt, torch.tensor([[a]])], 1))
+        for b in range(V):
+            exact[a, b] = p1[a] * p2[b] * next_probs(torch.cat([prompt, torch.tensor([[a, b]])], 1))
+    N = 12000
+    torch.manual_seed(5)
+    out = model.generate(prompt.expand(N, -1), max_new_tokens=3, do_sample=True, top_k=0, use_mtp=True,
+                         mtp_draft_tokens=2)
+    stats = model.last_mtp_stats
+    counts = torch.zeros(V, V, V)
+    counts.index_put_((out[:, 3], out[:, 4], out[:, 5]), torch.ones(N), accumulate=True)
+    tv = 0.5 * (counts / N - exact).abs().sum()
+    assert 0.1 < stats.acceptance_rate < 0.9
+    assert tv < 0.05, f"total variation {tv:.3f}"
