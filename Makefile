@@ -1,7 +1,7 @@
 # Developer entry points for deepseek-hf.
 #   make venv   - create .venv (torch 2.13.0 CPU first, then this package with the dev extra)
 #   make test   - run the test suite
-#   make demo   - small pretraining demo on Python stdlib sources (~10 min on 2 CPU cores)
+#   make demo   - small pretraining demo on Python stdlib sources (about 4-7 min on 2 CPU cores)
 #   make bench  - run benchmarks (if present)
 #   make clean  - remove build outputs and demo runs (keeps .venv; `make distclean` removes it too)
 
