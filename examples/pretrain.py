@@ -30,12 +30,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
-# Defaults sized for the `small` config on 2 CPU cores. Measured for the whole `make demo` (corpus + tokenizer ~7 s,
-# 300 steps of 8 x 256 tokens, 6 evals of 64 blocks, save, reload, generation): about 0.6 s per step on an idle
-# machine (~4 min in all) and 6.5 min with other jobs sharing the cores (1.25 s per step); eval LM loss falls from
-# 8.35 to 4.17 (perplexity 65). Heavy contention from other processes slows it far more (OpenMP threads spin).
-DEFAULT_MAX_STEPS = 300
+# Defaults sized for the `small` config on 2 CPU cores: about 0.6 s per step of 8 x 256 tokens on an idle machine,
+# so 600 steps and the evals, save, reload and generation take about 8 minutes (300 steps: eval LM loss 8.35 ->
+# 4.17). The longer run matters for serving: a better-trained MTP module drafts more acceptable tokens.
+DEFAULT_MAX_STEPS = 600
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BLOCK_SIZE = 256
 
@@ -206,6 +206,45 @@ def print_table(before: dict, after: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
+class ExpertLoadRecorder(TrainerCallback):
+    """Keeps, after every optimizer step, the share of routed tokens each expert got in each main MoE layer."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.shares: list[torch.Tensor] = []  # [num MoE layers, n_routed_experts] per step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        loads = [moe.last_load_E for moe in model.moe_layers(include_mtp=False) if moe.last_load_E is not None]
+        if loads:
+            load_LE = torch.stack(loads).float().cpu()
+            self.steps.append(state.global_step)
+            self.shares.append(load_LE / load_LE.sum(-1, keepdim=True))
+
+
+def save_expert_load_heatmap(recorder: ExpertLoadRecorder, path: Path) -> None:
+    """One panel per MoE layer: expert (rows) x step (columns), colour = share of that step's routed tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not recorder.shares:
+        return
+    share_SLE = torch.stack(recorder.shares)
+    layers, experts = share_SLE.shape[1:]
+    fig, axes = plt.subplots(1, layers, figsize=(4.5 * layers, 3.6), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        image = ax.imshow(share_SLE[:, layer].T, aspect="auto", cmap="viridis", interpolation="nearest",
+                          extent=(recorder.steps[0], recorder.steps[-1], experts - 0.5, -0.5))
+        ax.set_title(f"MoE layer {layer + 1}: share of tokens (uniform = {1 / experts:.3f})", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_loss_plot(log_history: list[dict], path: Path, title: str, initial_eval_loss: float | None = None) -> None:
     import matplotlib
 
@@ -259,6 +298,7 @@ def main(argv=None) -> dict:
 
     import modeling_deepseek  # noqa: F401  (registers model_type "deepseek" with the Auto classes)
     from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+    from trainers.checkpointing import make_checkpoints_atomic
     from trainers.corpus import pack_texts, train_tokenizer_from_texts
 
     set_seed(args.seed)
@@ -330,14 +370,16 @@ def main(argv=None) -> dict:
         seed=args.seed,
         data_seed=args.seed,
     )
-    trainer = Trainer(
+    load_recorder = ExpertLoadRecorder()
+    trainer = make_checkpoints_atomic(Trainer(
         model=model,
         args=training_args,
         train_dataset=train_ds,
         eval_dataset=eval_small,  # the same blocks as the before/after evals, so the curves line up
         data_collator=default_data_collator,
         processing_class=tokenizer,
-    )
+        callbacks=[load_recorder],
+    ))
     t0 = time.time()
     train_result = trainer.train()
     train_seconds = time.time() - t0
@@ -367,7 +409,9 @@ def main(argv=None) -> dict:
     generation_config.save_pretrained(str(final_dir))  # written last so it is exactly this one
     save_loss_plot(trainer.state.log_history, out_dir / "loss.png", f"{config_path.name}: {args.max_steps} steps",
                    initial_eval_loss=before["loss"])
-    print(f"saved model + tokenizer to {final_dir}; loss plot {out_dir / 'loss.png'}", flush=True)
+    save_expert_load_heatmap(load_recorder, out_dir / "expert_load.png")
+    print(f"saved model + tokenizer to {final_dir}; plots {out_dir / 'loss.png'}, {out_dir / 'expert_load.png'}",
+          flush=True)
 
     # 7. reload through the Auto classes and generate -------------------------------------------------------------
     reloaded = AutoModelForCausalLM.from_pretrained(str(final_dir))

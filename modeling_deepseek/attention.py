@@ -148,28 +148,39 @@ class DeepseekAttention(nn.Module):
         k_nope, value = kv_BHSK.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_rope_B1SR.expand(-1, H, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        return attention_interface(
+        impl = self.config._attn_implementation
+        # SDPA's flash kernels (CPU and CUDA) need one head dim for q, k and v; with v_head_dim < qk_head_dim it
+        # falls back to the math kernel, which materialises [B, H, T, S] scores. Zero-padding V costs
+        # (qk - v) / v more V traffic and selects the flash kernel; the padded output columns are dropped.
+        pad = self.qk_head_dim - self.v_head_dim if impl == "sdpa" else 0
+        if pad > 0:
+            value = F.pad(value, (0, pad))
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        out_BTHV, weights = attention_interface(
             self, query, key, value, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
         )
+        if pad > 0:
+            out_BTHV = out_BTHV[..., : self.v_head_dim]
+        return out_BTHV, weights
 
     def absorbed_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask):
-        H, C = self.num_heads, self.kv_lora_rank
-        T, S = q_nope.shape[2], latent_B1SC.shape[2]
+        B, H, T, _ = q_nope.shape
+        C, S = self.kv_lora_rank, latent_B1SC.shape[2]
         w_HKC = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
         w_uk_HNC, w_uv_HVC = w_HKC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk_HNC)
-        # MQA: one latent "head" is shared by all H query heads (broadcast over dim 1, never copied).
-        scores_BHTS = torch.matmul(q_latent_BHTC, latent_B1SC.transpose(-1, -2))
-        scores_BHTS = scores_BHTS + torch.matmul(q_rope, k_rope_B1SR.transpose(-1, -2))
-        scores_BHTS = scores_BHTS.float() * self.scaling
+        q_latent_BHTC = torch.matmul(q_nope, w_uk_HNC)  # [B, H, T, nope] x [H, nope, C]
+        # MQA: all H x T query rows of a sequence attend to the same latent keys, so the heads are folded into the
+        # rows and each sequence runs one [H*T, C] x [C, S] GEMM. (A matmul broadcasting [B, 1, S, C] over the head
+        # dim copies the latent once per head on some backends: an [H, C, S] copy per layer and step in bf16 on CPU.)
+        latent_BSC, k_rope_BSR = latent_B1SC.squeeze(1), k_rope_B1SR.squeeze(1)
+        scores_BXS = torch.bmm(q_rope.reshape(B, H * T, -1), k_rope_BSR.transpose(1, 2))
+        scores_BXS = torch.baddbmm(scores_BXS, q_latent_BHTC.reshape(B, H * T, C), latent_BSC.transpose(1, 2))
+        scores_BHTS = scores_BXS.view(B, H, T, S).float() * self.scaling
         mask = _additive_mask(attention_mask, T, S, scores_BHTS.device, torch.float32)
         if mask is not None:
             scores_BHTS = scores_BHTS + mask
-        probs_BHTS = scores_BHTS.softmax(dim=-1).to(latent_B1SC.dtype)
-        ctx_BHTC = torch.matmul(probs_BHTS, latent_B1SC)
-        out_BTHV = torch.einsum("bhtc,hvc->bthv", ctx_BHTC, w_uv_HVC)
-        return out_BTHV, probs_BHTS
+        probs_BHTS = scores_BHTS.softmax(dim=-1).to(latent_BSC.dtype)
+        ctx_BHTC = torch.bmm(probs_BHTS.view(B, H * T, S), latent_BSC).view(B, H, T, C)
+        out_BHTV = torch.matmul(ctx_BHTC, w_uv_HVC.transpose(1, 2))  # [B, H, T, C] x [H, C, v]
+        return out_BHTV.transpose(1, 2), probs_BHTS

@@ -23,6 +23,24 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
+def _append(buf, view, new):
+    """Write `new` after the `view.shape[-2]` filled slots of `buf`; returns (buffer, view of the filled part).
+
+    The buffer doubles when full (amortised O(1) appends). It is rebuilt from `view` when the view no longer lies at
+    the buffer's start (batch_select_indices / reorder_cache replace the views with fresh tensors); crop leaves a
+    shorter view of the same buffer, whose tail is simply overwritten.
+    """
+    n, t = (view.shape[-2] if view.numel() else 0), new.shape[-2]
+    if buf is None or view.numel() and view.data_ptr() != buf.data_ptr() or buf.shape[-2] < n + t:
+        capacity = max(2 * (n + t), 64)
+        grown = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+        if n:
+            grown[..., :n, :] = view
+        buf = grown
+    buf[..., n : n + t, :] = new
+    return buf, buf[..., : n + t, :]
+
+
 class LatentLayer(DynamicLayer):
     """DynamicLayer with amortised O(1) appends; `keys` / `values` are views of the filled part of the buffers."""
 
@@ -30,22 +48,11 @@ class LatentLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         self._k_buf = self._v_buf = None
 
-    def _append(self, buf, view, new):
-        n, t = (view.shape[-2] if view.numel() else 0), new.shape[-2]
-        if buf is None or view.numel() and view.data_ptr() != buf.data_ptr() or buf.shape[-2] < n + t:
-            capacity = max(2 * (n + t), 64)
-            grown = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
-            if n:
-                grown[..., :n, :] = view
-            buf = grown
-        buf[..., n : n + t, :] = new
-        return buf, buf[..., : n + t, :]
-
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._k_buf, self.keys = self._append(self._k_buf, self.keys, key_states)
-        self._v_buf, self.values = self._append(self._v_buf, self.values, value_states)
+        self._k_buf, self.keys = _append(self._k_buf, self.keys, key_states)
+        self._v_buf, self.values = _append(self._v_buf, self.values, value_states)
         return self.keys, self.values
 
 
@@ -63,14 +70,18 @@ class FP8LatentLayer(DynamicLayer):
         self.values = torch.empty(*value_states.shape[:-2], 0, value_states.shape[-1], dtype=FP8, device=self.device)
         self.key_scales = torch.empty(*key_states.shape[:-2], 0, 1, device=self.device)
         self.value_scales = torch.empty(*value_states.shape[:-2], 0, 1, device=self.device)
+        self._bufs = [None] * 4  # growing buffers behind keys, key_scales, values, value_scales
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         qk, sk = quantize_per_token(key_states)
         qv, sv = quantize_per_token(value_states)
-        self.keys, self.key_scales = torch.cat([self.keys, qk], -2), torch.cat([self.key_scales, sk], -2)
-        self.values, self.value_scales = torch.cat([self.values, qv], -2), torch.cat([self.value_scales, sv], -2)
+        # Growing buffers like LatentLayer: torch.cat would re-copy the whole fp8 cache at every decode step.
+        views = (self.keys, self.key_scales, self.values, self.value_scales)
+        grown = [_append(b, v, x) for b, v, x in zip(self._bufs, views, (qk, sk, qv, sv))]
+        self._bufs = [b for b, _ in grown]
+        self.keys, self.key_scales, self.values, self.value_scales = (v for _, v in grown)
         return self.dequantized()
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
