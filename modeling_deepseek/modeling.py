@@ -193,6 +193,17 @@ class DeepseekModel(DeepseekPreTrainedModel):
             track(self)
         self.post_init()
 
+    def mask_and_rope(self, inputs_embeds, attention_mask, past_key_values, position_ids):
+        """What every block of one forward shares: the attention mask and the RoPE angles."""
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        return causal_mask, self.rotary_emb(inputs_embeds, position_ids)
+
     @property
     def mtp_layers(self) -> nn.ModuleList:
         return self.layers[self.config.num_hidden_layers :]
@@ -227,14 +238,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds, attention_mask, past_key_values, position_ids)
 
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
@@ -263,14 +267,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
     def run_mtp(self, h0_BTD, inputs_embeds_BTD, position_ids, attention_mask=None, depths=None, **kwargs):
         """Run MTP modules 1..depths over full-length sequences; returns [shared_head.norm(h^k) for k = 1..depths]."""
         depths = len(self.mtp_layers) if depths is None else depths
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds_BTD,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(inputs_embeds_BTD, position_ids)
+        causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds_BTD, attention_mask, None, position_ids)
         h, outputs = h0_BTD, []
         for k, layer in enumerate(self.mtp_layers[:depths], start=1):
             h, h_normed = layer(
