@@ -38,6 +38,7 @@ from .experts import DeepseekExperts
 from .layers import DeepseekRMSNorm
 from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
 from .moe import DeepseekMoE
+from .quantized import finish_quantized_load, prepare_quantized_load
 from .rope import DeepseekRotaryEmbedding
 from .routing import DeepseekTopkRouter
 
@@ -134,8 +135,7 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
         """
         want_info = kwargs.pop("output_loading_info", False)
-        from .quantized import finish_quantized_load, prepare_quantized_load  # FP8 checkpoints, bnb-quantized experts
-
+        # FP8 checkpoints (dequantized, or kept FP8 on CUDA) and bitsandbytes-quantized experts: see quantized.py
         args, kwargs, quant_plan = prepare_quantized_load(cls, args, kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model = finish_quantized_load(model, info, quant_plan)
@@ -255,7 +255,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
         # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
-        record_loads(self.moe_layers(include_mtp=False), self.config)
+        if self.training and torch.is_grad_enabled():
+            record_loads(self.moe_layers(include_mtp=False), self.config)
 
         return DeepseekModelOutput(
             last_hidden_state=self.norm(hidden_states),
