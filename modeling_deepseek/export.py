@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import DeepseekConfig
-from .quantized import FP8_BLOCK, FP8_QUANTIZATION_CONFIG, quantize_weight_blockwise, should_quantize
+from .fp8 import FP8_BLOCK, FP8_QUANTIZATION_CONFIG, quantize_weight_blockwise, should_quantize
 
 
 # Our config fields that the official files do not have.

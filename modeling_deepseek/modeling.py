@@ -31,7 +31,6 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache
 from .speculative import mtp_generate
-from .attention import DeepseekAttention
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
 from .experts import DeepseekExperts

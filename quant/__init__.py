@@ -6,7 +6,7 @@
   FP8 GEMMs on CUDA).
 - bitsandbytes: `DeepseekForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))`
   (or `load_in_8bit=True`) quantizes the Linears (transformers) and the fused routed experts (this package's
-  `DeepseekBnbExperts`, modeling_deepseek/quantized.py); router, norms, embedding and lm_head stay full precision.
+  `DeepseekBnbExperts`, modeling_deepseek/bnb_experts.py); router, norms, embedding and lm_head stay full precision.
 - `memory_report(model)`: bytes by category, quantization statistics included.
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from modeling_deepseek.quantized import DeepseekBnbExperts, DeepseekFP8Experts, DeepseekFP8Linear, quantize_experts_bnb
+from modeling_deepseek.bnb_experts import DeepseekBnbExperts, quantize_experts_bnb
+from modeling_deepseek.fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 
 CATEGORIES = ("experts", "attention", "embeddings", "other")
 

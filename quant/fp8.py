@@ -46,7 +46,7 @@ every quantized weight is dequantized on load to the requested dtype, the per-ex
 into the fused expert tensors; on CUDA the weights stay FP8 in `DeepseekFP8Linear` / `DeepseekFP8Experts`, whose
 forward runs block-scaled FP8 GEMMs (`torch.nn.functional.scaled_mm` with BlockWise1x128 x BlockWise128x128 on
 Hopper) and falls back to dequantize-and-matmul elsewhere. The implementation of the model side is
-modeling_deepseek/quantized.py; this module re-exports its functions and adds the checkpoint writer.
+modeling_deepseek/fp8.py; this module re-exports its functions and adds the checkpoint writer.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modeling_deepseek.quantized import (
+from modeling_deepseek.fp8 import (
     FP8_BLOCK,
     FP8_DTYPE,
     FP8_MAX,

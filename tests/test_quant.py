@@ -1,5 +1,5 @@
 """Quantization: DeepSeek's FP8 block format (quant/fp8.py) and bitsandbytes 4-bit / 8-bit loading with the fused
-routed experts quantized too (modeling_deepseek/quantized.py).
+routed experts quantized too (modeling_deepseek/quantized.py, bnb_experts.py, fp8.py).
 
 Tiny models throughout. The FP8 checkpoint model has hidden 160 and moe_intermediate 96, so that many weights have
 ragged 128 x 128 edge blocks (160 = 128 + 32, 96 < 128, q_b_proj 192 = 128 + 64, eh_proj 160 x 320).
@@ -32,8 +32,9 @@ from quant.fp8 import (
     quantize_weight_blockwise,
     should_quantize,
 )
-from modeling_deepseek import quantized
-from modeling_deepseek.quantized import DeepseekBnbExperts, _scaled_mm_supported
+from modeling_deepseek import fp8 as fp8_kernels
+from modeling_deepseek.bnb_experts import DeepseekBnbExperts
+from modeling_deepseek.fp8 import _scaled_mm_supported
 
 try:
     import bitsandbytes as bnb
@@ -578,11 +579,11 @@ def test_fp8_checkpoint_on_cuda_keeps_fp8(tmp_path):
         got = out.logits.float()
         same_weights = dense(ids).logits.float()  # differs by the 1 x 128 activation quantization and bf16 only
         want = model.cuda()(ids).logits.float()
-        quantized.FP8_GEMM_BACKEND = "reference"  # the same FP8 arithmetic, simulated in fp32
+        fp8_kernels.FP8_GEMM_BACKEND = "reference"  # the same FP8 arithmetic, simulated in fp32
         try:
             simulated_out = q(ids, labels=ids)
         finally:
-            quantized.FP8_GEMM_BACKEND = "auto"
+            fp8_kernels.FP8_GEMM_BACKEND = "auto"
     simulated = simulated_out.logits.float()
     same_routing = torch.equal(out.expert_load, simulated_out.expert_load)
     print(f"\nFP8 on CUDA, logits relative rms: vs fp32 simulation of the same FP8 GEMMs {rel_rms(got, simulated):.4g} "
@@ -608,11 +609,11 @@ def test_fp8_experts_cuda_match_simulation():
     w = torch.rand(64, 2, device="cuda")
     with torch.no_grad():
         got = fp8(x, ids, w)
-        quantized.FP8_GEMM_BACKEND = "reference"
+        fp8_kernels.FP8_GEMM_BACKEND = "reference"
         try:
             simulated = fp8(x, ids, w)
         finally:
-            quantized.FP8_GEMM_BACKEND = "auto"
+            fp8_kernels.FP8_GEMM_BACKEND = "auto"
         exact = experts.forward_loop(x.float(), ids, w)
     assert got.dtype == torch.bfloat16
     assert rel_rms(got, simulated) < 0.02
