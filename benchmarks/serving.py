@@ -284,6 +284,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config-overrides", default="{}",
+                   help='JSON object of DeepseekV3Config fields replacing the reference shape\'s, e.g. '
+                        '\'{"kv_lora_rank": 512, "qk_rope_head_dim": 64}\' for DeepSeek-V3\'s latent width')
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of ours and the peer at the largest context")
     p.add_argument("--json-out", default=None, help="default: benchmarks/results/serving_<device>_<dtype>.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -309,12 +312,12 @@ def main(argv=None) -> dict:
         "settings": {"device": args.device, "dtype": args.dtype, "contexts": contexts, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "batch": 1, "seed": args.seed,
                      "threads": args.threads or torch.get_num_threads(), "variants": variants},
-        "config": dict(common.REFERENCE_SHAPE),
+        "config": dict(common.REFERENCE_SHAPE, **json.loads(args.config_overrides)),
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
         ckpt = Path(tmp) / "ckpt"
-        common.make_checkpoint(ckpt, seed=args.seed)
+        common.make_checkpoint(ckpt, seed=args.seed, **json.loads(args.config_overrides))
         report["peer_impl"] = {"attn_implementation": "sdpa (default)", "experts_implementation": "grouped_mm (default)"}
         eq = equivalence_check(ckpt, args.device)
         report["equivalence"] = eq
