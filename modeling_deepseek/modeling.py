@@ -353,8 +353,10 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 loss = loss + balance_loss
 
         expert_load = max_vio = None
-        loads = [m.last_load_E for m in self.moe_layers() if m.last_load_E is not None]
-        if loads and (self.training or labels is not None):
+        loads = [m.last_load_E for m in self.moe_layers() if m.last_load_E is not None] if (
+            self.training or labels is not None
+        ) else []
+        if loads:
             expert_load = torch.stack(loads)
             main_loads = expert_load[: len(self.moe_layers(include_mtp=False))]
             max_vio = max_violation(main_loads).mean() if len(main_loads) else None
