@@ -78,7 +78,7 @@ def _warpers(gc) -> LogitsProcessorList:
 def check_generation_config(gc) -> None:
     for name, default in _UNSUPPORTED.items():
         value = getattr(gc, name, default)
-        if value not in (default, None) and not (name == "min_length" and value == 0):
+        if value not in (default, None):
             raise ValueError(f"generate(use_mtp=True) does not support `{name}={value!r}`; drop it or use use_mtp=False")
 
 

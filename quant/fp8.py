@@ -71,7 +71,6 @@ from modeling_deepseek.fp8 import (
     dequantize_weight_blockwise,
     fp8_block_linear,
     fp8_block_matmul_reference,
-    is_high_precision_key,
     quantize_activation_groupwise,
     quantize_weight_blockwise,
     should_quantize,
