@@ -16,11 +16,14 @@ def _register() -> None:
     AutoConfig.register(DeepseekConfig.model_type, DeepseekConfig, exist_ok=True)
     AutoModel.register(DeepseekConfig, DeepseekModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepseekConfig, DeepseekForCausalLM, exist_ok=True)
-    try:  # Trainer integration: MTP / MaxVio logging and the MTP-weight schedule in every Trainer, TRL's too
+    try:  # Trainer integration (every Trainer, TRL's too): MTP / MaxVio logging, the MTP-weight schedule, and
+        # atomic checkpoints for DeepSeek models
         from trainers.callbacks import register_default_callback
+        from trainers.checkpointing import install_default_atomic_checkpoints
     except ImportError:  # the package installed without its trainers/ sibling
         return
     register_default_callback()
+    install_default_atomic_checkpoints()
 
 
 _register()

@@ -363,17 +363,37 @@ def _fail_while_saving_optimizer(trainer, monkeypatch, observed: dict | None = N
     monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", failing)
 
 
-def test_plain_trainer_checkpoint_is_not_atomic(tmp_path, monkeypatch):
-    """Why trainers/checkpointing.py exists: transformers 5.23 writes checkpoint-N in place, so a save that dies
-    half-way leaves a directory that get_last_checkpoint (and resume_from_checkpoint=True) takes for the newest."""
-    trainer = Trainer(model=tiny_model(train=True), train_dataset=lm_dataset(8),
-                      args=train_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
-    _fail_while_saving_optimizer(trainer, monkeypatch)
-    with pytest.raises(_SaveFailure):
-        trainer.train()
-    partial = get_last_checkpoint(str(tmp_path))
-    assert partial is not None and Path(partial).name == "checkpoint-2"
-    assert not (Path(partial) / "optimizer.pt").exists() and not (Path(partial) / "trainer_state.json").exists()
+def test_plain_trainer_checkpoint_of_deepseek_is_atomic(tmp_path, monkeypatch):
+    """`import modeling_deepseek` makes a plain Trainer's checkpoints atomic for DeepSeek models: a save that dies
+    half-way publishes nothing. Opting out shows why: transformers 5.23 writes checkpoint-N in place, so the same
+    failure leaves a directory that get_last_checkpoint (and resume_from_checkpoint=True) takes for the newest."""
+    for atomic in (True, False):
+        run_dir = tmp_path / f"atomic_{atomic}"
+        trainer = Trainer(model=tiny_model(train=True), train_dataset=lm_dataset(8),
+                          args=train_args(run_dir, max_steps=2, save_strategy="steps", save_steps=2))
+        assert not isinstance(trainer, AtomicCheckpointMixin)  # no wrapping or subclassing by the user
+        trainer.atomic_checkpoints = atomic
+        _fail_while_saving_optimizer(trainer, monkeypatch)
+        with pytest.raises(_SaveFailure):
+            trainer.train()
+        partial = get_last_checkpoint(str(run_dir))
+        if atomic:
+            assert partial is None and stale_staging_dirs(run_dir) == []
+        else:
+            assert partial is not None and Path(partial).name == "checkpoint-2"
+            assert not (Path(partial) / "optimizer.pt").exists()
+            assert not (Path(partial) / "trainer_state.json").exists()
+
+
+def test_default_atomic_checkpoints_only_for_deepseek_models():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.checkpointing import trains_deepseek
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert trains_deepseek(tiny_model()) and not trains_deepseek(llama)
+    assert getattr(Trainer._save_checkpoint, "_deepseek_atomic_default", False)
 
 
 def test_atomic_checkpoint_is_complete_or_absent(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ does nothing for other models). It
 - adds the parts of the training signal to the logs: `mtp_loss`, `balance_loss` (the sequence-wise term) and
   `maxvio` (MaxVio over the MoE layers), averaged over the forwards since the previous log, next to `loss`;
 - applies the MTP loss-weight schedule of DeepSeek-V3 (config.mtp_loss_weight until mtp_late_fraction of max_steps,
-  then config.mtp_loss_weight_late) at the start of every optimizer step.
+  then config.mtp_loss_weight_late) at the start of every optimizer step;
+- removes the staging directories that a crashed atomic checkpoint save left behind (trainers/checkpointing.py).
 
 The aux-loss-free bias update needs no callback: it hangs on the optimizer step itself (modeling_deepseek.balancing).
 """
@@ -24,6 +25,13 @@ def _deepseek_modules(model):
 
 
 class DeepseekTrainerCallback(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Staging directories of a save that crashed (atomic checkpoints, trainers/checkpointing.py) are never read.
+        if _deepseek_modules(model) and args.should_save and args.output_dir:
+            from .checkpointing import remove_stale_staging_dirs
+
+            remove_stale_staging_dirs(args.output_dir)
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         for lm in _deepseek_modules(model):
             cfg = lm.config

@@ -7,7 +7,7 @@ transformers 5.23's Trainer writes checkpoints in place (this works for TRL's tr
    (preemption, OOM killer, a full disk) leaves a `checkpoint-N` that `get_last_checkpoint` and
    `resume_from_checkpoint=True` take for the newest one; resuming from it fails or silently mixes states.
 
-   AtomicCheckpointMixin writes the checkpoint under a staging directory and renames it into place once every file
+   Here the checkpoint is written under a staging directory and renames it into place once every file
    is on disk:
 
        <output_dir>/.checkpoint-N.tmp/checkpoint-N      written by transformers' own _save_checkpoint
@@ -26,7 +26,8 @@ Resuming exactly needs nothing more: the balancing state is the fp32 `e_score_co
 weights, and the token counts are zero at every optimizer-step boundary, where checkpoints are taken. (The fused
 experts read the per-expert keys that save_pretrained writes even through Trainer's bare load_state_dict.)
 
-Use:
+Use: nothing. `import modeling_deepseek` installs this for every Trainer (TRL's included) whose model is a DeepSeek
+model (`install_default_atomic_checkpoints`); other models' checkpoints are left to transformers. For any model:
 
     trainer = make_checkpoints_atomic(SFTTrainer(...))      # patches this instance
     class MyTrainer(AtomicCheckpointMixin, Trainer): ...    # or as a mixin
@@ -34,6 +35,7 @@ Use:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -118,53 +120,59 @@ class AtomicCheckpointMixin:
             self.add_callback(AtomicCheckpointCallback())
 
     def _save_checkpoint(self, model, trial):
-        run_dir = Path(self._get_output_dir(trial=trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final = run_dir / name
-        staging = staging_dir(run_dir, self.state.global_step)
-        distributed = self.args.world_size > 1
+        save_checkpoint_atomically(self, lambda: super(AtomicCheckpointMixin, self)._save_checkpoint(model, trial), trial)
 
-        if self.args.should_save:
+
+def save_checkpoint_atomically(trainer, save, trial) -> None:
+    """Run `save()` (a Trainer's own _save_checkpoint) into the staging directory, then publish it by a rename."""
+    run_dir = Path(trainer._get_output_dir(trial=trial))
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    final = run_dir / name
+    staging = staging_dir(run_dir, trainer.state.global_step)
+    args = trainer.args
+    distributed = args.world_size > 1
+
+    if args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if distributed:
+        trainer.accelerator.wait_for_everyone()
+
+    # transformers builds the checkpoint path as os.path.join(self._get_output_dir(trial), "checkpoint-N"):
+    # point that run directory at the staging area for the duration of the call.
+    trainer._get_output_dir = lambda trial=None: str(staging)
+    try:
+        save()
+    except BaseException:
+        if args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        if distributed:
-            self.accelerator.wait_for_everyone()
+        raise
+    finally:
+        del trainer._get_output_dir
 
-        # transformers builds the checkpoint path as os.path.join(self._get_output_dir(trial), "checkpoint-N"):
-        # point that run directory at the staging area for the duration of the call.
-        self._get_output_dir = lambda trial=None: str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        except BaseException:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            del self._get_output_dir
-
-        if distributed:
-            self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            staged = staging / name
-            if not staged.is_dir():
-                raise RuntimeError(
-                    f"AtomicCheckpointMixin: transformers did not write the checkpoint to {staged}; its "
-                    "_save_checkpoint no longer derives the path from _get_output_dir"
-                )
-            publish(staged, final, fsync=self.atomic_checkpoint_fsync)
-            shutil.rmtree(staging, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best is not None and Path(best).parent == staging:
-                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-            # transformers rotated inside the staging area (a no-op); rotate among the published checkpoints.
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
+    if distributed:
+        trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        staged = staging / name
+        if not staged.is_dir():
+            raise RuntimeError(
+                f"atomic checkpoints: transformers did not write the checkpoint to {staged}; its "
+                "_save_checkpoint no longer derives the path from _get_output_dir"
             )
-        if distributed:
-            self.accelerator.wait_for_everyone()
+        publish(staged, final, fsync=getattr(trainer, "atomic_checkpoint_fsync", True))
+        shutil.rmtree(staging, ignore_errors=True)
+        best = trainer.state.best_model_checkpoint
+        if best is not None and Path(best).parent == staging:
+            trainer.state.best_model_checkpoint = str(run_dir / Path(best).name)
+        # transformers rotated inside the staging area (a no-op); rotate among the published checkpoints.
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=args.save_total_limit,
+            best_model_checkpoint=trainer.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+    if distributed:
+        trainer.accelerator.wait_for_everyone()
 
 
 class AtomicCheckpointCallback(TrainerCallback):
@@ -173,6 +181,36 @@ class AtomicCheckpointCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if args.should_save and args.output_dir:
             remove_stale_staging_dirs(args.output_dir)
+
+
+def install_default_atomic_checkpoints() -> None:
+    """Make every Trainer (TRL's too) that trains a DeepSeek model write atomic checkpoints (idempotent).
+
+    Called by `import modeling_deepseek`. transformers' Trainer._save_checkpoint is wrapped once; the wrapper stages
+    and publishes the checkpoint when the trainer's model is a DeepSeek model (also under PEFT, or loaded as remote
+    code) and otherwise calls transformers' code unchanged. `trainer.atomic_checkpoints = False` opts a trainer out;
+    with `push_to_hub` the checkpoint is written in place (uploads read it after the save returns).
+    """
+    from transformers import Trainer
+
+    original = Trainer._save_checkpoint
+    if getattr(original, "_deepseek_atomic_default", False):
+        return
+
+    @functools.wraps(original)
+    def _save_checkpoint(self, model, trial):
+        if (isinstance(self, AtomicCheckpointMixin) or not getattr(self, "atomic_checkpoints", True)
+                or getattr(self.args, "push_to_hub", False) or not trains_deepseek(self.model)):
+            return original(self, model, trial)
+        save_checkpoint_atomically(self, lambda: original(self, model, trial), trial)
+
+    _save_checkpoint._deepseek_atomic_default = True
+    Trainer._save_checkpoint = _save_checkpoint
+
+
+def trains_deepseek(model) -> bool:
+    """Whether `model` (maybe wrapped by PEFT) is a DeepSeek model of this package: config.model_type "deepseek"."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "deepseek"
 
 
 def make_checkpoints_atomic(trainer, fsync: bool = True):
@@ -197,9 +235,12 @@ def _patch(trainer, mixin, fsync: bool):
 __all__ = [
     "AtomicCheckpointMixin",
     "AtomicCheckpointCallback",
+    "install_default_atomic_checkpoints",
     "make_checkpoints_atomic",
     "publish",
     "remove_stale_staging_dirs",
+    "save_checkpoint_atomically",
     "stale_staging_dirs",
     "staging_dir",
+    "trains_deepseek",
 ]
