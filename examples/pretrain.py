@@ -10,6 +10,9 @@ blocks; build a DeepseekForCausalLM from the config (vocab = tokenizer size); ev
 transformers.Trainer; evaluate again; save model + tokenizer + generation config to OUTPUT/final; reload it through
 AutoModelForCausalLM and generate code with pipeline("text-generation"). A loss plot (OUTPUT/loss.png) and the
 metrics (OUTPUT/metrics.json) are written as well.
+
+Checkpoints go to OUTPUT/trainer every --save-steps steps, written atomically (a killed job never leaves a half
+checkpoint); after an interruption, run the same command with --resume to continue where the newest one left off.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=None, help="Trainer eval interval (default: max_steps // 4)")
     p.add_argument("--prompt", default="def fibonacci(n):", help="prompt for the generation sample")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--save-steps", type=int, default=None,
+                   help="checkpoint interval in optimizer steps, into OUTPUT/trainer (default: max_steps // 4; 0: none)")
+    p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUTPUT/trainer (run with the same arguments)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="push the final model and tokenizer to REPO")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -294,10 +302,10 @@ def main(argv=None) -> dict:
 
     from transformers import (AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments,
                               default_data_collator, pipeline, set_seed)
+    from transformers.trainer_utils import get_last_checkpoint
 
     import modeling_deepseek  # noqa: F401  (registers model_type "deepseek" with the Auto classes)
     from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
-    from trainers.checkpointing import make_checkpoints_atomic
     from trainers.corpus import pack_texts, train_tokenizer_from_texts
 
     set_seed(args.seed)
@@ -344,6 +352,7 @@ def main(argv=None) -> dict:
     # 4. train ----------------------------------------------------------------------------------------------------
     eval_steps = args.eval_steps or max(1, args.max_steps // 4)
     warmup = args.warmup if args.warmup < 1 else int(args.warmup)
+    save_steps = max(1, args.max_steps // 4) if args.save_steps is None else args.save_steps
     training_args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),
         max_steps=args.max_steps,
@@ -361,7 +370,10 @@ def main(argv=None) -> dict:
         logging_first_step=True,
         eval_strategy="steps",
         eval_steps=eval_steps,
-        save_strategy="no",  # the final model is saved explicitly below
+        # Checkpoints to resume from (atomic: see trainers/checkpointing.py); the final model is saved below.
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps if save_steps > 0 else None,
+        save_total_limit=args.save_total_limit,
         report_to="none",
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
@@ -370,7 +382,8 @@ def main(argv=None) -> dict:
         data_seed=args.seed,
     )
     load_recorder = ExpertLoadRecorder()
-    trainer = make_checkpoints_atomic(Trainer(
+    # Plain Trainer: `import modeling_deepseek` adds the MTP / MaxVio logging callback and atomic checkpoints.
+    trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_ds,
@@ -378,12 +391,19 @@ def main(argv=None) -> dict:
         data_collator=default_data_collator,
         processing_class=tokenizer,
         callbacks=[load_recorder],
-    ))
+    )
+    resume_from = None
+    if args.resume:
+        resume_from = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        print(f"resuming from {resume_from}" if resume_from else
+              f"--resume: no checkpoint in {training_args.output_dir} yet, starting at step 0", flush=True)
+    start_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
     t0 = time.time()
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t0
-    tokens = args.max_steps * args.batch_size * args.grad_accum * args.block_size
-    print(f"training: {args.max_steps} steps, {tokens / 1e6:.2f}M tokens in {train_seconds:.1f}s "
+    steps_run = args.max_steps - start_step
+    tokens = steps_run * args.batch_size * args.grad_accum * args.block_size
+    print(f"training: {steps_run} steps, {tokens / 1e6:.2f}M tokens in {train_seconds:.1f}s "
           f"({tokens / max(train_seconds, 1e-9):.0f} tokens/s); final train loss {train_result.training_loss:.4f}",
           flush=True)
 
@@ -424,8 +444,11 @@ def main(argv=None) -> dict:
     print("---", flush=True)
 
     if args.push_to_hub:
+        # Two commits: the reloaded model (config with auto_map, weights, modeling code, generation config), then the
+        # tokenizer object that wrote final/ (a reloaded one would add its load kwargs `is_local`/`local_files_only`
+        # to tokenizer_config.json).
         generator.model.push_to_hub(args.push_to_hub)
-        generator.tokenizer.push_to_hub(args.push_to_hub)
+        tokenizer.push_to_hub(args.push_to_hub)
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
 
     print_table(before, after)

@@ -7,8 +7,10 @@ Everything runs in fp32 on CPU with tiny shapes: 3 decoder layers (layer 0 dense
 from __future__ import annotations
 
 import copy
+import socket
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,3 +163,42 @@ def _seed():
 def model():
     """A randomised tiny model in eval mode."""
     return tiny_model()
+
+
+@pytest.fixture
+def hub_commits(monkeypatch):
+    """The Hub API mocked offline for push_to_hub: returns the list of commits made, each as
+    (repo_id, {path_in_repo: bytes}, other create_commit kwargs). create_repo answers with the repo id it is given
+    (a bare name goes to the namespace "someone"), the remote has no model card yet, and any other Hub call or socket
+    connection fails the test."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access during push_to_hub")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        uploaded = {}
+        for op in operations:
+            src = op.path_or_fileobj
+            uploaded[op.path_in_repo] = Path(src).read_bytes() if isinstance(src, (str, Path)) else src.read()
+        commits.append((repo_id, uploaded, kwargs))
+        return f"https://huggingface.co/{repo_id}/commit/{len(commits) - 1}"
+
+    def card_not_found(*args, **kwargs):
+        raise EntryNotFoundError("no README.md yet")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    for forbidden in ("upload_folder", "upload_file", "create_branch", "preupload_lfs_files"):
+        monkeypatch.setattr(huggingface_hub.HfApi, forbidden, no_network)
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(card_not_found))
+    return commits

@@ -13,7 +13,6 @@ import ast
 import json
 import os
 import site
-import socket
 import subprocess
 import sys
 import textwrap
@@ -221,44 +220,10 @@ def test_fresh_process_loads_remote_code_with_identical_logits(registered, model
 
 
 # ------------------------------------------------------------------------------------------------------------------
-def test_push_to_hub_uploads_exactly_the_saved_files(registered, model, tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("network access during push_to_hub")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-
-    commits = []
-
-    class Repo:
-        repo_id = "someone/tiny-deepseek"
-
-    def create_repo(self, repo_id, **kwargs):
-        return Repo()
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        uploaded = {}
-        for op in operations:
-            src = op.path_or_fileobj
-            uploaded[op.path_in_repo] = Path(src).read_bytes() if isinstance(src, (str, Path)) else src.read()
-        commits.append((repo_id, uploaded, kwargs))
-        return "https://huggingface.co/someone/tiny-deepseek/commit/0"
-
-    def card_not_found(*args, **kwargs):
-        raise EntryNotFoundError("no README.md yet")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
-    for forbidden in ("upload_folder", "upload_file", "create_branch", "preupload_lfs_files"):
-        monkeypatch.setattr(huggingface_hub.HfApi, forbidden, no_network)
-    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(card_not_found))
-
+def test_push_to_hub_uploads_exactly_the_saved_files(registered, model, tmp_path, hub_commits):
     model.push_to_hub("tiny-deepseek")
-    assert len(commits) == 1
-    repo_id, uploaded, _ = commits[0]
+    assert len(hub_commits) == 1
+    repo_id, uploaded, _ = hub_commits[0]
     assert repo_id == "someone/tiny-deepseek"
 
     model.save_pretrained(tmp_path / "local")
