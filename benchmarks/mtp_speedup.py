@@ -128,6 +128,18 @@ def step_breakdown(model, prompts, args, pad, draft_tokens: list[int]) -> dict:
     finally:
         for h in handles:
             h.remove()
+    plain = out["plain"]
+    for k, b in out.items():
+        if k == "plain":
+            continue
+        # The best a speculative step could cost if verifying k + 1 tokens cost no more than one plain step: a plain
+        # step plus what drafting adds (the MTP block forwards and their lm_head calls).
+        draft_ms = b["parts_ms"].get("MTP block", 0.0) + max(b["parts_ms"]["lm_head"] - plain["parts_ms"]["lm_head"], 0.0)
+        b["free_verify_ms_per_step"] = plain["ms_per_main_forward"] + draft_ms
+        b["speedup_bound_free_verify"] = (b["tokens_per_main_forward"] * plain["ms_per_main_forward"]
+                                          / b["free_verify_ms_per_step"])
+        b["speedup_from_breakdown"] = (b["tokens_per_main_forward"] * plain["ms_per_main_forward"]
+                                       / b["ms_per_main_forward"])
     return out
 
 
@@ -284,12 +296,18 @@ def render_table(report) -> str:
                 f"{'met' if t['met'] else 'MISSED'}")
     if report.get("breakdown"):
         names = ["main decoder", "MTP block", "lm_head", "rest (generate loop, masks, sampling)"]
+        def bound(b, key):
+            return f"{b[key]:.2f}x" if key in b else "-"
+
         rows = [["plain greedy" if k == "plain" else f"MTP k={k}", b["ms_per_main_forward"],
                  b["tokens_per_main_forward"]] + [b["parts_ms"].get(n, 0.0) for n in names]
+                + [bound(b, "speedup_from_breakdown"), bound(b, "speedup_bound_free_verify")]
                 for k, b in report["breakdown"].items()]
         out += ("\n\nStep breakdown (batch 1, all prompts; a separate pass timed with forward hooks, not the runs of the table above; "
-                "ms per main-model forward):\n\n" + common.markdown_table(
-                    ["decoding", "ms per step", "new tokens per step"] + [f"{n} ms" for n in names], rows))
+                "ms per main-model forward). Bound: the speedup if verifying k+1 tokens cost no more than a plain step, "
+                "i.e. tokens per step x plain ms / (plain ms + MTP block ms + the extra lm_head ms of the drafts):\n\n"
+                + common.markdown_table(["decoding", "ms per step", "new tokens per step"] + [f"{n} ms" for n in names]
+                                        + ["speedup (this pass)", "bound: free verification"], rows))
     return out
 
 

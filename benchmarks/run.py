@@ -143,7 +143,7 @@ def render_training(report, results_dir: Path | None = None) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {_machine(report)}  ",
-        f"Model: the serving shape (DeepseekV3Config({_config_line(report['config'])})), batch {s['batch']} x seq "
+        f"Model: DeepseekV3Config({_config_line(report['config'])}), batch {s['batch']} x seq "
         f"{s['seq']}, {s['optimizer']} lr {s['lr']}, {s['steps']} timed steps per model after {s['warmup']} warm-up "
         f"steps, models interleaved step by step; {s['threads']} torch threads. Peer: "
         f"`DeepseekV3ForCausalLM.from_pretrained(..., experts_implementation=\"grouped_mm\")` (the value its config "

@@ -12,12 +12,16 @@ Same checkpoint (the serving benchmark's 3-layer 512-wide shape, vocab 4096), sa
     ours_nomtp the same without the MTP module (the peer's amount of work), for reference
 
 Steps are interleaved (peer, ours, ours_nomtp, peer, ...) after --warmup untimed steps each, so that load from other
-processes hits all models alike. Reported: tokens/s from the best and from the median step time.
+processes hits all models alike. Reported: tokens/s from the best and from the median step time, and the FLOP
+bound: the peer's training FLOPs per token over ours (modeling_deepseek.ledger), i.e. the ratio ours would reach
+if both ran at the same FLOP rate. The MTP module's share of the FLOPs depends on the depth (--config-overrides
+'{"num_hidden_layers": 12}'): 40% next to 3 layers, 3.7% next to DeepSeek-V3's 61.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +36,27 @@ import torch  # noqa: E402
 
 MODELS = ("peer", "ours", "ours_nomtp")
 TARGET = 1.0  # ours (full training signal) / peer tokens per second
+
+
+OPTIMIZERS = {
+    # transformers' Trainer default with torch >= 2.8 (optim="adamw_torch_fused")
+    "adamw_fused": lambda params, lr: torch.optim.AdamW(params, lr=lr, fused=True),
+    # torch's default implementation (a single-tensor loop on CPU)
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
+}
+
+
+def flop_bound(config: dict, seq: int) -> dict:
+    """Training FLOPs per token of the peer (no MTP) and of ours (+ one MTP module), from the ledger at the mean
+    causal context seq / 2."""
+    from modeling_deepseek import DeepseekConfig
+    from modeling_deepseek.ledger import ledger
+
+    row = ledger(DeepseekConfig(**{k: v for k, v in config.items() if k != "num_mtp_layers"},
+                                num_nextn_predict_layers=1), context=seq // 2)
+    peer = row["train_flops_per_token"]
+    ours = peer + 3 * row["mtp_flops_per_token"]
+    return {"peer_train_flops_per_token": peer, "ours_train_flops_per_token": ours, "bound": peer / ours}
 
 
 def build(name: str, ckpt, dtype, device):
@@ -76,6 +101,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--optim", default="adamw_fused", choices=list(OPTIMIZERS),
+                   help="adamw_fused: Trainer's default optimizer; adamw: torch's default AdamW implementation")
+    p.add_argument("--config-overrides", default="{}",
+                   help='JSON merged into the reference shape, e.g. \'{"num_hidden_layers": 12}\'')
     p.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
@@ -100,19 +129,21 @@ def main(argv=None) -> dict:
         "command": common.command_line(),
         "machine": common.machine_info(args.device),
         "settings": {"device": args.device, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
-                     "batch": args.batch, "seq": args.seq, "lr": args.lr, "optimizer": "torch.optim.AdamW (torch's default implementation: "
-                     + ("foreach on CUDA)" if args.device == "cuda" else "single-tensor loop on CPU)"),
+                     "batch": args.batch, "seq": args.seq, "lr": args.lr, "optimizer": {
+                         "adamw_fused": "torch.optim.AdamW(fused=True) (Trainer's default optim adamw_torch_fused)",
+                         "adamw": "torch.optim.AdamW (torch's default implementation)"}[args.optim],
                      "threads": torch.get_num_threads(), "seed": args.seed},
-        "config": dict(common.REFERENCE_SHAPE),
+        "config": dict(common.REFERENCE_SHAPE, **json.loads(args.config_overrides)),
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
-        common.make_checkpoint(Path(tmp) / "ckpt", seed=args.seed)
+        common.make_checkpoint(Path(tmp) / "ckpt", seed=args.seed, **json.loads(args.config_overrides))
         models, optims = {}, {}
         for name in names:
             models[name], report["models"][name] = build(name, Path(tmp) / "ckpt", dtype, args.device)
-            optims[name] = torch.optim.AdamW(models[name].parameters(), lr=args.lr)
-    vocab = common.REFERENCE_SHAPE["vocab_size"]
+            optims[name] = OPTIMIZERS[args.optim](models[name].parameters(), args.lr)
+    vocab = report["config"]["vocab_size"]
+    report["flops"] = flop_bound(report["config"], args.seq)
     g = torch.Generator().manual_seed(args.seed)
     batches = [torch.randint(3, vocab, (args.batch, args.seq), generator=g).to(args.device)
                for _ in range(args.warmup + args.steps)]
@@ -165,7 +196,7 @@ def main(argv=None) -> dict:
         if "ours" in names:
             ratio = report["models"]["ours"]["ratio_vs_peer"]
             report["target"] = {"what": "training tokens/s ours (MTP + balancing) / peer", "target": TARGET,
-                                "measured": ratio, "met": ratio >= TARGET}
+                                "measured": ratio, "met": ratio >= TARGET, "flop_bound": report["flops"]["bound"]}
     common.write_json(json_out, report)
     print(render_table(report))
     print(f"wrote {json_out}")
@@ -198,6 +229,11 @@ def render_table(report) -> str:
     if t:
         out += (f"\n\ntarget: {t['what']} >= {t['target']:.1f}x: measured {t['measured']:.2f}x -> "
                 f"{'met' if t['met'] else 'MISSED'}")
+    f = report.get("flops")
+    if f:
+        out += (f"\n\nFLOP bound (ledger, mean causal context seq/2): training FLOPs per token peer "
+                f"{f['peer_train_flops_per_token'] / 1e6:,.1f}M, ours with MTP {f['ours_train_flops_per_token'] / 1e6:,.1f}M "
+                f"-> at an equal FLOP rate ours runs at {f['bound']:.2f}x the peer's tokens/s")
     return out
 
 
