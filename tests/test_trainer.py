@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -238,7 +239,8 @@ def test_sft_trainer_updates_bias(tmp_path, monkeypatch):
     model = tiny_model(train=True)
     bias0 = [r.e_score_correction_bias.clone() for r in routers(model)]
     trainer = _sft_trainer(tmp_path, model)
-    trainer.train()
+    with pytest.warns(UserWarning, match="DeepseekSFTTrainer for the full objective"):
+        trainer.train()
     assert len(counter.calls) == 3
     # The main model's routers count every token (2 x 16 x top-2) ...
     assert [c[:2] for c in counter.calls] == [[2.0 * SEQ * TOP_K] * 2] * 3
@@ -251,7 +253,9 @@ def test_sft_trainer_with_model_loss(tmp_path, monkeypatch):
     model = tiny_model(train=True)
     bias0 = [r.e_score_correction_bias.clone() for r in routers(model)]
     trainer = _sft_trainer(tmp_path, model, trainer_cls=DeepseekSFTTrainer)
-    trainer.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*forward was replaced.*")
+        trainer.train()
     logs = train_logs(trainer)
     assert len(logs) == 3
     for h in logs:

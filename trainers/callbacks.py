@@ -14,6 +14,10 @@ The aux-loss-free bias update needs no callback: it hangs on the optimizer step 
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 from transformers import TrainerCallback
 
 
@@ -24,13 +28,44 @@ def _deepseek_modules(model):
     return [m for m in model.modules() if hasattr(m, "pop_train_metrics") and hasattr(m, "config")]
 
 
+def _forward_replaced_by_trl(lm) -> bool:
+    """Whether trl's SFTTrainer (`add_fused_lm_head`) replaced this instance's forward, so that
+    DeepseekForCausalLM.forward, which adds the MTP and sequence-balance losses, no longer computes the loss.
+    Wrappers such as accelerate's mixed-precision forward keep the replaced one in `__wrapped__` / `_original_forward`."""
+    trl = sys.modules.get("trl")
+    if trl is None:
+        return False
+    trl_dir = os.path.dirname(trl.__file__) + os.sep
+    for fn in (vars(lm).get("forward"), vars(lm).get("_original_forward")):
+        for _ in range(8):  # follow the wrapper chain
+            fn = getattr(fn, "__func__", fn)
+            if fn is None:
+                break
+            code = getattr(fn, "__code__", None)
+            if code is not None and code.co_filename.startswith(trl_dir):
+                return True
+            fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
 class DeepseekTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        lms = _deepseek_modules(model)
         # Staging directories of a save that crashed (atomic checkpoints, trainers/checkpointing.py) are never read.
-        if _deepseek_modules(model) and args.should_save and args.output_dir:
+        if lms and args.should_save and args.output_dir:
             from .checkpointing import remove_stale_staging_dirs
 
             remove_stale_staging_dirs(args.output_dir)
+        for lm in lms:
+            cfg = lm.config
+            if _forward_replaced_by_trl(lm) and (cfg.num_nextn_predict_layers > 0 or cfg.seq_balance_alpha > 0):
+                warnings.warn(
+                    "the model's forward was replaced (trl's SFTTrainer scores the main next-token loss with its own "
+                    "fused LM head), so only that loss trains: the MTP loss (num_nextn_predict_layers="
+                    f"{cfg.num_nextn_predict_layers}) and the sequence-balance loss (seq_balance_alpha="
+                    f"{cfg.seq_balance_alpha}) are skipped. Use trainers.DeepseekSFTTrainer for the full objective.",
+                    stacklevel=2,
+                )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         for lm in _deepseek_modules(model):
