@@ -16,9 +16,10 @@ FSDP notes (accelerate 1.15, torch 2.13, CPU):
   parameters, half of the elements per rank).
 - FSDP1 through accelerate on CPU fails in FullyShardedDataParallel.__init__: "ValueError: Inconsistent compute
   device and `device_id` on rank 0: cpu vs cpu:0" (accelerate passes device_id=cpu:0). Not tested.
-- FSDP2 (fully_shard) works on CPU with gloo once the model calls the MTP module's `shared_head.norm` inside that
-  module's forward; today DeepseekForCausalLM.forward calls it from outside, where FSDP2 has already resharded the
-  module: "RuntimeError: aten.mul.Tensor got mixed torch.Tensor and DTensor". Patch proposed for mtp.py/modeling.py.
+- FSDP2 (fully_shard) works on CPU with gloo. It needs every use of a module's parameters inside that module's
+  forward: the MTP module applies `shared_head.norm` in its own forward (mtp.py) for that reason; called from
+  outside, where FSDP2 has already resharded the module, it fails with "RuntimeError: aten.mul.Tensor got mixed
+  torch.Tensor and DTensor".
 """
 
 from __future__ import annotations
