@@ -7,8 +7,7 @@ transformers 5.23's Trainer writes checkpoints in place (this works for TRL's tr
    (preemption, OOM killer, a full disk) leaves a `checkpoint-N` that `get_last_checkpoint` and
    `resume_from_checkpoint=True` take for the newest one; resuming from it fails or silently mixes states.
 
-   Here the checkpoint is written under a staging directory and renames it into place once every file
-   is on disk:
+   Here the checkpoint is written under a staging directory and renamed into place once every file is on disk:
 
        <output_dir>/.checkpoint-N.tmp/checkpoint-N      written by transformers' own _save_checkpoint
        fsync every file and directory, then  rename(.checkpoint-N.tmp/checkpoint-N -> checkpoint-N)
@@ -19,8 +18,9 @@ transformers 5.23's Trainer writes checkpoints in place (this works for TRL's tr
    reads the step with an unanchored regex, so a `checkpoint-N.tmp` would be counted, kept or deleted as a real
    checkpoint. A staging directory left by a crash is never read, and is removed when training starts again.
    With several processes, every rank writes into the same staging directory (FSDP / DeepSpeed shards) and the main
-   process publishes it after a barrier. Checkpoint uploads with `push_to_hub` are not supported (they would read the
-   staging path, which disappears after the rename): a warning says so.
+   process publishes it after a barrier. Checkpoint uploads with `push_to_hub` would read the staging path, which
+   disappears after the rename: with push_to_hub the default integration writes in place, and make_checkpoints_atomic
+   warns.
 
 Resuming exactly needs nothing more: the balancing state is the fp32 `e_score_correction_bias`, saved with the
 weights, and the token counts are zero at every optimizer-step boundary, where checkpoints are taken. (The fused
@@ -120,7 +120,10 @@ class AtomicCheckpointMixin:
             self.add_callback(AtomicCheckpointCallback())
 
     def _save_checkpoint(self, model, trial):
-        save_checkpoint_atomically(self, lambda: super(AtomicCheckpointMixin, self)._save_checkpoint(model, trial), trial)
+        def save():
+            super(AtomicCheckpointMixin, self)._save_checkpoint(model, trial)
+
+        save_checkpoint_atomically(self, save, trial)
 
 
 def save_checkpoint_atomically(trainer, save, trial) -> None:
