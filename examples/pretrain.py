@@ -35,8 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 # Defaults sized for the `small` config on 2 CPU cores: about 0.6 s per step of 8 x 256 tokens on an idle machine,
-# so 600 steps and the evals, save, reload and generation take about 7 minutes (measured 6 min 35 s with checkpoints every 150 steps; eval LM loss
-# 8.35 -> 3.67). The longer run matters for serving: a better-trained MTP module drafts more acceptable tokens.
+# so 600 steps and the evals, checkpoints, save, reload and generation take about 7 minutes (measured 6 min 35 s;
+# eval LM loss 8.35 -> 3.67). The longer run matters for serving: a better-trained MTP module drafts more acceptable
+# tokens.
 DEFAULT_MAX_STEPS = 600
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BLOCK_SIZE = 256
