@@ -81,6 +81,11 @@ class DeepseekConfig(PreTrainedConfig):
         # --- serving knobs ---
         mla_impl: str = "auto",  # "auto" | "absorbed" | "expanded": see attention.py
         latent_cache_dtype: str | None = None,  # None (model dtype) or "fp8": e4m3 latent cache, half the bytes
+        # generate() prefills prompts longer than this in chunks of this many tokens, so activation memory stays
+        # bounded at any context (each chunk attends to the latent cache of the ones before); None: one shot. An
+        # explicit generate(prefill_chunk_size=...) wins. (Not named prefill_chunk_size: transformers would copy
+        # that into every generation config and chunk where no cache exists.)
+        prefill_chunk_tokens: int | None = 4096,
         experts_implementation: str | None = None,
         **kwargs,
     ):
@@ -126,6 +131,7 @@ class DeepseekConfig(PreTrainedConfig):
         self.mtp_late_fraction = mtp_late_fraction
         self.mla_impl = mla_impl
         self.latent_cache_dtype = latent_cache_dtype
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         # transformers' rope machinery reads `head_dim` for the rotary width: in MLA only the RoPE part rotates.
         self.head_dim = qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -212,6 +218,9 @@ class DeepseekConfig(PreTrainedConfig):
             raise ValueError(f"`mla_impl` must be 'auto', 'absorbed' or 'expanded', got {self.mla_impl!r}")
         if self.latent_cache_dtype not in (None, "fp8"):
             raise ValueError(f"`latent_cache_dtype` must be null or 'fp8', got {self.latent_cache_dtype!r}")
+        chunk = self.prefill_chunk_tokens
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"`prefill_chunk_tokens` must be a positive integer or null, got {chunk!r}")
         for name in ("bias_update_speed", "seq_balance_alpha", "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")

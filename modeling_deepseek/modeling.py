@@ -412,6 +412,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         use_mtp = kwargs.pop("use_mtp", None)
         draft_tokens = kwargs.pop("mtp_draft_tokens", None)
         base = generation_config if generation_config is not None else self.generation_config
+        kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
         if not use_mtp:
@@ -443,6 +444,18 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
             )
         return sequences
+
+
+    def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
+        """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a
+        chunk size: activation memory stays bounded by the chunk, whatever the prompt length."""
+        chunk = self.config.prefill_chunk_tokens
+        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
+        if (chunk is None or ids is None or ids.shape[-1] <= chunk or "prefill_chunk_size" in kwargs
+                or getattr(generation_config, "prefill_chunk_size", None) is not None
+                or kwargs.get("use_cache", getattr(generation_config, "use_cache", True)) is False):
+            return {}
+        return {"prefill_chunk_size": chunk}
 
 
 # save_pretrained writes `auto_map` into config.json and copies this file and the files it imports next to the

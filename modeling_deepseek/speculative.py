@@ -158,13 +158,20 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
             mtp_cache.crop(-(k - 1))  # chained slots held guesses; next step writes the true pairs there
         return torch.stack(tokens, 1), (torch.stack(probs, 1) if sampler.do_sample else None)
 
-    # Prefill: the main model over the prompt, then the MTP module over (h_i, Emb(t_{i+1})) with t_P the first new token.
-    out = decoder(input_ids, attention_mask=slot_mask(valid_BS, P, dtype), position_ids=positions_BP,
-                  past_key_values=main_cache, use_cache=True)
+    # Prefill: the main model over the prompt, then the MTP module over (h_i, Emb(t_{i+1})) with t_P the first new token,
+    # both in chunks of gc.prefill_chunk_size tokens when set (each chunk attends to the cache of the ones before).
+    chunk = gc.prefill_chunk_size or P
+    spans = [(s, min(s + chunk, P)) for s in range(0, P, chunk)]
+    h_prompt = []
+    for s, e in spans:
+        out = decoder(input_ids[:, s:e], attention_mask=slot_mask(valid_BS[:, :e], e - s, dtype),
+                      position_ids=positions_BP[:, s:e], past_key_values=main_cache, use_cache=True)
+        h_prompt.append(out.pre_norm_hidden_state)
     bonus_B, _ = sampler.pick(model.lm_head(out.last_hidden_state[:, -1]))
     next_pos_B = positions_BP[:, -1] + 1  # position of the bonus token, not yet in the cache
-    h, normed = run_mtp(out.pre_norm_hidden_state, torch.cat([input_ids[:, 1:], bonus_B[:, None]], 1),
-                        positions_BP, valid_BS)
+    next_ids_BP = torch.cat([input_ids[:, 1:], bonus_B[:, None]], 1)
+    for (s, e), h_BTD in zip(spans, h_prompt):
+        h, normed = run_mtp(h_BTD, next_ids_BP[:, s:e], positions_BP[:, s:e], valid_BS[:, :e])
     drafts_BK, q_BKV = draft(h[:, -1], normed[:, -1], next_pos_B, valid_BS)
 
     new_tokens = [[t] for t in bonus_B.tolist()]

@@ -27,6 +27,10 @@ from modeling_deepseek import DeepseekConfig
         (dict(num_attention_heads=0), "num_attention_heads"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(vocab_size=-1), "vocab_size"),
+        (dict(mla_impl="fused"), "mla_impl"),
+        (dict(latent_cache_dtype="int8"), "latent_cache_dtype"),
+        (dict(prefill_chunk_tokens=0), "prefill_chunk_tokens"),
+        (dict(prefill_chunk_tokens=512.0), "prefill_chunk_tokens"),
     ],
     ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()),
 )

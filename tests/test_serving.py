@@ -112,3 +112,55 @@ def test_chunked_prefill_equals_one_shot():
     one = model.generate(ids, max_new_tokens=6, do_sample=False)
     chunked = model.generate(ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=16)
     assert torch.equal(one, chunked)
+
+
+def _forward_lengths(model):
+    """Query lengths of every main-decoder forward, recorded by a pre-hook."""
+    lengths = []
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        x = kwargs.get("inputs_embeds") if x is None else x
+        lengths.append(x.shape[1])
+
+    return lengths, model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_long_prompts_are_prefilled_in_chunks_by_default(use_mtp):
+    """Prompts longer than config.prefill_chunk_tokens are prefilled chunk by chunk (bounded activation memory),
+    in plain and MTP generate alike, and decode exactly as the one-shot prefill does."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(_config(prefill_chunk_tokens=16)).eval()
+    ids = torch.randint(3, 300, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, use_mtp=use_mtp)
+
+    lengths, handle = _forward_lengths(model)
+    chunked = model.generate(ids, **kw)
+    handle.remove()
+    assert lengths[:5] == [16, 16, 16, 16, 6]
+    assert all(n <= 16 for n in lengths)
+
+    model.config.prefill_chunk_tokens = None
+    lengths, handle = _forward_lengths(model)
+    one_shot = model.generate(ids, **kw)
+    handle.remove()
+    assert lengths[0] == 70
+    assert torch.equal(chunked, one_shot)
+    if use_mtp:
+        model.config.prefill_chunk_tokens = 16
+        assert torch.equal(chunked, model.generate(ids, **{**kw, "use_mtp": False}))  # greedy-exact
+
+
+def test_explicit_prefill_chunk_size_wins_and_short_prompts_are_one_shot():
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(_config(prefill_chunk_tokens=16)).eval()
+    ids = torch.randint(3, 300, (1, 40))
+    lengths, handle = _forward_lengths(model)
+    model.generate(ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=32)
+    model.generate(ids[:, :16], max_new_tokens=2, do_sample=False)
+    model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)  # no cache to chunk into
+    handle.remove()
+    assert lengths == [32, 8, 1, 16, 1, 40, 41]
