@@ -1,6 +1,6 @@
 """Run every benchmark and (re)write benchmarks/RESULTS.md and benchmarks/results/decode_tokens_per_s.png.
 
-    python -m benchmarks.run                    # CPU, full settings (serving, training, mtp)
+    python -m benchmarks.run                    # CPU, full settings (serving, training, mtp, prefill)
     python -m benchmarks.run --device cuda      # passed through to every benchmark
     python -m benchmarks.run --quick            # small settings, for a smoke test (writes to /tmp/benchmarks_quick)
     python -m benchmarks.run --render-only      # rebuild RESULTS.md and the plot from the JSON files
@@ -29,7 +29,7 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR  # noqa: E402
 
 RESULTS_MD = REPO_ROOT / "benchmarks" / "RESULTS.md"
 PLOT = RESULTS_DIR / "decode_tokens_per_s.png"
-BENCHMARKS = ("serving", "training", "mtp")
+BENCHMARKS = ("serving", "training", "mtp", "prefill")
 
 HEADER = """# Benchmark results
 
@@ -46,6 +46,7 @@ def json_path(kind: str, device: str, dtype: str) -> Path:
         "serving": RESULTS_DIR / f"serving_{device}_{dtype}.json",
         "training": RESULTS_DIR / f"training_{device}_{dtype}.json",
         "mtp": RESULTS_DIR / f"mtp_speedup_{device}.json",
+        "prefill": RESULTS_DIR / f"prefill_chunks_cpu_{dtype}.json",
     }[kind]
 
 
@@ -61,10 +62,12 @@ def commands(args) -> dict[str, list[str]]:
         serving = ["--contexts", "128,512", "--new-tokens", "8", "--repeats", "2"]
         training = ["--steps", "3", "--warmup", "1", "--batch", "2", "--seq", "64"]
         mtp = ["--max-new-tokens", "32", "--num-prompts", "4", "--repeats", "1"]
+        prefill = ["--contexts", "512,1024", "--chunk", "256", "--repeats", "1"]
     else:
         serving = ["--contexts", args.contexts, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
         training = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
         mtp = ["--max-new-tokens", "128", "--num-prompts", "8", "--draft-tokens", args.draft_tokens, "--breakdown"]
+        prefill = []
     mod = [sys.executable, "-m"]
     return {
         "serving": mod + ["benchmarks.serving"] + dev + ["--dtype", args.dtype] + serving + thr
@@ -75,6 +78,8 @@ def commands(args) -> dict[str, list[str]]:
         + ["--json-out", _rel(json_path("training", args.device, args.dtype))],
         "mtp": mod + ["benchmarks.mtp_speedup"] + dev + ["--model-dir", _rel(Path(args.model_dir))] + mtp + thr
         + ["--json-out", _rel(json_path("mtp", args.device, args.dtype))],
+        "prefill": mod + ["benchmarks.prefill_chunks", "--dtype", args.dtype] + prefill
+        + ["--json-out", _rel(json_path("prefill", args.device, args.dtype))],
     }
 
 
@@ -181,6 +186,24 @@ def render_mtp(report, results_dir: Path | None = None) -> str:
     ])
 
 
+def render_prefill(report, results_dir: Path | None = None) -> str:
+    from benchmarks.prefill_chunks import render_table
+
+    s = report["settings"]
+    return "\n".join([
+        f"## Long-prompt prefill: chunked by default vs one shot (cpu, {s['dtype']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {_machine(report)}  ",
+        f"Model: ours only, DeepseekV3Config({_config_line(report['config'])}). `generate(prompt, max_new_tokens=1)` "
+        f"in a fresh process per variant and context, best of {s['repeats']}; chunked = "
+        f"`config.prefill_chunk_tokens={s['chunk']}` (the default), one shot = `prefill_chunk_tokens=None`; peak = "
+        "RSS high-water mark added by the call.",
+        "",
+        render_table(report),
+    ])
+
+
 def render_missing_mtp(model_dir: str) -> str:
     return "\n".join([
         "## MTP self-speculative decoding speedup",
@@ -251,6 +274,7 @@ def _result_files(folder: Path | None = None) -> dict[str, list[Path]]:
         "serving": sorted((p for p in folder.glob("serving_*.json")), key=order),
         "training": sorted((p for p in folder.glob("training_*.json")), key=order),
         "mtp": sorted((p for p in folder.glob("mtp_speedup_*.json")), key=order),
+        "prefill": sorted((p for p in folder.glob("prefill_chunks_*.json")), key=order),
     }
 
 
@@ -267,8 +291,9 @@ def render(args, ran: dict[str, int]) -> None:
         text = replace_section(text, "plot", "\n".join([
             "## Decode tokens/s against context (all serving runs below)", "",
             f"![decode tokens/s vs context]({PLOT.relative_to(RESULTS_MD.parent).as_posix()})"]))
-    renderers = {"serving": render_serving, "training": render_training, "mtp": render_mtp}
-    for kind in ("serving", "training", "mtp"):
+    renderers = {"serving": render_serving, "training": render_training, "mtp": render_mtp,
+                 "prefill": render_prefill}
+    for kind in BENCHMARKS:
         for path in files[kind]:
             name = path.stem.replace("_", "-")
             text = replace_section(text, name, renderers[kind](json.loads(path.read_text())))
@@ -276,7 +301,7 @@ def render(args, ran: dict[str, int]) -> None:
     for folder in sorted((p for p in RESULTS_DIR.iterdir() if (p / "LABEL.txt").is_file()), key=lambda p: p.name):
         label = (folder / "LABEL.txt").read_text().strip()
         sub = _result_files(folder)
-        for kind in ("serving", "training", "mtp"):
+        for kind in BENCHMARKS:
             for path in sub[kind]:
                 body = renderers[kind](json.loads(path.read_text()), results_dir=folder)
                 body = body.replace("## ", f"## {folder.name}: ", 1) + f"\n\nCode measured: {label}"
@@ -325,6 +350,8 @@ def main(argv=None) -> int:
     if not args.render_only:
         cmds = commands(args)
         for kind in [k for k in args.only.split(",") if k]:
+            if kind == "prefill" and args.device != "cpu":
+                continue  # a CPU memory measurement
             print(f"== {kind}: {' '.join(cmds[kind][1:])}", flush=True)
             rc = subprocess.run(cmds[kind], cwd=REPO_ROOT).returncode
             ran[kind] = rc
