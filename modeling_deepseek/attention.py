@@ -42,6 +42,28 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return out_BTHV, probs_BHTS
 
 
+def prefix_causal_sdpa(query, key, value, scaling: float):
+    """SDPA for queries that are the last T of S positions with nothing masked but the future: a prefill chunk after
+    the chunks before it. A [T, S] mask would make SDPA compute every block of the chunk x chunk square, masked or
+    not (and materialise the mask); instead two flash calls, over the prefix (no mask) and over the chunk itself
+    (is_causal: the masked half is skipped), merged by their log-sum-exps: softmax over the union of both key sets.
+    CPU inference only (torch's CPU flash kernel returns the log-sum-exp). Returns [B, T, H, Dv], like the
+    attention interface."""
+    T, S = query.shape[2], key.shape[2]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out_pre, lse_pre = flash(query, key[:, :, : S - T], value[:, :, : S - T], 0.0, False, scale=scaling)
+    out_new, lse_new = flash(query, key[:, :, S - T :], value[:, :, S - T :], 0.0, True, scale=scaling)
+    lse = torch.logaddexp(lse_pre, lse_new)
+    out = out_pre.float() * (lse_pre - lse).exp().unsqueeze(-1) + out_new.float() * (lse_new - lse).exp().unsqueeze(-1)
+    return out.to(query.dtype).transpose(1, 2)
+
+
+def prefix_causal_applies(T: int, S: int, device: torch.device, impl: str) -> bool:
+    """Whether prefix_causal_sdpa can serve T queries over S keys (see there); DeepseekModel then passes no mask."""
+    return (impl == "sdpa" and device.type == "cpu" and 1 < T < S and not torch.is_grad_enabled()
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
 def _additive_mask(attention_mask: torch.Tensor | None, T: int, S: int, device, dtype) -> torch.Tensor | None:
     """Turn transformers' mask (bool "may attend", additive float, or None = causal) into an additive [*, T, S] mask."""
     if attention_mask is None:
@@ -155,6 +177,11 @@ class DeepseekAttention(nn.Module):
         pad = self.qk_head_dim - self.v_head_dim if impl == "sdpa" else 0
         if pad > 0:
             value = F.pad(value, (0, pad))
+        if attention_mask is None and 1 < query.shape[2] < S:  # a chunk after a prefix: see prefix_causal_sdpa
+            if prefix_causal_applies(query.shape[2], S, query.device, impl):
+                out_BTHV = prefix_causal_sdpa(query, key, value, self.scaling)
+                return (out_BTHV[..., : self.v_head_dim] if pad > 0 else out_BTHV), None
+            attention_mask = _additive_mask(None, query.shape[2], S, query.device, query.dtype)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         out_BTHV, weights = attention_interface(
             self, query, key, value, attention_mask,

@@ -28,6 +28,7 @@ from transformers.utils import logging
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+from .attention import prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache
 from .speculative import mtp_generate
@@ -194,13 +195,19 @@ class DeepseekModel(DeepseekPreTrainedModel):
 
     def mask_and_rope(self, inputs_embeds, attention_mask, past_key_values, position_ids):
         """What every block of one forward shares: the attention mask and the RoPE angles."""
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        T, device = inputs_embeds.shape[1], inputs_embeds.device
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if prefix_causal_applies(T, past + T, device, self.config._attn_implementation) and (
+                attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))):  # CPU only
+            causal_mask = None  # a prefill chunk without padding: attention runs prefix + causal, no [T, S] mask
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
         return causal_mask, self.rotary_emb(inputs_embeds, position_ids)
 
     @property

@@ -162,3 +162,42 @@ def test_auto_picks_absorbed_for_decode_and_expanded_for_prefill():
 def test_mla_impl_config_field():
     model = tiny_model(mla_impl="absorbed")
     assert all(m.mla_impl == "absorbed" for m in model.modules() if isinstance(m, DeepseekAttention))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prefix_causal_sdpa_matches_masked_sdpa(dtype, tol):
+    """A chunk of T queries after S - T cached keys: the two-call prefix + causal split equals SDPA with the mask."""
+    from modeling_deepseek.attention import prefix_causal_sdpa
+
+    torch.manual_seed(0)
+    B, H, T, S, D = 2, 3, 5, 12, 16
+    q, k, v = (torch.randn(B, H, n, D, dtype=dtype) for n in (T, S, S))
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3).transpose(1, 2)
+    with torch.no_grad():
+        out = prefix_causal_sdpa(q, k, v, 0.3)
+    assert out.shape == (B, T, H, D) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_unpadded_chunks_take_the_prefix_causal_path(monkeypatch):
+    """Cached multi-token chunks without padding run prefix_causal_sdpa (no [T, S] mask) and give the uncached
+    logits; with padding the mask path is kept."""
+    from modeling_deepseek import attention
+
+    calls = []
+    real = attention.prefix_causal_sdpa
+    monkeypatch.setattr(attention, "prefix_causal_sdpa", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    model = tiny_model()
+    set_mla_impl(model, "expanded")
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    chunked, _ = cached_run(model, ids, [8, 7, 5], cache_kind="latent")
+    assert max_diff(chunked, full) < TOL
+    assert calls == [7] * model.config.num_hidden_layers + [5] * model.config.num_hidden_layers
+    calls.clear()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    cached_run(model, ids, [8, 7, 5], attention_mask=mask, cache_kind="latent")
+    assert calls == []
