@@ -177,11 +177,13 @@ class DeepseekAttention(nn.Module):
         pad = self.qk_head_dim - self.v_head_dim if impl == "sdpa" else 0
         if pad > 0:
             value = F.pad(value, (0, pad))
-        if attention_mask is None and 1 < query.shape[2] < S:  # a chunk after a prefix: see prefix_causal_sdpa
-            if prefix_causal_applies(query.shape[2], S, query.device, impl):
+        T = query.shape[2]
+        if attention_mask is None and T > 1:  # plain causal: only sdpa & co. read is_causal, and only for T == S
+            if prefix_causal_applies(T, S, query.device, impl):  # a chunk after a prefix
                 out_BTHV = prefix_causal_sdpa(query, key, value, self.scaling)
                 return (out_BTHV[..., : self.v_head_dim] if pad > 0 else out_BTHV), None
-            attention_mask = _additive_mask(None, query.shape[2], S, query.device, query.dtype)
+            if T < S or impl == "eager":
+                attention_mask = _additive_mask(None, T, S, query.device, query.dtype)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         out_BTHV, weights = attention_interface(
             self, query, key, value, attention_mask,

@@ -136,9 +136,10 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
     sampler = _Sampler(gc, input_ids)
     stats = MTPStats()
 
-    def run_mtp(h_BTD, next_ids_BT, position_ids, valid):
+    def run_mtp(h_BTD, next_ids_BT, position_ids, valid, mask=True):
         embeds = decoder.embed_tokens(next_ids_BT)
-        return mtp(h_BTD, embeds, attention_mask=slot_mask(valid, embeds.shape[1], dtype), position_ids=position_ids,
+        mask = slot_mask(valid, embeds.shape[1], dtype) if mask else None
+        return mtp(h_BTD, embeds, attention_mask=mask, position_ids=position_ids,
                    past_key_values=mtp_cache, position_embeddings=decoder.rotary_emb(embeds, position_ids),
                    use_cache=True)
 
@@ -160,18 +161,20 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
 
     # Prefill: the main model over the prompt, then the MTP module over (h_i, Emb(t_{i+1})) with t_P the first new token,
     # both in chunks of gc.prefill_chunk_size tokens when set (each chunk attends to the cache of the ones before).
+    # Without padding the prompt is plain causal: no slot mask, so that the model picks its own mask-free kernels.
     chunk = gc.prefill_chunk_size or P
     spans = [(s, min(s + chunk, P)) for s in range(0, P, chunk)]
+    padded = not bool(valid_BS.all())
     h_prompt = []
     for s, e in spans:
-        out = decoder(input_ids[:, s:e], attention_mask=slot_mask(valid_BS[:, :e], e - s, dtype),
+        out = decoder(input_ids[:, s:e], attention_mask=slot_mask(valid_BS[:, :e], e - s, dtype) if padded else None,
                       position_ids=positions_BP[:, s:e], past_key_values=main_cache, use_cache=True)
         h_prompt.append(out.pre_norm_hidden_state)
     bonus_B, _ = sampler.pick(model.lm_head(out.last_hidden_state[:, -1]))
     next_pos_B = positions_BP[:, -1] + 1  # position of the bonus token, not yet in the cache
     next_ids_BP = torch.cat([input_ids[:, 1:], bonus_B[:, None]], 1)
     for (s, e), h_BTD in zip(spans, h_prompt):
-        h, normed = run_mtp(h_BTD, next_ids_BP[:, s:e], positions_BP[:, s:e], valid_BS[:, :e])
+        h, normed = run_mtp(h_BTD, next_ids_BP[:, s:e], positions_BP[:, s:e], valid_BS[:, :e], mask=padded)
     drafts_BK, q_BKV = draft(h[:, -1], normed[:, -1], next_pos_B, valid_BS)
 
     new_tokens = [[t] for t in bonus_B.tolist()]

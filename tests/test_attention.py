@@ -201,3 +201,25 @@ def test_unpadded_chunks_take_the_prefix_causal_path(monkeypatch):
     mask[0, :2] = 0
     cached_run(model, ids, [8, 7, 5], attention_mask=mask, cache_kind="latent")
     assert calls == []
+
+
+def test_no_mask_means_causal_for_every_implementation():
+    """attention_mask=None is causal whatever the implementation (eager reads no is_causal flag): the MTP module's
+    prefill passes no mask for unpadded prompts."""
+    model = tiny_model()
+    set_mla_impl(model, "expanded")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 9, model.config.hidden_size)
+    pos = torch.arange(9)[None].expand(2, -1)
+    rope = model.model.rotary_emb(x, pos)
+    outs = {}
+    with torch.no_grad():
+        for impl in ("eager", "sdpa"):
+            model.config._attn_implementation = impl
+            outs[impl], _ = attn(x, position_embeddings=rope, attention_mask=None)
+            # causal: the first 4 positions do not depend on what comes after them
+            x2 = x.clone()
+            x2[:, 4:] += 1.0
+            changed, _ = attn(x2, position_embeddings=rope, attention_mask=None)
+            assert max_diff(changed[:, :4], outs[impl][:, :4]) < TOL
+    assert max_diff(outs["eager"], outs["sdpa"]) < TOL
