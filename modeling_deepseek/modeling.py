@@ -452,7 +452,6 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             )
         return sequences
 
-
     def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
         """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a
         chunk size: activation memory stays bounded by the chunk, whatever the prompt length."""

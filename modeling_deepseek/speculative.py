@@ -136,9 +136,9 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
     sampler = _Sampler(gc, input_ids)
     stats = MTPStats()
 
-    def run_mtp(h_BTD, next_ids_BT, position_ids, valid, mask=True):
+    def run_mtp(h_BTD, next_ids_BT, position_ids, valid, masked=True):
         embeds = decoder.embed_tokens(next_ids_BT)
-        mask = slot_mask(valid, embeds.shape[1], dtype) if mask else None
+        mask = slot_mask(valid, embeds.shape[1], dtype) if masked else None
         return mtp(h_BTD, embeds, attention_mask=mask, position_ids=position_ids,
                    past_key_values=mtp_cache, position_embeddings=decoder.rotary_emb(embeds, position_ids),
                    use_cache=True)
@@ -174,7 +174,7 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
     next_pos_B = positions_BP[:, -1] + 1  # position of the bonus token, not yet in the cache
     next_ids_BP = torch.cat([input_ids[:, 1:], bonus_B[:, None]], 1)
     for (s, e), h_BTD in zip(spans, h_prompt):
-        h, normed = run_mtp(h_BTD, next_ids_BP[:, s:e], positions_BP[:, s:e], valid_BS[:, :e], mask=padded)
+        h, normed = run_mtp(h_BTD, next_ids_BP[:, s:e], positions_BP[:, s:e], valid_BS[:, :e], masked=padded)
     drafts_BK, q_BKV = draft(h[:, -1], normed[:, -1], next_pos_B, valid_BS)
 
     new_tokens = [[t] for t in bonus_B.tolist()]
