@@ -89,6 +89,11 @@ def _machine(report) -> str:
     return common.machine_line(report["machine"])
 
 
+def _header(title: str, report) -> list[str]:
+    """A section's first lines: its title, then the command and the machine that produced its JSON."""
+    return [f"## {title}", "", f"Command: `{report['command']}`  ", f"Machine: {_machine(report)}  "]
+
+
 def _config_line(cfg: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
@@ -98,11 +103,7 @@ def render_serving(report, results_dir: Path | None = None) -> str:
 
     s = report["settings"]
     eq = report.get("equivalence", {})
-    lines = [
-        f"## Serving: decode and prefill vs transformers' DeepseekV3 ({s['device']}, {s['dtype']})",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {_machine(report)}  ",
+    lines = _header(f"Serving: decode and prefill vs transformers' DeepseekV3 ({s['device']}, {s['dtype']})", report) + [
         f"Model (both): DeepseekV3Config({_config_line(report['config'])}), rope default, random weights "
         "(the peer's initialisation, router biases uniform in [-0.02, 0.02]).  ",
         f"Peer: {report['peer_impl']['attn_implementation']} attention, {report['peer_impl']['experts_implementation']} "
@@ -143,11 +144,7 @@ def render_training(report, results_dir: Path | None = None) -> str:
     from benchmarks.training import render_table
 
     s = report["settings"]
-    return "\n".join([
-        f"## Training: forward + backward + AdamW step ({s['device']}, {s['dtype']})",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {_machine(report)}  ",
+    return "\n".join(_header(f"Training: forward + backward + AdamW step ({s['device']}, {s['dtype']})", report) + [
         f"Model: DeepseekV3Config({_config_line(report['config'])}), batch {s['batch']} x seq "
         f"{s['seq']}, {s['optimizer']} lr {s['lr']}, {s['steps']} timed steps per model after {s['warmup']} warm-up "
         f"steps, models interleaved step by step; {s['threads']} torch threads. Peer: "
@@ -170,11 +167,7 @@ def render_mtp(report, results_dir: Path | None = None) -> str:
     from benchmarks.mtp_speedup import render_table
 
     s = report["settings"]
-    return "\n".join([
-        f"## MTP self-speculative decoding speedup ({s['device']}, {s['dtype']})",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {_machine(report)}  ",
+    return "\n".join(_header(f"MTP self-speculative decoding speedup ({s['device']}, {s['dtype']})", report) + [
         f"Model: `{report['model_dir']}` ({_config_line(report['model'])}). Prompts: the first {s['prompt_tokens']} "
         f"tokens of {len(report['prompts'])} stdlib files ({', '.join(report['prompts'])}); greedy, "
         f"max_new_tokens {s['max_new_tokens']}, best of {s['repeats']} per prompt, plain and MTP interleaved; "
@@ -190,11 +183,7 @@ def render_prefill(report, results_dir: Path | None = None) -> str:
     from benchmarks.prefill_chunks import render_table
 
     s = report["settings"]
-    return "\n".join([
-        f"## Long-prompt prefill: chunked by default vs one shot (cpu, {s['dtype']})",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {_machine(report)}  ",
+    return "\n".join(_header(f"Long-prompt prefill: chunked by default vs one shot (cpu, {s['dtype']})", report) + [
         f"Model: ours only, DeepseekV3Config({_config_line(report['config'])}). `generate(prompt, max_new_tokens=1)` "
         f"in a fresh process per variant and context, best of {s['repeats']}; chunked = "
         f"`config.prefill_chunk_tokens={s['chunk']}` (the default), one shot = `prefill_chunk_tokens=None`; peak = "
