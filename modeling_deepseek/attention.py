@@ -58,10 +58,13 @@ def prefix_causal_sdpa(query, key, value, scaling: float):
     return out.to(query.dtype).transpose(1, 2)
 
 
+_CPU_FLASH_WITH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
 def prefix_causal_applies(T: int, S: int, device: torch.device, impl: str) -> bool:
     """Whether prefix_causal_sdpa can serve T queries over S keys (see there); DeepseekModel then passes no mask."""
-    return (impl == "sdpa" and device.type == "cpu" and 1 < T < S and not torch.is_grad_enabled()
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+    return (1 < T < S and impl == "sdpa" and device.type == "cpu" and _CPU_FLASH_WITH_LSE
+            and not torch.is_grad_enabled())
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, T: int, S: int, device, dtype) -> torch.Tensor | None:

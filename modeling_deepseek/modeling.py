@@ -195,9 +195,9 @@ class DeepseekModel(DeepseekPreTrainedModel):
 
     def mask_and_rope(self, inputs_embeds, attention_mask, past_key_values, position_ids):
         """What every block of one forward shares: the attention mask and the RoPE angles."""
-        T, device = inputs_embeds.shape[1], inputs_embeds.device
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if prefix_causal_applies(T, past + T, device, self.config._attn_implementation) and (
+        T = inputs_embeds.shape[1]
+        past = past_key_values.get_seq_length() if T > 1 and past_key_values is not None else 0  # decode: skipped
+        if prefix_causal_applies(T, past + T, inputs_embeds.device, self.config._attn_implementation) and (
                 attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))):  # CPU only
             causal_mask = None  # a prefill chunk without padding: attention runs prefix + causal, no [T, S] mask
         else:
