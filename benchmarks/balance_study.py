@@ -31,18 +31,16 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402  (also sets the quiet-logging environment)
+from benchmarks.common import REPO_ROOT as REPO  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -98,31 +96,6 @@ def parse_args():
     p.add_argument("--heatmap-layer", type=int, default=None, help="MoE layer index (default: the last main one)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     return p.parse_args()
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    import transformers
-
-    return {"cpu": cpu, "nproc": nproc, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "git": rev,
-            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def build_data(args):
@@ -226,10 +199,7 @@ def summarise(results, args, info, mach, command, total_s) -> str:
         "# Load-balance study: aux-loss-free vs auxiliary loss vs none",
         "",
         f"- command: `{command}`",
-        f"- machine: {mach['cpu']}, nproc {mach['nproc']} (torch threads {mach['torch_threads']}); "
-        f"torch {mach['torch']}, transformers {mach['transformers']}, Python {mach['python']}; git {mach['git']}; "
-        f"load average at start {mach['load_average_at_start']:.1f} (other jobs shared the machine, so the times are "
-        "indicative only)",
+        f"- machine: {common.machine_line(mach)} (other jobs shared the machine, so the times are indicative only)",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; total wall time "
         f"{total_s / 60:.1f} min",
         f"- model: vocab {MODEL['vocab_size']}, hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers "
@@ -327,7 +297,7 @@ def main():
     import modeling_deepseek  # noqa: F401
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
-    mach = machine()
+    mach = common.machine_info()
     t0 = time.perf_counter()
     print(f"building the corpus and tokenizer ({args.files} stdlib files) ...", file=sys.stderr)
     train_ids, batches, eval_ids, info = build_data(args)
