@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import DeepseekExperts
+from .experts import DeepseekExperts, run_experts_loop
 
 # --------------------------------------------------------------------------------------------------------------------
 # bitsandbytes routed experts
@@ -146,14 +146,12 @@ class DeepseekBnbExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x_TD.dtype
-        out_TD = torch.zeros_like(x_TD)
-        for e in expert_ids_TK.unique().tolist():
-            token_idx, slot = torch.where(expert_ids_TK == e)
-            x = x_TD[token_idx].to(dtype)
-            gate, up = F.linear(x, self.dequantize_expert("gate_up_proj", e, dtype)).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.dequantize_expert("down_proj", e, dtype))
-            out_TD.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TD.dtype))
-        return out_TD
+
+        def expert(e, x_ND):
+            gate, up = F.linear(x_ND.to(dtype), self.dequantize_expert("gate_up_proj", e, dtype)).chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate) * up, self.dequantize_expert("down_proj", e, dtype))
+
+        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert)
 
     def extra_repr(self) -> str:
         kind = f"{self.quant_type}{' double-quant' if self.double_quant else ''}" if self.bits == 4 else "int8 vector-wise"

@@ -37,6 +37,17 @@ def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Te
     return torch.zeros(num_experts, device=ids_S.device).scatter_add_(0, ids_S, torch.ones(ids_S.shape, device=ids_S.device))
 
 
+def run_experts_loop(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, expert_fn) -> torch.Tensor:
+    """sum_k weight_{t,k} * expert_{id_{t,k}}(x_t), one expert at a time: `expert_fn(e, x_ND)` runs expert e on the
+    tokens routed to it. The reference path, and the one for weights kept quantized per expert (bnb, FP8)."""
+    out_TD = torch.zeros_like(x_TD)
+    for e in expert_ids_TK.unique().tolist():
+        token_idx, slot = torch.where(expert_ids_TK == e)
+        y = expert_fn(e, x_TD[token_idx])
+        out_TD.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TD.dtype))
+    return out_TD
+
+
 class DeepseekExperts(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -83,10 +94,8 @@ class DeepseekExperts(nn.Module):
         return y_TKD.sum(dim=1).to(x_TD.dtype)
 
     def forward_loop(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        out_TD = torch.zeros_like(x_TD)
-        for e in expert_ids_TK.unique().tolist():
-            token_idx, slot = torch.where(expert_ids_TK == e)
-            gate, up = F.linear(x_TD[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[e])
-            out_TD.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TD.dtype))
-        return out_TD
+        def expert(e, x_ND):
+            gate, up = F.linear(x_ND, self.gate_up_proj[e]).chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import DeepseekExperts
+from .experts import DeepseekExperts, run_experts_loop
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -249,13 +249,11 @@ class DeepseekFP8Experts(nn.Module):
         return cls(*parts, act_fn=experts.act_fn, block=block)
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        out_TD = torch.zeros_like(x_TD)
         b = self.block
-        for e in expert_ids_TK.unique().tolist():
-            token_idx, slot = torch.where(expert_ids_TK == e)
-            x = x_TD[token_idx]
-            gate = fp8_block_linear(x, self.gate_proj[e], self.gate_proj_scale_inv[e], block=b)
-            up = fp8_block_linear(x, self.up_proj[e], self.up_proj_scale_inv[e], block=b)
-            y = fp8_block_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale_inv[e], block=b)
-            out_TD.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TD.dtype))
-        return out_TD
+
+        def expert(e, x_ND):
+            gate = fp8_block_linear(x_ND, self.gate_proj[e], self.gate_proj_scale_inv[e], block=b)
+            up = fp8_block_linear(x_ND, self.up_proj[e], self.up_proj_scale_inv[e], block=b)
+            return fp8_block_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale_inv[e], block=b)
+
+        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert)
