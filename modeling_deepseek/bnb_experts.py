@@ -144,7 +144,8 @@ class DeepseekBnbExperts(nn.Module):
             device = getattr(self, name).device
             (self._quantize_int8 if self.bits == 8 else self._quantize_4bit)(name, w.to(device))
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                load_E: torch.Tensor | None = None) -> torch.Tensor:  # load_E: unused, the loop finds its experts
         dtype = self.compute_dtype or x_TD.dtype
 
         def expert(e, x_ND):

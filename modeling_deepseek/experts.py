@@ -73,14 +73,18 @@ class DeepseekExperts(nn.Module):
             state_dict[f"{prefix}down_proj"] = torch.stack(d)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                load_E: torch.Tensor | None = None) -> torch.Tensor:
+        """`load_E`: tokens_per_expert(expert_ids_TK) when the caller has it already (the MoE layer counts anyway)."""
         if self.implementation == "loop" or not _grouped_mm_ok(x_TD, self.gate_up_proj):
             return self.forward_loop(x_TD, expert_ids_TK, weights_TK)
         T, K = expert_ids_TK.shape
         # Sort the T*K (token, expert) pairs by expert: each expert's rows become one contiguous segment.
         order_S = expert_ids_TK.reshape(-1).argsort(stable=True)
         token_of_S = order_S // K
-        offsets_E = tokens_per_expert(expert_ids_TK, self.num_experts).cumsum(0).to(torch.int32)  # segment ends
+        if load_E is None:
+            load_E = tokens_per_expert(expert_ids_TK, self.num_experts)
+        offsets_E = load_E.cumsum(0).to(torch.int32)  # segment ends
 
         x_SD = x_TD[token_of_S]
         gate_up_S2I = _grouped_mm(x_SD, self.gate_up_proj.transpose(1, 2), offs=offsets_E)

@@ -248,7 +248,8 @@ class DeepseekFP8Experts(nn.Module):
                  *quantize_weight_blockwise(experts.down_proj.detach(), block)]
         return cls(*parts, act_fn=experts.act_fn, block=block)
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                load_E: torch.Tensor | None = None) -> torch.Tensor:  # load_E: unused, the loop finds its experts
         b = self.block
 
         def expert(e, x_ND):

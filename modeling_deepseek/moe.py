@@ -38,11 +38,11 @@ class DeepseekMoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         _, weights_NK, expert_ids_NK, scores_NE = self.gate(x_ND)
-        y_BTD = self.experts(x_ND, expert_ids_NK, weights_NK).view(B, T, D)
+        self.last_load_E = tokens_per_expert(expert_ids_NK.detach(), self.gate.num_experts)
+        y_BTD = self.experts(x_ND, expert_ids_NK, weights_NK, load_E=self.last_load_E).view(B, T, D)
         if self.shared_experts is not None:
             y_BTD = y_BTD + self.shared_experts(x_BTD)
 
-        self.last_load_E = tokens_per_expert(expert_ids_NK.detach(), self.gate.num_experts)
         alpha = self.config.seq_balance_alpha
         self.last_balance_loss = None
         if alpha > 0 and self.training and torch.is_grad_enabled():
