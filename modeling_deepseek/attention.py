@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .compat import CPU_FLASH_ATTENTION
 from .layers import DeepseekRMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -50,7 +51,7 @@ def prefix_causal_sdpa(query, key, value, scaling: float):
     CPU inference only (torch's CPU flash kernel returns the log-sum-exp). Returns [B, T, H, Dv], like the
     attention interface."""
     T, S = query.shape[2], key.shape[2]
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    flash = CPU_FLASH_ATTENTION
     out_pre, lse_pre = flash(query, key[:, :, : S - T], value[:, :, : S - T], 0.0, False, scale=scaling)
     out_new, lse_new = flash(query, key[:, :, S - T :], value[:, :, S - T :], 0.0, True, scale=scaling)
     lse = torch.logaddexp(lse_pre, lse_new)
@@ -58,13 +59,14 @@ def prefix_causal_sdpa(query, key, value, scaling: float):
     return out.to(query.dtype).transpose(1, 2)
 
 
-_CPU_FLASH_WITH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-
 def prefix_causal_applies(T: int, S: int, device: torch.device, impl: str) -> bool:
     """Whether prefix_causal_sdpa can serve T queries over S keys (see there); DeepseekModel then passes no mask."""
-    return (1 < T < S and impl == "sdpa" and device.type == "cpu" and _CPU_FLASH_WITH_LSE
+    return (1 < T < S and impl == "sdpa" and device.type == "cpu" and CPU_FLASH_ATTENTION is not None
             and not torch.is_grad_enabled())
+
+
+# bitsandbytes' quantized Linears: they dequantize inside forward, which absorbed_weight uses (no import needed).
+_BNB_LINEARS = ("Linear4bit", "Linear8bitLt")
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, T: int, S: int, device, dtype) -> torch.Tensor | None:
@@ -129,9 +131,30 @@ class DeepseekAttention(nn.Module):
         return self.kv_a_layernorm(latent_BTC).unsqueeze(1), k_rope_BTR.unsqueeze(1)
 
     def absorbable(self) -> bool:
-        """The absorbed path reads kv_b_proj's weight directly: only a plain float Linear (not LoRA- or 4-bit-wrapped)."""
+        """The absorbed path needs kv_b_proj as one plain [H * (nope + v), C] matrix: a float nn.Linear, or a quantized
+        one (FP8, bitsandbytes) that can hand out its dequantized weight. Not under LoRA: the adapter adds a low-rank
+        term the matrix would miss."""
         w = getattr(self.kv_b_proj, "weight", None)
-        return type(self.kv_b_proj) is nn.Linear and w is not None and w.dtype.is_floating_point
+        if type(self.kv_b_proj) is nn.Linear:
+            return w is not None and w.dtype.is_floating_point
+        return hasattr(self.kv_b_proj, "dequantized_weight") or type(self.kv_b_proj).__name__ in _BNB_LINEARS
+
+    def absorbed_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight in `dtype`. A quantized kv_b_proj is dequantized once and kept (as DeepSeek's own
+        inference code does); the copy is dropped when the module's weight object changes."""
+        proj = self.kv_b_proj
+        if type(proj) is nn.Linear:
+            return proj.weight
+        cached = getattr(self, "_absorbed_weight", None)
+        if cached is None or cached[0] is not proj.weight or cached[1].dtype != dtype:
+            if hasattr(proj, "dequantized_weight"):
+                w = proj.dequantized_weight(dtype)
+            else:  # bitsandbytes: run the identity through the layer, which dequantizes with its own kernels
+                eye = torch.eye(proj.in_features, dtype=dtype, device=proj.weight.device)
+                w = proj(eye).t().contiguous()
+            cached = (proj.weight, w.to(dtype))
+            self._absorbed_weight = cached
+        return cached[1]
 
     def use_absorbed(self, T: int, S: int) -> bool:
         if self.mla_impl != "auto":
@@ -146,7 +169,9 @@ class DeepseekAttention(nn.Module):
         return absorbed < expanded
 
     # ------------------------------------------------------------------------------------------------------------
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False,
+                **kwargs):
+        """Returns (output [B, T, D], attention probabilities [B, H, T, S] when output_attentions, else None)."""
         B, T, _ = hidden_states.shape
         q_BHTK = self.project_query(hidden_states)
         q_nope, q_rope = q_BHTK.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -156,24 +181,26 @@ class DeepseekAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin, self.config.rope_interleave)
         k_rope_B1TR = apply_rope(k_rope_B1TR, cos, sin, self.config.rope_interleave)
 
-        if past_key_values is not None:  # the cache sees only the compressed pair
-            latent_B1TC, k_rope_B1TR = past_key_values.update(latent_B1TC, k_rope_B1TR, self.layer_idx)
+        if cache is not None:  # the cache sees only the compressed pair
+            latent_B1TC, k_rope_B1TR = cache.update(latent_B1TC, k_rope_B1TR, self.layer_idx)
         S = latent_B1TC.shape[2]
 
         if self.use_absorbed(T, S):
             out_BTHV, weights = self.absorbed_attention(q_nope, q_rope, latent_B1TC, k_rope_B1TR, attention_mask)
         else:
-            out_BTHV, weights = self.expanded_attention(q_nope, q_rope, latent_B1TC, k_rope_B1TR, attention_mask, **kwargs)
-        return self.o_proj(out_BTHV.reshape(B, T, -1)), weights
+            # Attention probabilities exist only where they are materialised: the eager kernel.
+            impl = "eager" if output_attentions else self.config._attn_implementation
+            out_BTHV, weights = self.expanded_attention(q_nope, q_rope, latent_B1TC, k_rope_B1TR, attention_mask,
+                                                        impl, **kwargs)
+        return self.o_proj(out_BTHV.reshape(B, T, -1)), (weights if output_attentions else None)
 
-    def expanded_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask, **kwargs):
+    def expanded_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask, impl, **kwargs):
         B, H, _, _ = q_nope.shape
         S = latent_B1SC.shape[2]
         kv_BHSK = self.kv_b_proj(latent_B1SC.squeeze(1)).view(B, S, H, -1).transpose(1, 2)
         k_nope, value = kv_BHSK.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_rope_B1SR.expand(-1, H, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
-        impl = self.config._attn_implementation
         # SDPA's flash kernels (CPU and CUDA) need one head dim for q, k and v; with v_head_dim < qk_head_dim it
         # falls back to the math kernel, which materialises [B, H, T, S] scores. Zero-padding V costs
         # (qk - v) / v more V traffic and selects the flash kernel; the padded output columns are dropped.
@@ -199,7 +226,7 @@ class DeepseekAttention(nn.Module):
     def absorbed_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask):
         B, H, T, _ = q_nope.shape
         C, S = self.kv_lora_rank, latent_B1SC.shape[2]
-        w_HKC = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
+        w_HKC = self.absorbed_weight(q_nope.dtype).view(H, self.qk_nope_head_dim + self.v_head_dim, C)
         w_uk_HNC, w_uv_HVC = w_HKC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent_BHTC = torch.matmul(q_nope, w_uk_HNC)  # [B, H, T, nope] x [H, nope, C]
         # MQA: all H x T query rows of a sequence attend to the same latent keys, so the heads are folded into the

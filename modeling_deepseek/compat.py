@@ -14,6 +14,127 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------------------------------------------------
 # Model side (transformers modeling / generation / cache, torch kernels)
 
+import dataclasses
+
+import torch
+from transformers.modeling_outputs import MoeModelOutputWithPast
+
+# transformers 5.24 renamed the cache argument of forward(), generate(), create_causal_mask() and the field of every
+# model output from `past_key_values` to `cache` (the old name is deprecated); 5.23 knows only `past_key_values`.
+# The model takes either name from its callers and hands the cache on under the name the installed release wants.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModelOutputWithPast)} else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """{name: cache} under the installed release's name, for model outputs and create_causal_mask."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(output):
+    """The cache a model output carries, read without touching the deprecated alias."""
+    return getattr(output, CACHE_NAME, None)
+
+
+def pop_cache_argument(cache, kwargs: dict):
+    """The cache a caller passed to forward(), under either name (never both)."""
+    legacy = kwargs.pop("past_key_values", None)
+    if cache is not None and legacy is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else legacy
+
+
+# torch's CPU flash-attention kernel returns the log-sum-exp next to the output, which lets two attention calls over
+# disjoint key sets be merged exactly (chunked prefill, attention.prefix_causal_sdpa). No public op returns it.
+CPU_FLASH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def keep_fp32_buffers(module: torch.nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> torch.nn.Module:
+    """nn.Module._apply for `module` that leaves the buffers `names` in float32 (the device still follows `fn`).
+
+    torch offers no public per-buffer opt-out of `model.to(dtype)` / `.half()`; the balancing bias must not be
+    rounded to bf16 (a gamma = 1e-3 step vanishes next to values near 1). `to_empty()` after meta-device init passes
+    through here too: a meta buffer has no value to keep, so the new (empty) one is taken as it is, in float32.
+    """
+    kept = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
+    torch.nn.Module._apply(module, fn, recurse)
+    for name, old in kept.items():
+        new = module._buffers[name]
+        module._buffers[name] = new.float() if old.is_meta else old.to(device=new.device, dtype=torch.float32)
+    return module
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Training side (Trainer, trl, peft, accelerate, bitsandbytes): used by trainers/ and quant/ only
+#
+# Atomic checkpoints (trainers/checkpointing.py) need to run code around each checkpoint save and to choose the
+# directory it is written to. transformers' Trainer has no public hook for either: the training loop calls the private
+# Trainer._save_checkpoint(model, trial), which writes os.path.join(self._get_output_dir(trial), "checkpoint-N")
+# (transformers 5.23 and 5.24 alike). Callbacks (on_save) run only after the directory is complete.
+
+
+class CheckpointSaveHook:
+    """Mixin, placed before a Trainer class, that runs every checkpoint save through `self.around_checkpoint_save`.
+
+    Overrides the private Trainer._save_checkpoint(model, trial); `around_checkpoint_save(save, trial)` gets a
+    no-argument `save` that runs the Trainer's own _save_checkpoint and must call it once.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        self.around_checkpoint_save(lambda: super(CheckpointSaveHook, self)._save_checkpoint(model, trial), trial)
+
+    def around_checkpoint_save(self, save, trial) -> None:
+        save()
+
+
+def checkpoint_run_dir(trainer, trial=None) -> str:
+    """The directory Trainer._save_checkpoint puts `checkpoint-N` in: the private Trainer._get_output_dir(trial)
+    (args.output_dir, or a per-trial sub-directory during a hyper-parameter search)."""
+    return trainer._get_output_dir(trial=trial)
+
+
+class redirect_checkpoint_run_dir:
+    """`with redirect_checkpoint_run_dir(trainer, path):` makes Trainer._save_checkpoint write `checkpoint-N` under
+    `path`, by shadowing the private Trainer._get_output_dir on the instance for the duration."""
+
+    def __init__(self, trainer, run_dir):
+        self.trainer, self.run_dir = trainer, str(run_dir)
+
+    def __enter__(self):
+        self.trainer._get_output_dir = lambda trial=None: self.run_dir
+        return self.run_dir
+
+    def __exit__(self, *exc):
+        del self.trainer._get_output_dir
+
+
+# trl's SFTTrainer (trl 1.x) calls trl.trainer.utils.add_fused_lm_head(model), which replaces the model instance's
+# forward (`model.forward = types.MethodType(_fused_forward, model)`) by a function that, called with
+# fused_lm_head=True, runs the backbone and scores the labels itself, skipping DeepseekForCausalLM.forward and with it
+# the MTP and sequence-balance losses. trl offers no switch to turn it off, and no flag that marks a patched model.
+
+
+def forward_replaced_by_trl(model) -> bool:
+    """Whether trl replaced this instance's forward: an instance attribute `forward` whose code lives in trl.
+    Wrappers (accelerate's mixed-precision forward) keep the replaced one in `__wrapped__` / `_original_forward`."""
+    import sys
+    from pathlib import Path
+
+    trl = sys.modules.get("trl")
+    if trl is None:  # trl never imported: nothing can have patched the model
+        return False
+    trl_dir = Path(trl.__file__).parent
+    for fn in (vars(model).get("forward"), vars(model).get("_original_forward")):
+        for _ in range(8):  # follow the wrapper chain
+            fn = getattr(fn, "__func__", fn)
+            code = getattr(fn, "__code__", None)
+            if code is not None and Path(code.co_filename).is_relative_to(trl_dir):
+                return True
+            if fn is None:
+                break
+            fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def restore_class_forward(model) -> None:
+    """Undo add_fused_lm_head: drop the instance's `forward` attribute, so that the class's forward runs again."""
+    vars(model).pop("forward", None)

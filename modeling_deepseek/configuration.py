@@ -22,6 +22,8 @@ OFFICIAL_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 # topk_method names of the official configs, and the scoring function each one implies.
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
+# RoPE variants whose frequencies are fixed at construction (transformers' ROPE_INIT_FUNCTIONS computes them).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 class DeepseekConfig(PreTrainedConfig):
@@ -78,6 +80,8 @@ class DeepseekConfig(PreTrainedConfig):
         mtp_loss_weight: float = 0.3,
         mtp_loss_weight_late: float | None = None,  # V3: 0.1 for the last 4.8T of 14.8T tokens; None keeps one weight
         mtp_late_fraction: float = 10 / 14.8,  # fraction of training after which mtp_loss_weight_late applies
+        # router logits per MoE layer in every output (transformers' MoE convention; also output_router_logits=True)
+        output_router_logits: bool = False,
         # --- serving knobs ---
         mla_impl: str = "auto",  # "auto" | "absorbed" | "expanded": see attention.py
         latent_cache_dtype: str | None = None,  # None (model dtype) or "fp8": e4m3 latent cache, half the bytes
@@ -129,6 +133,7 @@ class DeepseekConfig(PreTrainedConfig):
         self.mtp_loss_weight = mtp_loss_weight
         self.mtp_loss_weight_late = mtp_loss_weight_late
         self.mtp_late_fraction = mtp_late_fraction
+        self.output_router_logits = output_router_logits
         self.mla_impl = mla_impl
         self.latent_cache_dtype = latent_cache_dtype
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -141,7 +146,7 @@ class DeepseekConfig(PreTrainedConfig):
             self.rope_parameters["rope_type"] = self.rope_parameters.pop("type")
         # Fields of official files that we do not model, dropped so they do not pollute the saved config.
         for legacy in ("aux_loss_alpha", "seq_aux", "ep_size", "scoring_func_v2", "pretraining_tp", "qk_head_dim",
-                       "head_dim", "output_router_logits", "router_aux_loss_coef", "num_experts", "mlp_bias"):
+                       "head_dim", "router_aux_loss_coef", "num_experts", "mlp_bias"):
             kwargs.pop(legacy, None)
         kwargs.pop("model_type", None)
         self.validate_deepseek()  # before transformers' own rope checks, so errors name our fields
@@ -160,6 +165,9 @@ class DeepseekConfig(PreTrainedConfig):
         """Read official `deepseek_v3` / `deepseek_v2` config.json files as ours (same fields, other model_type)."""
         config_dict, kwargs = super().get_config_dict(*args, **kwargs)
         if config_dict.get("model_type") in OFFICIAL_MODEL_TYPES:
+            if config_dict["model_type"] == "deepseek_v2" and not any(
+                    k in config_dict for k in ("num_nextn_predict_layers", "num_mtp_layers")):
+                config_dict = dict(config_dict, num_nextn_predict_layers=0)  # DeepSeek-V2 has no MTP module
             config_dict = dict(config_dict, model_type=cls.model_type)
         return config_dict, kwargs
 
@@ -181,6 +189,12 @@ class DeepseekConfig(PreTrainedConfig):
             raise ValueError(f"`q_lora_rank` must be a positive integer or null, got {self.q_lora_rank!r}")
         if not isinstance(self.qk_rope_head_dim, int) or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
             raise ValueError(f"`qk_rope_head_dim` must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"`rope_scaling` type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES} (the angles are "
+                "computed once, so types that rescale with the sequence length, like 'dynamic', would silently do nothing)"
+            )
         if self.num_nextn_predict_layers is None or self.num_nextn_predict_layers < 0:
             raise ValueError(f"`num_nextn_predict_layers` must be >= 0, got {self.num_nextn_predict_layers!r}")
         if self.first_k_dense_replace < 0:

@@ -18,26 +18,36 @@ class DeepseekDecoderLayer(GradientCheckpointingLayer):
         self.mlp = DeepseekMoE(config) if config.is_moe_layer(layer_idx) else DeepseekMLP(config)
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.last_attention: torch.Tensor | None = None
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_router_logits: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        attn_out, _ = self.self_attn(
+        """`token_mask` [B, T]: False at padding, which the MoE leaves out of its load statistics. With
+        `output_attentions` the attention probabilities are left on `self.last_attention` for the model to collect."""
+        attn_out, self.last_attention = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
+            output_attentions=output_attentions,
             **kwargs,
         )
         hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed = self.post_attention_layernorm(hidden_states)
+        if self.moe is None:
+            return hidden_states + self.mlp(normed)
+        return hidden_states + self.mlp(normed, token_mask, keep_router_logits=output_router_logits)
 
     @property
     def moe(self) -> DeepseekMoE | None:

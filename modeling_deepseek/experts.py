@@ -1,16 +1,17 @@
-"""Routed experts stored fused, computed as grouped GEMMs.
+"""Routed experts stored fused, dispatched through transformers' experts interface.
 
 All routed experts of a layer live in two 3-D parameters, in transformers' layout so that its checkpoint conversion
-(per-expert `mlp.experts.{j}.{gate,up,down}_proj.weight` <-> fused) and peft's `target_parameters` apply unchanged:
+(per-expert `mlp.experts.{j}.{gate,up,down}_proj.weight` <-> fused), its experts kernels and peft's
+`target_parameters` apply unchanged:
 
     gate_up_proj [E, 2I, D]   rows [0, I) are gate_proj, rows [I, 2I) up_proj
     down_proj    [E, D, I]
 
-`forward` (the fast path) sorts the T*K (token, expert) pairs by expert and runs two grouped GEMMs
-(torch.nn.functional.grouped_mm) over the contiguous per-expert segments. Group offsets are computed on the device,
-so nothing waits for the host: no `.tolist()`, no `nonzero()`, no data-dependent Python branch.
-
-`forward_loop` is the readable reference the tests compare against: one dense matmul per expert that got tokens.
+`@use_experts_implementation` makes `config.experts_implementation` (or `model.set_experts_implementation(...)`)
+choose the kernel, as for transformers' own MoE models: "grouped_mm" (the default) sorts the T*K (token, expert)
+pairs by expert and runs two grouped GEMMs over the contiguous per-expert segments, with offsets computed on the
+device (no host synchronisation); "eager" is `forward` below, the readable reference: one dense matmul per expert
+that got tokens.
 """
 
 from __future__ import annotations
@@ -19,22 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-
-
-def _grouped_mm_ok(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
-    """grouped_mm needs float weights and 16-byte aligned rows for D, 2I and I (bf16 widths multiple of 8)."""
-    if gate_up.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dtype != gate_up.dtype:
-        return False
-    two_i, d = gate_up.shape[-2:]
-    return all((width * gate_up.element_size()) % 16 == 0 for width in (d, two_i, two_i // 2))
+from transformers.integrations.moe import use_experts_implementation
 
 
-def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Float counts [E] via scatter_add: unlike bincount, its output size never depends on the data (no host sync)."""
-    ids_S = expert_ids_TK.reshape(-1)
-    return torch.zeros(num_experts, device=ids_S.device).scatter_add_(0, ids_S, torch.ones(ids_S.shape, device=ids_S.device))
+def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int, weight_T1: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Float counts [E] via scatter_add: unlike bincount, its output size never depends on the data (no host sync).
+    `weight_T1` (1.0 / 0.0 per token) leaves tokens out of the count without indexing by a data-dependent mask."""
+    ones_TK = torch.ones(expert_ids_TK.shape, device=expert_ids_TK.device)
+    if weight_T1 is not None:
+        ones_TK = ones_TK * weight_T1.float()
+    return torch.zeros(num_experts, device=expert_ids_TK.device).scatter_add_(0, expert_ids_TK.reshape(-1),
+                                                                             ones_TK.reshape(-1))
 
 
 def run_experts_loop(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, expert_fn) -> torch.Tensor:
@@ -48,6 +45,7 @@ def run_experts_loop(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK
     return out_TD
 
 
+@use_experts_implementation
 class DeepseekExperts(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -58,8 +56,6 @@ class DeepseekExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.act_fn = ACT2FN[config.hidden_act]
-        # "grouped" (default) or "loop"; the loop is the reference, and the fallback for odd shapes or dtypes.
-        self.implementation = "grouped"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Also accept the per-expert layout `{j}.{gate,up,down}_proj.weight` that save_pretrained writes: Trainer's
@@ -73,31 +69,9 @@ class DeepseekExperts(nn.Module):
             state_dict[f"{prefix}down_proj"] = torch.stack(d)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                load_E: torch.Tensor | None = None) -> torch.Tensor:
-        """`load_E`: tokens_per_expert(expert_ids_TK) when the caller has it already (the MoE layer counts anyway)."""
-        if self.implementation == "loop" or not _grouped_mm_ok(x_TD, self.gate_up_proj):
-            return self.forward_loop(x_TD, expert_ids_TK, weights_TK)
-        T, K = expert_ids_TK.shape
-        # Sort the T*K (token, expert) pairs by expert: each expert's rows become one contiguous segment.
-        order_S = expert_ids_TK.reshape(-1).argsort(stable=True)
-        token_of_S = order_S // K
-        if load_E is None:
-            load_E = tokens_per_expert(expert_ids_TK, self.num_experts)
-        offsets_E = load_E.cumsum(0).to(torch.int32)  # segment ends
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """The "eager" implementation: sum_k weight_{t,k} * expert_{id_{t,k}}(x_t), one expert at a time."""
 
-        x_SD = x_TD[token_of_S]
-        gate_up_S2I = _grouped_mm(x_SD, self.gate_up_proj.transpose(1, 2), offs=offsets_E)
-        gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
-        h_SI = (self.act_fn(gate_SI) * up_SI).contiguous()
-        y_SD = _grouped_mm(h_SI, self.down_proj.transpose(1, 2), offs=offsets_E)
-
-        y_SD = y_SD * weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
-        # Un-sort and sum each token's K expert outputs (scatter back to [T*K], then a dense reduction).
-        y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, K, -1)
-        return y_TKD.sum(dim=1).to(x_TD.dtype)
-
-    def forward_loop(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         def expert(e, x_ND):
             gate, up = F.linear(x_ND, self.gate_up_proj[e]).chunk(2, dim=-1)
             return F.linear(self.act_fn(gate) * up, self.down_proj[e])

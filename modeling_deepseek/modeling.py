@@ -14,11 +14,12 @@ loss, and the output carries each part on its own together with the per-layer ex
 from __future__ import annotations
 
 import copy
-import functools
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -31,6 +32,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from .attention import prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache
+from .compat import CACHE_NAME, cache_kwargs, pop_cache_argument
 from .speculative import mtp_generate
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
@@ -71,13 +73,6 @@ class MTPGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 @dataclass
-class DeepseekModelOutput(MoeModelOutputWithPast):
-    """`pre_norm_hidden_state`: the last block's output before model.norm, the h^0 that MTP module 1 reads."""
-
-    pre_norm_hidden_state: torch.Tensor | None = None
-
-
-@dataclass
 class DeepseekCausalLMOutput(MoeCausalLMOutputWithPast):
     """`loss` is the total; its parts, and the routing statistics of this forward, are reported alongside.
 
@@ -100,11 +95,14 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepseekDecoderLayer", "DeepseekMTPLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False  # kv_b_proj gives v_head_dim != qk_head_dim, which FA2's padding handles poorly
     _supports_flex_attn = False
     _supports_attention_backend = True
+    # The latent cache grows dynamically and the forward branches on data (MLA path choice, chunked prefill): no
+    # static cache, no fullgraph compile (generate() refuses cache_implementation="static" with a clear error).
+    _can_compile_fullgraph = False
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     # Official checkpoints store copies of the shared embedding and head inside each MTP layer.
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
@@ -143,6 +141,13 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             router.pending_load.zero_()
             router.has_pending_load = False
         missing = [k for k in info.get("missing_keys", []) if not model._is_optional_weight(k)]
+        if "lm_head.weight" in missing and model._loaded_base_model_checkpoint():
+            missing.remove("lm_head.weight")
+            warnings.warn(
+                f"{cls.__name__}.from_pretrained: the checkpoint holds a base model "
+                f"({', '.join(model.config.architectures)}) without an LM head: `lm_head.weight` was initialised "
+                "randomly; train it before generating", stacklevel=2,
+            )
         if missing and not allow_missing_weights:
             shown = ", ".join(sorted(missing)[:20])
             raise OSError(
@@ -151,19 +156,9 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if want_info else model
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
-        # Reentrant checkpointing runs a layer's first forward under no_grad, which would silently drop the
-        # sequence-wise balance loss's gradient: use the non-reentrant form whenever that loss is on.
-        if enable and self.config.seq_balance_alpha > 0 and getattr(gradient_checkpointing_func, "keywords", {}).get(
-            "use_reentrant"
-        ):
-            logger.warning_once("seq_balance_alpha > 0: switching gradient checkpointing to use_reentrant=False")
-            gradient_checkpointing_func = functools.partial(
-                gradient_checkpointing_func.func, **{**gradient_checkpointing_func.keywords, "use_reentrant": False}
-            )
-        super()._set_gradient_checkpointing(
-            enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs
-        )
+    def _loaded_base_model_checkpoint(self) -> bool:
+        """Whether the checkpoint just loaded was saved from a base model (DeepseekModel, DeepseekV3Model ...)."""
+        return any(not name.endswith("ForCausalLM") for name in (self.config.architectures or []))
 
     def _is_optional_weight(self, key: str) -> bool:
         match = re.search(r"layers\.(\d+)\.", key)
@@ -193,10 +188,10 @@ class DeepseekModel(DeepseekPreTrainedModel):
             track(self)
         self.post_init()
 
-    def mask_and_rope(self, inputs_embeds, attention_mask, past_key_values, position_ids):
+    def mask_and_rope(self, inputs_embeds, attention_mask, cache, position_ids):
         """What every block of one forward shares: the attention mask and the RoPE angles."""
         T = inputs_embeds.shape[1]
-        past = past_key_values.get_seq_length() if T > 1 and past_key_values is not None else 0  # decode: skipped
+        past = cache.get_seq_length() if T > 1 and cache is not None else 0  # decode: skipped
         if prefix_causal_applies(T, past + T, inputs_embeds.device, self.config._attn_implementation) and (
                 attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))):  # CPU only
             causal_mask = None  # a prefill chunk without padding: attention runs prefix + causal, no [T, S] mask
@@ -205,8 +200,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
+                **cache_kwargs(cache),
             )
         return causal_mask, self.rotary_emb(inputs_embeds, position_ids)
 
@@ -219,74 +214,114 @@ class DeepseekModel(DeepseekPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> DeepseekModelOutput:
+    ) -> MoeModelOutputWithPast | tuple:
+        """transformers' conventions: `cache` (or the older `past_key_values`), `hidden_states` = the embeddings and
+        every block's output with the last one after model.norm, `attentions` per layer (computed eagerly when asked
+        for), `router_logits` per MoE layer [B*T, E], a tuple with return_dict=False."""
+        cache = pop_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None and cache.is_compileable:
+            raise ValueError(
+                f"{type(cache).__name__} is not supported: MLA caches a {self.config.latent_cache_dim}-wide latent per "
+                "token, not per-head keys and values; use the default (DeepseekLatentCache) or a DynamicCache"
+            )
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        for unused in ("output_attentions", "output_router_logits"):
-            kwargs.pop(unused, None)
+        want = {name: getattr(cfg, name, False) if flag is None else flag for name, flag in (
+            ("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states),
+            ("output_router_logits", output_router_logits))}
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
-            moe.last_load_E = moe.last_balance_loss = None
-        if use_cache and past_key_values is None:
-            past_key_values = DeepseekLatentCache(fp8=self.config.latent_cache_dtype == "fp8")
+            moe.last_load_E = moe.last_balance_loss = moe.last_router_logits = None
+        if use_cache and cache is None:
+            cache = DeepseekLatentCache(fp8=cfg.latent_cache_dtype == "fp8")
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
-        causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds, attention_mask, past_key_values, position_ids)
+        causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds, attention_mask, cache, position_ids)
+        token_mask = padding_free_tokens(attention_mask, inputs_embeds.shape[1])
 
         hidden_states = inputs_embeds
-        all_hidden = [hidden_states] if output_hidden_states else None
-        for layer in self.layers[: self.config.num_hidden_layers]:
+        all_hidden, all_attentions = [hidden_states], []
+        for layer in self.layers[: cfg.num_hidden_layers]:
             hidden_states = layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                token_mask=token_mask,
+                output_attentions=want["output_attentions"],
+                output_router_logits=want["output_router_logits"],
                 **kwargs,
             )
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
+            all_hidden.append(hidden_states)
+            all_attentions.append(layer.last_attention)
+            layer.last_attention = None
         # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
         if self.training and torch.is_grad_enabled():
-            record_loads(self.moe_layers(include_mtp=False), self.config)
+            record_loads(self.moe_layers(include_mtp=False), cfg)
 
-        return DeepseekModelOutput(
-            last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            pre_norm_hidden_state=hidden_states,
+        last_hidden_state = self.norm(hidden_states)
+        output = MoeModelOutputWithPast(
+            last_hidden_state=last_hidden_state,
+            hidden_states=(*all_hidden[:-1], last_hidden_state) if want["output_hidden_states"] else None,
+            attentions=tuple(all_attentions) if want["output_attentions"] else None,
+            router_logits=tuple(m.last_router_logits for m in self.moe_layers(include_mtp=False))
+            if want["output_router_logits"] else None,
+            **cache_kwargs(cache if use_cache else None),
         )
+        return output if (return_dict if return_dict is not None else cfg.return_dict) else output.to_tuple()
 
     def run_mtp(self, h0_BTD, inputs_embeds_BTD, position_ids, attention_mask=None, depths=None, **kwargs):
-        """Run MTP modules 1..depths over full-length sequences; returns [shared_head.norm(h^k) for k = 1..depths]."""
+        """Run MTP modules 1..depths over full-length sequences; returns [shared_head.norm(h^k) for k = 1..depths].
+
+        h^0 is the main model's final hidden state after model.norm, as in transformers' MtpModel, vLLM and SGLang:
+        the same MTP weights then draft the same tokens in every engine. Module k's last k positions have no token to
+        pair with and count as padding for the expert statistics."""
         depths = len(self.mtp_layers) if depths is None else depths
         causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds_BTD, attention_mask, None, position_ids)
+        B, T = inputs_embeds_BTD.shape[:2]
+        real_BT = padding_free_tokens(attention_mask, T)
+        real_BT = torch.ones(B, T, dtype=torch.bool, device=inputs_embeds_BTD.device) if real_BT is None else real_BT
         h, outputs = h0_BTD, []
         for k, layer in enumerate(self.mtp_layers[:depths], start=1):
+            paired_BT = real_BT.clone()
+            paired_BT[:, T - k :] = False
             h, h_normed = layer(
                 *mtp_inputs(h, inputs_embeds_BTD, k),
                 attention_mask=causal_mask,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
+                token_mask=paired_BT,
                 **kwargs,
             )
             outputs.append(h_normed)
-        record_loads([layer.moe for layer in self.mtp_layers[:depths] if layer.moe is not None], self.config)
+        if self.training and torch.is_grad_enabled():
+            record_loads([layer.moe for layer in self.mtp_layers[:depths] if layer.moe is not None], self.config)
         return outputs
+
+
+def padding_free_tokens(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """[B, T] bool, False at the padding positions of the T current tokens (2-D masks only; None: no padding known).
+    A decode step's single token is never padding, so nothing is built for it."""
+    if attention_mask is None or attention_mask.dim() != 2 or T == 1:
+        return None
+    return attention_mask[:, -T:].bool()
 
 
 class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
@@ -304,15 +339,21 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         return_dict: bool | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
-    ) -> DeepseekCausalLMOutput:
+    ) -> DeepseekCausalLMOutput | tuple:
+        """`labels` (shifted inside, as in transformers) or `shift_labels` (already shifted: position i is scored on
+        shift_labels[i]) give the loss; the MTP module k is scored on shift_labels[i + k]."""
+        cache = pop_cache_argument(cache, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)
@@ -320,9 +361,12 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -330,95 +374,121 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
 
         loss = main_loss = mtp_loss = balance_loss = mtp_logits = None
-        if labels is not None:
+        if shift_labels is None and labels is not None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+        if shift_labels is not None:
             loss_kwargs = {"vocab_size": self.config.vocab_size, "num_items_in_batch": num_items_in_batch}
-            main_loss = self.loss_function(logits=logits, labels=labels, **loss_kwargs)
+            main_loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, **loss_kwargs)
             loss = main_loss
             if self.config.num_nextn_predict_layers > 0:
                 if position_ids is None:
-                    position_ids = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
-                hs = self.model.run_mtp(outputs.pre_norm_hidden_state, inputs_embeds, position_ids, attention_mask)
+                    position_ids = torch.arange(shift_labels.shape[1], device=shift_labels.device).unsqueeze(0)
+                hs = self.model.run_mtp(hidden_states, inputs_embeds, position_ids, attention_mask)
                 mtp_logits = tuple(self.lm_head(h) for h in hs)
                 depth_losses = []
                 for k, lg in enumerate(mtp_logits, start=1):
-                    labels_k = mtp_labels(labels, k)
-                    ce_k = self.loss_function(logits=lg, labels=labels_k, **loss_kwargs)
+                    targets_k = mtp_labels(shift_labels, k)
+                    ce_k = self.loss_function(logits=lg, labels=None, shift_labels=targets_k, **loss_kwargs)
                     if num_items_in_batch is not None:
                         # Under gradient accumulation CE is a share of the step's sum (sum / num_items_in_batch);
                         # the reported MTP loss is this forward's own mean, like main_loss without accumulation.
-                        ce_k = ce_k * num_items_in_batch / (labels_k[:, 1:] != -100).sum().clamp_min(1)
+                        ce_k = ce_k * num_items_in_batch / (targets_k != -100).sum().clamp_min(1)
                     depth_losses.append(ce_k)
                 mtp_loss = torch.stack(depth_losses).mean()
                 mtp_share = mtp_loss
                 if num_items_in_batch is not None:
-                    valid = (labels[:, 1:] != -100).sum().clamp_min(1)
-                    mtp_share = mtp_loss * valid / num_items_in_batch
+                    mtp_share = mtp_loss * (shift_labels != -100).sum().clamp_min(1) / num_items_in_batch
                 loss = loss + self.config.mtp_loss_weight * mtp_share
             balance_terms = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
             if balance_terms:
                 balance_loss = torch.stack(balance_terms).sum()
                 loss = loss + balance_loss
+            elif self.training and torch.is_grad_enabled() and self.config.seq_balance_alpha > 0 and self.moe_layers():
+                warnings.warn(
+                    "seq_balance_alpha > 0 but no MoE layer produced the sequence-wise balance loss: reentrant "
+                    "gradient checkpointing (use_reentrant=True) runs the layers without gradients. Use "
+                    "use_reentrant=False (transformers' default) to train it.", stacklevel=2)
 
         expert_load = max_vio = None
         loads = [m.last_load_E for m in self.moe_layers() if m.last_load_E is not None] if (
-            self.training or labels is not None
+            self.training or shift_labels is not None
         ) else []
         if loads:
             expert_load = torch.stack(loads)
             main_loads = expert_load[: len(self.moe_layers(include_mtp=False))]
             max_vio = max_violation(main_loads).mean() if len(main_loads) else None
-        if self.training and torch.is_grad_enabled() and labels is not None:
-            self._accumulate_train_metrics(mtp_loss=mtp_loss, balance_loss=balance_loss, maxvio=max_vio)
+        if shift_labels is not None:
+            if self.training and torch.is_grad_enabled():
+                self._accumulate_metrics("train", lm_loss=main_loss, mtp_loss=mtp_loss, balance_loss=balance_loss,
+                                         maxvio=max_vio)
+            elif not self.training:
+                self._accumulate_metrics("eval", lm_loss=main_loss, mtp_loss=mtp_loss)
 
-        return DeepseekCausalLMOutput(
+        output = DeepseekCausalLMOutput(
             loss=loss,
             aux_loss=balance_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
             main_loss=main_loss,
             mtp_loss=mtp_loss,
             balance_loss=balance_loss,
             expert_load=expert_load,
             max_violation=max_vio,
             mtp_logits=mtp_logits,
+            **cache_kwargs(getattr(outputs, CACHE_NAME)),
         )
+        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
 
     # ------------------------------------------------------------------------------------------------------------
-    # Training metrics, read by trainers.callbacks.DeepseekTrainerCallback at every Trainer log step
-    def _accumulate_train_metrics(self, **values) -> None:
-        sums = self.__dict__.setdefault("_train_metric_sums", {})
+    # Training and evaluation metrics, read by trainers.callbacks.DeepseekTrainerCallback at every log / evaluation
+    def _accumulate_metrics(self, split: str, **values) -> None:
+        sums = self.__dict__.setdefault("_metric_sums", {}).setdefault(split, {})
         for name, value in values.items():
             if value is not None:  # detached device tensors: no host sync per step
                 total, count = sums.get(name, (0.0, 0))
                 sums[name] = (total + value.detach().float(), count + 1)
 
-    def pop_train_metrics(self) -> dict[str, float]:
-        """Means of the MTP loss, balance loss and MaxVio over the training forwards since the last call."""
-        sums = self.__dict__.pop("_train_metric_sums", {})
+    def _pop_metrics(self, split: str) -> dict[str, float]:
+        sums = self.__dict__.get("_metric_sums", {}).pop(split, {})
         return {name: float(total) / count for name, (total, count) in sums.items() if count}
+
+    def pop_train_metrics(self) -> dict[str, float]:
+        """Means of the LM loss, MTP loss, balance loss and MaxVio over the training forwards since the last call."""
+        return self._pop_metrics("train")
+
+    def pop_eval_metrics(self) -> dict[str, float]:
+        """Means of the LM loss (next-token CE alone) and the MTP loss over the eval forwards with labels since the
+        last call. `loss` / Trainer's eval_loss is the total objective; lm_loss is what compares with other models."""
+        return self._pop_metrics("eval")
 
     # ------------------------------------------------------------------------------------------------------------
     # Serving
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets the latent cache; FP8 with generate(latent_cache_dtype="fp8") or config.latent_cache_dtype."""
-        if model_kwargs.get("past_key_values") is None and generation_config.cache_implementation in (None, "dynamic"):
-            model_kwargs["past_key_values"] = DeepseekLatentCache(fp8=self._latent_cache_dtype == "fp8")
-            return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """transformers' generate, plus `use_mtp=True`: self-speculative decoding with the MTP module (speculative.py).
+        """transformers' generate over the latent cache, plus `use_mtp=True`: self-speculative decoding with the MTP
+        module (speculative.py).
 
-        Works at any batch size and with left padding. The acceptance rate is logged, kept on `self.last_mtp_stats`,
-        and returned on the output with return_dict_in_generate=True.
+        The cache is a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype),
+        handed to transformers' generate like a user's cache. Caches laid out per head and fixed in size
+        (cache_implementation "static", "offloaded_static", "quantized", ...) cannot hold the latent and are
+        refused. MTP speculation works at any batch size and with left padding; the acceptance rate is logged, kept
+        on `self.last_mtp_stats`, and returned on the output with return_dict_in_generate=True.
         """
-        self._latent_cache_dtype = kwargs.pop("latent_cache_dtype", self.config.latent_cache_dtype)
-        if self._latent_cache_dtype not in (None, "fp8"):
-            raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {self._latent_cache_dtype!r}")
+        latent_cache_dtype = kwargs.pop("latent_cache_dtype", self.config.latent_cache_dtype)
+        if latent_cache_dtype not in (None, "fp8"):
+            raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {latent_cache_dtype!r}")
+        base = generation_config if generation_config is not None else self.generation_config
+        implementation = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"generate(cache_implementation={implementation!r}) is not supported: DeepSeek's MLA caches one "
+                f"{self.config.latent_cache_dim}-wide latent per token (DeepseekLatentCache), which the per-head "
+                "static / quantized / offloaded caches cannot hold. Leave cache_implementation unset."
+            )
+        kwargs.pop("cache_implementation", None)
         use_mtp = kwargs.pop("use_mtp", None)
         draft_tokens = kwargs.pop("mtp_draft_tokens", None)
-        base = generation_config if generation_config is not None else self.generation_config
         kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
@@ -426,6 +496,9 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             if generation_config is not None and getattr(generation_config, "use_mtp", False):
                 generation_config = copy.deepcopy(generation_config)
                 generation_config.use_mtp = False
+            user_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if user_cache is None and kwargs.get("use_cache", getattr(base, "use_cache", True)) is not False:
+                kwargs[CACHE_NAME] = DeepseekLatentCache(fp8=latent_cache_dtype == "fp8")
             return super().generate(inputs, generation_config=generation_config, **kwargs)
 
         gc = copy.deepcopy(base)
@@ -434,13 +507,13 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids")
         attention_mask = model_kwargs.pop("attention_mask", None)
         streamer = model_kwargs.pop("streamer", None)
-        for ignored in ("logits_processor", "stopping_criteria", "past_key_values", "use_cache"):
+        for ignored in ("logits_processor", "stopping_criteria", "past_key_values", "cache", "use_cache"):
             if model_kwargs.pop(ignored, None) not in (None, True, [], ()):
                 raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
         if model_kwargs:
             raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
         sequences, stats = mtp_generate(
-            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=self._latent_cache_dtype == "fp8",
+            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=latent_cache_dtype == "fp8",
             draft_tokens=draft_tokens,
         )
         self.last_mtp_stats = stats

@@ -6,7 +6,9 @@ D sequential modules; module k (1-based) predicts token i+k+1 at position i from
     h^k  = TransformerBlock_k(h')
     logits^k = lm_head(shared_head.norm(h^k))
 
-where h^0 is the main model's last block output and Emb / lm_head are the main model's own (shared, not copied).
+where h^0 is the main model's final hidden state (after model.norm, as transformers' MtpModel, vLLM and SGLang feed
+it, so the same weights draft the same tokens everywhere) and Emb / lm_head are the main model's own (shared, not
+copied).
 Training adds lambda/D * sum_k CE_k to the loss; at inference the modules draft tokens for self-speculative decoding.
 
 Sequences keep their full length T at every depth: the token stream is shifted left by k and the k positions that
@@ -42,10 +44,10 @@ def mtp_inputs(h_prev_BTD: torch.Tensor, embeds_BTD: torch.Tensor, depth: int) -
     return h_prev_BTD, shifted
 
 
-def mtp_labels(labels_BT: torch.Tensor, depth: int, ignore_index: int = -100) -> torch.Tensor:
-    """Labels for depth k, in the usual "shift inside the loss" convention: position i is scored on t_{i+k+1}."""
-    shifted = torch.full_like(labels_BT, ignore_index)
-    shifted[:, : labels_BT.shape[1] - depth] = labels_BT[:, depth:]
+def mtp_labels(shift_labels_BT: torch.Tensor, depth: int, ignore_index: int = -100) -> torch.Tensor:
+    """Targets for depth k from the main model's (already shifted) targets: position i is scored on t_{i+k+1}."""
+    shifted = torch.full_like(shift_labels_BT, ignore_index)
+    shifted[:, : shift_labels_BT.shape[1] - depth] = shift_labels_BT[:, depth:]
     return shifted
 
 

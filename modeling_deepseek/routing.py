@@ -9,7 +9,8 @@ V3 (`topk_method="noaux_tc"`, `scoring_func="sigmoid"`):
   4. top-k over what is left; gate weights are the *unbiased* s of the chosen experts, normalised to sum to one when
      `norm_topk_prob`, then times `routed_scaling_factor`.
 V2 (`scoring_func="softmax"`): softmax affinities, `greedy` top-k or `group_limited_greedy` (groups scored by their
-max); weights are the softmax probabilities times `routed_scaling_factor` (normalised only if `norm_topk_prob`).
+max); weights are the softmax probabilities, either normalised to sum to one (`norm_topk_prob`) or times
+`routed_scaling_factor`, never both (as the official V2 code does).
 
 The bias is updated outside the model, once per optimizer step (see balancing.py).
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .compat import keep_fp32_buffers
 
 
 class DeepseekTopkRouter(nn.Module):
@@ -45,12 +48,7 @@ class DeepseekTopkRouter(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must not round the balancing state: keep the fp32 values, follow the device only.
-        keep = {name: getattr(self, name) for name in ("e_score_correction_bias", "pending_load")
-                if getattr(self, name, None) is not None}
-        super()._apply(fn, recurse)
-        for name, fp32 in keep.items():
-            self._buffers[name] = fp32.to(device=self._buffers[name].device, dtype=torch.float32)
-        return self
+        return keep_fp32_buffers(self, fn, recurse, ("e_score_correction_bias", "pending_load"))
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns router logits [T, E], gate weights [T, K], expert ids [T, K] and affinities [T, E] (fp32)."""
@@ -65,7 +63,9 @@ class DeepseekTopkRouter(nn.Module):
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return logits_TE, weights_TK * self.routed_scaling_factor, expert_ids_TK, scores_TE
+        if self.scoring_func == "sigmoid" or not self.norm_topk_prob:  # V2 normalises *or* scales, V3 does both
+            weights_TK = weights_TK * self.routed_scaling_factor
+        return logits_TE, weights_TK, expert_ids_TK, scores_TE
 
     def _mask_to_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
         T = choice_TE.shape[0]
@@ -79,17 +79,21 @@ class DeepseekTopkRouter(nn.Module):
         return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
 
 
-def sequence_balance_loss(scores_BTE: torch.Tensor, expert_ids_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
+def sequence_balance_loss(scores_BTE: torch.Tensor, expert_ids_BTK: torch.Tensor, alpha: float,
+                          token_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
     """V3's complementary sequence-wise balance loss (eq. 17-20), averaged over sequences.
 
     f_i = E / (K T) * (tokens of the sequence routed to expert i);  P_i = mean over the sequence of s_i / sum_j s_j;
     loss = alpha * sum_i f_i P_i. Gradients flow through P (the affinities), not through the discrete counts f.
+    With `token_mask_BT`, T counts a sequence's real tokens only and padding takes no part in f or P.
     """
     B, T, E = scores_BTE.shape
     K = expert_ids_BTK.shape[-1]
+    mask_BT = torch.ones(B, T, device=scores_BTE.device) if token_mask_BT is None else token_mask_BT.float()
+    tokens_B1 = mask_BT.sum(dim=1, keepdim=True).clamp_min(1)
     counts_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
-        1, expert_ids_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device)
+        1, expert_ids_BTK.reshape(B, -1), mask_BT.repeat_interleave(K, dim=1)
     )
-    f_BE = counts_BE * (E / (K * T))
-    p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    f_BE = counts_BE * E / (K * tokens_B1)
+    p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True) * mask_BT[..., None]).sum(dim=1) / tokens_B1
     return alpha * (f_BE * p_BE).sum(dim=-1).mean()

@@ -20,7 +20,7 @@ from then on (a "hole"). Position ids count only the valid slots, so RoPE and th
 those of the compact sequence. Left padding is the same mechanism: the prompt's padding slots are holes from the
 start. The MTP module keeps its own latent cache whose slots line up one-to-one with the main cache's.
 
-The MTP module at position i reads the main model's pre-norm hidden state at i and the embedding of token i+1, so
+The MTP module at position i reads the main model's final (normed) hidden state at i and the embedding of token i+1, so
 it runs once per step over the same k+1 slots, after the main model has decided which tokens they hold.
 """
 
@@ -45,7 +45,8 @@ _UNSUPPORTED = {
     "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
     "bad_words_ids": None, "force_words_ids": None, "constraints": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "penalty_alpha": None, "min_new_tokens": None, "begin_suppress_tokens": None,
-    "suppress_tokens": None, "sequence_bias": None, "min_length": 0,
+    "suppress_tokens": None, "sequence_bias": None, "min_length": 0, "stop_strings": None, "output_scores": False,
+    "output_logits": False, "output_attentions": False, "output_hidden_states": False,
 }
 
 
@@ -120,6 +121,8 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
     k = model.config.num_nextn_predict_layers if draft_tokens is None else draft_tokens
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"`mtp_draft_tokens` must be a positive integer, got {k!r}")
+    if streamer is not None and input_ids.shape[0] > 1:
+        raise ValueError("generate(use_mtp=True, streamer=...) streams one sequence: pass a batch of size 1")
     decoder = model.model
     mtp: DeepseekMTPLayer = decoder.mtp_layers[0]
     B, P = input_ids.shape
@@ -140,7 +143,7 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
         embeds = decoder.embed_tokens(next_ids_BT)
         mask = slot_mask(valid, embeds.shape[1], dtype) if masked else None
         return mtp(h_BTD, embeds, attention_mask=mask, position_ids=position_ids,
-                   past_key_values=mtp_cache, position_embeddings=decoder.rotary_emb(embeds, position_ids),
+                   cache=mtp_cache, position_embeddings=decoder.rotary_emb(embeds, position_ids),
                    use_cache=True)
 
     def draft(h_BD, normed_BD, bonus_pos_B, valid):
@@ -168,8 +171,8 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
     h_prompt = []
     for s, e in spans:
         out = decoder(input_ids[:, s:e], attention_mask=slot_mask(valid_BS[:, :e], e - s, dtype) if padded else None,
-                      position_ids=positions_BP[:, s:e], past_key_values=main_cache, use_cache=True)
-        h_prompt.append(out.pre_norm_hidden_state)
+                      position_ids=positions_BP[:, s:e], cache=main_cache, use_cache=True)
+        h_prompt.append(out.last_hidden_state)
     bonus_B, _ = sampler.pick(model.lm_head(out.last_hidden_state[:, -1]))
     next_pos_B = positions_BP[:, -1] + 1  # position of the bonus token, not yet in the cache
     next_ids_BP = torch.cat([input_ids[:, 1:], bonus_B[:, None]], 1)
@@ -183,12 +186,12 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
         streamer.put(input_ids.cpu())
         streamer.put(bonus_B.cpu())
 
-    while min(len(t) for t in new_tokens) < max_new and not all(done):
+    while not all(d or len(t) >= max_new for d, t in zip(done, new_tokens)):
         step_ids = torch.cat([bonus_B[:, None], drafts_BK], 1)
         step_pos = next_pos_B[:, None] + slots_K1
         valid_BS = torch.cat([valid_BS, valid_BS.new_ones(B, k + 1)], 1)
         out = decoder(step_ids, attention_mask=slot_mask(valid_BS, k + 1, dtype), position_ids=step_pos,
-                      past_key_values=main_cache, use_cache=True)
+                      cache=main_cache, use_cache=True)
         logits_BTV = model.lm_head(out.last_hidden_state)
 
         if sampler.do_sample:
@@ -212,22 +215,23 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
 
         stats.steps += 1
         for r, (a, ds, nb) in enumerate(zip(n_acc_B.tolist(), drafts_BK.tolist(), new_bonus_B.tolist())):
-            if done[r]:
+            if done[r] or len(new_tokens[r]) >= max_new:
                 continue
             stats.drafted += k
             stats.accepted += a
-            emitted = ds[:a] + [nb]
-            for t in emitted:
+            kept = []  # what this step adds to the row: up to max_new_tokens, and nothing after an EOS
+            for t in ds[:a] + [nb]:
                 if len(new_tokens[r]) < max_new and not done[r]:
                     new_tokens[r].append(t)
+                    kept.append(t)
                     done[r] = t in eos_list
-            if streamer is not None and B == 1:
-                streamer.put(torch.tensor(emitted))
+            if streamer is not None and kept:
+                streamer.put(torch.tensor(kept))
 
         # MTP over the same k+1 slots: slot j pairs h(slot j) with the token that now follows it.
         drafts_ext = torch.cat([drafts_BK, new_bonus_B[:, None]], 1)
         next_BT = torch.where(slots_K1[None] < n_acc_B[:, None], drafts_ext, new_bonus_B[:, None])
-        h, normed = run_mtp(out.pre_norm_hidden_state, next_BT, step_pos, valid_BS)
+        h, normed = run_mtp(out.last_hidden_state, next_BT, step_pos, valid_BS)
         next_pos_B = next_pos_B + n_acc_B + 1
         drafts_BK, q_BKV = draft(h[rows, n_acc_B], normed[rows, n_acc_B], next_pos_B, valid_BS)
         bonus_B = new_bonus_B
