@@ -1,0 +1,332 @@
+"""GRPO for DeepSeek models: `trl.GRPOTrainer` with the DeepSeek training signal kept alive during RL.
+
+A TRL GRPO script switches by changing its import: same constructor, reward convention, loss types, options and
+logged metrics, because this is TRL's trainer and TRL's loop. For a DeepSeek model (modeling_deepseek) it changes
+what happens around that loop:
+
+- Rollouts. TRL's generation step (`_generate_single_turn`, the narrowest point) is replaced for DeepSeek models:
+  prompts left-padded into one batch, the model's own generate (absorbed MLA over the latent cache), routing in
+  eval mode (rollouts never count towards the balancing loads) and the model put back in training mode for the
+  loss. The rollout returns the sampled tokens' log-probabilities, log_softmax(logits / temperature) as TRL's
+  loss forward computes them, so TRL carries them as `sampling_per_token_logps` and this trainer logs how far the
+  training forward's are from them (`sampling/sampling_logp_difference/{mean,max}`, the names TRL uses for vLLM).
+  With `use_mtp=True` the rollouts are MTP self-speculative (same distribution, exactly: speculative sampling),
+  with `mtp/acceptance_rate` logged; those rollouts carry no log-probabilities.
+- Balancing. The aux-loss-free bias needs no help: it moves from a global optimizer-step hook
+  (modeling_deepseek/balancing.py) with the loads of the training forwards, i.e. the loss forwards here; rollouts,
+  old-policy and reference forwards run without gradients or in eval mode and count nothing. Per-layer MaxVio of
+  the loss forwards is logged (`moe/maxvio`, `moe/maxvio/layer_<l>`, `moe/min_load/layer_<l>`).
+- Losses. TRL scores the policy with a fused LM head over the backbone (trl.trainer.utils.add_fused_lm_head),
+  which bypasses DeepseekForCausalLM.forward, so this trainer adds what that forward would have added, from the
+  backbone output it captures (a forward hook on our own DeepseekModel):
+    * the sequence-wise balance loss. TRL's MoE option `router_aux_loss_coef` is mapped onto it (TRL's own path
+      would compute Mixtral's loss from the router logits): unset, the model's `seq_balance_alpha` applies as in
+      pre-training; set, it replaces alpha (0 turns it off). Logged as `aux_loss` (unweighted), like TRL.
+    * optionally (`mtp_loss_weight` > 0; off by default) the MTP loss on the completion tokens, so that the MTP
+      module keeps up with the policy and speculative rollouts keep their acceptance rate. Logged as `mtp_loss`.
+
+Reward functions that raise are reported with their name, the sample index and the exception.
+
+TRL internals touched (each is guarded by tests/test_compat.py): the method `_generate_single_turn` (overridden,
+same signature and return), `_compute_loss` (wrapped: super() then the additions), and the attributes
+`generation_config`, `use_vllm`, `use_transformers_continuous_batching`, `temperature`, `reward_funcs`,
+`reward_func_names` read after TRL's __init__.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import trl
+from torch import nn
+
+from modeling_deepseek import DeepseekForCausalLM
+from modeling_deepseek.balancing import max_violation
+from modeling_deepseek.mtp import mtp_labels
+
+from .callbacks import DeepseekTrainerCallback
+
+
+@dataclass
+class GRPOConfig(trl.GRPOConfig):
+    """trl.GRPOConfig plus the DeepSeek options (ignored for other models)."""
+
+    use_mtp: bool = field(default=False, metadata={
+        "help": "Rollouts by MTP self-speculative decoding (the model needs num_nextn_predict_layers >= 1)."})
+    mtp_draft_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens drafted per speculative step (default: num_nextn_predict_layers)."})
+    mtp_loss_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the MTP loss on completion tokens added to the GRPO loss (0: off)."})
+    deepseek_rollouts: bool = field(default=True, metadata={
+        "help": "Use the package's own rollout path for DeepSeek models (False: TRL's generic generate step)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mtp_loss_weight < 0:
+            raise ValueError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        if self.mtp_draft_tokens is not None and self.mtp_draft_tokens < 1:
+            raise ValueError(f"mtp_draft_tokens must be a positive integer, got {self.mtp_draft_tokens}")
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised; the message names the function, the sample and the exception."""
+
+
+class _ReportingReward:
+    """Calls a reward function; when it raises, finds the first sample that raises on its own and says which."""
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, **kwargs):
+        try:
+            return self.fn(**kwargs)
+        except Exception as batch_error:  # noqa: BLE001  (re-raised with context below)
+            n = len(kwargs.get("prompts") or kwargs.get("completions") or [])
+            for i in range(n):
+                one = {k: [v[i]] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+                try:
+                    self.fn(**one)
+                except Exception as e:  # noqa: BLE001
+                    raise RewardFunctionError(
+                        f"reward function {self.name!r} raised on sample {i} of {n} "
+                        f"(completion {str(kwargs['completions'][i])[:200]!r}): {type(e).__name__}: {e}") from e
+            raise RewardFunctionError(
+                f"reward function {self.name!r} raised on a batch of {n} samples (no single sample reproduces it): "
+                f"{type(batch_error).__name__}: {batch_error}") from batch_error
+
+
+def deepseek_lm(model) -> DeepseekForCausalLM | None:
+    """The DeepseekForCausalLM inside `model` (plain, PEFT-wrapped or DDP-wrapped), or None for other models."""
+    model = getattr(model, "module", model)  # DDP
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model if isinstance(model, DeepseekForCausalLM) else None
+
+
+def left_pad(rows: list[list[int]], pad_id: int, multiple_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids [B, P], attention mask [B, P]), padded on the left (generation appends on the right)."""
+    P = max(len(r) for r in rows)
+    if multiple_of:
+        P = -(-P // multiple_of) * multiple_of
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, P - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[b, P - len(r):] = 1
+    return ids, mask
+
+
+def cut_at_eos(new_BN: torch.Tensor, eos_ids: list[int], logprobs_BN: torch.Tensor | None = None):
+    """Per row, the generated tokens up to and including the first EOS (all of them if none), with their logprobs."""
+    is_eos = torch.isin(new_BN, torch.tensor(eos_ids, device=new_BN.device))
+    N = new_BN.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], N, dtype=torch.long))
+    lengths = (first + 1).clamp(max=N).tolist()
+    ids = [row[:n].tolist() for row, n in zip(new_BN, lengths)]
+    lps = None if logprobs_BN is None else [row[:n].tolist() for row, n in zip(logprobs_BN, lengths)]
+    return ids, lps
+
+
+@contextlib.contextmanager
+def eval_routing(model: nn.Module):
+    """Generation in eval mode (no dropout, no load counting); the previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """trl.GRPOTrainer, DeepSeek-aware (see the module docstring). Same constructor and options as TRL's."""
+
+    def __init__(self, model, reward_funcs=None, args: trl.GRPOConfig | None = None, *pos, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GRPO")
+        lm = deepseek_lm(model) if not isinstance(model, str) else None
+        # TRL's MoE aux-loss path computes Mixtral's load-balancing loss from the router logits; for DeepSeek the
+        # option maps onto the model's sequence-wise balance loss instead, so TRL's own path stays off.
+        coef = args.router_aux_loss_coef
+        if lm is not None:
+            args.router_aux_loss_coef = 0.0
+        try:
+            super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        finally:
+            args.router_aux_loss_coef = coef
+        self.deepseek = deepseek_lm(self.model)
+        self.use_mtp = bool(getattr(args, "use_mtp", False))
+        self.mtp_draft_tokens = getattr(args, "mtp_draft_tokens", None)
+        self.mtp_loss_weight = float(getattr(args, "mtp_loss_weight", 0.0))
+        self.deepseek_rollouts = bool(getattr(args, "deepseek_rollouts", True))
+        if self.deepseek is None:
+            for option in ("use_mtp", "mtp_loss_weight"):
+                if getattr(self, option):
+                    raise ValueError(f"`{option}` needs a DeepSeek model (modeling_deepseek); got "
+                                     f"{type(self.model).__name__}")
+        else:
+            cfg = self.deepseek.config
+            if (self.use_mtp or self.mtp_loss_weight > 0) and cfg.num_nextn_predict_layers < 1:
+                raise ValueError("`use_mtp` / `mtp_loss_weight` need an MTP module: the model's "
+                                 "num_nextn_predict_layers is 0")
+            # alpha of the sequence-wise balance loss: TRL's option when set (it becomes the model's alpha, so that
+            # a layer re-run by gradient checkpointing computes the same graph), else the model's own
+            if coef is not None:
+                if coef < 0:
+                    raise ValueError(f"router_aux_loss_coef must be >= 0, got {coef}")
+                cfg.seq_balance_alpha = float(coef)
+            self.balance_alpha = cfg.seq_balance_alpha
+            self._ds_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+            # Its warning that a replaced forward skips the MTP and balance losses does not apply here (they are
+            # added back below) and its metrics come from the model's own forward, which GRPO's fused head bypasses.
+            self.remove_callback(DeepseekTrainerCallback)
+        # Reward functions (not reward models, not coroutines) report which sample broke them.
+        self.reward_funcs = [
+            f if isinstance(f, nn.Module) or inspect.iscoroutinefunction(f) or isinstance(f, _ReportingReward)
+            else _ReportingReward(f, name)
+            for f, name in zip(self.reward_funcs, self.reward_func_names)
+        ]
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Rollouts
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if (self.deepseek is None or not self.deepseek_rollouts or self.use_vllm
+                or self.use_transformers_continuous_batching or images is not None or multimodal_fields
+                or self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        return self.deepseek_rollout(prompt_ids)
+
+    @torch.no_grad()
+    def deepseek_rollout(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]] | None]:
+        """One batched generate over the (already repeated) prompts: completion ids cut after the first EOS, and the
+        sampled tokens' log-probabilities under logits / temperature (None for MTP rollouts)."""
+        # TRL's generation config, asking for the raw logits too (transformers deprecates passing both a config
+        # and generation arguments)
+        gc = copy.deepcopy(self.generation_config)
+        gc.return_dict_in_generate = True
+        gc.output_logits = not self.use_mtp
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        ids_BP, mask_BP = left_pad(prompt_ids, tokenizer.pad_token_id, self.args.pad_to_multiple_of)
+        device = self.accelerator.device
+        ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
+        eos = gc.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        mode = "train" if self.model.training else "eval"
+        with (trl.models.unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as unwrapped,
+              eval_routing(unwrapped)):
+            if self.use_mtp:
+                out = unwrapped.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gc,
+                                         use_mtp=True, mtp_draft_tokens=self.mtp_draft_tokens)
+                self._ds_metrics[mode]["mtp/acceptance_rate"].append(out.mtp_acceptance_rate)
+                completion_ids, _ = cut_at_eos(out.sequences[:, ids_BP.shape[1]:], eos_ids)
+                return completion_ids, None
+            out = unwrapped.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gc)
+        new_BN = out.sequences[:, ids_BP.shape[1]:]
+        logits_BNV = torch.stack(out.logits, dim=1).float() / self.temperature
+        logprobs_BN = logits_BNV.log_softmax(-1).gather(-1, new_BN[..., None]).squeeze(-1)
+        return cut_at_eos(new_BN, eos_ids, logprobs_BN)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Loss
+    def _compute_loss(self, model, inputs):
+        if self.deepseek is None:
+            return super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        with self._captured_backbone() as calls:
+            loss = super()._compute_loss(model, inputs)
+        if not calls:
+            return loss
+        kwargs, out = calls[-1]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        K = completion_ids.shape[1]
+        mask_BK = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        metrics = self._ds_metrics[mode]
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+
+        moe_layers = self.deepseek.moe_layers(include_mtp=False)
+        loads = [m.last_load_E for m in moe_layers if m.last_load_E is not None]
+        if loads:
+            load_LE = torch.stack(loads).float()
+            vio_L = max_violation(load_LE)
+            metrics["moe/maxvio"].append(vio_L.mean().item())
+            for layer, (vio, load_E) in enumerate(zip(vio_L.tolist(), load_LE)):
+                metrics[f"moe/maxvio/layer_{layer}"].append(vio)
+                metrics[f"moe/min_load/layer_{layer}"].append((load_E.min() / load_E.mean().clamp_min(1e-9)).item())
+
+        terms = [m.last_balance_loss for m in moe_layers if m.last_balance_loss is not None]
+        if terms and self.balance_alpha > 0:
+            balance = torch.stack(terms).sum()
+            loss = loss + balance / accumulation
+            metrics["aux_loss"].append(balance.item() / self.balance_alpha)
+
+        if self.mtp_loss_weight > 0 and self.model.training:
+            mtp = self._mtp_loss(kwargs, out, completion_ids, mask_BK)
+            loss = loss + self.mtp_loss_weight * mtp / accumulation
+            metrics["mtp_loss"].append(mtp.item())
+
+        # How far the rollout's log-probabilities are from the training forward's (TRL logs this for vLLM).
+        sampled = inputs.get("sampling_per_token_logps")
+        if sampled is not None:
+            reference = inputs.get("old_per_token_logps")
+            if reference is None:
+                with torch.no_grad():
+                    h_BKD = out.last_hidden_state[:, -K - 1:-1]
+                    logits = self.deepseek.lm_head(h_BKD).float() / self.temperature
+                    reference = logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
+            delta = (reference - sampled).abs()[mask_BK.bool()]
+            if delta.numel():
+                metrics["sampling/sampling_logp_difference/mean"].append(delta.mean().item())
+                metrics["sampling/sampling_logp_difference/max"].append(delta.max().item())
+        return loss
+
+    def _mtp_loss(self, kwargs, out, completion_ids, mask_BK) -> torch.Tensor:
+        """Mean over depths of the MTP cross-entropy, scored on the completion tokens only."""
+        backbone, lm = self.deepseek.model, self.deepseek
+        input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        T, K = input_ids.shape[1], completion_ids.shape[1]
+        targets_BT = torch.full_like(input_ids, -100)
+        targets_BT[:, T - K:] = completion_ids.masked_fill(mask_BK == 0, -100)
+        shift_labels = F.pad(targets_BT, (0, 1), value=-100)[:, 1:]  # position i is scored on token i + 1
+        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
+        hs = backbone.run_mtp(out.last_hidden_state, backbone.embed_tokens(input_ids), position_ids, attention_mask)
+        losses = [F.cross_entropy(lm.lm_head(h).float().flatten(0, 1), mtp_labels(shift_labels, k).flatten(),
+                                  ignore_index=-100)
+                  for k, h in enumerate(hs, start=1)]
+        return torch.stack(losses).mean()
+
+    @contextlib.contextmanager
+    def _captured_backbone(self):
+        """(kwargs, output) of every call of our DeepseekModel inside the block (the fused head calls it directly)."""
+        calls = []
+        handle = self.deepseek.model.register_forward_hook(
+            lambda module, args, kwargs, output: calls.append((kwargs, output)), with_kwargs=True)
+        try:
+            yield calls
+        finally:
+            handle.remove()
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Logging: the DeepSeek metrics next to TRL's, averaged over the steps since the last log
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.deepseek is not None:
+            mode = "train" if self.model.training else "eval"
+            prefix = "eval_" if mode == "eval" else ""
+            for name, values in self._ds_metrics[mode].items():
+                if values:
+                    logs[prefix + name] = sum(values) / len(values)
+            self._ds_metrics[mode].clear()
+        super().log(logs, start_time)
