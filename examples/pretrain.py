@@ -7,9 +7,9 @@ The default corpus is the Python standard library's own source code, so the job 
 
 Steps: build the corpus and a byte-level BPE tokenizer (saved to OUTPUT/tokenizer); pack it into fixed-length
 blocks; build a DeepseekForCausalLM from the config (vocab = tokenizer size); evaluate; train with
-transformers.Trainer; evaluate again; save model + tokenizer + generation config to OUTPUT/final; reload it through
-AutoModelForCausalLM and generate code with pipeline("text-generation"). A loss plot (OUTPUT/loss.png) and the
-metrics (OUTPUT/metrics.json) are written as well.
+trainers.DeepseekTrainer (transformers' Trainer with the DeepSeek callback); evaluate again; save model + tokenizer +
+generation config to OUTPUT/final; reload it through AutoModelForCausalLM and generate code with
+pipeline("text-generation"). A loss plot (OUTPUT/loss.png) and the metrics (OUTPUT/metrics.json) are written as well.
 
 Checkpoints go to OUTPUT/trainer every --save-steps steps, written atomically (a killed job never leaves a half
 checkpoint); after an interruption, run the same command with --resume to continue where the newest one left off.
@@ -263,8 +263,8 @@ def save_loss_plot(log_history: list[dict], path: Path, title: str, initial_eval
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     if initial_eval_loss is not None:
         evals.insert(0, (0, initial_eval_loss))
-    # mtp_loss / maxvio are added to the train logs by trainers.callbacks.DeepseekTrainerCallback, which
-    # `import modeling_deepseek` installs as a default Trainer callback.
+    # mtp_loss / maxvio are added to the train logs by trainers.callbacks.DeepseekTrainerCallback (which
+    # DeepseekTrainer adds).
     mtp = [(h["step"], h["mtp_loss"]) for h in log_history if "mtp_loss" in h and "loss" in h]
     maxvio = [(h["step"], h.get("maxvio", h.get("max_violation"))) for h in log_history
               if "loss" in h and ("maxvio" in h or "max_violation" in h)]
@@ -301,12 +301,13 @@ def main(argv=None) -> dict:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from transformers import (AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments,
-                              default_data_collator, pipeline, set_seed)
+    from transformers import (AutoModelForCausalLM, GenerationConfig, TrainingArguments, default_data_collator,
+                              pipeline, set_seed)
     from transformers.trainer_utils import get_last_checkpoint
 
     import modeling_deepseek  # noqa: F401  (registers model_type "deepseek" with the Auto classes)
     from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+    from trainers import DeepseekTrainer
     from trainers.corpus import pack_texts, train_tokenizer_from_texts
 
     set_seed(args.seed)
@@ -383,8 +384,9 @@ def main(argv=None) -> dict:
         data_seed=args.seed,
     )
     load_recorder = ExpertLoadRecorder()
-    # Plain Trainer: `import modeling_deepseek` adds the MTP / MaxVio logging callback and atomic checkpoints.
-    trainer = Trainer(
+    # DeepseekTrainer: transformers' Trainer plus DeepseekTrainerCallback (lm_loss / mtp_loss / MaxVio logging,
+    # eval_lm_loss and eval_perplexity) and atomic checkpoints.
+    trainer = DeepseekTrainer(
         model=model,
         args=training_args,
         train_dataset=train_ds,

@@ -3,6 +3,10 @@
 Importing this package registers model_type "deepseek" with AutoConfig, AutoModel and AutoModelForCausalLM, and the
 checkpoint conversion that maps official per-expert keys (`mlp.experts.{j}.gate_proj.weight` ...) onto our fused
 expert tensors on load and back on save. Both are idempotent: importing or reloading twice never raises.
+
+Nothing else outside the package changes: no Trainer default, no class of another library is patched, and none of
+trl / peft / datasets / bitsandbytes is imported. Training integration is explicit, in trainers/ (see the README):
+`Trainer(..., callbacks=[DeepseekTrainerCallback()])`, or `trainers.DeepseekTrainer`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -16,14 +20,6 @@ def _register() -> None:
     AutoConfig.register(DeepseekConfig.model_type, DeepseekConfig, exist_ok=True)
     AutoModel.register(DeepseekConfig, DeepseekModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepseekConfig, DeepseekForCausalLM, exist_ok=True)
-    try:  # Trainer integration (every Trainer, TRL's too): MTP / MaxVio logging, the MTP-weight schedule, and
-        # atomic checkpoints for DeepSeek models
-        from trainers.callbacks import register_default_callback
-        from trainers.checkpointing import install_default_atomic_checkpoints
-    except ImportError:  # the package installed without its trainers/ sibling
-        return
-    register_default_callback()
-    install_default_atomic_checkpoints()
 
 
 _register()

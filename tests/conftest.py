@@ -22,7 +22,6 @@ from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-warnings.filterwarnings("ignore", category=FutureWarning)
 # Tiny shapes: one intra-op thread is fastest, and immune to OpenMP spin contention when the 2 cores are busy.
 torch.set_num_threads(1)
 

@@ -7,6 +7,7 @@ at model.layers.3), so every router below is one of three: two in the main model
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -16,10 +17,10 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers import trainer as hf_trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_deepseek import balancing
+from trainers import DeepseekTrainer
 from trainers.callbacks import DeepseekTrainerCallback
 from trainers.sft import DeepseekSFTTrainer
 from trainers.checkpointing import (
@@ -110,21 +111,42 @@ def train_logs(trainer) -> list[dict]:
 # plain Trainer: metrics, one bias update per optimizer step, gradient checkpointing, bf16
 
 
-def test_callback_is_registered_by_default():
-    assert DeepseekTrainerCallback in hf_trainer.DEFAULT_CALLBACKS
+def has_deepseek_callback(trainer) -> bool:
+    return any(isinstance(cb, DeepseekTrainerCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_integration_is_explicit_and_inert_for_other_models(tmp_path):
+    """Nothing is installed by default: a plain Trainer has no DeepSeek callback; DeepseekTrainer / DeepseekSFTTrainer
+    add it. Given to a Trainer of another model, the callback changes nothing in its logs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert not has_deepseek_callback(Trainer(model=tiny_model(train=True), args=train_args(tmp_path)))
+    assert has_deepseek_callback(DeepseekTrainer(model=tiny_model(train=True), args=train_args(tmp_path)))
+
+    def llama_logs(callbacks):
+        torch.manual_seed(0)
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+        trainer = Trainer(model=llama, args=train_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2),
+                          train_dataset=lm_dataset(4), eval_dataset=lm_dataset(2, seed=5), callbacks=callbacks)
+        trainer.train()
+        return [{k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}
+                for h in trainer.state.log_history]
+
+    assert llama_logs([DeepseekTrainerCallback()]) == llama_logs([])
 
 
 def test_trainer_accumulation_checkpointing_bf16(tmp_path, monkeypatch):
-    """GA=2, gradient checkpointing and bf16 autocast: metrics logged, one bias update per optimizer step that counts
-    each micro-batch once (the checkpointed layers run twice), and the bias stays fp32."""
+    """GA=2, activation checkpointing and bf16 autocast: metrics logged, one bias update per optimizer step that counts
+    each micro-batch once (the checkpointed layers run twice), and the bias stays fp32. A plain Trainer given the
+    callback."""
     counter = BiasUpdateCounter(monkeypatch)
     model = tiny_model(train=True)
     gamma = model.config.bias_update_speed
     bias0 = [r.e_score_correction_bias.clone() for r in routers(model)]
     probe = StepProbe()
-    args = train_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True, bf16=True)
-    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(32), callbacks=[probe])
-    assert any(isinstance(cb, DeepseekTrainerCallback) for cb in trainer.callback_handler.callbacks)
+    args = train_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, activation_checkpointing=True, bf16=True)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(32), callbacks=[probe, DeepseekTrainerCallback()])
 
     router_calls, head_dtypes = [], []
     router = model.model.layers[1].moe.gate  # (the MoE module's own hook may not fire on the recompute: torch stops
@@ -141,7 +163,7 @@ def test_trainer_accumulation_checkpointing_bf16(tmp_path, monkeypatch):
     # Mixed precision really was on, and gradient checkpointing really re-ran the layers in backward.
     assert trainer.accelerator.mixed_precision == "bf16"
     assert set(head_dtypes) == {torch.bfloat16}
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     micro_batches = 4 * 2
     assert len(router_calls) == 2 * micro_batches, "expected one forward plus one recomputation per micro-batch"
 
@@ -149,9 +171,9 @@ def test_trainer_accumulation_checkpointing_bf16(tmp_path, monkeypatch):
     logs = train_logs(trainer)
     assert [h["step"] for h in logs] == [1, 2, 3, 4]
     for h in logs:
-        for key in ("loss", "mtp_loss", "maxvio", "balance_loss"):
+        for key in ("loss", "lm_loss", "mtp_loss", "maxvio", "balance_loss"):
             assert key in h and isinstance(h[key], float) and h[key] == h[key], (key, h)
-        assert h["maxvio"] >= 0 and h["balance_loss"] > 0 and h["mtp_loss"] > 0
+        assert h["maxvio"] >= 0 and h["balance_loss"] > 0 and h["mtp_loss"] > 0 and h["lm_loss"] > 0
 
     # One update per optimizer step, each seeing both micro-batches exactly once: B * T * K tokens per micro-batch.
     assert len(counter.calls) == 4
@@ -199,12 +221,80 @@ def test_trainer_on_bf16_model_keeps_fp32_bias(tmp_path):
 def test_mtp_weight_schedule(tmp_path):
     model = tiny_model(train=True, mtp_loss_weight_late=0.1, mtp_late_fraction=0.5)
     assert model.config.mtp_loss_weight == pytest.approx(0.3)
-    trainer = Trainer(model=model, args=train_args(tmp_path, max_steps=4), train_dataset=lm_dataset(16))
+    trainer = DeepseekTrainer(model=model, args=train_args(tmp_path, max_steps=4), train_dataset=lm_dataset(16))
     trainer.train()
     weights = [h["mtp_loss_weight"] for h in train_logs(trainer)]
     # Steps 1-2 start at global_step 0-1 (< 0.5 * 4): early weight; steps 3-4: late weight.
     assert weights == pytest.approx([0.3, 0.3, 0.1, 0.1])
     assert model.config.mtp_loss_weight == pytest.approx(0.1)
+
+
+def _by_hand(model, ds, batch: int) -> tuple[float, float]:
+    """Mean main CE and mean MTP CE of eval-mode forwards over `ds` in batches of `batch` (Trainer's eval order)."""
+    model.eval()
+    lm, mtp = [], []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch):
+            ids = torch.tensor(ds["input_ids"][i:i + batch])
+            out = model(ids, labels=ids)
+            lm.append(out.main_loss.item())
+            mtp.append(out.mtp_loss.item())
+    model.pop_eval_metrics()  # these forwards were ours, not an evaluation's
+    return sum(lm) / len(lm), sum(mtp) / len(mtp)
+
+
+def test_eval_logs_lm_loss_and_perplexity(tmp_path):
+    """eval_loss is the total objective (CE + mtp_loss_weight * MTP). The callback adds eval_lm_loss (the next-token
+    CE alone, what compares with other causal LMs), eval_mtp_loss and eval_perplexity = exp(eval_lm_loss) to the
+    metrics evaluate() returns and to log_history, at every evaluation in training and standalone; the train logs
+    carry lm_loss next to the total loss."""
+    model = tiny_model(train=True)
+    w = model.config.mtp_loss_weight
+    eval_ds = lm_dataset(4, seed=7)
+    _by_hand(model, lm_dataset(2, seed=9), 2)  # an eval forward before training ...
+    model.eval()
+    with torch.no_grad():  # ... and one left unread: neither may leak into the first evaluation
+        ids = random_ids(2, SEQ, seed=9)
+        model(ids, labels=ids)
+    model.train()
+    # label_names given: the model-side finding of label names is tested on its own below
+    args = train_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2,
+                      label_names=["labels"])
+    trainer = DeepseekTrainer(model=model, args=args, train_dataset=lm_dataset(8), eval_dataset=eval_ds)
+    trainer.train()
+
+    for h in train_logs(trainer):  # one optimizer step per log, no accumulation: the parts add up to the loss
+        assert h["loss"] == pytest.approx(h["lm_loss"] + w * h["mtp_loss"] + h["balance_loss"], abs=1e-4), h
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    for h in evals:
+        assert h["eval_perplexity"] == pytest.approx(math.exp(h["eval_lm_loss"]), rel=1e-12), h
+        assert h["eval_loss"] == pytest.approx(h["eval_lm_loss"] + w * h["eval_mtp_loss"], abs=1e-5), h
+        assert h["eval_loss"] > h["eval_lm_loss"]
+
+    metrics = trainer.evaluate()  # standalone, after training: the model as trained
+    lm, mtp = _by_hand(model, eval_ds, 2)
+    assert metrics["eval_lm_loss"] == pytest.approx(lm, abs=1e-5)
+    assert metrics["eval_mtp_loss"] == pytest.approx(mtp, abs=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(lm), rel=1e-5)
+    assert evals[-1]["eval_lm_loss"] == pytest.approx(lm, abs=1e-5)  # step 2's evaluation saw the same model
+    logged = trainer.state.log_history[-1]
+    assert {k: logged[k] for k in ("eval_lm_loss", "eval_mtp_loss", "eval_perplexity")} == {
+        k: metrics[k] for k in ("eval_lm_loss", "eval_mtp_loss", "eval_perplexity")}
+
+
+def test_trainer_evaluates_the_loss_of_batches_with_labels(tmp_path):
+    """Trainer scores an eval batch only when it holds every name in its label_names, which it takes from the
+    forward's parameters with "label" in their name: `shift_labels` must not be one (transformers' models take it
+    through **kwargs), or batches with `labels` get no eval_loss at all."""
+    from transformers.utils import find_labels
+
+    from modeling_deepseek import DeepseekForCausalLM
+
+    assert find_labels(DeepseekForCausalLM) == ["labels"], (
+        f"Trainer would require {find_labels(DeepseekForCausalLM)} in every eval batch (no eval_loss with labels only)")
+    trainer = Trainer(model=tiny_model(), args=train_args(tmp_path), eval_dataset=lm_dataset(2))
+    assert "eval_loss" in trainer.evaluate()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -222,23 +312,26 @@ def _word_level_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def _sft_trainer(tmp_path, model, trainer_cls=None, steps=3):
+def _sft_trainer(tmp_path, model, trainer_cls=None, steps=3, callbacks=None):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, max_length=SEQ, seed=0,
         dataset_num_proc=None,
+        # trl's configs default gradient_checkpointing=True, the name transformers deprecated: say it the new way
+        activation_checkpointing=True,
     )
     cls = trainer_cls or SFTTrainer
-    return cls(model=model, args=args, train_dataset=lm_dataset(16, labels=False), processing_class=_word_level_tokenizer())
+    return cls(model=model, args=args, train_dataset=lm_dataset(16, labels=False), processing_class=_word_level_tokenizer(),
+               callbacks=callbacks)
 
 
 def test_sft_trainer_updates_bias(tmp_path, monkeypatch):
     counter = BiasUpdateCounter(monkeypatch)
     model = tiny_model(train=True)
     bias0 = [r.e_score_correction_bias.clone() for r in routers(model)]
-    trainer = _sft_trainer(tmp_path, model)
+    trainer = _sft_trainer(tmp_path, model, callbacks=[DeepseekTrainerCallback()])
     with pytest.warns(UserWarning, match="DeepseekSFTTrainer for the full objective"):
         trainer.train()
     assert len(counter.calls) == 3
@@ -253,13 +346,14 @@ def test_sft_trainer_with_model_loss(tmp_path, monkeypatch):
     model = tiny_model(train=True)
     bias0 = [r.e_score_correction_bias.clone() for r in routers(model)]
     trainer = _sft_trainer(tmp_path, model, trainer_cls=DeepseekSFTTrainer)
+    assert has_deepseek_callback(trainer)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*forward was replaced.*")
         trainer.train()
     logs = train_logs(trainer)
     assert len(logs) == 3
     for h in logs:
-        for key in ("loss", "mtp_loss", "maxvio", "balance_loss"):
+        for key in ("loss", "lm_loss", "mtp_loss", "maxvio", "balance_loss"):
             assert key in h, (key, h)
     assert counter.calls == [[2.0 * SEQ * TOP_K] * 3] * 3  # MTP router included
     assert all(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(bias0, routers(model)))
@@ -278,8 +372,11 @@ def _resume_trainer(out, model, probe, kind: str, save: bool = True):
         save_strategy="steps" if save else "no", save_steps=RESUME_SAVE,
     )
     # 10 samples at 4 per optimizer step: the run crosses two epoch boundaries (shuffled by data_seed each epoch).
-    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(10, seed=3), callbacks=[probe])
-    return make_checkpoints_atomic(trainer) if kind == "atomic" else trainer
+    # "plain": transformers' Trainer with the callback, checkpoints written in place; "atomic": DeepseekTrainer.
+    if kind == "atomic":
+        return DeepseekTrainer(model=model, args=args, train_dataset=lm_dataset(10, seed=3), callbacks=[probe])
+    return Trainer(model=model, args=args, train_dataset=lm_dataset(10, seed=3),
+                   callbacks=[probe, DeepseekTrainerCallback()])
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -367,21 +464,19 @@ def _fail_while_saving_optimizer(trainer, monkeypatch, observed: dict | None = N
     monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", failing)
 
 
-def test_plain_trainer_checkpoint_of_deepseek_is_atomic(tmp_path, monkeypatch):
-    """`import modeling_deepseek` makes a plain Trainer's checkpoints atomic for DeepSeek models: a save that dies
-    half-way publishes nothing. Opting out shows why: transformers 5.23 writes checkpoint-N in place, so the same
-    failure leaves a directory that get_last_checkpoint (and resume_from_checkpoint=True) takes for the newest."""
-    for atomic in (True, False):
-        run_dir = tmp_path / f"atomic_{atomic}"
-        trainer = Trainer(model=tiny_model(train=True), train_dataset=lm_dataset(8),
-                          args=train_args(run_dir, max_steps=2, save_strategy="steps", save_steps=2))
-        assert not isinstance(trainer, AtomicCheckpointMixin)  # no wrapping or subclassing by the user
-        trainer.atomic_checkpoints = atomic
+def test_deepseek_trainer_checkpoints_are_atomic(tmp_path, monkeypatch):
+    """DeepseekTrainer's checkpoints are atomic: a save that dies half-way publishes nothing. A plain Trainer shows
+    why: transformers writes checkpoint-N in place, so the same failure leaves a directory that get_last_checkpoint
+    (and resume_from_checkpoint=True) takes for the newest."""
+    for cls in (DeepseekTrainer, Trainer):
+        run_dir = tmp_path / cls.__name__
+        trainer = cls(model=tiny_model(train=True), train_dataset=lm_dataset(8),
+                      args=train_args(run_dir, max_steps=2, save_strategy="steps", save_steps=2))
         _fail_while_saving_optimizer(trainer, monkeypatch)
         with pytest.raises(_SaveFailure):
             trainer.train()
         partial = get_last_checkpoint(str(run_dir))
-        if atomic:
+        if cls is DeepseekTrainer:
             assert partial is None and stale_staging_dirs(run_dir) == []
         else:
             assert partial is not None and Path(partial).name == "checkpoint-2"
@@ -389,15 +484,15 @@ def test_plain_trainer_checkpoint_of_deepseek_is_atomic(tmp_path, monkeypatch):
             assert not (Path(partial) / "trainer_state.json").exists()
 
 
-def test_default_atomic_checkpoints_only_for_deepseek_models():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainers.checkpointing import trains_deepseek
-
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
-    assert trains_deepseek(tiny_model()) and not trains_deepseek(llama)
-    assert getattr(Trainer._save_checkpoint, "_deepseek_atomic_default", False)
+def test_atomic_checkpoints_with_push_to_hub_write_in_place(tmp_path, hub_commits):
+    """Checkpoint uploads read the checkpoint after the save returns, so with push_to_hub the staging-and-rename is
+    off, and the trainer says so when it is built."""
+    with pytest.warns(UserWarning, match="with push_to_hub, checkpoints are written in place"):
+        trainer = make_checkpoints_atomic(Trainer(model=tiny_model(train=True), args=train_args(
+            tmp_path, push_to_hub=True, hub_model_id="someone/some-repo", hub_strategy="end")))
+    calls = []
+    trainer.around_checkpoint_save(lambda: calls.append("in place"), trial=None)
+    assert calls == ["in place"] and not staging_dir(tmp_path, 0).exists()
 
 
 def test_atomic_checkpoint_is_complete_or_absent(tmp_path, monkeypatch):

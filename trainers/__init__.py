@@ -1,5 +1,6 @@
 """Training utilities for the DeepSeek models: corpus building, tokenizer training, sequence packing, and the
-Trainer callback that logs the MTP loss / MaxVio (installed by ``import modeling_deepseek``).
+Trainer integration: DeepseekTrainer / DeepseekSFTTrainer, or DeepseekTrainerCallback and make_checkpoints_atomic
+for any other Trainer (nothing is installed by ``import modeling_deepseek``).
 
 Names are imported lazily so that ``import trainers`` stays cheap (no tokenizers/datasets import until used).
 """
@@ -18,9 +19,10 @@ _LAZY = {
     "SPECIAL_TOKENS": "trainers.corpus",
     "DeepseekTrainerCallback": "trainers.callbacks",
     "DeepseekSFTTrainer": "trainers.sft",
+    "DeepseekTrainer": "trainers.trainer",
+    "DeepseekTrainerMixin": "trainers.trainer",
     "make_checkpoints_atomic": "trainers.checkpointing",
     "AtomicCheckpointMixin": "trainers.checkpointing",
-    "register_default_callback": "trainers.callbacks",
 }
 
 __all__ = sorted(_LAZY)

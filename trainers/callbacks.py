@@ -1,64 +1,65 @@
-"""Trainer integration without glue: one callback that every transformers / TRL Trainer picks up.
+"""Trainer integration in one callback: `Trainer(..., callbacks=[DeepseekTrainerCallback()])`.
 
-`import modeling_deepseek` appends `DeepseekTrainerCallback` to transformers' default Trainer callbacks (once; it
-does nothing for other models). It
+Works with transformers' Trainer and TRL's trainers (trainers.DeepseekTrainer / DeepseekSFTTrainer add it
+themselves). It does nothing for models without a DeepSeek causal LM inside, so it is safe in any trainer. It
 
-- adds the parts of the training signal to the logs: `mtp_loss`, `balance_loss` (the sequence-wise term) and
-  `maxvio` (MaxVio over the MoE layers), averaged over the forwards since the previous log, next to `loss`;
+- adds the parts of the training signal to the train logs: `lm_loss` (the main next-token CE, comparable with any
+  other causal LM), `mtp_loss`, `balance_loss` (the sequence-wise term) and `maxvio` (MaxVio over the MoE layers),
+  averaged over the forwards since the previous log, next to `loss` (the total objective that is trained);
+- adds `eval_lm_loss`, `eval_mtp_loss` and `eval_perplexity` = exp(eval_lm_loss) to every evaluation's metrics
+  (`eval_loss` is the total objective, CE + mtp_loss_weight * MTP, not comparable across models), so they land in
+  the dict `trainer.evaluate()` returns, in `state.log_history` and in every reporting integration;
 - applies the MTP loss-weight schedule of DeepSeek-V3 (config.mtp_loss_weight until mtp_late_fraction of max_steps,
   then config.mtp_loss_weight_late) at the start of every optimizer step;
-- removes the staging directories that a crashed atomic checkpoint save left behind (trainers/checkpointing.py).
+- warns when trl's SFTTrainer replaced the model's forward (its fused LM head trains the main CE only).
+
+How the eval numbers get in: Trainer.evaluate() runs the evaluation loop, then `self.log(metrics)`, which appends a
+copy of `metrics` to state.log_history and calls on_log with the `metrics` dict itself; on_evaluate comes after.
+on_log therefore updates the dict in place (what evaluate() returns and best-model selection read) and the history
+entry just appended.
 
 The aux-loss-free bias update needs no callback: it hangs on the optimizer step itself (modeling_deepseek.balancing).
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import math
 import warnings
 
 from transformers import TrainerCallback
 
+from modeling_deepseek.compat import forward_replaced_by_trl
 
-def _deepseek_modules(model):
+
+def deepseek_modules(model):
     """The Deepseek causal LMs inside `model` (which may be wrapped by PEFT, DDP or FSDP)."""
     if model is None:
         return []
     return [m for m in model.modules() if hasattr(m, "pop_train_metrics") and hasattr(m, "config")]
 
 
-def _forward_replaced_by_trl(lm) -> bool:
-    """Whether trl's SFTTrainer (`add_fused_lm_head`) replaced this instance's forward, so that
-    DeepseekForCausalLM.forward, which adds the MTP and sequence-balance losses, no longer computes the loss.
-    Wrappers such as accelerate's mixed-precision forward keep the replaced one in `__wrapped__` / `_original_forward`."""
-    trl = sys.modules.get("trl")
-    if trl is None:
-        return False
-    trl_dir = os.path.dirname(trl.__file__) + os.sep
-    for fn in (vars(lm).get("forward"), vars(lm).get("_original_forward")):
-        for _ in range(8):  # follow the wrapper chain
-            fn = getattr(fn, "__func__", fn)
-            if fn is None:
-                break
-            code = getattr(fn, "__code__", None)
-            if code is not None and code.co_filename.startswith(trl_dir):
-                return True
-            fn = getattr(fn, "__wrapped__", None)
-    return False
+def _eval_prefix(logs: dict) -> str | None:
+    """The metric prefix of an evaluation's logs ("eval", "eval_<name>", "test"), from the speed metrics that
+    Trainer.evaluate / predict always add (`<prefix>_runtime`); None for train logs."""
+    for key in logs:
+        if key.endswith("_runtime") and f"{key[:-len('_runtime')]}_loss" in logs:
+            return key[: -len("_runtime")]
+    return None
+
+
+def _add_to_log(state, logs: dict, metrics: dict) -> None:
+    logs.update(metrics)
+    # Trainer.log appended a copy of `logs` to log_history before calling on_log: keep the history complete too.
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(metrics)
 
 
 class DeepseekTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        lms = _deepseek_modules(model)
-        # Staging directories of a save that crashed (atomic checkpoints, trainers/checkpointing.py) are never read.
-        if lms and args.should_save and args.output_dir:
-            from .checkpointing import remove_stale_staging_dirs
-
-            remove_stale_staging_dirs(args.output_dir)
-        for lm in lms:
+        for lm in deepseek_modules(model):
+            lm.pop_eval_metrics()  # eval-mode forwards outside the Trainer (a manual eval) are not this run's
             cfg = lm.config
-            if _forward_replaced_by_trl(lm) and (cfg.num_nextn_predict_layers > 0 or cfg.seq_balance_alpha > 0):
+            if forward_replaced_by_trl(lm) and (cfg.num_nextn_predict_layers > 0 or cfg.seq_balance_alpha > 0):
                 warnings.warn(
                     "the model's forward was replaced (trl's SFTTrainer scores the main next-token loss with its own "
                     "fused LM head), so only that loss trains: the MTP loss (num_nextn_predict_layers="
@@ -68,7 +69,7 @@ class DeepseekTrainerCallback(TrainerCallback):
                 )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        for lm in _deepseek_modules(model):
+        for lm in deepseek_modules(model):
             cfg = lm.config
             if getattr(cfg, "mtp_loss_weight_late", None) is None or not state.max_steps:
                 continue
@@ -81,25 +82,21 @@ class DeepseekTrainerCallback(TrainerCallback):
                 lm._mtp_weight_early = None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or "loss" not in logs:
+        if logs is None:
             return
+        lms = deepseek_modules(model)
+        prefix = _eval_prefix(logs)
         metrics = {}
-        for lm in _deepseek_modules(model):
-            metrics.update(lm.pop_train_metrics())
-            if getattr(lm.config, "mtp_loss_weight_late", None) is not None:
-                metrics["mtp_loss_weight"] = lm.config.mtp_loss_weight
-        if not metrics:
-            return
-        logs.update(metrics)
-        # Trainer.log appended a copy of `logs` to log_history before calling us: keep the history complete too.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
-
-
-def register_default_callback() -> None:
-    """Make every Trainer created from now on carry DeepseekTrainerCallback (idempotent)."""
-    from transformers import trainer
-
-    if not any(cb is DeepseekTrainerCallback or getattr(cb, "__name__", "") == "DeepseekTrainerCallback"
-               for cb in trainer.DEFAULT_CALLBACKS):
-        trainer.DEFAULT_CALLBACKS.append(DeepseekTrainerCallback)
+        if prefix is not None:
+            for lm in lms:
+                metrics.update({f"{prefix}_{k}": v for k, v in lm.pop_eval_metrics().items()})
+            if f"{prefix}_lm_loss" in metrics:
+                lm_loss = metrics[f"{prefix}_lm_loss"]
+                metrics[f"{prefix}_perplexity"] = math.exp(lm_loss) if lm_loss < 700 else math.inf
+        elif "loss" in logs:
+            for lm in lms:
+                metrics.update(lm.pop_train_metrics())
+                if getattr(lm.config, "mtp_loss_weight_late", None) is not None:
+                    metrics["mtp_loss_weight"] = lm.config.mtp_loss_weight
+        if metrics:
+            _add_to_log(state, logs, metrics)

@@ -2,14 +2,14 @@
 
 transformers 5.23's Trainer writes checkpoints in place (this works for TRL's trainers too):
 
-1. Checkpoints are not atomic. `Trainer._save_checkpoint` creates `<output_dir>/checkpoint-N`, then fills it step by
+1. Checkpoints are not atomic. The Trainer's checkpoint save creates `<output_dir>/checkpoint-N`, then fills it step by
    step (weights, optimizer and scheduler, scaler, RNG state, trainer_state.json). A process killed in between
    (preemption, OOM killer, a full disk) leaves a `checkpoint-N` that `get_last_checkpoint` and
    `resume_from_checkpoint=True` take for the newest one; resuming from it fails or silently mixes states.
 
    Here the checkpoint is written under a staging directory and renamed into place once every file is on disk:
 
-       <output_dir>/.checkpoint-N.tmp/checkpoint-N      written by transformers' own _save_checkpoint
+       <output_dir>/.checkpoint-N.tmp/checkpoint-N      written by transformers' own checkpoint save
        fsync every file and directory, then  rename(.checkpoint-N.tmp/checkpoint-N -> checkpoint-N)
 
    A rename within one file system is atomic, so readers (a resuming job, `get_last_checkpoint`, checkpoint
@@ -19,23 +19,24 @@ transformers 5.23's Trainer writes checkpoints in place (this works for TRL's tr
    checkpoint. A staging directory left by a crash is never read, and is removed when training starts again.
    With several processes, every rank writes into the same staging directory (FSDP / DeepSpeed shards) and the main
    process publishes it after a barrier. Checkpoint uploads with `push_to_hub` would read the staging path, which
-   disappears after the rename: with push_to_hub the default integration writes in place, and make_checkpoints_atomic
-   warns.
+   disappears after the rename: with push_to_hub, checkpoints are written in place (not atomic), with a warning.
 
 Resuming exactly needs nothing more: the balancing state is the fp32 `e_score_correction_bias`, saved with the
 weights, and the token counts are zero at every optimizer-step boundary, where checkpoints are taken. (The fused
 experts read the per-expert keys that save_pretrained writes even through Trainer's bare load_state_dict.)
 
-Use: nothing. `import modeling_deepseek` installs this for every Trainer (TRL's included) whose model is a DeepSeek
-model (`install_default_atomic_checkpoints`); other models' checkpoints are left to transformers. For any model:
+Use: `trainers.DeepseekTrainer` / `DeepseekSFTTrainer` write atomic checkpoints. For any other Trainer (any model):
 
-    trainer = make_checkpoints_atomic(SFTTrainer(...))      # patches this instance
+    trainer = make_checkpoints_atomic(SFTTrainer(...))      # this instance
     class MyTrainer(AtomicCheckpointMixin, Trainer): ...    # or as a mixin
+
+Trainer has no public hook around a checkpoint save; the two private touches this needs (overriding
+Trainer._save_checkpoint, redirecting Trainer._get_output_dir) live in modeling_deepseek/compat.py, tested by
+tests/test_compat.py.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import warnings
@@ -43,6 +44,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from modeling_deepseek.compat import CheckpointSaveHook, checkpoint_run_dir, redirect_checkpoint_run_dir
 
 STAGING_PREFIX = "."
 STAGING_SUFFIX = ".tmp"
@@ -109,26 +112,25 @@ def publish(staged: Path, final: Path, fsync: bool = True) -> None:
         _fsync_dir(final.parent)
 
 
-class AtomicCheckpointMixin:
+class AtomicCheckpointMixin(CheckpointSaveHook):
     """Put before a Trainer class: `class MyTrainer(AtomicCheckpointMixin, Trainer)`. See the module docstring."""
 
     atomic_checkpoint_fsync: bool = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not any(isinstance(cb, AtomicCheckpointCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(AtomicCheckpointCallback())
+        _setup_atomic(self)
 
-    def _save_checkpoint(self, model, trial):
-        def save():
-            super(AtomicCheckpointMixin, self)._save_checkpoint(model, trial)
-
-        save_checkpoint_atomically(self, save, trial)
+    def around_checkpoint_save(self, save, trial) -> None:
+        if getattr(self.args, "push_to_hub", False):  # uploads read the checkpoint after the save returns
+            save()
+        else:
+            save_checkpoint_atomically(self, save, trial)
 
 
 def save_checkpoint_atomically(trainer, save, trial) -> None:
-    """Run `save()` (a Trainer's own _save_checkpoint) into the staging directory, then publish it by a rename."""
-    run_dir = Path(trainer._get_output_dir(trial=trial))
+    """Run `save()` (a Trainer's own checkpoint save) into the staging directory, then publish it by a rename."""
+    run_dir = Path(checkpoint_run_dir(trainer, trial))
     name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
     final = run_dir / name
     staging = staging_dir(run_dir, trainer.state.global_step)
@@ -141,17 +143,13 @@ def save_checkpoint_atomically(trainer, save, trial) -> None:
     if distributed:
         trainer.accelerator.wait_for_everyone()
 
-    # transformers builds the checkpoint path as os.path.join(self._get_output_dir(trial), "checkpoint-N"):
-    # point that run directory at the staging area for the duration of the call.
-    trainer._get_output_dir = lambda trial=None: str(staging)
     try:
-        save()
+        with redirect_checkpoint_run_dir(trainer, staging):
+            save()
     except BaseException:
         if args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        del trainer._get_output_dir
 
     if distributed:
         trainer.accelerator.wait_for_everyone()
@@ -159,8 +157,8 @@ def save_checkpoint_atomically(trainer, save, trial) -> None:
         staged = staging / name
         if not staged.is_dir():
             raise RuntimeError(
-                f"atomic checkpoints: transformers did not write the checkpoint to {staged}; its "
-                "_save_checkpoint no longer derives the path from _get_output_dir"
+                f"atomic checkpoints: transformers did not write the checkpoint to {staged}; its checkpoint save no "
+                "longer derives the path from Trainer._get_output_dir (see modeling_deepseek/compat.py)"
             )
         publish(staged, final, fsync=getattr(trainer, "atomic_checkpoint_fsync", True))
         shutil.rmtree(staging, ignore_errors=True)
@@ -186,64 +184,31 @@ class AtomicCheckpointCallback(TrainerCallback):
             remove_stale_staging_dirs(args.output_dir)
 
 
-def install_default_atomic_checkpoints() -> None:
-    """Make every Trainer (TRL's too) that trains a DeepSeek model write atomic checkpoints (idempotent).
-
-    Called by `import modeling_deepseek`. transformers' Trainer._save_checkpoint is wrapped once; the wrapper stages
-    and publishes the checkpoint when the trainer's model is a DeepSeek model (also under PEFT, or loaded as remote
-    code) and otherwise calls transformers' code unchanged. `trainer.atomic_checkpoints = False` opts a trainer out;
-    with `push_to_hub` the checkpoint is written in place (uploads read it after the save returns).
-    """
-    from transformers import Trainer
-
-    original = Trainer._save_checkpoint
-    if getattr(original, "_deepseek_atomic_default", False):
-        return
-
-    @functools.wraps(original)
-    def _save_checkpoint(self, model, trial):
-        if (isinstance(self, AtomicCheckpointMixin) or not getattr(self, "atomic_checkpoints", True)
-                or getattr(self.args, "push_to_hub", False) or not trains_deepseek(self.model)):
-            return original(self, model, trial)
-        save_checkpoint_atomically(self, lambda: original(self, model, trial), trial)
-
-    _save_checkpoint._deepseek_atomic_default = True
-    Trainer._save_checkpoint = _save_checkpoint
-
-
-def trains_deepseek(model) -> bool:
-    """Whether `model` (maybe wrapped by PEFT) is a DeepSeek model of this package: config.model_type "deepseek"."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "deepseek"
-
-
 def make_checkpoints_atomic(trainer, fsync: bool = True):
     """Make `trainer` (any transformers / TRL Trainer instance) write its checkpoints atomically; returns it."""
-    return _patch(trainer, AtomicCheckpointMixin, fsync)
-
-
-def _patch(trainer, mixin, fsync: bool):
     cls = type(trainer)
-    if not isinstance(trainer, mixin):
-        trainer.__class__ = type(f"{mixin.__name__.removesuffix('Mixin')}{cls.__name__}", (mixin, cls),
-                                 {"__module__": cls.__module__})
+    if not isinstance(trainer, AtomicCheckpointMixin):
+        trainer.__class__ = type(f"Atomic{cls.__name__}", (AtomicCheckpointMixin, cls), {"__module__": cls.__module__})
+        _setup_atomic(trainer)
     trainer.atomic_checkpoint_fsync = fsync
+    return trainer
+
+
+def _setup_atomic(trainer) -> None:
     if not any(isinstance(cb, AtomicCheckpointCallback) for cb in trainer.callback_handler.callbacks):
         trainer.add_callback(AtomicCheckpointCallback())
     if getattr(trainer.args, "push_to_hub", False):
-        warnings.warn("atomic checkpoints: checkpoint uploads with push_to_hub read the staging directory, which "
-                      "is renamed away after the save; push the final model instead", stacklevel=3)
-    return trainer
+        warnings.warn("atomic checkpoints: with push_to_hub, checkpoints are written in place (not atomically), since "
+                      "the uploads read them after the save returns", stacklevel=3)
 
 
 __all__ = [
     "AtomicCheckpointMixin",
     "AtomicCheckpointCallback",
-    "install_default_atomic_checkpoints",
     "make_checkpoints_atomic",
     "publish",
     "remove_stale_staging_dirs",
     "save_checkpoint_atomically",
     "stale_staging_dirs",
     "staging_dir",
-    "trains_deepseek",
 ]

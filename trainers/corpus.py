@@ -135,7 +135,16 @@ def train_tokenizer(
 
 
 def _backend(tokenizer):
-    return getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer
+    """The `tokenizers.Tokenizer` doing the work: `tokenizer` itself, or a fast tokenizer's `backend_tokenizer`."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise TypeError(f"pack_texts needs a fast tokenizer (with a backend_tokenizer) or a tokenizers.Tokenizer; got "
+                        f"{type(tokenizer).__name__}")
+    return backend
 
 
 def pack_texts(

@@ -6,10 +6,10 @@ once per optimizer step, but DeepseekForCausalLM.forward never runs, so the MTP 
 loss are neither trained nor logged, and the MTP module's router counts nothing.
 
 DeepseekSFTTrainer computes the loss with the model's own forward (transformers' Trainer.compute_loss): CE +
-mtp_loss_weight * MTP + balance loss, all logged by the default DeepseekTrainerCallback. TRL's data handling
-(formatting, packing, completion-only masks) is unchanged; its entropy and token-accuracy metrics are not logged.
-A plain SFTTrainer on a model with MTP or the sequence-balance loss warns when training starts (the default
-DeepseekTrainerCallback sees the replaced forward).
+mtp_loss_weight * MTP + balance loss, all logged by DeepseekTrainerCallback, which it adds (with atomic checkpoints,
+like trainers.DeepseekTrainer). TRL's data handling (formatting, packing, completion-only masks) is unchanged; its
+entropy and token-accuracy metrics are not logged. A plain SFTTrainer given `callbacks=[DeepseekTrainerCallback()]`
+warns when training starts on a model with MTP or the sequence-balance loss (the callback sees the replaced forward).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from __future__ import annotations
 from transformers import Trainer
 from trl import SFTTrainer
 
+from modeling_deepseek.compat import restore_class_forward
 
-class DeepseekSFTTrainer(SFTTrainer):
+from .trainer import DeepseekTrainerMixin
+
+
+class DeepseekSFTTrainer(DeepseekTrainerMixin, SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # SFTTrainer patched the model's forward with its fused LM head, used only by its compute_loss; this
         # trainer's loss is the model's own forward, so put the class's forward back.
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        vars(base).pop("forward", None)
+        restore_class_forward(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "use_cache": False}
