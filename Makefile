@@ -1,40 +1,65 @@
 # Developer entry points for deepseek-hf.
-#   make venv   - create .venv (torch 2.13.0 CPU first, then this package with the dev extra)
-#   make test   - run the test suite
-#   make demo   - small pretraining demo on Python stdlib sources (about 4-7 min on 2 CPU cores)
-#   make bench  - run benchmarks (if present)
-#   make clean  - remove build outputs and demo runs (keeps .venv; `make distclean` removes it too)
+#   make venv         - create .venv: torch 2.13.0 CPU first, then this package with the dev extra, every dependency at
+#                       the exact version in .ci/constraints.txt (the lower end of the range pyproject.toml declares)
+#   make test         - run the test suite in .venv (the pinned versions)
+#   make venv-latest  - create .venv-latest: the same, with the newest releases pyproject.toml allows
+#   make test-latest  - run the test suite in .venv-latest
+#   make demo         - small pretraining demo on Python stdlib sources (about 4-7 min on 2 CPU cores)
+#   make bench        - run benchmarks (if present)
+#   make clean        - remove build outputs and demo runs (keeps the venvs; `make distclean` removes them too)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
 PYTHON ?= python3
 VENV := .venv
+VENV_LATEST := .venv-latest
 PY := $(VENV)/bin/python
-STAMP := .venv-stamp
+PY_LATEST := $(VENV_LATEST)/bin/python
+CONSTRAINTS := .ci/constraints.txt
 TORCH_VERSION := 2.13.0
 TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 PYTEST_FLAGS ?= -x -q -p no:cacheprovider --timeout=600
 
-.PHONY: venv test demo bench clean distclean
+.PHONY: venv venv-latest test test-latest demo bench clean distclean
 
-venv: $(STAMP)
+venv: $(VENV)/.stamp
+venv-latest: $(VENV_LATEST)/.stamp
 
-# The stamp is rebuilt only when it is missing or pyproject.toml changed, so repeated runs are fast.
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" >/dev/null 2>&1; then \
-		echo "torch $(TORCH_VERSION) already installed"; \
-	elif [ -f "$(TORCH_WHEEL)" ] && $(PY) -m pip install "$(TORCH_WHEEL)"; then \
-		echo "installed torch from $(TORCH_WHEEL)"; \
+# $(call torch_first,VENV_DIR): the venv, holding torch $(TORCH_VERSION) (the local CPU wheel when there is one).
+define torch_first
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	@if $(1)/bin/python -c "import sys, torch; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" >/dev/null 2>&1; then \
+		echo "$(1): torch $(TORCH_VERSION) already installed"; \
+	elif [ -f "$(TORCH_WHEEL)" ] && $(1)/bin/python -m pip install "$(TORCH_WHEEL)"; then \
+		echo "$(1): installed torch from $(TORCH_WHEEL)"; \
 	else \
-		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
+		$(1)/bin/python -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -m pip install -e '.[dev]'
-	@touch $(STAMP)
+endef
+
+# The stamps are rebuilt only when missing or when pyproject.toml / the constraints changed, so repeated runs are fast.
+# Pinned: pip moves every installed package named in the constraints to its exact version (up or down).
+$(VENV)/.stamp: pyproject.toml $(CONSTRAINTS)
+	$(call torch_first,$(VENV))
+	$(PY) -m pip install -c $(CONSTRAINTS) -e '.[dev]'
+	@$(PY) -m pip check
+	@touch $@
+
+# Latest: every dependency upgraded to the newest release pyproject.toml allows; torch stays $(TORCH_VERSION).
+$(VENV_LATEST)/.stamp: pyproject.toml
+	$(call torch_first,$(VENV_LATEST))
+	$(PY_LATEST) -m pip install --upgrade --upgrade-strategy eager "torch==$(TORCH_VERSION)" -e '.[dev]'
+	@$(PY_LATEST) -m pip check
+	@touch $@
 
 test: venv
+	@$(PY) -c "import transformers, trl, peft, accelerate as a; print('pinned: transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| accelerate', a.__version__)"
 	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+test-latest: venv-latest
+	@$(PY_LATEST) -c "import transformers, trl, peft, accelerate as a; print('latest: transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| accelerate', a.__version__)"
+	$(PY_LATEST) -m pytest $(PYTEST_FLAGS) tests
 
 demo: venv
 	$(PY) examples/pretrain.py --config hub_configs/small --output runs/demo
@@ -47,8 +72,9 @@ bench: venv
 	fi
 
 clean:
-	rm -rf build dist *.egg-info runs $(STAMP) .pytest_cache
-	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	rm -rf build dist *.egg-info runs .venv-stamp $(VENV)/.stamp $(VENV_LATEST)/.stamp .pytest_cache
+	find . -path ./$(VENV) -prune -o -path ./$(VENV_LATEST) -prune -o -type d -name __pycache__ -prune \
+		-exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_LATEST)
