@@ -65,8 +65,11 @@ def prefix_causal_applies(T: int, S: int, device: torch.device, impl: str) -> bo
             and not torch.is_grad_enabled())
 
 
-# bitsandbytes' quantized Linears: they dequantize inside forward, which absorbed_weight uses (no import needed).
-_BNB_LINEARS = ("Linear4bit", "Linear8bitLt")
+def _is_bnb_linear(module: nn.Module) -> bool:
+    """bitsandbytes' own quantized Linear (not a LoRA wrapper of one, which peft names alike), known without
+    importing bitsandbytes: it dequantizes inside forward, which absorbed_weight uses."""
+    cls = type(module)
+    return cls.__name__ in ("Linear4bit", "Linear8bitLt") and cls.__module__.startswith("bitsandbytes.")
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, T: int, S: int, device, dtype) -> torch.Tensor | None:
@@ -137,7 +140,7 @@ class DeepseekAttention(nn.Module):
         w = getattr(self.kv_b_proj, "weight", None)
         if type(self.kv_b_proj) is nn.Linear:
             return w is not None and w.dtype.is_floating_point
-        return hasattr(self.kv_b_proj, "dequantized_weight") or type(self.kv_b_proj).__name__ in _BNB_LINEARS
+        return hasattr(self.kv_b_proj, "dequantized_weight") or _is_bnb_linear(self.kv_b_proj)
 
     def absorbed_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """kv_b_proj's weight in `dtype`. A quantized kv_b_proj is dequantized once and kept (as DeepSeek's own

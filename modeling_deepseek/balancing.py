@@ -19,13 +19,20 @@ How the counts travel:
   and gradient accumulation (counts sum over micro-batches, the hook fires once per step). When the step is
   skipped (fp16 overflow), the counts simply carry over to the next one.
 - With torch.distributed initialised, the counts of all routers are all-reduced in one call before the update, so
-  every rank applies the identical update and the biases never drift apart.
+  every rank applies the identical update and the biases never drift apart. Every rank joins that call at every
+  optimizer step, whatever its own forwards counted (an all-reduce that some ranks skip would hang the others), over
+  the data-parallel group: `set_balancing_group(model, group)`, by default the whole world. Ranks that see the same
+  tokens (tensor-parallel peers) only scale every count alike, which the sign rule ignores.
+- An optimizer that is not a torch Optimizer, or whose parameters are not the model's (DeepSpeed ZeRO, FSDP1
+  without use_orig_params), never fires the hook: after `STALE_FORWARDS` training forwards without an update the
+  model warns once, naming the fix (call `update_balancing_bias(model)` after each optimizer step).
 
 torchtitan and Megatron place the update at the same point (before the optimizer step, after gradients are final).
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -55,34 +62,59 @@ def track(model: nn.Module) -> None:
         _hook_handle = register_optimizer_step_pre_hook(_before_optimizer_step)
 
 
+STALE_FORWARDS = 1024  # training forwards without a bias update before the model warns (far above any accumulation)
+
+
+def set_balancing_group(model: nn.Module, group) -> None:
+    """All-reduce the expert counts of `model` over `group` (a torch.distributed process group: the data-parallel
+    ranks) instead of the whole world."""
+    model.balancing_group = group
+
+
 def record_loads(moe_layers: list[nn.Module], config) -> None:
     """Add the counts the MoE layers just produced to their routers' pending counts (training forwards only)."""
     if not (torch.is_grad_enabled() and bias_update_enabled(config)):
         return
     for moe in moe_layers:
         if moe.training and moe.last_load_E is not None and moe.gate.e_score_correction_bias is not None:
-            moe.gate.pending_load.add_(moe.last_load_E.to(moe.gate.pending_load.device))
-            moe.gate.has_pending_load = True
+            gate = moe.gate
+            gate.pending_load.add_(moe.last_load_E.to(gate.pending_load.device))
+            gate.has_pending_load = True
+            gate.forwards_since_update += 1
+            if gate.forwards_since_update == STALE_FORWARDS:
+                warnings.warn(
+                    f"the aux-loss-free balancing bias has not moved for {STALE_FORWARDS} training forwards: no torch "
+                    "optimizer step reached this model's parameters (DeepSpeed ZeRO, FSDP1 without "
+                    "use_orig_params=True, or an optimizer that is not a torch.optim.Optimizer). Call "
+                    "modeling_deepseek.update_balancing_bias(model) after each optimizer step.", stacklevel=3)
+
+
+def _world_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
 def update_balancing_bias(model: nn.Module) -> None:
     """Apply b_i += gamma * sign(mean_load - load_i) to every router of `model` and reset the counts.
 
-    Call it yourself only if you drive the bias by hand (e.g. with `config.use_bias_update` and a custom optimizer
-    wrapper that is not a torch Optimizer); otherwise the optimizer hook already does.
+    Call it yourself only if no torch optimizer step reaches the model (see the module docstring); otherwise the
+    optimizer hook already does. In a distributed run every rank must call it, at the same steps.
     """
-    routers = [r for r in balancing_routers(model) if r.has_pending_load]
-    if not routers:
+    routers = balancing_routers(model)
+    group = getattr(model, "balancing_group", None)
+    distributed = _world_size(group) > 1
+    if not routers or not (distributed or any(r.has_pending_load for r in routers)):
         return
     gamma = model.config.bias_update_speed
     loads_LE = torch.stack([r.pending_load for r in routers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(loads_LE)  # every rank applies the update of the global batch
+    if distributed:
+        dist.all_reduce(loads_LE, group=group)  # every rank applies the update of the global batch
     for router, load_E in zip(routers, loads_LE):
+        # A router that no rank used since the last step (an MTP block skipped) has all-zero counts: sign 0, no change.
         router.e_score_correction_bias.add_(gamma * torch.sign(load_E.mean() - load_E))
         router.pending_load.zero_()
         router.has_pending_load = False
+        router.forwards_since_update = 0
 
 
 def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
@@ -101,5 +133,8 @@ def _owns(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
 
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
     for model in list(_tracked_models):
-        if any(r.has_pending_load for r in balancing_routers(model)) and _owns(optimizer, model):
+        routers = balancing_routers(model)
+        # In a distributed run the update is collective: join it whether or not this rank counted anything.
+        active = _world_size(getattr(model, "balancing_group", None)) > 1 or any(r.has_pending_load for r in routers)
+        if routers and active and _owns(optimizer, model):
             update_balancing_bias(model)

@@ -63,6 +63,15 @@ def keep_fp32_buffers(module: torch.nn.Module, fn, recurse: bool, names: tuple[s
     return module
 
 
+def register_deepseek_v3_conversion(model_type: str) -> None:
+    """Load official per-expert keys (`mlp.experts.{j}.gate_proj.weight` ...) into the fused expert tensors and save
+    them back, with transformers' own mapping for deepseek_v3. The registry has no other public door for a model
+    type outside transformers; `overwrite=True` keeps a second import (remote code) from raising."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    register_checkpoint_conversion_mapping(model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training side (Trainer, trl, peft, accelerate, bitsandbytes): used by trainers/ and quant/ only
 #

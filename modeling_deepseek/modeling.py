@@ -9,6 +9,10 @@ The layout follows transformers' DeepSeek classes (and so the official checkpoin
 
 The loss with labels is   CE_main + mtp_loss_weight * mean_k CE_k + sum over MoE layers of the sequence-wise balance
 loss, and the output carries each part on its own together with the per-layer expert load and MaxVio.
+
+The routed experts are dispatched through transformers' experts interface (experts.py, `@use_experts_implementation`):
+`config.experts_implementation` / `model.set_experts_implementation("eager" | "grouped_mm")` choose the kernel.
+(transformers decides whether a model may switch by finding that decorator's name in the model's own module.)
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from .attention import prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache
-from .compat import CACHE_NAME, cache_kwargs, pop_cache_argument
+from .compat import CACHE_NAME, cache_kwargs, pop_cache_argument, register_deepseek_v3_conversion
 from .speculative import mtp_generate
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
 from .experts import DeepseekExperts
+from .fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 from .layers import DeepseekRMSNorm
 from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
 from .moe import DeepseekMoE
@@ -48,19 +53,9 @@ from .routing import DeepseekTopkRouter
 logger = logging.get_logger(__name__)
 
 
-def _register_checkpoint_conversion() -> None:
-    """Map official per-expert keys onto the fused expert tensors on load, and back on save.
-
-    Lives here rather than in __init__ so that it also runs when this file is loaded as remote code.
-    """
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-
-    register_checkpoint_conversion_mapping(
-        DeepseekConfig.model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True
-    )
-
-
-_register_checkpoint_conversion()
+# Official per-expert keys <-> the fused expert tensors, on load and on save (transformers' own DeepseekV3 mapping).
+# Registered here rather than in __init__ so that it also runs when this file is loaded as remote code.
+register_deepseek_v3_conversion(DeepseekConfig.model_type)
 
 
 @dataclass
@@ -155,6 +150,33 @@ class DeepseekPreTrainedModel(PreTrainedModel):
                 f"{shown}{' ...' if len(missing) > 20 else ''}. Pass allow_missing_weights=True to initialise them."
             )
         return (model, info) if want_info else model
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """transformers' choice, except that its grouped_mm kernel needs 16-byte aligned rows (hidden, 2 x expert and
+        expert widths multiples of 8 elements): other shapes use the eager experts, or raise when grouped_mm was asked
+        for by name."""
+        implementation = super().get_correct_experts_implementation(requested_experts)
+        c = self.config
+        widths = (c.hidden_size, c.moe_intermediate_size)
+        if implementation == "grouped_mm" and any(w % 8 for w in widths):
+            if requested_experts == "grouped_mm":
+                raise ValueError(f"experts_implementation='grouped_mm' needs hidden_size and moe_intermediate_size "
+                                 f"to be multiples of 8 (16-byte aligned rows), got {widths}; use 'eager'")
+            implementation = "eager"
+        return implementation
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; refuses a model whose weights were kept in FP8 at load
+        (`fp8_keep_quantized`), which it would write in no layout any loader reads."""
+        kept = [name for name, m in self.named_modules() if isinstance(m, (DeepseekFP8Linear, DeepseekFP8Experts))]
+        if kept:
+            raise ValueError(
+                f"save_pretrained: {len(kept)} module(s) hold FP8 inference weights (e.g. {kept[0]}), loaded with "
+                "fp8_keep_quantized. Save the FP8 checkpoint you loaded from as it is, or load it with "
+                "fp8_keep_quantized=False to save in high precision (and `python -m modeling_deepseek.export --fp8` "
+                "to write DeepSeek's FP8 layout again)."
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _loaded_base_model_checkpoint(self) -> bool:
         """Whether the checkpoint just loaded was saved from a base model (DeepseekModel, DeepseekV3Model ...)."""
@@ -291,23 +313,18 @@ class DeepseekModel(DeepseekPreTrainedModel):
         """Run MTP modules 1..depths over full-length sequences; returns [shared_head.norm(h^k) for k = 1..depths].
 
         h^0 is the main model's final hidden state after model.norm, as in transformers' MtpModel, vLLM and SGLang:
-        the same MTP weights then draft the same tokens in every engine. Module k's last k positions have no token to
-        pair with and count as padding for the expert statistics."""
+        the same MTP weights then draft the same tokens in every engine."""
         depths = len(self.mtp_layers) if depths is None else depths
         causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds_BTD, attention_mask, None, position_ids)
-        B, T = inputs_embeds_BTD.shape[:2]
-        real_BT = padding_free_tokens(attention_mask, T)
-        real_BT = torch.ones(B, T, dtype=torch.bool, device=inputs_embeds_BTD.device) if real_BT is None else real_BT
+        token_mask = padding_free_tokens(attention_mask, inputs_embeds_BTD.shape[1])
         h, outputs = h0_BTD, []
         for k, layer in enumerate(self.mtp_layers[:depths], start=1):
-            paired_BT = real_BT.clone()
-            paired_BT[:, T - k :] = False
             h, h_normed = layer(
                 *mtp_inputs(h, inputs_embeds_BTD, k),
                 attention_mask=causal_mask,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
-                token_mask=paired_BT,
+                token_mask=token_mask,
                 **kwargs,
             )
             outputs.append(h_normed)
@@ -375,8 +392,9 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
 
         loss = main_loss = mtp_loss = balance_loss = mtp_logits = None
         if shift_labels is None and labels is not None:
-            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
         if shift_labels is not None:
+            shift_labels = shift_labels.contiguous()
             loss_kwargs = {"vocab_size": self.config.vocab_size, "num_items_in_batch": num_items_in_batch}
             main_loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, **loss_kwargs)
             loss = main_loss

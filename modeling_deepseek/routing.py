@@ -45,6 +45,7 @@ class DeepseekTopkRouter(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.has_pending_load = False
+        self.forwards_since_update = 0
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must not round the balancing state: keep the fp32 values, follow the device only.

@@ -111,11 +111,10 @@ def test_generate_does_not_count():
     assert all(torch.equal(p, torch.zeros(8)) for p in pendings(model))
 
 
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_gradient_checkpointing_counts_once():
     plain = tiny_model(train=True)
     ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable()
+    ckpt.activation_checkpointing_enable()
     assert ckpt.model.layers[1].gradient_checkpointing
     ids = random_ids(2, 12)
     out_p, out_c = train_step(plain, ids), train_step(ckpt, ids)
@@ -129,16 +128,21 @@ def test_gradient_checkpointing_counts_once():
             assert (p.grad - gp[name].grad).abs().max() < 1e-5, name
 
 
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
-def test_reentrant_gradient_checkpointing_keeps_balance_loss():
+def test_gradient_checkpointing_keeps_balance_loss_and_reentrant_warns():
     plain = tiny_model(train=True)
-    ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ckpt, reentrant = copy.deepcopy(plain), copy.deepcopy(plain)
+    ckpt.activation_checkpointing_enable()  # transformers' default: non-reentrant
+    reentrant.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     ids = random_ids(2, 12)
     out_p, out_c = train_step(plain, ids), train_step(ckpt, ids)
     assert_lists_close(pendings(ckpt), pendings(plain))  # the counts are right either way
     assert out_c.balance_loss is not None
     assert abs(out_p.loss.item() - out_c.loss.item()) < 1e-6
+    # reentrant checkpointing runs the layers without gradients: the balance loss cannot train, and the model says so
+    with pytest.warns(UserWarning, match="use_reentrant=False"):
+        out_r = train_step(reentrant, ids)
+    assert out_r.balance_loss is None
+    assert_lists_close(pendings(reentrant), pendings(plain))
 
 
 @pytest.mark.parametrize("overrides", [dict(use_bias_update=False), dict(bias_update_speed=0.0)],

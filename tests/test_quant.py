@@ -325,8 +325,8 @@ def test_fp8_experts_module_matches_dequantized_experts():
     ids = torch.randint(0, 8, (32, 2))
     w = torch.rand(32, 2)
     with torch.no_grad():
-        torch.testing.assert_close(fp8(x, ids, w), dense.forward_loop(x, ids, w), rtol=1e-5, atol=1e-6)
-        assert rel_rms(fp8(x, ids, w), experts.forward_loop(x, ids, w)) < 0.08
+        torch.testing.assert_close(fp8(x, ids, w), dense(x, ids, w), rtol=1e-5, atol=1e-6)
+        assert rel_rms(fp8(x, ids, w), experts(x, ids, w)) < 0.08
 
 
 # ====================================================================================================================
@@ -376,8 +376,8 @@ def test_bnb_experts_module(options, dims):
         reference.gate_up_proj.copy_(gate_up)
         reference.down_proj.copy_(down)
         y = q(x, ids, w)
-        torch.testing.assert_close(y, reference.forward_loop(x, ids, w), rtol=1e-5, atol=1e-6)
-        assert rel_rms(y, experts.forward_loop(x, ids, w)) < (0.3 if options["bits"] == 4 else 0.03)
+        torch.testing.assert_close(y, reference(x, ids, w), rtol=1e-5, atol=1e-6)
+        assert rel_rms(y, experts(x, ids, w)) < (0.3 if options["bits"] == 4 else 0.03)
         assert q(x.bfloat16(), ids, w).dtype == torch.bfloat16
 
 
@@ -614,7 +614,7 @@ def test_fp8_experts_cuda_match_simulation():
             simulated = fp8(x, ids, w)
         finally:
             fp8_kernels.FP8_GEMM_BACKEND = "auto"
-        exact = experts.forward_loop(x.float(), ids, w)
+        exact = experts(x.float(), ids, w)
     assert got.dtype == torch.bfloat16
     assert rel_rms(got, simulated) < 0.02
     assert rel_rms(got, exact) < 0.1
