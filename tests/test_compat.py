@@ -14,10 +14,6 @@ from conftest import random_ids, tiny_model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model side
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Training side
 
 
@@ -87,3 +83,107 @@ def test_trl_fused_lm_head_replaces_instance_forward():
     assert not compat.forward_replaced_by_trl(model)
     with torch.no_grad():
         assert torch.equal(model(ids, labels=ids).loss, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model side
+
+
+def test_cache_name_matches_the_installed_transformers():
+    """compat.CACHE_NAME: the name transformers' generate() hands the cache under and model outputs carry it in."""
+    import dataclasses
+    import inspect
+
+    from transformers import GenerationMixin
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from modeling_deepseek import compat
+
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    assert compat.CACHE_NAME in fields, (
+        f"transformers' model outputs no longer have a `{compat.CACHE_NAME}` field ({sorted(fields)}): "
+        "compat.CACHE_NAME and cache_kwargs() must follow the rename")
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    assert compat.CACHE_NAME in params, (
+        f"GenerationMixin.prepare_inputs_for_generation no longer takes `{compat.CACHE_NAME}`: generate() would hand "
+        "the model its cache under another name, and the model would decode without one")
+
+
+def test_create_causal_mask_takes_the_cache_name_without_warning():
+    import warnings
+
+    from transformers.masking_utils import create_causal_mask
+
+    from modeling_deepseek import compat
+    from conftest import tiny_config
+
+    config = tiny_config()
+    config._attn_implementation = "sdpa"
+    embeds = torch.zeros(1, 3, config.hidden_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=torch.ones(1, 3, dtype=torch.long),
+                           position_ids=torch.arange(3)[None], **compat.cache_kwargs(None))
+
+
+def test_cpu_flash_attention_returns_the_log_sum_exp():
+    """compat.CPU_FLASH_ATTENTION: aten::_scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, is_causal,
+    scale=) -> (out [B, H, T, D], logsumexp [B, H, T]); chunked prefill merges two calls by their log-sum-exps."""
+    from modeling_deepseek import compat
+
+    assert compat.CPU_FLASH_ATTENTION is not None, "torch no longer has aten::_scaled_dot_product_flash_attention_for_cpu"
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    result = compat.CPU_FLASH_ATTENTION(q, k, v, 0.0, False, scale=0.5)
+    out, lse = result[0], result[1]
+    scores = (q @ k.transpose(-1, -2)) * 0.5
+    assert torch.allclose(out, scores.softmax(-1) @ v, atol=1e-5), "the CPU flash kernel's output changed"
+    assert torch.allclose(lse, scores.logsumexp(-1), atol=1e-5), "the CPU flash kernel no longer returns the LSE"
+
+
+def test_module_apply_keeps_fp32_buffers_through_dtype_casts_and_to_empty():
+    """compat.keep_fp32_buffers overrides torch's private nn.Module._apply(fn, recurse)."""
+    import inspect
+
+    from modeling_deepseek import compat
+    from modeling_deepseek.routing import DeepseekTopkRouter
+    from conftest import tiny_config
+
+    assert list(inspect.signature(torch.nn.Module._apply).parameters)[:3] == ["self", "fn", "recurse"], (
+        "torch.nn.Module._apply(fn, recurse) changed its signature")
+    router = DeepseekTopkRouter(tiny_config())
+    router.e_score_correction_bias.fill_(1 + 2**-10)  # not representable in bf16
+    router.to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert router.e_score_correction_bias[0].item() == 1 + 2**-10
+    with torch.device("meta"):
+        meta = DeepseekTopkRouter(tiny_config())
+    meta.to_empty(device="cpu")
+    assert meta.e_score_correction_bias.device.type == "cpu" and meta.e_score_correction_bias.dtype == torch.float32
+
+
+def test_experts_interface_dispatch_and_switch_detection():
+    """transformers' use_experts_implementation dispatches on config._experts_implementation, and
+    PreTrainedModel allows set_experts_implementation only when the model's module names the decorator."""
+    import inspect
+
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from modeling_deepseek import modeling
+    from conftest import tiny_model
+
+    assert "grouped_mm" in ALL_EXPERTS_FUNCTIONS, "transformers' experts interface has no grouped_mm kernel any more"
+    assert "@use_experts_implementation" in inspect.getsource(modeling)
+    model = tiny_model()
+    model.set_experts_implementation("eager")
+    assert model.config._experts_implementation == "eager"
+
+
+def test_deepseek_v3_conversion_mapping_exists():
+    """compat.register_deepseek_v3_conversion copies transformers' checkpoint conversion for deepseek_v3."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    assert get_checkpoint_conversion_mapping("deepseek_v3"), (
+        "transformers.conversion_mapping has no deepseek_v3 mapping: official per-expert keys would not load into "
+        "the fused experts")
+    assert get_checkpoint_conversion_mapping("deepseek")
