@@ -40,6 +40,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.common import DTYPES, RESULTS_DIR, PeakMemory, clock, median  # noqa: E402
 
 import torch  # noqa: E402
+from modeling_deepseek.compat import cache_kwargs  # noqa: E402
 
 VARIANTS = ("peer", "ours", "ours_fp8")
 # The targets: decode ratio (ours / peer) by context, and prefill ratio by context.
@@ -72,7 +73,7 @@ def _prompt(spec, length: int, vocab: int) -> torch.Tensor:
 
 
 def _prefill(model, ids, cache) -> torch.Tensor:
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache)).logits[:, -1].float()
 
 
 def _decode(model, cache, first_logits, n: int, forced: list[int] | None = None, keep_logits: bool = False):
@@ -83,7 +84,7 @@ def _decode(model, cache, first_logits, n: int, forced: list[int] | None = None,
         tok = forced[i] if forced is not None else int(logits.argmax(-1))
         tokens.append(tok)
         ids = torch.tensor([[tok]], device=first_logits.device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=ids, use_cache=True, **cache_kwargs(cache)).logits[:, -1].float()
         if keep_logits:
             rows.append(logits)
     if forced is None:

@@ -69,12 +69,7 @@ def build(name: str, ckpt, dtype, device):
         model = common.load_ours(ckpt, dtype, device, num_nextn_predict_layers=mtp, seq_balance_alpha=1e-4,
                                  use_bias_update=True, bias_update_speed=1e-3, mtp_loss_weight=0.3,
                                  allow_missing_weights=True)  # the MTP module is new: initialised, not loaded
-        from modeling_deepseek.experts import _grouped_mm_ok
-
-        experts = next(m.mlp.experts for m in model.model.layers if m.moe is not None)
-        grouped = experts.implementation == "grouped" and _grouped_mm_ok(
-            torch.zeros(1, experts.hidden_dim, dtype=dtype, device=device), experts.gate_up_proj)
-        info = {"experts_implementation": "grouped_mm" if grouped else "loop",
+        info = {"experts_implementation": model.config._experts_implementation,
                 "attn_implementation": model.config._attn_implementation,
                 "num_nextn_predict_layers": model.config.num_nextn_predict_layers,
                 "seq_balance_alpha": model.config.seq_balance_alpha,
