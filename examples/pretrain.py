@@ -238,7 +238,7 @@ def save_expert_load_heatmap(recorder: ExpertLoadRecorder, path: Path) -> None:
 
     if not recorder.shares:
         return
-    share_SLE = torch.stack(recorder.shares)
+    share_SLE = torch.stack(recorder.shares).numpy()  # matplotlib takes arrays (a tensor's __array__ is deprecated)
     layers, experts = share_SLE.shape[1:]
     fig, axes = plt.subplots(1, layers, figsize=(4.5 * layers, 3.6), squeeze=False)
     for layer, ax in enumerate(axes[0]):
@@ -263,8 +263,9 @@ def save_loss_plot(log_history: list[dict], path: Path, title: str, initial_eval
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     if initial_eval_loss is not None:
         evals.insert(0, (0, initial_eval_loss))
-    # mtp_loss / maxvio are added to the train logs by trainers.callbacks.DeepseekTrainerCallback (which
-    # DeepseekTrainer adds).
+    # mtp_loss / maxvio (train) and eval_lm_loss (eval) are logged by trainers.callbacks.DeepseekTrainerCallback
+    # (which DeepseekTrainer adds).
+    eval_lm = [(h["step"], h["eval_lm_loss"]) for h in log_history if "eval_lm_loss" in h]
     mtp = [(h["step"], h["mtp_loss"]) for h in log_history if "mtp_loss" in h and "loss" in h]
     maxvio = [(h["step"], h.get("maxvio", h.get("max_violation"))) for h in log_history
               if "loss" in h and ("maxvio" in h or "max_violation" in h)]
@@ -278,6 +279,8 @@ def save_loss_plot(log_history: list[dict], path: Path, title: str, initial_eval
         ax.plot(*zip(*mtp), label="train MTP loss", alpha=0.7)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss (total)")
+    if eval_lm:
+        ax.plot(*zip(*eval_lm), "s--", label="eval LM loss (next-token CE)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -1,9 +1,9 @@
 """Trainer checkpoints that survive a crash and resume exactly.
 
-transformers 5.23's Trainer writes checkpoints in place (this works for TRL's trainers too):
+transformers' Trainer (5.23 and 5.24) writes checkpoints in place (this works for TRL's trainers too):
 
-1. Checkpoints are not atomic. The Trainer's checkpoint save creates `<output_dir>/checkpoint-N`, then fills it step by
-   step (weights, optimizer and scheduler, scaler, RNG state, trainer_state.json). A process killed in between
+1. Checkpoints are not atomic. The Trainer's checkpoint save creates `<output_dir>/checkpoint-N`, then fills it step
+   by step (weights, optimizer and scheduler, scaler, RNG state, trainer_state.json). A process killed in between
    (preemption, OOM killer, a full disk) leaves a `checkpoint-N` that `get_last_checkpoint` and
    `resume_from_checkpoint=True` take for the newest one; resuming from it fails or silently mixes states.
 
