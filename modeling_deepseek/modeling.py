@@ -37,7 +37,7 @@ from .attention import prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache
 from .compat import CACHE_NAME, cache_kwargs, pop_cache_argument, register_deepseek_v3_conversion
-from .speculative import mtp_generate
+from .speculative import check_generation_config, mtp_generate
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
 from .experts import DeepseekExperts
@@ -514,9 +514,12 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             if generation_config is not None and getattr(generation_config, "use_mtp", False):
                 generation_config = copy.deepcopy(generation_config)
                 generation_config.use_mtp = False
-            user_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            # Either name is ours to accept; transformers gets the one its release wants.
+            user_cache = pop_cache_argument(kwargs.pop("cache", None), kwargs)
             if user_cache is None and kwargs.get("use_cache", getattr(base, "use_cache", True)) is not False:
-                kwargs[CACHE_NAME] = DeepseekLatentCache(fp8=latent_cache_dtype == "fp8")
+                user_cache = DeepseekLatentCache(fp8=latent_cache_dtype == "fp8")
+            if user_cache is not None:
+                kwargs[CACHE_NAME] = user_cache
             return super().generate(inputs, generation_config=generation_config, **kwargs)
 
         gc = copy.deepcopy(base)
@@ -525,6 +528,8 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids")
         attention_mask = model_kwargs.pop("attention_mask", None)
         streamer = model_kwargs.pop("streamer", None)
+        model_kwargs.pop("tokenizer", None)  # generate() takes it for stop_strings, which speculation refuses below
+        check_generation_config(gc)
         for ignored in ("logits_processor", "stopping_criteria", "past_key_values", "cache", "use_cache"):
             if model_kwargs.pop(ignored, None) not in (None, True, [], ()):
                 raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
