@@ -38,19 +38,21 @@ from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM  # noqa: E402
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 CHARS = list("0123456789+-=*/() :<>.?\n") + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 TEMPLATE = "User: {question} Assistant:"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer and task
 def build_tokenizer():
-    """One token per character (plus <pad>, <bos>, <eos>), as a transformers fast tokenizer; no special tokens added."""
+    """One token per character, plus one per R1 tag (<think>, </think>, <answer>, </answer>: shorter sequences) and
+    <pad>, <bos>, <eos>; a transformers fast tokenizer that adds no special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS] + CHARS)}
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS] + TAGS + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("</?think>|</?answer>|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
                                    padding_side="left", model_max_length=256)
@@ -140,7 +142,7 @@ def cold_start(model, tokenizer, steps: int, reason_fraction: float, seed: int, 
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, held_out: list[dict], samples: int = 4, max_new_tokens: int = 48,
+def evaluate(model, tokenizer, held_out: list[dict], samples: int = 4, max_new_tokens: int = 40,
              seed: int = 1234) -> dict:
     """Held-out accuracy: pass@1 sampled at temperature 1 (mean over `samples` per problem) and greedy; the share
     of completions in the R1 format and the mean completion length."""
@@ -232,7 +234,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4, help="GRPO learning rate")
-    p.add_argument("--max-completion-length", type=int, default=48)
+    p.add_argument("--max-completion-length", type=int, default=40)
     p.add_argument("--held-out", type=int, default=100, help="held-out problems")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
     p.add_argument("--eval-every", type=int, default=10)
