@@ -282,6 +282,13 @@ def test_eval_logs_lm_loss_and_perplexity(tmp_path):
     assert {k: logged[k] for k in ("eval_lm_loss", "eval_mtp_loss", "eval_perplexity")} == {
         k: metrics[k] for k in ("eval_lm_loss", "eval_mtp_loss", "eval_perplexity")}
 
+    # Several eval sets: each evaluation's numbers under its own prefix, from its own forwards only.
+    other = lm_dataset(2, seed=11)
+    per_set = trainer.evaluate(eval_dataset={"a": eval_ds, "b": other})
+    assert per_set["eval_a_lm_loss"] == pytest.approx(lm, abs=1e-5)
+    assert per_set["eval_b_lm_loss"] == pytest.approx(_by_hand(model, other, 2)[0], abs=1e-5)
+    assert per_set["eval_b_perplexity"] == pytest.approx(math.exp(per_set["eval_b_lm_loss"]), rel=1e-12)
+
 
 def test_trainer_evaluates_the_loss_of_batches_with_labels(tmp_path):
     """Trainer scores an eval batch only when it holds every name in its label_names, which it takes from the

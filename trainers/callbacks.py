@@ -39,11 +39,13 @@ def deepseek_modules(model):
 
 
 def _eval_prefix(logs: dict) -> str | None:
-    """The metric prefix of an evaluation's logs ("eval", "eval_<name>", "test"), from the speed metrics that
-    Trainer.evaluate / predict always add (`<prefix>_runtime`); None for train logs."""
+    """The metric prefix of an evaluation's logs ("eval", or "eval_<name>" for a dict of eval sets), from the speed
+    metric Trainer.evaluate always adds (`<prefix>_runtime`); None for train logs (the end of training logs
+    `train_runtime` and `train_loss`)."""
     for key in logs:
-        if key.endswith("_runtime") and f"{key[:-len('_runtime')]}_loss" in logs:
-            return key[: -len("_runtime")]
+        prefix = key.removesuffix("_runtime")
+        if prefix != key and prefix != "train" and f"{prefix}_loss" in logs:
+            return prefix
     return None
 
 
