@@ -23,6 +23,10 @@ _LAZY = {
     "DeepseekTrainerMixin": "trainers.trainer",
     "make_checkpoints_atomic": "trainers.checkpointing",
     "AtomicCheckpointMixin": "trainers.checkpointing",
+    "GRPOTrainer": "trainers.grpo",
+    "GRPOConfig": "trainers.grpo",
+    "make_r1_prompts": "trainers.prompts",
+    "r1_prompt": "trainers.prompts",
 }
 
 __all__ = sorted(_LAZY)
