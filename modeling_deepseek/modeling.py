@@ -365,12 +365,14 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
-        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeepseekCausalLMOutput | tuple:
         """`labels` (shifted inside, as in transformers) or `shift_labels` (already shifted: position i is scored on
-        shift_labels[i]) give the loss; the MTP module k is scored on shift_labels[i + k]."""
+        shift_labels[i]) give the loss; the MTP module k is scored on shift_labels[i + k]. `shift_labels` comes
+        through **kwargs, as in transformers' models: Trainer treats every "label" argument of the signature as
+        required in each eval batch."""
         cache = pop_cache_argument(cache, kwargs)
+        shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)
