@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import DeepseekConfig
-from .fp8 import FP8_BLOCK, FP8_QUANTIZATION_CONFIG, quantize_weight_blockwise, should_quantize
+from .fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_tensors
 
 
 # Our config fields that the official files do not have.
@@ -190,20 +190,29 @@ def _source_tensors(src) -> tuple[DeepseekConfig, Iterator[tuple[str, torch.Tens
     return config, from_files(), shared, folder
 
 
-def _official_tensors(config, items, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename / split our tensors into the official layout (per-expert keys, fp32 bias), casting floats to dtype."""
+def split_fused_experts(items) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs with fused expert tensors split into DeepSeek's per-expert keys: [E, 2I, D] gate_up_proj
+    -> gate (rows [0, I)) and up (rows [I, 2I)), [E, D, I] down_proj -> down. Everything else passes unchanged. The
+    one splitter (the exporter and quant.fp8.quantize_checkpoint both use it)."""
     for key, tensor in items:
         fused = _FUSED_EXPERTS.match(key)
-        if fused:  # [E, 2I, D] -> gate (rows [0, I)) and up (rows [I, 2I)); [E, D, I] -> down
-            prefix = fused["prefix"]
-            for j in range(tensor.shape[0]):
-                if fused["name"] == "gate_up_proj":
-                    gate, up = tensor[j].chunk(2, dim=0)
-                    yield f"{prefix}.{j}.gate_proj.weight", _cast(gate, dtype)
-                    yield f"{prefix}.{j}.up_proj.weight", _cast(up, dtype)
-                else:
-                    yield f"{prefix}.{j}.down_proj.weight", _cast(tensor[j], dtype)
-        elif key.endswith("e_score_correction_bias"):
+        if fused is None or tensor.ndim != 3:
+            yield key, tensor
+            continue
+        prefix = fused["prefix"]
+        for j in range(tensor.shape[0]):
+            if fused["name"] == "gate_up_proj":
+                gate, up = tensor[j].chunk(2, dim=0)
+                yield f"{prefix}.{j}.gate_proj.weight", gate
+                yield f"{prefix}.{j}.up_proj.weight", up
+            else:
+                yield f"{prefix}.{j}.down_proj.weight", tensor[j]
+
+
+def _official_tensors(config, items, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rename / split our tensors into the official layout (per-expert keys, fp32 bias), casting floats to dtype."""
+    for key, tensor in split_fused_experts(items):
+        if key.endswith("e_score_correction_bias"):
             yield key, tensor.to(torch.float32)
         else:
             yield key, _cast(tensor, dtype)
@@ -242,16 +251,6 @@ def _with_mtp_copies(config, tensors, embed, head) -> Iterator[tuple[str, torch.
         raise ValueError(f"the checkpoint lacks the MTP module(s) at model.layers.{sorted(missing)}")
 
 
-def _fp8_tensors(tensors) -> Iterator[tuple[str, torch.Tensor]]:
-    for key, tensor in tensors:
-        if should_quantize(key, tensor):
-            q, scale_inv = quantize_weight_blockwise(tensor, FP8_BLOCK)
-            yield key, q
-            yield key.removesuffix("weight") + "weight_scale_inv", scale_inv
-        else:
-            yield key, tensor
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 def _atomic_target(dst: Path, name: str) -> Path:
@@ -260,7 +259,7 @@ def _atomic_target(dst: Path, name: str) -> Path:
     return Path(tmp)
 
 
-def _write_json_atomic(path: Path, content: dict) -> None:
+def write_json_atomic(path: Path, content: dict) -> None:
     tmp = _atomic_target(path.parent, path.name)
     try:
         tmp.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
@@ -338,7 +337,7 @@ def export_official(
     embed, head = (None if t is None else _cast(t, dtype) for t in (shared["embed"], shared["head"]))
     tensors = _with_mtp_copies(config, _official_tensors(config, items, dtype), embed, head)
     if fp8:
-        tensors = _fp8_tensors(tensors)
+        tensors = quantize_state_tensors(tensors)
     weight_map, total, names = _write_shards(tensors, dst, _parse_size(max_shard_size))
 
     if dtype is None:  # config.json's torch_dtype: the dtype the (unquantized) embedding was written in
@@ -348,8 +347,8 @@ def export_official(
         dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
     index_path = dst / "model.safetensors.index.json"
     if len(names) > 1:
-        _write_json_atomic(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json_atomic(dst / "config.json", official_config_dict(config, torch_dtype=dtype, fp8=fp8))
+        write_json_atomic(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json_atomic(dst / "config.json", official_config_dict(config, torch_dtype=dtype, fp8=fp8))
 
     # Side files: from the source folder, or the model's own generation config.
     if src_folder is not None:
@@ -359,7 +358,7 @@ def export_official(
                 shutil.copyfile(src_folder / name, tmp)
                 os.replace(tmp, dst / name)
     elif getattr(src_or_model, "generation_config", None) is not None:
-        _write_json_atomic(dst / "generation_config.json", src_or_model.generation_config.to_diff_dict())
+        write_json_atomic(dst / "generation_config.json", src_or_model.generation_config.to_diff_dict())
 
     # Weight files of an earlier export to the same folder that this one did not rewrite.
     for stale in dst.glob("model*.safetensors"):

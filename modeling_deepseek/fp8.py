@@ -63,65 +63,120 @@ def scale_grid_shape(shape, block: int = FP8_BLOCK) -> tuple[int, ...]:
     return (*lead, _cdiv(rows, block), _cdiv(cols, block))
 
 
-def quantize_weight_blockwise(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight [..., out, in] -> (e4m3 weight of the same shape, float32 weight_scale_inv [..., ceil(out/b), ceil(in/b)]).
+def _fp8_scale(amax: torch.Tensor, pow2_scale: bool = False) -> torch.Tensor:
+    """Dequantization multiplier of a tile from its amax: amax / 448 (1 for an all-zero tile, never below the
+    smallest normal fp32). With `pow2_scale` it is rounded up to a power of two (V3.1, Transformer Engine's default),
+    so that scaling is exact in any float format and amax still maps to at most 448."""
+    scale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
+    if pow2_scale:
+        mantissa, exponent = torch.frexp(scale)  # scale = m * 2^e, m in [0.5, 1): the next power of two is 2^e
+        scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
+    return scale
 
-    Per block: scale_inv = amax / 448 (the dequantization multiplier), q = round_to_e4m3(w / scale_inv). Edge blocks
-    are zero-padded to block x block first, so padding never raises an amax. An all-zero block gets scale_inv 1.
+
+def quantize_blockwise(x: torch.Tensor, block_size: tuple[int, int] = (1, FP8_BLOCK),
+                       pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., rows, cols] -> (e4m3 x of the same shape, float32 scale [..., ceil(rows/br), ceil(cols/bc)]).
+
+    One tile is br x bc entries of the last two dims; per tile: scale = amax / 448 (the dequantization multiplier,
+    the checkpoints' `weight_scale_inv`), q = round_to_e4m3(x / scale). The tile grid is anchored at 0 and ragged
+    edge tiles are zero-padded first, so padding never raises an amax. The tilings in use:
+
+        (1, 128)    activations and output gradients: one scale per row per 128 columns; scale [..., ceil(n/128)]
+                    (a 1-D x counts as one row)
+        (128, 128)  weights: scale [..., ceil(out/128), ceil(in/128)]
+        (128, 1)    the same 1 x 128 tiles along the first dim (tokens), as the weight-gradient GEMM needs them
     """
-    if w.ndim < 2:
-        raise ValueError(f"quantize_weight_blockwise needs a [..., out, in] weight, got shape {tuple(w.shape)}")
-    *lead, rows, cols = w.shape
-    R, C = _cdiv(rows, block), _cdiv(cols, block)
-    padded = w.new_zeros(*lead, R * block, C * block, dtype=torch.float32)
-    padded[..., :rows, :cols] = w.float()
-    blocks = padded.unflatten(-1, (C, block)).unflatten(-3, (R, block))  # [..., R, b, C, b]
-    amax = blocks.abs().amax(dim=(-3, -1))  # [..., R, C]
-    scale_inv = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
-    q = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    br, bc = block_size
+    if x.ndim == 1:
+        if br != 1:
+            raise ValueError(f"quantize_blockwise: a 1-D tensor needs block_size (1, n), got {block_size}")
+        q, s = quantize_blockwise(x.unsqueeze(0), block_size, pow2_scale)
+        return q.squeeze(0), s.squeeze(0)
+    if x.ndim < 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_blockwise needs a floating [..., rows, cols] tensor, got {x.dtype} {tuple(x.shape)}")
+    *lead, rows, cols = x.shape
+    R, C = _cdiv(rows, br), _cdiv(cols, bc)
+    padded = F.pad(x.float(), (0, C * bc - cols, 0, R * br - rows))  # zeros: they never raise a tile's amax
+    tiles = padded.unflatten(-1, (C, bc)).unflatten(-3, (R, br))  # [..., R, br, C, bc]
+    scale = _fp8_scale(tiles.abs().amax(dim=(-3, -1)), pow2_scale)  # [..., R, C]
+    q = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.flatten(-4, -3).flatten(-2, -1)[..., :rows, :cols].contiguous()
-    return q, scale_inv.contiguous()
+    return q, scale.contiguous()
 
 
-def _check_scale_shape(shape, scale_inv: torch.Tensor, block: int, name: str = "weight") -> None:
-    expected = scale_grid_shape(shape, block)
+def _check_scale_shape(shape, scale_inv: torch.Tensor, block, name: str = "weight") -> None:
+    br, bc = (block, block) if isinstance(block, int) else block
+    expected = (*shape[:-2], _cdiv(shape[-2], br), _cdiv(shape[-1], bc))
     if tuple(scale_inv.shape) != expected:
         raise ValueError(
             f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a weight of shape "
-            f"{tuple(shape)} in {block} x {block} blocks"
+            f"{tuple(shape)} in {br} x {bc} blocks"
         )
+
+
+def dequantize_blockwise(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = (1, FP8_BLOCK),
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_blockwise`: x * scale of its tile, in `dtype` (the grid is fixed by `block_size`, never
+    inferred from the scale shape: with ragged edges ceil(out/128) does not divide out)."""
+    if x_fp8.ndim == 1:
+        return dequantize_blockwise(x_fp8.unsqueeze(0), scale.unsqueeze(0), block_size, dtype).squeeze(0)
+    _check_scale_shape(x_fp8.shape, scale, block_size, "x")
+    br, bc = block_size
+    rows, cols = x_fp8.shape[-2:]
+    s = scale.float()
+    if br > 1:
+        s = s.repeat_interleave(br, dim=-2)[..., :rows, :]
+    if bc > 1:
+        s = s.repeat_interleave(bc, dim=-1)[..., :cols]
+    return (x_fp8.float() * s).to(dtype)
+
+
+def quantize_weight_blockwise(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [..., out, in] -> (e4m3 weight, float32 weight_scale_inv [..., ceil(out/b), ceil(in/b)]): the
+    checkpoint format, `quantize_blockwise` with block x block tiles."""
+    if w.ndim < 2:
+        raise ValueError(f"quantize_weight_blockwise needs a [..., out, in] weight, got shape {tuple(w.shape)}")
+    return quantize_blockwise(w, (block, block))
 
 
 def dequantize_weight_blockwise(
     w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Inverse of `quantize_weight_blockwise`: weight * scale_inv of its block, in `dtype` (the grid is fixed by
-    `block`, never inferred from the scale shape: with ragged edges ceil(out/block) does not divide out)."""
+    """Inverse of `quantize_weight_blockwise` (weight * scale_inv of its block, in `dtype`)."""
     _check_scale_shape(w_fp8.shape, scale_inv, block)
-    rows, cols = w_fp8.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(block, dim=-2)[..., :rows, :]
-    scale = scale.repeat_interleave(block, dim=-1)[..., :cols]
-    return (w_fp8.float() * scale).to(dtype)
+    return dequantize_blockwise(w_fp8, scale_inv, (block, block), dtype)
 
 
 def quantize_activation_groupwise(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] -> (e4m3 [M, K], float32 scale [M, ceil(K/group)]): V3's online 1 x 128 tile scaling."""
-    M, K = x.shape
-    G = _cdiv(K, group)
-    if K % group:
-        x = F.pad(x, (0, G * group - K))  # zeros: they never raise a group's amax
-    tiles = x.reshape(M, G, group)
-    amax = tiles.abs().amax(dim=-1).float()
-    scale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
-    q = (tiles.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(M, G * group)[:, :K]
-    return q.contiguous(), scale
+    return quantize_blockwise(x, (1, group))
+
+
+def quantize_state_tensors(tensors, stats: dict | None = None, block: int = FP8_BLOCK):
+    """(key, tensor) pairs in a checkpoint's layout -> the same in DeepSeek's FP8 format: every weight that
+    `should_quantize` selects becomes e4m3 plus its `weight_scale_inv`, everything else passes unchanged. The one FP8
+    checkpoint writer (quant.fp8.quantize_checkpoint and the exporter's --fp8 both stream through it). `stats`, if
+    given, collects counts and bytes before / after."""
+    for key, tensor in tensors:
+        before = tensor.numel() * tensor.element_size()
+        if should_quantize(key, tensor):
+            q, scale_inv = quantize_weight_blockwise(tensor, block)
+            out = ((key, q), (key.removesuffix("weight") + "weight_scale_inv", scale_inv))
+        else:
+            out = ((key, tensor),)
+        if stats is not None:
+            stats["quantized" if len(out) == 2 else "kept"] += 1
+            stats["bytes_before"] += before
+            stats["bytes_after"] += sum(t.numel() * t.element_size() for _, t in out)
+        yield from out
 
 
 def fp8_block_matmul_reference(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
                                block: int = FP8_BLOCK) -> torch.Tensor:
     """What the FP8 GEMM computes, in fp32: 1 x 128 quantized activations times 128 x 128 dequantized weights."""
     xq, xs = quantize_activation_groupwise(x.reshape(-1, x.shape[-1]), block)
-    x_deq = (xq.float().view(xq.shape[0], -1) * xs.repeat_interleave(block, dim=-1)[:, : x.shape[-1]])
+    x_deq = dequantize_blockwise(xq, xs, (1, block))
     y = x_deq @ dequantize_weight_blockwise(w_fp8, scale_inv, block, torch.float32).t()
     return y.view(*x.shape[:-1], -1)
 

@@ -46,14 +46,20 @@ every quantized weight is dequantized on load to the requested dtype, the per-ex
 into the fused expert tensors; on CUDA the weights stay FP8 in `DeepseekFP8Linear` / `DeepseekFP8Experts`, whose
 forward runs block-scaled FP8 GEMMs (`torch.nn.functional.scaled_mm` with BlockWise1x128 x BlockWise128x128 on
 Hopper) and falls back to dequantize-and-matmul elsewhere. The implementation of the model side is
-modeling_deepseek/fp8.py; this module re-exports its functions and adds the checkpoint writer.
+modeling_deepseek/fp8.py; this module re-exports its functions and adds the checkpoint writer, which streams
+through the same tensor writer (`quantize_state_tensors`) and fused-expert splitter (`split_fused_experts`) as the
+exporter's --fp8 (`python -m modeling_deepseek.export`); the two differ only in the config they write (ours,
+loadable by `from_pretrained`, against the official one).
+
+Training in FP8 (the same tiles, all three GEMMs of every projection, online scales) is quant/fp8_training.py:
+`convert_to_fp8_training(model, FP8TrainingConfig(...))`, re-exported here, like `quantize_blockwise(x, block_size)`
+and `dequantize_blockwise(x_fp8, scale, block_size)`, the one tile quantizer the format and training share.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -61,6 +67,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from modeling_deepseek.export import split_fused_experts, write_json_atomic
 from modeling_deepseek.fp8 import (
     FP8_BLOCK,
     FP8_DTYPE,
@@ -68,13 +75,25 @@ from modeling_deepseek.fp8 import (
     FP8_QUANTIZATION_CONFIG,
     DeepseekFP8Experts,
     DeepseekFP8Linear,
+    dequantize_blockwise,
     dequantize_weight_blockwise,
     fp8_block_linear,
     fp8_block_matmul_reference,
     quantize_activation_groupwise,
+    quantize_blockwise,
+    quantize_state_tensors,
     quantize_weight_blockwise,
     should_quantize,
     scale_grid_shape,
+)
+
+from .fp8_training import (
+    Float8TrainingExperts,
+    Float8TrainingLinear,
+    FP8TrainingConfig,
+    FP8TrainingReport,
+    convert_to_fp8_training,
+    fp8_linear,
 )
 
 FP8Linear = DeepseekFP8Linear  # the usual name
@@ -86,6 +105,8 @@ __all__ = [
     "FP8Linear",
     "DeepseekFP8Linear",
     "DeepseekFP8Experts",
+    "quantize_blockwise",
+    "dequantize_blockwise",
     "quantize_weight_blockwise",
     "dequantize_weight_blockwise",
     "quantize_activation_groupwise",
@@ -95,6 +116,12 @@ __all__ = [
     "should_quantize",
     "quantization_error_bound",
     "quantize_checkpoint",
+    "convert_to_fp8_training",
+    "FP8TrainingConfig",
+    "FP8TrainingReport",
+    "Float8TrainingLinear",
+    "Float8TrainingExperts",
+    "fp8_linear",
 ]
 
 
@@ -103,46 +130,6 @@ def quantization_error_bound(w: torch.Tensor, scale_inv: torch.Tensor, block: in
     rows, cols = w.shape[-2:]
     s = scale_inv.float().repeat_interleave(block, -2)[..., :rows, :].repeat_interleave(block, -1)[..., :cols]
     return w.float().abs() * 2.0**-4 + s * 2.0**-10
-
-
-_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-def _split_fused_experts(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """A fused expert tensor ([E, 2I, D] gate_up_proj or [E, D, I] down_proj) -> DeepSeek's per-expert keys."""
-    m = _FUSED_EXPERTS.match(key)
-    if m is None or tensor.ndim != 3:
-        return None
-    prefix, name = m.groups()
-    out = {}
-    for j in range(tensor.shape[0]):
-        if name == "gate_up_proj":
-            gate, up = tensor[j].chunk(2, dim=0)
-            out[f"{prefix}.{j}.gate_proj.weight"] = gate
-            out[f"{prefix}.{j}.up_proj.weight"] = up
-        else:
-            out[f"{prefix}.{j}.down_proj.weight"] = tensor[j]
-    return out
-
-
-def _quantize_tensors(tensors: dict[str, torch.Tensor], block: int, stats: dict) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        split = _split_fused_experts(key, tensor)
-        items = split.items() if split is not None else [(key, tensor)]
-        for k, t in items:
-            stats["bytes_before"] += t.numel() * t.element_size()
-            if should_quantize(k, t):
-                q, s = quantize_weight_blockwise(t, block)
-                out[k] = q
-                out[k[: -len("weight")] + "weight_scale_inv"] = s
-                stats["quantized"] += 1
-                stats["bytes_after"] += q.numel() * q.element_size() + s.numel() * s.element_size()
-            else:
-                out[k] = t.contiguous()
-                stats["kept"] += 1
-                stats["bytes_after"] += t.numel() * t.element_size()
-    return out
 
 
 def quantize_checkpoint(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, block: int = FP8_BLOCK) -> dict:
@@ -170,18 +157,21 @@ def quantize_checkpoint(src_folder: str | os.PathLike, dst_folder: str | os.Path
         with safe_open(src / shard, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        out = _quantize_tensors(tensors, block, stats)
-        save_file(out, dst / shard, metadata={**metadata, "format": "pt"})
+        out = dict(quantize_state_tensors(split_fused_experts(tensors.items()), stats, block))
+        out = {key: t.contiguous() for key, t in out.items()}
+        tmp = dst / f".{shard}.tmp"  # atomic: a reader never sees a half-written shard
+        save_file(out, tmp, metadata={**metadata, "format": "pt"})
+        os.replace(tmp, dst / shard)
         weight_map.update({key: shard for key in out})
         del tensors, out
 
     index_name = "model.safetensors.index.json"
     if (src / index_name).exists() or len(shards) > 1:
         index = {"metadata": {"total_size": stats["bytes_after"]}, "weight_map": dict(sorted(weight_map.items()))}
-        (dst / index_name).write_text(json.dumps(index, indent=2) + "\n")
+        write_json_atomic(dst / index_name, index)
 
     config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG, weight_block_size=[block, block])
-    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(dst / "config.json", dict(sorted(config.items())))
     for p in src.iterdir():
         if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", index_name):
             shutil.copy2(p, dst / p.name)
