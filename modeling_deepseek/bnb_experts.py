@@ -4,12 +4,12 @@ leaves in full precision (it only swaps exact nn.Linear modules). See quantized.
 
 from __future__ import annotations
 
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import bnb_should_convert
 from .experts import DeepseekExperts, run_experts_loop
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,8 +144,7 @@ class DeepseekBnbExperts(nn.Module):
             device = getattr(self, name).device
             (self._quantize_int8 if self.bits == 8 else self._quantize_4bit)(name, w.to(device))
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                load_E: torch.Tensor | None = None) -> torch.Tensor:  # load_E: unused, the loop finds its experts
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x_TD.dtype
 
         def expert(e, x_ND):
@@ -158,16 +157,6 @@ class DeepseekBnbExperts(nn.Module):
         kind = f"{self.quant_type}{' double-quant' if self.double_quant else ''}" if self.bits == 4 else "int8 vector-wise"
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
                 f"{kind}, compute_dtype={self.compute_dtype}")
-
-
-def _should_convert(name: str, modules_to_not_convert) -> bool:
-    try:
-        from transformers.quantizers.quantizers_utils import should_convert_module
-    except ImportError:  # same rule, for other transformers versions: prefix, boundary regex or suffix
-        def should_convert_module(full_name, patterns):
-            boundary = r"(?:(?<=\.)|(?=\.|$))"
-            return not any(re.match(rf"(?:{p}){boundary}", full_name) or full_name.endswith(p) for p in patterns or [])
-    return should_convert_module(name, list(modules_to_not_convert or []))
 
 
 def quantize_experts_bnb(model: nn.Module, quantization_config, modules_to_not_convert=None) -> int:
@@ -185,7 +174,7 @@ def quantize_experts_bnb(model: nn.Module, quantization_config, modules_to_not_c
     else:
         return 0
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is DeepseekExperts and _should_convert(name, modules_to_not_convert)]
+               if type(module) is DeepseekExperts and bnb_should_convert(name, modules_to_not_convert or [])]
     for name, module in targets:  # one layer at a time: each full-precision stack is freed as soon as it is replaced
         model.set_submodule(name, DeepseekBnbExperts(module, **options))
     return len(targets)

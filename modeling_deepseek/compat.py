@@ -72,6 +72,47 @@ def register_deepseek_v3_conversion(model_type: str) -> None:
     register_checkpoint_conversion_mapping(model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True)
 
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantized loading (transformers' quantizers and hub files, bitsandbytes' CPU kernels)
+
+
+def optional_hub_file(path: str, filename: str, **hub_kwargs) -> str | None:
+    """transformers' cached_file, returning None for a file the repository does not have (its private
+    `_raise_exceptions_for_missing_entries=False`): a sharded checkpoint's index is optional."""
+    from transformers.utils import cached_file
+
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+
+def bnb_modules_to_not_convert(model) -> list[str]:
+    """The module names transformers' bitsandbytes quantizer left in full precision (its `modules_to_not_convert`,
+    the config's llm_int8_skip_modules plus the output embedding); the fused experts follow the same list."""
+    return list(getattr(getattr(model, "hf_quantizer", None), "modules_to_not_convert", None) or [])
+
+
+def bnb_should_convert(name: str, modules_to_not_convert: list[str]) -> bool:
+    """transformers' own rule for which module names a quantizer skips (prefix, dotted boundary or suffix)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return should_convert_module(name, list(modules_to_not_convert))
+
+
+def avoid_bnb_cpu_avx512_packing(module) -> bool:
+    """bitsandbytes 0.50's CPU Linear4bit repacks its weight for AVX512-BF16 kernels on the first forward (its
+    `support_avx512bf16_for_cpu` flag) and asserts out_features % 32 == 0 (e.g. kv_a_proj_with_mqa of a small model:
+    kv_lora_rank + rope = 80). Such a layer is sent down bitsandbytes' generic path instead, which has no such
+    constraint as long as in_features is a multiple of the 4-bit block size (it dequantizes wrongly otherwise, so
+    those are left to fail loudly). Returns whether the module was switched."""
+    if not getattr(module, "support_avx512bf16_for_cpu", False):
+        return False
+    blocksize = getattr(getattr(module, "weight", None), "blocksize", 64) or 64
+    if module.out_features % 32 and module.in_features % blocksize == 0:
+        module.support_avx512bf16_for_cpu = False
+        return True
+    return False
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training side (Trainer, trl, peft, accelerate, bitsandbytes): used by trainers/ and quant/ only
 #

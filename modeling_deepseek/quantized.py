@@ -21,7 +21,7 @@ outside this package but torch, safetensors, transformers and (lazily) bitsandby
    dequantized (fused float tensors); reloading requantizes them to the same codes.
    bitsandbytes 0.50.2 on CPU: its 4-bit Linear kernels need in_features % 64 == 0 (else the AVX512 path crashes
    and the generic path dequantizes wrongly) and its AVX512-BF16 path needs out_features % 32 == 0 (such layers
-   are routed to the generic path, `_avoid_bnb_cpu_packing_crash`). The experts avoid both by quantizing each
+   are routed to the generic path, `compat.avoid_bnb_cpu_avx512_packing`). The experts avoid both by quantizing each
    expert's matrix flattened.
 
 2. DeepSeek FP8 checkpoints (`config.quantization_config.quant_method == "fp8"`, weights in e4m3 with a float32
@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from .bnb_experts import quantize_experts_bnb
+from .compat import avoid_bnb_cpu_avx512_packing, bnb_modules_to_not_convert, optional_hub_file
 from .experts import DeepseekExperts
 from .fp8 import (
     DeepseekFP8Experts,
@@ -103,7 +104,7 @@ def _checkpoint_files(path: str, kwargs: dict) -> list[str]:
     from transformers.utils import cached_file
 
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    index = optional_hub_file(path, "model.safetensors.index.json", **hub)
     if index is not None:
         with open(index) as f:
             names = sorted(set(json.load(f)["weight_map"].values()))
@@ -211,22 +212,10 @@ def finish_quantized_load(model, info: dict, plan: QuantizedLoadPlan | None):
     qc = getattr(quantizer, "quantization_config", None)
     method = getattr(qc, "quant_method", None)
     if getattr(method, "value", method) == "bitsandbytes":
-        quantize_experts_bnb(model, qc, getattr(quantizer, "modules_to_not_convert", None))
-        _avoid_bnb_cpu_packing_crash(model)
+        quantize_experts_bnb(model, qc, bnb_modules_to_not_convert(model))
+        for module in model.modules():
+            avoid_bnb_cpu_avx512_packing(module)
     return model
-
-
-def _avoid_bnb_cpu_packing_crash(model: nn.Module) -> None:
-    """bitsandbytes 0.50's CPU Linear4bit repacks its weight for AVX512-BF16 kernels on the first forward and asserts
-    out_features % 32 == 0 (e.g. kv_a_proj_with_mqa of a small model: kv_lora_rank + rope = 80). Such layers are sent
-    down bitsandbytes' generic path instead, which has no such constraint as long as in_features is a multiple of the
-    4-bit block size (it dequantizes wrongly otherwise, so those are left to fail loudly)."""
-    for module in model.modules():
-        if not getattr(module, "support_avx512bf16_for_cpu", False):
-            continue
-        blocksize = getattr(getattr(module, "weight", None), "blocksize", 64) or 64
-        if module.out_features % 32 and module.in_features % blocksize == 0:
-            module.support_avx512bf16_for_cpu = False
 
 
 def _param_index(model: nn.Module) -> tuple[dict, str]:

@@ -187,3 +187,43 @@ def test_deepseek_v3_conversion_mapping_exists():
         "transformers.conversion_mapping has no deepseek_v3 mapping: official per-expert keys would not load into "
         "the fused experts")
     assert get_checkpoint_conversion_mapping("deepseek")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantized loading
+
+
+def test_optional_hub_file_returns_none_for_a_missing_file(tmp_path):
+    """compat.optional_hub_file: cached_file's private _raise_exceptions_for_missing_entries=False."""
+    (tmp_path / "config.json").write_text("{}")
+    assert compat.optional_hub_file(str(tmp_path), "model.safetensors.index.json") is None
+    assert compat.optional_hub_file(str(tmp_path), "config.json") == str(tmp_path / "config.json")
+
+
+def test_bnb_quantizer_names_the_modules_it_skipped(tmp_path):
+    """compat.bnb_modules_to_not_convert reads transformers' bitsandbytes quantizer's `modules_to_not_convert`."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from modeling_deepseek import DeepseekForCausalLM
+
+    tiny_model().save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["model.layers.2"])
+    model = DeepseekForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+    skipped = compat.bnb_modules_to_not_convert(model)
+    assert "model.layers.2" in skipped, f"hf_quantizer.modules_to_not_convert no longer lists the skipped modules: {skipped}"
+    assert not compat.bnb_should_convert("model.layers.2.mlp.experts", skipped)
+    assert compat.bnb_should_convert("model.layers.1.mlp.experts", skipped)
+    assert compat.bnb_should_convert("model.layers.21.mlp.experts", ["model.layers.2"])  # a module boundary
+
+
+def test_bnb_linear4bit_cpu_avx512_flag():
+    """compat.avoid_bnb_cpu_avx512_packing switches bitsandbytes' `support_avx512bf16_for_cpu` off for out % 32."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 80, bias=False)
+    assert hasattr(layer, "support_avx512bf16_for_cpu"), "bitsandbytes' Linear4bit has no support_avx512bf16_for_cpu"
+    layer.support_avx512bf16_for_cpu = True
+    assert compat.avoid_bnb_cpu_avx512_packing(layer) and layer.support_avx512bf16_for_cpu is False
+    aligned = bnb.nn.Linear4bit(64, 96, bias=False)
+    aligned.support_avx512bf16_for_cpu = True
+    assert not compat.avoid_bnb_cpu_avx512_packing(aligned) and aligned.support_avx512bf16_for_cpu
