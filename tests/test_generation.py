@@ -106,7 +106,7 @@ def ok_or_raises_naming(fn, expected: torch.Tensor, *names: str) -> None:
         message = str(e).lower()
         assert any(n in message for n in names), f"the error does not name {names}: {e!r}"
         return
-    assert torch.equal(got, expected), f"{names[0]}: generate returned tokens other than the no-cache reference"
+    assert torch.equal(got, expected), f"{names[0]}: generate returned tokens other than the reference output"
 
 
 class RecordingStreamer(BaseStreamer):
@@ -468,11 +468,20 @@ def test_pipeline_matches_reference(text_model, tokenizer):
 # Static cache and torch.compile: the reference output, or a clear error
 
 
-def test_static_cache_matches_reference_or_raises(model, prompt, reference):
+@pytest.mark.parametrize("implementation", ["static", "offloaded_static", "offloaded", "quantized"])
+def test_cache_implementations_match_reference_or_raise(model, prompt, reference, implementation):
     ok_or_raises_naming(
-        lambda: model.generate(prompt, max_new_tokens=NEW, cache_implementation="static", **GREEDY),
-        reference, "static", "cache_implementation",
+        lambda: model.generate(prompt, max_new_tokens=NEW, cache_implementation=implementation, **GREEDY),
+        reference, implementation, "cache_implementation",
     )
+
+
+def test_static_cache_object_matches_reference_or_raises(model, prompt, reference):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
+    ok_or_raises_naming(lambda: model.generate(prompt, max_new_tokens=NEW, cache=cache, **GREEDY), reference,
+                        "static")
 
 
 def test_static_cache_left_padded_matches_reference_or_raises(model):
@@ -485,10 +494,11 @@ def test_static_cache_left_padded_matches_reference_or_raises(model):
 
 
 def test_compiled_forward_matches_reference_or_raises():
-    """A torch.compile'd forward inside generate. One decoder layer and four tokens: tracing is the cost here."""
+    """A torch.compile'd forward inside generate. One (MoE) decoder layer and four tokens: tracing is the cost here."""
     import torch._dynamo
 
-    m = tiny_model(seed=0, num_hidden_layers=1).eval()
+    m = tiny_model(seed=0, num_hidden_layers=1, first_k_dense_replace=0).eval()
+    assert m.model.layers[0].moe is not None
     prompt = random_ids(1, PROMPT, seed=5)
     expected, logits = reference_greedy(m, prompt, max_new_tokens=4)
     assert_well_separated(logits)
@@ -717,6 +727,36 @@ def test_mtp_other_outputs_work_or_raise(model, prompt, option):
     field = {"output_logits": "logits", "output_hidden_states": "hidden_states",
              "output_attentions": "attentions"}[option]
     assert getattr(out, field, None) is not None, f"{option}=True silently ignored"
+
+
+def _options(t: int, eos: int, absent: int) -> dict:
+    """generate() options with the token ids they need: t is the third generated token, eos the second, absent one
+    that greedy decoding never picks here."""
+    return {
+        "num_beams": dict(num_beams=2),
+        "num_beams+num_return_sequences": dict(num_beams=2, num_return_sequences=2),
+        "repetition_penalty": dict(repetition_penalty=1.5),
+        "no_repeat_ngram_size": dict(no_repeat_ngram_size=1),
+        "min_new_tokens": dict(min_new_tokens=5, eos_token_id=eos),
+        "bad_words_ids": dict(bad_words_ids=[[t]]),
+        "suppress_tokens": dict(suppress_tokens=[t]),
+        "sequence_bias": dict(sequence_bias={(t,): -100.0}),
+        "forced_eos_token_id": dict(forced_eos_token_id=absent, eos_token_id=absent),
+        "exponential_decay_length_penalty": dict(exponential_decay_length_penalty=(2, 3.0), eos_token_id=absent),
+    }
+
+
+@pytest.mark.parametrize("option", list(_options(0, 0, 0)))
+def test_mtp_generation_options_work_or_raise(model, prompt, reference, option):
+    """Every option of plain generate either changes generate(use_mtp=True) the same way or is refused by name."""
+    absent = min(set(range(2, model.config.vocab_size)) - set(reference[0].tolist()))
+    tokens = dict(t=int(reference[0, PROMPT + 2]), eos=int(reference[0, PROMPT + 1]), absent=absent)
+    kwargs = {**GREEDY, **_options(**tokens)[option]}
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=NEW, **kwargs)
+    assert not torch.equal(expected[:1], reference[:, : expected.shape[1]]), "fixture: the option changes nothing"
+    name = option.split("+")[0]
+    ok_or_raises_naming(lambda: model.generate(prompt, max_new_tokens=NEW, use_mtp=True, **kwargs), expected, name)
 
 
 def test_mtp_stop_strings_work_or_raise(text_model, tokenizer):
