@@ -382,6 +382,18 @@ def test_mtp_chunked_prefill_matches_reference(model):
     assert torch.equal(got, expected)
 
 
+def test_mtp_with_fp8_cache_matches_plain_fp8_generate(model):
+    """Speculation verifies with the same per-token-quantized cache as plain decoding: greedy tokens are the same
+    (on a batch where FP8 changes the tokens, so a speculation that ignored latent_cache_dtype would show)."""
+    ids, mask = left_padded(2, pads=(3, 0), seed=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, latent_cache_dtype="fp8", **GREEDY)
+    plain = model.generate(ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+    assert plain.past_key_values.fp8
+    assert_well_separated(torch.stack(plain.logits, 1).float())
+    assert not torch.equal(plain.sequences, reference_greedy(model, ids, mask)[0]), "fixture: FP8 changes nothing"
+    assert torch.equal(model.generate(ids, use_mtp=True, **kwargs), plain.sequences)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Beam search and sampling: transformers' own DeepseekV3 on the same weights
 
@@ -456,6 +468,7 @@ def test_pipeline_matches_reference(text_model, tokenizer):
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     assert (enc.attention_mask == 0).any()  # really a left-padded batch
     expected, logits = reference_greedy(text_model, enc.input_ids, enc.attention_mask, eos_token_id=1, pad_token_id=2)
+    assert_well_separated(logits)
     for r, text in enumerate(got):
         new = expected[r, enc.input_ids.shape[1] :]
         new = new[: (new == 1).nonzero()[0, 0] + 1] if (new == 1).any() else new
