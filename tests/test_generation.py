@@ -174,6 +174,18 @@ def test_greedy_generate_matches_reference(model, prompt, reference, attn, mla_i
     assert torch.equal(m.generate(prompt, max_new_tokens=NEW, **GREEDY), reference)
 
 
+def test_generate_without_cache_matches_reference(model, prompt, reference):
+    assert torch.equal(model.generate(prompt, max_new_tokens=NEW, use_cache=False, **GREEDY), reference)
+
+
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_generate_from_inputs_embeds_matches_reference(model, prompt, reference, use_mtp):
+    """generate(inputs_embeds=...) returns only the new tokens (transformers' convention for decoder-only models)."""
+    embeds = model.get_input_embeddings()(prompt).detach()
+    ok_or_raises_naming(lambda: model.generate(inputs_embeds=embeds, max_new_tokens=NEW, use_mtp=use_mtp, **GREEDY),
+                        reference[:, PROMPT:], "inputs_embeds")
+
+
 def test_greedy_left_padded_batch_matches_reference(model):
     ids, mask = left_padded(3, pads=(0, 2, 5))
     expected, logits = reference_greedy(model, ids, mask)
