@@ -282,6 +282,33 @@ def test_left_padded_continuation_from_cache(model):
     assert torch.equal(rest, expected)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("op", ["reorder_cache", "batch_select_indices", "batch_repeat_interleave", "crop"])
+def test_cache_operations_of_generate_keep_the_cache_consistent(model, fp8, op):
+    """What beam search, num_return_sequences and speculation do to the cache (public Cache methods) leaves the cache
+    of the correspondingly transformed batch: the next step's logits equal those from a fresh prefill of it."""
+    ids = random_ids(3, PROMPT, seed=11)
+    step = random_ids(3, 1, seed=12)
+    transform = {
+        "reorder_cache": (lambda c: c.reorder_cache(torch.tensor([2, 0, 1])), lambda x: x[[2, 0, 1]]),
+        "batch_select_indices": (lambda c: c.batch_select_indices(torch.tensor([2, 0])), lambda x: x[[2, 0]]),
+        "batch_repeat_interleave": (lambda c: c.batch_repeat_interleave(2), lambda x: x.repeat_interleave(2, 0)),
+        "crop": (lambda c: c.crop(-3), lambda x: x),
+    }[op]
+    prefix = ids[:, :-3] if op == "crop" else ids
+    with torch.no_grad():
+        cache = DeepseekLatentCache(fp8=fp8)
+        model(ids, cache=cache, use_cache=True)
+        transform[0](cache)
+        nxt = transform[1](step)
+        got = model(nxt, cache=cache, use_cache=True).logits
+        fresh = DeepseekLatentCache(fp8=fp8)
+        model(transform[1](prefix), cache=fresh, use_cache=True)
+        expected = model(nxt, cache=fresh, use_cache=True).logits
+    assert cache.get_seq_length() == fresh.get_seq_length()
+    assert max_diff(got, expected) < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Chunked prefill
 
