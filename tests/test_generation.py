@@ -305,7 +305,7 @@ def test_cache_operations_of_generate_keep_the_cache_consistent(model, fp8, op):
         fresh = DeepseekLatentCache(fp8=fp8)
         model(transform[1](prefix), cache=fresh, use_cache=True)
         expected = model(nxt, cache=fresh, use_cache=True).logits
-    assert cache.get_seq_length() == fresh.get_seq_length()
+    assert cache.get_seq_length() == fresh.get_seq_length() == prefix.shape[1] + 1
     assert max_diff(got, expected) < 1e-4
 
 
