@@ -9,6 +9,10 @@ threshold fails; `test_snr_threshold_catches_a_wrong_tile_orientation` shows it 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -470,6 +474,24 @@ def test_trainer_trains_a_converted_model(tmp_path):
     assert isinstance(trainer.model.model.layers[0].self_attn.q_a_proj, Float8TrainingLinear)
 
 
+def test_pretrain_example_fp8_switch(tmp_path):
+    import importlib.util
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("pretrain_example_fp8", repo / "examples" / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    out = tmp_path / "run"
+    metrics = pretrain.main([
+        "--config", str(repo / "hub_configs" / "tiny"), "--output", str(out), "--fp8", "--max-steps", "4",
+        "--max-files", "10", "--block-size", "32", "--batch-size", "2", "--vocab-size", "300", "--eval-blocks", "4",
+        "--max-new-tokens", "2", "--save-steps", "0", "--logging-steps", "2", "--lr", "3e-3"])
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    final = DeepseekForCausalLM.from_pretrained(out / "final")  # an ordinary high-precision checkpoint
+    assert type(final.model.layers[0].self_attn.o_proj) is nn.Linear
+    assert final.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_accelerate_prepare_keeps_our_recipe(mixed_precision):
     from accelerate import Accelerator
@@ -520,6 +542,56 @@ def test_torchao_recipes_for_comparison(recipe):
     assert any("torchao" in v for v in report.converted.values())
     ids = random_ids(2, 16)
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+# ====================================================================================================================
+# Two CPU ranks (gloo, torchrun): DDP and FSDP2
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+DIST_WORKER = Path(__file__).resolve().parent / "_fp8_dist_worker.py"
+needs_torchrun = pytest.mark.skipif(
+    not (TORCHRUN.exists() and torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torchrun next to the interpreter and torch.distributed with gloo")
+
+
+def _run_fp8_worker(out: Path, mode: str) -> list[dict]:
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nproc = 1 if mode == "single" else 2
+    cmd = ([sys.executable] if nproc == 1 else
+           [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1")
+    proc = subprocess.run([*cmd, str(DIST_WORKER), "--out", str(out), "--mode", mode], env=env, timeout=300,
+                          capture_output=True, text=True)
+    errors = "\n".join(p.read_text() for p in out.glob("rank*.error.txt"))
+    assert proc.returncode == 0, errors or proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@needs_torchrun
+def test_ddp_and_fsdp2_on_two_cpu_ranks_train_in_fp8_like_one_process(tmp_path):
+    [single] = _run_fp8_worker(tmp_path / "single", "single")
+    ref_update = torch.load(tmp_path / "single" / "update.pt")
+    for mode in ("ddp", "fsdp2"):
+        ranks = _run_fp8_worker(tmp_path / mode, mode)
+        assert [r["world"] for r in ranks] == [2, 2]
+        assert ranks[0]["biases"] == ranks[1]["biases"]  # all-reduced counts: bitwise identical on both ranks
+        assert ranks[0]["biases"][-1] != single["biases"][0]  # ... and they moved
+        # equal micro-batches: the mean of the ranks' losses is the global one; exactly so at the first step (Fprop
+        # tiles are per token), within FP8 noise after it
+        losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+        assert abs(losses[0] - single["losses"][0]) < 1e-5 * single["losses"][0], mode
+        assert all(abs(a - b) < 5e-3 * b for a, b in zip(losses, single["losses"])), (mode, losses, single["losses"])
+        # Wgrad's 128-token tiles hold other tokens per rank, so the first update agrees within FP8 noise
+        update = torch.load(tmp_path / mode / "update.pt")
+        assert update.keys() == ref_update.keys()
+        moved = {k: v for k, v in ref_update.items() if v.abs().max() > 0}
+        assert snr_db(torch.cat([update[k].flatten() for k in moved]), torch.cat([v.flatten() for v in moved.values()])) > 20, mode
 
 
 # ====================================================================================================================
