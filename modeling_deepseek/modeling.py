@@ -527,7 +527,10 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         gc = copy.deepcopy(base)
         gc.use_mtp = False
         model_kwargs = gc.update(**kwargs)
-        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids")
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("generate(use_mtp=True) needs input_ids (the MTP module embeds each next token); "
+                             "inputs_embeds alone is not supported")
         attention_mask = model_kwargs.pop("attention_mask", None)
         streamer = model_kwargs.pop("streamer", None)
         model_kwargs.pop("tokenizer", None)  # generate() takes it for stop_strings, which speculation refuses below

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -40,13 +41,12 @@ from transformers.generation.logits_process import (
 from .cache import DeepseekLatentCache
 from .mtp import DeepseekMTPLayer
 
-# GenerationConfig options this loop implements; any other non-default option is refused by name.
-_UNSUPPORTED = {
-    "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
-    "bad_words_ids": None, "force_words_ids": None, "constraints": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "penalty_alpha": None, "min_new_tokens": None, "begin_suppress_tokens": None,
-    "suppress_tokens": None, "sequence_bias": None, "min_length": 0, "stop_strings": None, "output_scores": False,
-    "output_logits": False, "output_attentions": False, "output_hidden_states": False,
+# The GenerationConfig fields this loop implements. Any other field set away from its default is refused by name, so
+# that an option (today's or a future release's) is never silently ignored.
+_IMPLEMENTED = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p", "eos_token_id",
+    "pad_token_id", "bos_token_id", "prefill_chunk_size", "return_dict_in_generate", "use_cache",
+    "cache_implementation", "use_mtp", "transformers_version",
 }
 
 
@@ -76,11 +76,17 @@ def _warpers(gc) -> LogitsProcessorList:
     return warpers
 
 
+def _unset(value) -> bool:
+    return value is None or value is False
+
+
 def check_generation_config(gc) -> None:
-    for name, default in _UNSUPPORTED.items():
-        value = getattr(gc, name, default)
-        if value not in (default, None):
-            raise ValueError(f"generate(use_mtp=True) does not support `{name}={value!r}`; drop it or use use_mtp=False")
+    defaults = GenerationConfig().to_dict()
+    for name, value in gc.to_dict().items():
+        default = defaults.get(name)
+        if name in _IMPLEMENTED or name.startswith("_") or value == default or _unset(value) and _unset(default):
+            continue
+        raise ValueError(f"generate(use_mtp=True) does not support `{name}={value!r}`; drop it or use use_mtp=False")
 
 
 class _Sampler:
