@@ -3,17 +3,17 @@
 
     python examples/grpo_arithmetic.py --output runs/grpo_arithmetic
 
-The task, generated in code: add four single digits ("User: 7+5+8+3 Assistant:"). The cold-start data are written
+The task, generated in code: add two digits ("User: 7+5 Assistant:"). The cold-start data are written
 in the R1 format, <think>...</think> <answer>...</answer>, and are deliberately imperfect, as cold-start data are:
 most traces skip the work and guess ("<think>guess</think> <answer>17</answer>"), a minority add the digits one at a
-time ("<think>7+5=12 12+8=20 20+3=23</think> <answer>23</answer>"). After the short SFT the model writes the format
+time ("<think>7+5=12</think> <answer>12</answer>"). After the short SFT the model writes the format
 and can do the sums, but mostly guesses: held-out accuracy is low. GRPO with accuracy + format rewards only (no
 critic, no reward model, no hint about which trace is better) then has to discover that working the sum out pays;
 accuracy and completion length rise together, the small-scale analogue of R1-Zero's longer, better reasoning.
 
 Steps: character-level tokenizer built in code; a DeepseekForCausalLM (MLA, 8 routed experts top-2 + 1 shared, one
 MTP module); SFT with the model's own loss (next-token + MTP + balance), completion tokens only; held-out accuracy
-(pass@1 sampled at temperature 1, several samples per problem, and greedy); trainers.GRPOTrainer with
+(pass@1 sampled at temperature 0.6, several samples per problem, and greedy); trainers.GRPOTrainer with
 accuracy_reward + format_reward, the held-out accuracy re-measured every --eval-every steps. Writes OUTPUT/metrics.json
 and OUTPUT/grpo_curves.png (reward, held-out accuracy, completion length, MaxVio). Fixed seeds; one command.
 """
@@ -40,6 +40,7 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 CHARS = list("0123456789+-=*/() :<>.?\n") + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 TEMPLATE = "User: {question} Assistant:"
+EVAL_TEMPERATURE = 0.6  # DeepSeek-R1's pass@1 sampling temperature
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def build_tokenizer():
                                    padding_side="left", model_max_length=256)
 
 
-def make_problem(rng: random.Random, n_terms: int = 4) -> dict:
+def make_problem(rng: random.Random, n_terms: int = 2) -> dict:
     digits = [rng.randint(1, 9) for _ in range(n_terms)]
     return {"question": "+".join(map(str, digits)), "answer": str(sum(digits)), "digits": digits}
 
@@ -72,12 +73,16 @@ def reasoning_trace(digits: list[int]) -> str:
 
 
 def guess_trace(digits: list[int], rng: random.Random) -> str:
-    return f" <think>guess</think> <answer>{rng.randint(4, 36)}</answer>"
+    return f" <think>guess</think> <answer>{rng.randint(2, 18)}</answer>"
 
 
-def problems(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(n)]
+def split_questions(n_held_out: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """All 81 sums of two digits, split at random: `n_held_out` for evaluation, never seen by GRPO, the rest for
+    training (the cold-start data draw from all sums, as base-model knowledge would)."""
+    every = [{"question": f"{a}+{b}", "answer": str(a + b), "digits": [a, b]} for a in range(1, 10)
+             for b in range(1, 10)]
+    random.Random(seed).shuffle(every)
+    return every[:n_held_out], every[n_held_out:]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -105,22 +110,26 @@ def prompt_text(question: str) -> str:
     return r1_prompt(question, system_prompt="", template=TEMPLATE)
 
 
-def cold_start(model, tokenizer, steps: int, reason_fraction: float, seed: int, batch_size: int = 32,
-               lr: float = 2e-3, log=print) -> list[float]:
-    """SFT on R1-format traces (completion tokens only), a `reason_fraction` of them worked out, the rest guessed."""
+def fact_line(rng: random.Random, n_facts: int = 8) -> str:
+    """Addition facts as a base model would have read them: "7+5=12 3+8=11 ...", the sums the traces need."""
+    facts = []
+    for _ in range(n_facts):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        facts.append(f"{a}+{b}={a + b}")
+    return " ".join(facts)
+
+
+def sft(model, tokenizer, steps: int, make_row, seed: int, batch_size: int = 32, lr: float = 2e-3,
+        log=print, name: str = "sft") -> list[float]:
+    """A plain SFT loop with the model's own loss (next-token + MTP + balance) on the completion tokens;
+    `make_row(rng)` returns (prompt ids, completion ids)."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
     model.train()
     losses = []
     for step in range(steps):
-        rows = []
-        for _ in range(batch_size):
-            p = make_problem(rng)
-            trace = reasoning_trace(p["digits"]) if rng.random() < reason_fraction else guess_trace(p["digits"], rng)
-            prompt_ids = tokenizer(prompt_text(p["question"]))["input_ids"]
-            completion_ids = tokenizer(trace)["input_ids"] + [tokenizer.eos_token_id]
-            rows.append((prompt_ids, completion_ids))
+        rows = [make_row(rng) for _ in range(batch_size)]
         T = max(len(a) + len(b) for a, b in rows)
         ids = torch.full((batch_size, T), tokenizer.pad_token_id)
         labels = torch.full((batch_size, T), -100)
@@ -137,15 +146,39 @@ def cold_start(model, tokenizer, steps: int, reason_fraction: float, seed: int, 
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         if (step + 1) % 50 == 0:
-            log(f"  cold start step {step + 1}/{steps}: loss {sum(losses[-50:]) / 50:.3f}")
+            log(f"  {name} step {step + 1}/{steps}: loss {sum(losses[-50:]) / 50:.3f}")
     return losses
+
+
+def pretrain_facts(model, tokenizer, steps: int, seed: int, log=print) -> list[float]:
+    """The "base model": addition facts, no R1 format."""
+    eos = [tokenizer.eos_token_id]
+    return sft(model, tokenizer, steps, lambda rng: ([], tokenizer(fact_line(rng))["input_ids"] + eos), seed,
+               lr=6e-3, log=log, name="facts")
+
+
+def cold_start(model, tokenizer, steps: int, reason_fraction: float, seed: int, facts_fraction: float = 0.3,
+               log=print) -> list[float]:
+    """SFT on R1-format traces (completion tokens only), a `reason_fraction` of them worked out, the rest guessed;
+    a `facts_fraction` of the rows stay plain addition facts, so that the arithmetic is not forgotten."""
+    eos = [tokenizer.eos_token_id]
+
+    def row(rng):
+        if rng.random() < facts_fraction:
+            return [], tokenizer(fact_line(rng))["input_ids"] + eos
+        p = make_problem(rng)
+        trace = reasoning_trace(p["digits"]) if rng.random() < reason_fraction else guess_trace(p["digits"], rng)
+        return (tokenizer(prompt_text(p["question"]))["input_ids"],
+                tokenizer(trace)["input_ids"] + [tokenizer.eos_token_id])
+
+    return sft(model, tokenizer, steps, row, seed, lr=3e-3, log=log, name="cold start")
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, held_out: list[dict], samples: int = 4, max_new_tokens: int = 40,
-             seed: int = 1234) -> dict:
-    """Held-out accuracy: pass@1 sampled at temperature 1 (mean over `samples` per problem) and greedy; the share
-    of completions in the R1 format and the mean completion length."""
+             seed: int = 1234, temperature: float = EVAL_TEMPERATURE) -> dict:
+    """Held-out accuracy: pass@1 sampled at `temperature` (mean over `samples` per problem; R1 reports pass@1 at
+    0.6) and greedy; the share of completions in the R1 format, of worked-out ones, and the mean length."""
     from trainers.rewards import accuracy_reward, format_reward
 
     was_training = model.training
@@ -157,7 +190,7 @@ def evaluate(model, tokenizer, held_out: list[dict], samples: int = 4, max_new_t
     gold = [p["answer"] for p in held_out]
     results = {}
     torch.manual_seed(seed)
-    for name, kwargs, reps in (("sampled", dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0), samples),
+    for name, kwargs, reps in (("sampled", dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0), samples),
                                ("greedy", dict(do_sample=False), 1)):
         out = model.generate(ids.repeat(reps, 1), attention_mask=mask.repeat(reps, 1), max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
@@ -168,6 +201,10 @@ def evaluate(model, tokenizer, held_out: list[dict], samples: int = 4, max_new_t
         results[f"{name}_accuracy"] = sum(a or 0.0 for a in acc) / len(acc)
         results[f"{name}_format"] = sum(fmt) / len(fmt)
         results[f"{name}_length"] = sum(lengths) / len(lengths)
+        worked = ["=" in t.split("</think>")[0] for t in texts]
+        results[f"{name}_worked_share"] = sum(worked) / len(worked)
+        results[f"{name}_worked_accuracy"] = (sum(a or 0.0 for a, w in zip(acc, worked) if w) / sum(worked)
+                                              if any(worked) else 0.0)
         results[f"{name}_example"] = texts[0]
     model.train(was_training)
     return results
@@ -184,7 +221,8 @@ class HeldOutEval(TrainerCallback):
             m = evaluate(self.model, self.tokenizer, self.held_out, self.samples)
             self.history.append({"step": state.global_step, **m})
             self.log(f"  GRPO step {state.global_step}: held-out sampled acc {m['sampled_accuracy']:.1%}, greedy "
-                     f"{m['greedy_accuracy']:.1%}, length {m['sampled_length']:.1f}")
+                     f"{m['greedy_accuracy']:.1%}, length {m['sampled_length']:.1f}, worked out "
+                     f"{m['sampled_worked_share']:.0%} (right {m['sampled_worked_accuracy']:.0%})")
 
 
 def plot(log_history, evals, path: Path) -> None:
@@ -209,7 +247,8 @@ def plot(log_history, evals, path: Path) -> None:
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
     ax = axes[0, 1]
-    ax.plot([e["step"] for e in evals], [e["sampled_accuracy"] for e in evals], "o-", label="pass@1 (T=1)")
+    ax.plot([e["step"] for e in evals], [e["sampled_accuracy"] for e in evals], "o-",
+            label=f"pass@1 (T={EVAL_TEMPERATURE})")
     ax.plot([e["step"] for e in evals], [e["greedy_accuracy"] for e in evals], "s--", label="greedy")
     ax.axhline(0.3, color="grey", lw=0.8, ls=":")
     ax.axhline(0.6, color="grey", lw=0.8, ls=":")
@@ -218,7 +257,7 @@ def plot(log_history, evals, path: Path) -> None:
     ax.set_xlabel("GRPO step (0 = after cold start)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.suptitle("GRPO on CPU: DeepSeek MLA + MoE + MTP, 4-digit sums, accuracy + format rewards")
+    fig.suptitle("GRPO on CPU: DeepSeek MLA + MoE + MTP, sums of two digits, accuracy + format rewards")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -228,15 +267,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--facts-steps", type=int, default=250, help="steps on plain addition facts (the base model)")
+    p.add_argument("--sft-steps", type=int, default=200, help="cold-start SFT steps on R1-format traces")
     p.add_argument("--reason-fraction", type=float, default=0.2, help="share of worked-out cold-start traces")
-    p.add_argument("--grpo-steps", type=int, default=120)
+    p.add_argument("--grpo-steps", type=int, default=80)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4, help="GRPO learning rate")
+    p.add_argument("--lr", type=float, default=3e-4, help="GRPO learning rate")
     p.add_argument("--max-completion-length", type=int, default=40)
-    p.add_argument("--held-out", type=int, default=100, help="held-out problems")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
+    p.add_argument("--held-out", type=int, default=30, help="held-out sums (of the 81), never trained on by GRPO")
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out problem")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--use-mtp", action="store_true", help="MTP self-speculative rollouts")
     p.add_argument("--threads", type=int, default=1,
@@ -264,19 +304,19 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=args.seed)
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; cold start {args.sft_steps} "
-        f"steps ({args.reason_fraction:.0%} worked-out traces)")
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {args.facts_steps} steps of "
+        f"addition facts, then cold start {args.sft_steps} steps ({args.reason_fraction:.0%} worked-out traces)")
+    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log)
     sft_losses = cold_start(model, tokenizer, args.sft_steps, args.reason_fraction, seed=args.seed + 1, log=log)
-    held_out = problems(args.held_out, seed=10_000 + args.seed)
-    held_out_q = {p["question"] for p in held_out}
+    held_out, train_questions = split_questions(args.held_out, seed=10_000 + args.seed)
     before = evaluate(model, tokenizer, held_out, args.eval_samples)
     log(f"after cold start: held-out sampled acc {before['sampled_accuracy']:.1%}, greedy "
-        f"{before['greedy_accuracy']:.1%}, format {before['sampled_format']:.1%}")
+        f"{before['greedy_accuracy']:.1%}, format {before['sampled_format']:.1%}, worked out "
+        f"{before['sampled_worked_share']:.0%} (right {before['sampled_worked_accuracy']:.0%})")
 
-    train_rows = [p for p in problems(4000, seed=20_000 + args.seed) if p["question"] not in held_out_q]
-    train = make_r1_prompts(datasets.Dataset.from_list([{k: p[k] for k in ("question", "answer")}
-                                                         for p in train_rows]),
-                            system_prompt="", template=TEMPLATE)
+    rows = [{"question": p["question"], "answer": p["answer"]} for p in train_questions] * 40  # epochs of the pairs
+    random.Random(args.seed).shuffle(rows)
+    train = make_r1_prompts(datasets.Dataset.from_list(rows), system_prompt="", template=TEMPLATE)
     config = GRPOConfig(
         output_dir=str(out_dir / "trainer"), max_steps=args.grpo_steps, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -296,7 +336,14 @@ def main(argv=None) -> dict:
     log(f"after GRPO: held-out sampled acc {after['sampled_accuracy']:.1%}, greedy {after['greedy_accuracy']:.1%}")
 
     plot(trainer.state.log_history, evals.history, out_dir / "grpo_curves.png")
+    import datetime
+    import os
+    import platform
+
     metrics = {
+        "machine_line": (f"{len(os.sched_getaffinity(0))} CPU cores ({platform.processor() or platform.machine()}), "
+                         f"torch {torch.__version__}, load avg at end {[round(x, 1) for x in os.getloadavg()]}; "
+                         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"),
         "command": " ".join(["python", "examples/grpo_arithmetic.py", *(argv if argv is not None else sys.argv[1:])]),
         "seconds": round(time.time() - t0, 1), "threads": args.threads, "args": vars(args),
         "sft_final_loss": sum(sft_losses[-20:]) / 20,

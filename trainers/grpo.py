@@ -27,10 +27,13 @@ what happens around that loop:
 
 Reward functions that raise are reported with their name, the sample index and the exception.
 
-TRL internals touched (each is guarded by tests/test_compat.py): the method `_generate_single_turn` (overridden,
-same signature and return), `_compute_loss` (wrapped: super() then the additions), and the attributes
-`generation_config`, `use_vllm`, `use_transformers_continuous_batching`, `temperature`, `reward_funcs`,
-`reward_func_names` read after TRL's __init__.
+TRL internals touched (to be guarded by tests/test_compat.py): the methods `_generate_single_turn` (overridden,
+same signature and return) and `_compute_loss` (wrapped: super() then the additions); the attributes
+`generation_config`, `use_vllm`, `use_transformers_continuous_batching`, `temperature`, `reward_funcs` and
+`reward_func_names` read after TRL's __init__; the batch keys `completion_ids`, `completion_mask`, `tool_mask`,
+`sampling_per_token_logps` and `old_per_token_logps`; and the behaviour that the fused LM head calls the backbone
+module (so that a forward hook on DeepseekModel sees the loss forward) and that TRL's aux-loss path is off when
+`router_aux_loss_coef` is 0.
 """
 
 from __future__ import annotations
