@@ -9,7 +9,8 @@ and owning all of their state (so nothing here depends on how `DynamicLayer` kee
   instead of re-copying the whole cache (plain `torch.cat` makes a long generation quadratic in memory traffic).
 - `FP8LatentLayer`: e4m3 values with one fp32 scale per token (amax / 448 over the token's row), half the bytes of
   bf16 (plus 8 bytes of scales per token and layer). A per-token scale needs no calibration and never goes stale
-  as new tokens arrive, unlike a per-tensor scale frozen on the prompt. Reads dequantize to the compute dtype.
+  as new tokens arrive, unlike a per-tensor scale frozen on the prompt. Reads dequantize to the compute dtype; the
+  tokens of the forward that writes them are attended in full precision.
 
 `DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., latent_cache_dtype="fp8")` or
 `config.latent_cache_dtype = "fp8"` does the same inside generate.
@@ -133,7 +134,12 @@ class FP8LatentLayer(LatentLayer):
             self.lazy_initialization(key_states, value_states)
         (qk, sk), (qv, sv) = quantize_per_token(key_states), quantize_per_token(value_states)
         self._write(keys=qk, key_scales=sk, values=qv, value_scales=sv)
-        return self.dequantized()
+        # The tokens being written attend to themselves in full precision (a prompt's own logits are exact); what
+        # later forwards read back is the e4m3 copy.
+        keys, values = self.dequantized()
+        t = key_states.shape[-2]
+        keys[..., -t:, :], values[..., -t:, :] = key_states, value_states
+        return keys, values
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
