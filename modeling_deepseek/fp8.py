@@ -2,6 +2,11 @@
 block, 1 x 128 activation groups, block-scaled GEMMs (F.scaled_mm on Hopper) with a dequantize-and-matmul fallback,
 and the FP8 Linear / experts modules that keep weights in e4m3. See quantized.py for how checkpoints load, and
 quant/fp8.py for the format and the checkpoint writer.
+
+One tile quantizer serves everything: `quantize_blockwise(x, block_size)` / `dequantize_blockwise` for any br x bc
+tile of the last two dims (1 x 128 activations, 128 x 128 weights, 128 x 1 for the weight-gradient GEMM of FP8
+training in quant/fp8_training.py); the weight / activation helpers below are its checkpoint-format spellings, and
+`quantize_state_tensors` is the one FP8 checkpoint writer.
 """
 
 from __future__ import annotations

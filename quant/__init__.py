@@ -4,6 +4,9 @@
   quantize / dequantize a weight, write an FP8 checkpoint from a bf16/fp32 one (`quantize_checkpoint`), and the
   `FP8Linear` module. `DeepseekForCausalLM.from_pretrained(fp8_folder)` loads such a folder (dequantized on CPU,
   FP8 GEMMs on CUDA).
+- `quant.fp8.convert_to_fp8_training(model, FP8TrainingConfig(...))`: training in FP8 as DeepSeek-V3 did it, all
+  three GEMMs of every projection and routed-expert group in e4m3 with 1 x 128 / 128 x 128 online scales
+  (quant/fp8_training.py; the GEMM backends, CPU reference and Hopper `scaled_mm`, in quant/fp8_gemm.py).
 - bitsandbytes: `DeepseekForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))`
   (or `load_in_8bit=True`) quantizes the Linears (transformers) and the fused routed experts (this package's
   `DeepseekBnbExperts`, modeling_deepseek/bnb_experts.py); router, norms, embedding and lm_head stay full precision.

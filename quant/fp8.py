@@ -88,6 +88,7 @@ from modeling_deepseek.fp8 import (
 )
 
 from .fp8_training import (
+    AdamWBF16Moments,
     Float8TrainingExperts,
     Float8TrainingLinear,
     FP8TrainingConfig,
@@ -122,6 +123,7 @@ __all__ = [
     "Float8TrainingLinear",
     "Float8TrainingExperts",
     "fp8_linear",
+    "AdamWBF16Moments",
 ]
 
 
