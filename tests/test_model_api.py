@@ -182,17 +182,22 @@ def test_padding_counts_nowhere_in_expert_statistics():
     assert torch.allclose(out.balance_loss, (row.balance_loss + solo.balance_loss) / 2, atol=1e-7)
 
 
+def expanded_and_absorbed_logits(model, ids):
+    with torch.no_grad():
+        set_mla_impl(model, "expanded")
+        expanded = model(ids).logits
+        set_mla_impl(model, "absorbed")
+        return expanded, model(ids).logits
+
+
 def test_absorbed_decode_with_fp8_kv_b_proj_matches_expanded(model):
     for layer in model.model.layers:
         attn = layer.self_attn
         attn.kv_b_proj = DeepseekFP8Linear.from_linear(attn.kv_b_proj)
         assert attn.absorbable()
     ids = random_ids(2, 16)
+    expanded, absorbed = expanded_and_absorbed_logits(model, ids)
     with torch.no_grad():
-        set_mla_impl(model, "expanded")
-        expanded = model(ids).logits
-        set_mla_impl(model, "absorbed")
-        absorbed = model(ids).logits
         set_mla_impl(model, "auto")
         out = model(ids[:, :15], use_cache=True)
         step = model(ids[:, 15:], cache=out.cache if hasattr(out, "cache") else out.past_key_values).logits
@@ -210,12 +215,7 @@ def test_absorbed_decode_with_bnb_kv_b_proj_matches_expanded(model):
     q = q.to("cpu")
     attn.kv_b_proj = q
     assert attn.absorbable()
-    ids = random_ids(1, 12)
-    with torch.no_grad():
-        set_mla_impl(model, "expanded")
-        expanded = model(ids).logits
-        set_mla_impl(model, "absorbed")
-        absorbed = model(ids).logits
+    expanded, absorbed = expanded_and_absorbed_logits(model, random_ids(1, 12))
     assert max_diff(expanded, absorbed) < 1e-3
 
 
