@@ -137,7 +137,8 @@ def plot(report, path: Path):
     ax.set_ylabel("training loss (EMA 0.9)")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title(f"small config, stdlib corpus, {report['settings']['batch']} x {report['settings']['seq']} tokens/step")
+    s = report["settings"]
+    ax.set_title(f"small config, stdlib corpus, {s['batch']} x {s['seq']} tokens per step")
     for ref in ("fp32", "bf16"):
         gap.plot(steps, [100 * g for g in report["relative_gap"][ref]], label=f"(fp8 - {ref}) / {ref}", lw=1.0)
     for sign in (1, -1):

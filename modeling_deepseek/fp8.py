@@ -99,7 +99,8 @@ def quantize_blockwise(x: torch.Tensor, block_size: tuple[int, int] = (1, FP8_BL
         q, s = quantize_blockwise(x.unsqueeze(0), block_size, pow2_scale)
         return q.squeeze(0), s.squeeze(0)
     if x.ndim < 2 or not x.is_floating_point():
-        raise ValueError(f"quantize_blockwise needs a floating [..., rows, cols] tensor, got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"quantize_blockwise needs a floating [..., rows, cols] tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
     *lead, rows, cols = x.shape
     R, C = _cdiv(rows, br), _cdiv(cols, bc)
     padded = F.pad(x.float(), (0, C * bc - cols, 0, R * br - rows))  # zeros: they never raise a tile's amax

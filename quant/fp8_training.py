@@ -390,8 +390,8 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
                 report.converted[name] = f"Linear {module.in_features} -> {module.out_features}"
             else:
                 model.set_submodule(name, Float8TrainingExperts.from_experts(module, config))
-                report.converted[name] = (f"routed experts, grouped: {module.num_experts} x "
-                                          f"({module.hidden_dim} -> 2x{module.intermediate_dim} -> {module.hidden_dim})")
+                D, I = module.hidden_dim, module.intermediate_dim
+                report.converted[name] = f"routed experts, grouped: {module.num_experts} x ({D} -> 2x{I} -> {D})"
     _guard_against_replacement(model)
     model.fp8_training_report = report
     return model
@@ -402,7 +402,8 @@ def _convert_with_torchao(model: nn.Module, config: FP8TrainingConfig, module_fi
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
-        raise ImportError(f"recipe {config.recipe!r} hands over to torchao's float8 training: pip install torchao") from err
+        raise ImportError(f"recipe {config.recipe!r} hands over to torchao's float8 training: pip install torchao "
+                          "(or the fp8-compare extra)") from err
     ao_config = Float8LinearConfig.from_recipe_name(config.recipe)
     if config.backend == "reference":
         ao_config = dataclasses.replace(ao_config, emulate=True)
@@ -445,9 +446,9 @@ def _guard_against_replacement(model: nn.Module) -> None:
                     if type(m).__name__ == "Float8Linear" and type(m).__module__.startswith("torchao")]
         if replaced and module.fp8_training_report.recipe == "blockwise":
             raise RuntimeError(
-                f"FP8 training: {len(replaced)} Linears of this model (e.g. {replaced[0]!r}) were replaced by torchao's "
-                "Float8Linear after convert_to_fp8_training (accelerate's mixed_precision='fp8' does this), which "
-                "would train with torchao's tensorwise recipe instead of DeepSeek's block-wise one. Keep "
+                f"FP8 training: {len(replaced)} Linears of this model (e.g. {replaced[0]!r}) were replaced by "
+                "torchao's Float8Linear after convert_to_fp8_training (accelerate's mixed_precision='fp8' does "
+                "this), which would train with torchao's tensorwise recipe instead of DeepSeek's block-wise one. Keep "
                 "convert_to_fp8_training and create the Accelerator with mixed_precision='bf16' or 'no'.")
         module._fp8_training_guard.remove()
         module._fp8_training_guard = True

@@ -1,10 +1,13 @@
 """Worker for tests/test_fp8_training.py: 3 SGD steps of the tiny model converted to FP8 training, in plain torch.
 
     python tests/_fp8_dist_worker.py --out DIR --mode single
-    torchrun --nproc_per_node 2 tests/_fp8_dist_worker.py --out DIR --mode ddp      # DistributedDataParallel
-    torchrun --nproc_per_node 2 tests/_fp8_dist_worker.py --out DIR --mode fsdp2    # fully_shard per block
+    torchrun --nproc_per_node 2 tests/_fp8_dist_worker.py --out DIR --mode ddp,fsdp2
 
-SGD (lr 0.01: its update is linear in the gradient), gloo on CPU. The global batch (4 sequences) is split evenly over the ranks. Every rank writes DIR/rank{r}.json
+ddp: DistributedDataParallel; fsdp2: fully_shard per block and on the model. Several modes run one after the other in
+one process group (one launch: starting processes is most of the cost), each on a freshly built model, into DIR/MODE.
+
+SGD (lr 0.01: its update is linear in the gradient), gloo on CPU. The global batch (4 sequences) is split evenly
+over the ranks. Every rank writes DIR/rank{r}.json
 (per-step losses, the balancing biases after each step); rank 0 also writes DIR/update.pt, the change of every
 parameter in the first step (gathered in full under FSDP2). With an error, DIR/rank{r}.error.txt holds the traceback.
 """
@@ -33,8 +36,7 @@ def run(mode: str, steps: int, lr: float, out: Path) -> None:
     from modeling_deepseek.balancing import balancing_routers
     from quant.fp8 import FP8TrainingConfig, Float8TrainingLinear, convert_to_fp8_training
 
-    if mode != "single":
-        dist.init_process_group("gloo")
+    out.mkdir(parents=True, exist_ok=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if mode != "single" else (0, 1)
     model = convert_to_fp8_training(tiny_model(seed=0, train=True), FP8TrainingConfig(backend="reference"))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -70,22 +72,28 @@ def run(mode: str, steps: int, lr: float, out: Path) -> None:
             if rank == 0:
                 torch.save(update, out / "update.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    if mode != "single":
-        dist.destroy_process_group()
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=["single", "ddp", "fsdp2"], required=True)
+    p.add_argument("--mode", required=True, help="single, or a comma-separated list of ddp / fsdp2")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    modes = args.mode.split(",")
+    if not set(modes) <= {"single", "ddp", "fsdp2"} or ("single" in modes and len(modes) > 1):
+        raise SystemExit(f"--mode: single, or ddp / fsdp2 (comma-separated), got {args.mode!r}")
     try:
-        run(args.mode, args.steps, args.lr, out)
+        if modes != ["single"]:
+            dist.init_process_group("gloo")
+        for mode in modes:
+            run(mode, args.steps, args.lr, out / mode)
+        if modes != ["single"]:
+            dist.destroy_process_group()
     except Exception:
         (out / f"rank{os.environ.get('RANK', 0)}.error.txt").write_text(traceback.format_exc())
         raise
