@@ -150,6 +150,56 @@ def plot(report, path: Path):
     fig.savefig(path, dpi=110)
 
 
+SECTION = "fp8-training"
+
+
+def render(report) -> str:
+    """The benchmark's section of RESULTS.md (between <!-- BEGIN fp8-training --> and <!-- END fp8-training -->)."""
+    s, gap, mem = report["settings"], report["gap_summary"], report["saved_for_backward_bytes"]
+    mib = {k: v / 2**20 for k, v in mem.items()}
+    t = report["median_step_s"]
+    met = all(g["max_abs_after_skip"] <= report["target_gap"] for g in gap.values())
+    lines = [
+        "## FP8 training (DeepSeek-V3 block-wise recipe) vs fp32 and bf16 (cpu, reference backend)", "",
+        f"Command: `{report['command']}`  ", f"Machine: {common.machine_line(report['machine'])}", "",
+        f"`small` config (hub_configs/small), Python stdlib corpus (vocab {s['vocab']}), {s['steps']} AdamW steps of "
+        f"{s['batch']} x {s['seq']} tokens, lr {s['lr']} (warmup + cosine), grad clip 1.0, one initialisation and "
+        "one data order for all three runs; MTP and the aux-loss-free bias update on in every run (largest bias "
+        "change: " + ", ".join(f"{n} {v:.3g}" for n, v in report["max_balancing_bias_change"].items()) + ").", "",
+        "![FP8 vs fp32 / bf16 training loss](results/fp8_training_loss.png)", "",
+        "| | fp32 | bf16 | fp8 |", "|---|---|---|---|",
+        "| final EMA(0.9) loss | " + " | ".join(f"{report['final_ema_loss'][n]:.4f}" for n in RUNS) + " |",
+        "| median step time (s) | " + " | ".join(f"{t[n]:.3f}" for n in RUNS) + " |",
+        "| step time / fp32 | " + " | ".join(f"{report['step_time_vs_fp32'][n]:.2f}x" for n in RUNS) + " |",
+        "", f"Relative gap of the EMA-smoothed loss, fp8 against each reference, after step {s['skip_from']} "
+        f"(target: within {100 * report['target_gap']:.2f}%, V3's figure):", "",
+        "| reference | max abs gap | mean gap | gap at the last step |", "|---|---|---|---|",
+    ]
+    for ref, g in gap.items():
+        lines.append(f"| {ref} | {100 * g['max_abs_after_skip']:.3f}% | {100 * g['mean_after_skip']:+.3f}% | "
+                     f"{100 * g['final']:+.3f}% |")
+    lines += [
+        "", f"Verdict on the 0.25% target: {'met' if met else 'NOT met'} (see the plot for where the gap lies).", "",
+        "Activation memory: bytes of the tensors autograd saves for backward in one training forward of "
+        f"{s['batch']} x {s['seq']} tokens (unique storages, weights excluded):", "",
+        "| fp32 | bf16 autocast | fp8, activations cached in FP8 | fp8, cached in high precision |", "|---|---|---|---|",
+        f"| {mib['fp32']:.1f} MiB | {mib['bf16']:.1f} MiB | {mib['fp8']:.1f} MiB ({mem['fp8'] / mem['bf16']:.2f}x bf16) | "
+        f"{mib['fp8_no_cache']:.1f} MiB |",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(body: str, results_md: Path) -> None:
+    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
+    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results_md.write_text(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(common.REPO_ROOT / "hub_configs" / "small"))
@@ -165,7 +215,16 @@ def main(argv=None):
                    help="the gap statistics leave out the first steps, where the loss falls fastest")
     p.add_argument("--json-out", default=str(RESULTS_DIR / "fp8_training.json"))
     p.add_argument("--plot-out", default=str(RESULTS_DIR / "fp8_training_loss.png"))
+    p.add_argument("--results-md", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"),
+                   help="whose fp8-training section is (re)written; '' to leave it alone")
+    p.add_argument("--render-only", action="store_true", help="only rebuild the section and the plot from --json-out")
     args = p.parse_args(argv)
+    if args.render_only:
+        report = json.loads(Path(args.json_out).read_text())
+        plot(report, Path(args.plot_out))
+        if args.results_md:
+            write_section(render(report), Path(args.results_md))
+        return report
     torch.set_num_threads(args.threads)
     common.quiet()
 
@@ -221,6 +280,8 @@ def main(argv=None):
     report["step_time_vs_fp32"] = {n: report["median_step_s"][n] / report["median_step_s"]["fp32"] for n in RUNS}
     common.write_json(args.json_out, report)
     plot(report, Path(args.plot_out))
+    if args.results_md:
+        write_section(render(report), Path(args.results_md))
     print(json.dumps({k: report[k] for k in ("gap_summary", "final_ema_loss", "median_step_s", "step_time_vs_fp32",
                                              "saved_for_backward_bytes")}, indent=2))
     return report
