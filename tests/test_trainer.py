@@ -290,6 +290,41 @@ def test_eval_logs_lm_loss_and_perplexity(tmp_path):
     assert per_set["eval_b_perplexity"] == pytest.approx(math.exp(per_set["eval_b_lm_loss"]), rel=1e-12)
 
 
+def test_two_ranks_log_means_over_both(tmp_path):
+    """DeepseekTrainer on 2 CPU ranks (torchrun + gloo): each rank sees half of the eval set and of every batch; the
+    logged lm_loss / eval_lm_loss / eval_perplexity are the means over both ranks (the same on each), and the
+    evaluation matches one process scoring the whole eval set, as Trainer's eval_loss does."""
+    import sys
+
+    from test_distributed import TORCHRUN, _free_port, _run
+
+    if not (TORCHRUN.exists() and torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("needs torchrun next to the interpreter and torch.distributed with gloo")
+    worker = Path(__file__).resolve().parent / "_trainer_dist_worker.py"
+    _run([str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+          str(worker), str(tmp_path)], tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    histories = [r["log_history"] for r in ranks]
+
+    model = tiny_model(seed=0, train=True)
+    sys.path.insert(0, str(worker.parent))
+    from _trainer_dist_worker import EVAL_SAMPLES
+
+    lm, mtp = _by_hand(model, lm_dataset(EVAL_SAMPLES, seed=7), 1)
+    first_eval = [h for h in histories[0] if "eval_loss" in h][0]
+    # (Trainer passes num_items_in_batch counted over both ranks: the model's metrics must be each forward's own mean
+    # CE, not its share of the global sum, which is half of it here.)
+    assert first_eval["eval_lm_loss"] == pytest.approx(lm, abs=1e-5), (first_eval, lm)
+    assert first_eval["eval_mtp_loss"] == pytest.approx(mtp, abs=1e-5)
+    assert first_eval["eval_perplexity"] == pytest.approx(math.exp(lm), rel=1e-5)
+    w = model.config.mtp_loss_weight
+    assert first_eval["eval_loss"] == pytest.approx(lm + w * mtp, abs=1e-5)  # Trainer's own gathered total
+    keys = ("lm_loss", "mtp_loss", "balance_loss", "maxvio", "eval_lm_loss", "eval_perplexity")
+    same = [[{k: h[k] for k in keys if k in h} for h in history] for history in histories]
+    assert same[0] == same[1] and sum("lm_loss" in h for h in same[0]) == 2, same
+
+
 def test_trainer_evaluates_the_loss_of_batches_with_labels(tmp_path):
     """Trainer scores an eval batch only when it holds every name in its label_names, which it takes from the
     forward's parameters with "label" in their name: `shift_labels` must not be one (transformers' models take it

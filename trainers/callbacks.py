@@ -13,6 +13,9 @@ themselves). It does nothing for models without a DeepSeek causal LM inside, so 
   then config.mtp_loss_weight_late) at the start of every optimizer step;
 - warns when trl's SFTTrainer replaced the model's forward (its fused LM head trains the main CE only).
 
+With several processes (DDP / FSDP), each rank averages over its own forwards and the callback then averages over the
+ranks (an all-reduce in on_log, which Trainer calls on every process at the same points), like Trainer's own loss.
+
 How the eval numbers get in: Trainer.evaluate() runs the evaluation loop, then `self.log(metrics)`, which appends a
 copy of `metrics` to state.log_history and calls on_log with the `metrics` dict itself; on_evaluate comes after.
 on_log therefore updates the dict in place (what evaluate() returns and best-model selection read) and the history
@@ -26,6 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import torch
 from transformers import TrainerCallback
 
 from modeling_deepseek.compat import forward_replaced_by_trl
@@ -47,6 +51,17 @@ def _eval_prefix(logs: dict) -> str | None:
         if prefix != key and prefix != "train" and f"{prefix}_loss" in logs:
             return prefix
     return None
+
+
+def _mean_over_processes(metrics: dict, args) -> dict:
+    """The mean of each metric over the data-parallel processes (every process computes the same keys)."""
+    if not metrics or args.world_size <= 1 or not (torch.distributed.is_available()
+                                                     and torch.distributed.is_initialized()):
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=args.device)
+    torch.distributed.all_reduce(values)
+    return dict(zip(keys, (values / args.world_size).tolist()))
 
 
 def _add_to_log(state, logs: dict, metrics: dict) -> None:
@@ -84,14 +99,15 @@ class DeepseekTrainerCallback(TrainerCallback):
                 lm._mtp_weight_early = None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None:
-            return
         lms = deepseek_modules(model)
+        if logs is None or not lms:  # (the same on every process, as the all-reduce below requires)
+            return
         prefix = _eval_prefix(logs)
         metrics = {}
         if prefix is not None:
             for lm in lms:
                 metrics.update({f"{prefix}_{k}": v for k, v in lm.pop_eval_metrics().items()})
+            metrics = _mean_over_processes(metrics, args)
             if f"{prefix}_lm_loss" in metrics:
                 lm_loss = metrics[f"{prefix}_lm_loss"]
                 metrics[f"{prefix}_perplexity"] = math.exp(lm_loss) if lm_loss < 700 else math.inf
@@ -100,5 +116,6 @@ class DeepseekTrainerCallback(TrainerCallback):
                 metrics.update(lm.pop_train_metrics())
                 if getattr(lm.config, "mtp_loss_weight_late", None) is not None:
                     metrics["mtp_loss_weight"] = lm.config.mtp_loss_weight
+            metrics = _mean_over_processes(metrics, args)
         if metrics:
             _add_to_log(state, logs, metrics)
