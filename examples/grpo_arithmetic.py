@@ -122,7 +122,7 @@ def fact_line(rng: random.Random, n_facts: int = 8) -> str:
 def sft(model, tokenizer, steps: int, make_row, seed: int, batch_size: int = 32, lr: float = 2e-3,
         log=print, name: str = "sft") -> list[float]:
     """A plain SFT loop with the model's own loss (next-token + MTP + balance) on the completion tokens;
-    `make_row(rng)` returns (prompt ids, completion ids)."""
+    `make_row(rng)` returns (prompt ids, completion ids). Warm-up over 20 steps, then linear decay to 10%."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
@@ -150,11 +150,16 @@ def sft(model, tokenizer, steps: int, make_row, seed: int, batch_size: int = 32,
     return losses
 
 
-def pretrain_facts(model, tokenizer, steps: int, seed: int, log=print) -> list[float]:
-    """The "base model": addition facts, no R1 format."""
+def pretrain_facts(model, tokenizer, steps: int, seed: int, cycle: int = 100, log=print) -> list[float]:
+    """The "base model": addition facts, no R1 format, in warm-restart cycles of `cycle` steps (each warms up to
+    6e-3 and decays; one long schedule at this size learns the table more slowly)."""
     eos = [tokenizer.eos_token_id]
-    return sft(model, tokenizer, steps, lambda rng: ([], tokenizer(fact_line(rng))["input_ids"] + eos), seed,
-               lr=6e-3, log=log, name="facts")
+    losses = []
+    for c in range(-(-steps // cycle)):
+        n = min(cycle, steps - c * cycle)
+        losses += sft(model, tokenizer, n, lambda rng: ([], tokenizer(fact_line(rng))["input_ids"] + eos),
+                      seed + c, lr=6e-3, log=log, name=f"facts cycle {c + 1}")
+    return losses
 
 
 def cold_start(model, tokenizer, steps: int, reason_fraction: float, seed: int, facts_fraction: float = 0.3,
@@ -267,9 +272,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--facts-steps", type=int, default=250, help="steps on plain addition facts (the base model)")
-    p.add_argument("--sft-steps", type=int, default=200, help="cold-start SFT steps on R1-format traces")
-    p.add_argument("--reason-fraction", type=float, default=0.2, help="share of worked-out cold-start traces")
+    p.add_argument("--facts-steps", type=int, default=300, help="steps on plain addition facts (the base model)")
+    p.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps on R1-format traces")
+    p.add_argument("--reason-fraction", type=float, default=0.25, help="share of worked-out cold-start traces")
     p.add_argument("--grpo-steps", type=int, default=80)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
