@@ -1,9 +1,10 @@
 """Worker for tests/test_fp8_training.py: 3 SGD steps of the tiny model converted to FP8 training, in plain torch.
 
     python tests/_fp8_dist_worker.py --out DIR --mode single
-    torchrun --nproc_per_node 2 tests/_fp8_dist_worker.py --out DIR --mode ddp,fsdp2
+    ACCELERATE_USE_CPU=yes torchrun --nproc_per_node 2 tests/_fp8_dist_worker.py --out DIR --mode ddp,fsdp2,accelerate
 
-ddp: DistributedDataParallel; fsdp2: fully_shard per block and on the model. Several modes run one after the other in
+ddp: DistributedDataParallel; fsdp2: fully_shard per block and on the model; accelerate: Accelerator(cpu=True)
+.prepare (DDP underneath), the model converted before prepare. Several modes run one after the other in
 one process group (one launch: starting processes is most of the cost), each on a freshly built model, into DIR/MODE.
 
 SGD (lr 0.01: its update is linear in the gradient), gloo on CPU. The global batch (4 sequences) is split evenly
@@ -51,15 +52,22 @@ def run(mode: str, steps: int, lr: float, out: Path) -> None:
         wrapped = fully_shard(model)
     else:
         wrapped = model
-    assert isinstance(model.model.layers[0].self_attn.q_a_proj, Float8TrainingLinear)
     opt = torch.optim.SGD(wrapped.parameters(), lr=lr)
+    backward = torch.Tensor.backward
+    if mode == "accelerate":  # what `accelerate launch` runs: prepare() wraps in DDP, mixed_precision "no"
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        wrapped, opt = accelerator.prepare(model, opt)
+        backward = accelerator.backward
+    assert isinstance(model.model.layers[0].self_attn.q_a_proj, Float8TrainingLinear)
     ids = random_ids(steps * GLOBAL_BATCH, SEQ, seed=1)
     per_rank = GLOBAL_BATCH // world
-    record = {"rank": rank, "world": world, "losses": [], "biases": []}
+    record = {"rank": rank, "world": world, "losses": [], "biases": [], "wrapped": type(wrapped).__name__}
     for step in range(steps):
         batch = ids[step * GLOBAL_BATCH + rank * per_rank:][:per_rank]
         loss = wrapped(input_ids=batch, labels=batch).loss
-        loss.backward()
+        backward(loss)
         opt.step()
         opt.zero_grad()
         record["losses"].append(loss.item())
@@ -77,7 +85,7 @@ def run(mode: str, steps: int, lr: float, out: Path) -> None:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", required=True, help="single, or a comma-separated list of ddp / fsdp2")
+    p.add_argument("--mode", required=True, help="single, or a comma-separated list of ddp / fsdp2 / accelerate")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01)
     args = p.parse_args()
@@ -85,7 +93,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     modes = args.mode.split(",")
-    if not set(modes) <= {"single", "ddp", "fsdp2"} or ("single" in modes and len(modes) > 1):
+    if not set(modes) <= {"single", "ddp", "fsdp2", "accelerate"} or ("single" in modes and len(modes) > 1):
         raise SystemExit(f"--mode: single, or ddp / fsdp2 (comma-separated), got {args.mode!r}")
     try:
         if modes != ["single"]:

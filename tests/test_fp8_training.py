@@ -589,7 +589,7 @@ def _torchrun_fp8_worker(out: Path, modes: str) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1")
+    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="yes")
     cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
            str(DIST_WORKER), "--out", str(out), "--mode", modes]
     proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
@@ -598,7 +598,7 @@ def _torchrun_fp8_worker(out: Path, modes: str) -> None:
 
 
 @needs_torchrun
-def test_ddp_and_fsdp2_on_two_cpu_ranks_train_in_fp8_like_one_process(tmp_path):
+def test_ddp_fsdp2_and_accelerate_on_two_cpu_ranks_train_in_fp8_like_one_process(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("fp8_dist_worker", DIST_WORKER)
@@ -607,10 +607,11 @@ def test_ddp_and_fsdp2_on_two_cpu_ranks_train_in_fp8_like_one_process(tmp_path):
     worker.run("single", 3, 0.01, tmp_path / "single")  # the one-process reference, in this process
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     ref_update = torch.load(tmp_path / "single" / "update.pt")
-    _torchrun_fp8_worker(tmp_path, "ddp,fsdp2")
-    for mode in ("ddp", "fsdp2"):
+    _torchrun_fp8_worker(tmp_path, "ddp,fsdp2,accelerate")
+    for mode, wrapper in (("ddp", "DistributedDataParallel"), ("fsdp2", "FSDPDeepseekForCausalLM"),
+                          ("accelerate", "DistributedDataParallel")):
         ranks = [json.loads((tmp_path / mode / f"rank{r}.json").read_text()) for r in range(2)]
-        assert [r["world"] for r in ranks] == [2, 2]
+        assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["wrapped"] == wrapper, ranks[0]["wrapped"]
         assert ranks[0]["biases"] == ranks[1]["biases"]  # all-reduced counts: bitwise identical on both ranks
         assert ranks[0]["biases"][-1] != single["biases"][0]  # ... and they moved
         # equal micro-batches: the mean of the ranks' losses is the global one; exactly so at the first step (Fprop
