@@ -274,14 +274,14 @@ class Float8TrainingExperts(DeepseekExperts):
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 load_E: torch.Tensor | None = None) -> torch.Tensor:
+        """`load_E` (an older caller's per-expert counts) is not used: counts that leave padding out (the MoE
+        layer's balancing counts) would misplace the segments, so they are always counted here, over every pair."""
         if self._use_loop() or not self._grouped_ok(x_TD):
             return self.forward_loop(x_TD, expert_ids_TK, weights_TK)
         T, K = expert_ids_TK.shape
         cfg, out_dtype = self.fp8_config, _out_dtype(x_TD)
         order_S = expert_ids_TK.reshape(-1).argsort(stable=True)  # each expert's rows become one segment
-        if load_E is None:
-            load_E = tokens_per_expert(expert_ids_TK, self.num_experts)
-        offsets_E = load_E.cumsum(0).to(torch.int32)
+        offsets_E = tokens_per_expert(expert_ids_TK, self.num_experts).cumsum(0).to(torch.int32)  # segment ends
         with torch.autocast(x_TD.device.type, enabled=False):
             gate_up_S2I = _FP8GroupedMM.apply(x_TD[order_S // K], self.gate_up_proj, offsets_E, cfg, out_dtype)
             gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
