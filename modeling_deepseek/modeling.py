@@ -296,6 +296,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
             layer.last_attention = None
         # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
         if self.training and torch.is_grad_enabled():
+            if bias_update_enabled(cfg):
+                track(self)  # also a copy (copy.deepcopy, a reference model) that __init__ never registered
             record_loads(self.moe_layers(include_mtp=False), cfg)
 
         last_hidden_state = self.norm(hidden_states)

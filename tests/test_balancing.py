@@ -345,3 +345,14 @@ def test_trainer_with_gradient_accumulation_updates_once_per_step(tmp_path):
         assert units.abs().max() <= 2 + 1e-3
     assert any(((a - b).abs() > 0.5 * GAMMA).any() for a, b in zip(biases(model), bias0))
     assert all(torch.equal(p, torch.zeros(8)) for p in pendings(model))
+
+
+def test_a_deep_copy_keeps_updating_its_own_bias():
+    original = tiny_model(train=True)
+    model = copy.deepcopy(original)  # never ran DeepseekModel.__init__, which registers models for the update
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    before, untouched = biases(model), biases(original)
+    train_step(model, random_ids(2, 12))
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(biases(model), before))
+    assert_lists_close(biases(original), untouched, atol=0)
