@@ -120,6 +120,7 @@ def worker(spec: dict) -> None:
 RESULTS_MD = common.REPO_ROOT / "benchmarks" / "RESULTS.md"
 LEARNING_JSON = common.RESULTS_DIR / "grpo_arithmetic_metrics.json"  # examples/grpo_arithmetic.py's metrics.json
 LEARNING_PNG = "results/grpo_arithmetic_curves.png"
+LEARNING_NOTE = common.RESULTS_DIR / "grpo_arithmetic_note.md"  # hand-written findings about the learning run
 BEGIN, END = "<!-- BEGIN grpo -->", "<!-- END grpo -->"
 
 
@@ -147,6 +148,10 @@ def render(bench: dict | None, learning: dict | None) -> str:
                   f"{m['sampled_worked_accuracy']:.1%}", m["sampled_length"]]
                  for label, m in (("after cold start", b), (f"after {learning['args']['grpo_steps']} GRPO steps", a))]),
             "",
+            f"Target: pass@1 <= 30% after the cold start and >= 60% after GRPO; measured "
+            f"{b['sampled_accuracy']:.1%} -> {a['sampled_accuracy']:.1%} (**"
+            f"{'met' if b['sampled_accuracy'] <= 0.3 and a['sampled_accuracy'] >= 0.6 else 'MISSED'}**).", "",
+            *([LEARNING_NOTE.read_text().strip(), ""] if LEARNING_NOTE.exists() else []),
             f"![GRPO curves]({LEARNING_PNG})", "",
             "Example completions (sampled, first held-out problem): before "
             f"`{b['sampled_example'].strip()}`, after `{a['sampled_example'].strip()}`.", "",
