@@ -440,11 +440,14 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             main_loads = expert_load[: len(self.moe_layers(include_mtp=False))]
             max_vio = max_violation(main_loads).mean() if len(main_loads) else None
         if shift_labels is not None:
+            # Under gradient accumulation main_loss is this forward's share of the step's sum; report its own mean.
+            lm_loss = main_loss if num_items_in_batch is None else (
+                main_loss * num_items_in_batch / (shift_labels != -100).sum().clamp_min(1))
             if self.training and torch.is_grad_enabled():
-                self._accumulate_metrics("train", lm_loss=main_loss, mtp_loss=mtp_loss, balance_loss=balance_loss,
+                self._accumulate_metrics("train", lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss,
                                          maxvio=max_vio)
             elif not self.training:
-                self._accumulate_metrics("eval", lm_loss=main_loss, mtp_loss=mtp_loss)
+                self._accumulate_metrics("eval", lm_loss=lm_loss, mtp_loss=mtp_loss)
 
         output = DeepseekCausalLMOutput(
             loss=loss,
