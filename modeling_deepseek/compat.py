@@ -48,6 +48,10 @@ def pop_cache_argument(cache, kwargs: dict):
 CPU_FLASH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+# torch's grouped GEMM: public as torch.nn.functional.grouped_mm from torch 2.10 on, torch._grouped_mm before.
+grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+
+
 def keep_fp32_buffers(module: torch.nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> torch.nn.Module:
     """nn.Module._apply for `module` that leaves the buffers `names` in float32 (the device still follows `fn`).
 

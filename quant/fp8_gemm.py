@@ -36,9 +36,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from modeling_deepseek.compat import grouped_mm as _grouped_mm
 from modeling_deepseek.fp8 import FP8_BLOCK, FP8_DTYPE, _cdiv, _fp8_scale, dequantize_blockwise
 
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 TILE = (1, FP8_BLOCK)
 BLOCK = (FP8_BLOCK, FP8_BLOCK)
 BACKENDS = ("auto", "reference", "cuda")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import socket
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -227,3 +227,13 @@ def test_bnb_linear4bit_cpu_avx512_flag():
     aligned = bnb.nn.Linear4bit(64, 96, bias=False)
     aligned.support_avx512bf16_for_cpu = True
     assert not compat.avoid_bnb_cpu_avx512_packing(aligned) and aligned.support_avx512bf16_for_cpu
+
+
+def test_grouped_mm_is_torchs_grouped_gemm():
+    """compat.grouped_mm: F.grouped_mm (torch >= 2.10) or the older private torch._grouped_mm, with `offs` = the
+    cumulative group ends."""
+    x = torch.randn(5, 8)
+    w = torch.randn(2, 8, 4)  # rows 16-byte aligned, as the kernel needs
+    offs = torch.tensor([2, 5], dtype=torch.int32)
+    y = compat.grouped_mm(x, w, offs=offs)
+    assert torch.allclose(y, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), atol=1e-5), "torch's grouped_mm changed"
