@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 import trl
 from torch import nn
+from transformers import GenerationConfig
 
 from modeling_deepseek import DeepseekForCausalLM
 from modeling_deepseek.balancing import max_violation
@@ -220,6 +221,12 @@ class GRPOTrainer(trl.GRPOTrainer):
         gc = copy.deepcopy(self.generation_config)
         gc.return_dict_in_generate = True
         gc.output_logits = not self.use_mtp
+        if self.use_mtp:  # TRL spells out no-op options that the speculative loop refuses unless left unset
+            defaults = GenerationConfig()
+            for name, no_op in (("repetition_penalty", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0),
+                                ("disable_compile", True)):  # the speculative loop compiles nothing
+                if getattr(gc, name, None) in (no_op, None):
+                    setattr(gc, name, getattr(defaults, name, None))
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         ids_BP, mask_BP = left_pad(prompt_ids, tokenizer.pad_token_id, self.args.pad_to_multiple_of)
         device = self.accelerator.device
