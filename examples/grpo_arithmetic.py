@@ -8,8 +8,9 @@ in the R1 format, <think>...</think> <answer>...</answer>, and are deliberately 
 most traces skip the work and guess ("<think>guess</think> <answer>17</answer>"), a minority add the digits one at a
 time ("<think>7+5=12</think> <answer>12</answer>"). After the short SFT the model writes the format
 and can do the sums, but mostly guesses: held-out accuracy is low. GRPO with accuracy + format rewards only (no
-critic, no reward model, no hint about which trace is better) then has to discover that working the sum out pays;
-accuracy and completion length rise together, the small-scale analogue of R1-Zero's longer, better reasoning.
+critic, no reward model, no hint about which trace is better) then has to discover that working the sum out pays,
+the small-scale analogue of R1-Zero learning to reason before it answers (measured in benchmarks/RESULTS.md, GRPO
+section: held-out pass@1 21% -> 97% in about 6 minutes on 2 CPU cores).
 
 Steps: character-level tokenizer built in code; a DeepseekForCausalLM (MLA, 8 routed experts top-2 + 1 shared, one
 MTP module); SFT with the model's own loss (next-token + MTP + balance), completion tokens only; held-out accuracy
@@ -273,9 +274,9 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--facts-steps", type=int, default=300, help="steps on plain addition facts (the base model)")
-    p.add_argument("--sft-steps", type=int, default=600, help="cold-start SFT steps on R1-format traces")
-    p.add_argument("--reason-fraction", type=float, default=0.4, help="share of worked-out cold-start traces")
-    p.add_argument("--grpo-steps", type=int, default=100)
+    p.add_argument("--sft-steps", type=int, default=1000, help="cold-start SFT steps on R1-format traces")
+    p.add_argument("--reason-fraction", type=float, default=0.35, help="share of worked-out cold-start traces")
+    p.add_argument("--grpo-steps", type=int, default=150)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4, help="GRPO learning rate")
