@@ -162,7 +162,9 @@ class DeepseekAttention(nn.Module):
     def use_absorbed(self, T: int, S: int) -> bool:
         if self.mla_impl != "auto":
             return self.mla_impl == "absorbed" and self.absorbable()
-        if self.training or not self.absorbable():
+        # Training forwards take the expanded path (what the backward wants, dropout included); a no-grad forward of a
+        # model left in training mode (TRL generates so) decodes like eval, the two paths being exact alike.
+        if self.training and (torch.is_grad_enabled() or self.attention_dropout > 0) or not self.absorbable():
             return False
         C, R, nope, v = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim
         # Multiply-adds per head. Expanded: rebuild K/V for S keys, then attend. Absorbed: absorb T queries and

@@ -46,8 +46,12 @@ from .mtp import DeepseekMTPLayer
 _IMPLEMENTED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p", "eos_token_id",
     "pad_token_id", "bos_token_id", "prefill_chunk_size", "return_dict_in_generate", "use_cache",
-    "cache_implementation", "use_mtp", "transformers_version",
+    "cache_implementation", "use_mtp", "transformers_version", "disable_compile", "compile_config",
 }
+# Values that switch an option off, which callers such as TRL set explicitly: accepted like the defaults.
+_NO_OP = {"repetition_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
+          "num_return_sequences": 1, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+          "length_penalty": 1.0}
 
 
 @dataclass
@@ -84,7 +88,8 @@ def check_generation_config(gc) -> None:
     defaults = GenerationConfig().to_dict()
     for name, value in gc.to_dict().items():
         default = defaults.get(name)
-        if name in _IMPLEMENTED or name.startswith("_") or value == default or _unset(value) and _unset(default):
+        if (name in _IMPLEMENTED or name.startswith("_") or value == default or _unset(value) and _unset(default)
+                or name in _NO_OP and value == _NO_OP[name]):
             continue
         raise ValueError(f"generate(use_mtp=True) does not support `{name}={value!r}`; drop it or use use_mtp=False")
 

@@ -237,3 +237,25 @@ def test_grouped_mm_is_torchs_grouped_gemm():
     offs = torch.tensor([2, 5], dtype=torch.int32)
     y = compat.grouped_mm(x, w, offs=offs)
     assert torch.allclose(y, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), atol=1e-5), "torch's grouped_mm changed"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# trl's GRPOTrainer (trainers/grpo.py overrides two of its private methods and reads its attributes)
+
+
+def test_trl_grpo_trainer_internals_the_deepseek_trainer_relies_on():
+    import trl
+
+    gen = inspect.signature(trl.GRPOTrainer._generate_single_turn).parameters
+    assert list(gen) == ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"], (
+        f"trl.GRPOTrainer._generate_single_turn changed its signature to {list(gen)}: trainers.GRPOTrainer overrides it "
+        "for DeepSeek rollouts")
+    loss = inspect.signature(trl.GRPOTrainer._compute_loss).parameters
+    assert list(loss) == ["self", "model", "inputs"], (
+        f"trl.GRPOTrainer._compute_loss changed its signature to {list(loss)}: trainers.GRPOTrainer wraps it to add "
+        "the balance and MTP losses")
+    source = inspect.getsource(trl.GRPOTrainer)
+    for name in ("self.use_vllm", "self.use_transformers_continuous_batching", "self.temperature",
+                 "self.reward_func_names", "self.generation_config", "sampling_per_token_logps",
+                 "old_per_token_logps", "completion_mask"):
+        assert name in source, f"trl.GRPOTrainer no longer uses `{name}`, which trainers.GRPOTrainer reads"
