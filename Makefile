@@ -5,6 +5,7 @@
 #   make venv-latest  - create .venv-latest: the same, with the newest releases pyproject.toml allows
 #   make test-latest  - run the test suite in .venv-latest
 #   make demo         - small pretraining demo on Python stdlib sources (about 4-7 min on 2 CPU cores)
+#   make grpo-demo    - GRPO learning curve: a small DeepSeek learns two-digit sums (about 6 min on 2 CPU cores)
 #   make bench        - run benchmarks (if present)
 #   make clean        - remove build outputs and demo runs (keeps the venvs; `make distclean` removes them too)
 
@@ -21,7 +22,7 @@ TORCH_VERSION := 2.13.0
 TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 PYTEST_FLAGS ?= -x -q -p no:cacheprovider --timeout=600
 
-.PHONY: venv venv-latest test test-latest demo bench clean distclean
+.PHONY: venv venv-latest test test-latest demo grpo-demo bench clean distclean
 
 venv: $(VENV)/.stamp
 venv-latest: $(VENV_LATEST)/.stamp
@@ -63,6 +64,9 @@ test-latest: venv-latest
 
 demo: venv
 	$(PY) examples/pretrain.py --config hub_configs/small --output runs/demo
+
+grpo-demo: venv
+	$(PY) examples/grpo_arithmetic.py --output runs/grpo_arithmetic
 
 bench: venv
 	@if [ -f benchmarks/run.py ]; then \
