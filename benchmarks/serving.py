@@ -103,21 +103,7 @@ def _cache_bytes(spec, cache) -> tuple[float, float]:
             tokens = max(tokens, layer.keys.shape[0] * layer.keys.shape[-2])
         per_token = total / max(tokens, 1)
         return per_token, per_token  # DynamicCache concatenates: allocated == stored
-    stored = cache.nbytes_per_token()
-    alloc = 0
-    tokens = 0
-    for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        tokens = max(tokens, layer.keys.shape[0] * layer.keys.shape[-2])
-        if getattr(layer, "_k_buf", None) is not None:  # LatentLayer: doubling buffers behind keys / values
-            bufs = [layer._k_buf, layer._v_buf]
-        elif getattr(layer, "_bufs", None):  # an FP8 layer with buffers (the proposed cache.py diff)
-            bufs = list(layer._bufs)
-        else:  # FP8 layers of torch.cat: exactly what they store
-            bufs = [layer.keys, layer.values, layer.key_scales, layer.value_scales]
-        alloc += sum(b.numel() * b.element_size() for b in bufs if b is not None)
-    return stored, alloc / max(tokens, 1)
+    return cache.nbytes_per_token(), cache.nbytes_allocated_per_token()
 
 
 def _setup(spec):

@@ -121,7 +121,12 @@ class LatentLayer(CacheLayerMixin):
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
     def nbytes(self) -> int:
+        """Bytes of the cached tokens."""
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.streams)
+
+    def nbytes_allocated(self) -> int:
+        """Bytes of the growing buffers behind them (up to twice the cached tokens)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
 
 
 class FP8LatentLayer(LatentLayer):
@@ -160,3 +165,9 @@ class DeepseekLatentCache(Cache):
         layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
         tokens = max((layer.keys.shape[0] * layer.get_seq_length() for layer in layers), default=0)
         return sum(layer.nbytes() for layer in layers) / max(tokens, 1)
+
+    def nbytes_allocated_per_token(self) -> float:
+        """Bytes allocated per cached token (the buffers, spare room included)."""
+        layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
+        tokens = max((layer.keys.shape[0] * layer.get_seq_length() for layer in layers), default=0)
+        return sum(layer.nbytes_allocated() for layer in layers) / max(tokens, 1)
