@@ -144,12 +144,13 @@ class DeepseekAttention(nn.Module):
 
     def absorbed_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """kv_b_proj's weight in `dtype`. A quantized kv_b_proj is dequantized once and kept (as DeepSeek's own
-        inference code does); the copy is dropped when the module's weight object changes."""
+        inference code does); the copy is remade when the weight object, the dtype or the device changes."""
         proj = self.kv_b_proj
         if type(proj) is nn.Linear:
             return proj.weight
         cached = getattr(self, "_absorbed_weight", None)
-        if cached is None or cached[0] is not proj.weight or cached[1].dtype != dtype:
+        if (cached is None or cached[0] is not proj.weight or cached[1].dtype != dtype
+                or cached[1].device != proj.weight.device):
             if hasattr(proj, "dequantized_weight"):
                 w = proj.dequantized_weight(dtype)
             else:  # bitsandbytes: run the identity through the layer, which dequantizes with its own kernels
