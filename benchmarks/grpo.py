@@ -181,13 +181,13 @@ def render(bench: dict | None, learning: dict | None) -> str:
                                    "rollout speedup"], rows), "",
             f"Target: ours >= 1.5x the peer per step; measured **{bench['speedup_step_vs_peer']:.2f}x** "
             f"({'met' if bench['speedup_step_vs_peer'] >= 1.5 else 'MISSED'}). trl.GRPOTrainer on our model gets "
-            f"only {bench['speedup_step_trl_ours_vs_peer']:.2f}x: TRL generates with the policy in training mode, "
-            "and in training mode our attention takes the expanded path (keys and values rebuilt from the latent "
-            "cache for every cached token at every decode step, as the peer always does), since absorbed MLA is an "
-            "inference path. The package's rollout step puts the model in eval mode for generation (also: no load "
-            "counting, no dropout), so decode runs absorbed MLA over the latent cache; that is where the gain "
-            "comes from (rollout speedup column). It also returns the sampled tokens' log-probabilities (a "
-            "log-softmax over the logits generate returns). The rest of the step (old-policy/loss forward, "
+            f"{bench['speedup_step_trl_ours_vs_peer']:.2f}x: the gain is the model's rollout, absorbed MLA over the "
+            "latent cache where the peer rebuilds every head's keys and values from its cache at every decode step "
+            "(rollout speedup column). TRL generates with the policy in training mode under no_grad, and the model "
+            "decodes such forwards through absorbed MLA as in eval mode, so plain TRL gets it too; the package's "
+            "rollout step adds eval-mode routing (no load counting, no dropout), the sampled tokens' "
+            "log-probabilities (a log-softmax over the logits generate returns) and optional MTP speculation. The "
+            "rest of the step (old-policy/loss forward, "
             "backward, optimizer) is the same work in all three; its spread is this shared machine's noise.", "",
         ]
     lines.append(END)
