@@ -160,14 +160,15 @@ class DeepseekLatentCache(Cache):
         self.fp8 = fp8
         super().__init__(layer_class_to_replicate=FP8LatentLayer if fp8 else LatentLayer, **kwargs)
 
-    def nbytes_per_token(self) -> float:
-        """Bytes held per cached token, summed over layers (scales included for FP8)."""
+    def _per_token(self, layer_bytes) -> float:
         layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
         tokens = max((layer.keys.shape[0] * layer.get_seq_length() for layer in layers), default=0)
-        return sum(layer.nbytes() for layer in layers) / max(tokens, 1)
+        return sum(layer_bytes(layer) for layer in layers) / max(tokens, 1)
+
+    def nbytes_per_token(self) -> float:
+        """Bytes held per cached token, summed over layers (scales included for FP8)."""
+        return self._per_token(LatentLayer.nbytes)
 
     def nbytes_allocated_per_token(self) -> float:
         """Bytes allocated per cached token (the buffers, spare room included)."""
-        layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
-        tokens = max((layer.keys.shape[0] * layer.get_seq_length() for layer in layers), default=0)
-        return sum(layer.nbytes_allocated() for layer in layers) / max(tokens, 1)
+        return self._per_token(LatentLayer.nbytes_allocated)
