@@ -133,8 +133,8 @@ def test_grpo_trains_logs_trl_and_deepseek_metrics(tmp_path):
 # dapo (the default) runs in every other test; these cover TRL's other loss families (clipped ratio, clipped
 # weights, soft gate, gamma weights) and GSPO (sequence-level ratios)
 @pytest.mark.parametrize("loss_type, extra", [
-    ("grpo", {}), ("cispo", {"epsilon_high": 5.0}), ("sapo", {}), ("vespo", {}),
-    ("dapo", {"importance_sampling_level": "sequence"}),
+    ("grpo", {}), ("dr_grpo", {}), ("bnpo", {}), ("luspo", {}), ("cispo", {"epsilon_high": 5.0}), ("sapo", {}),
+    ("vespo", {}), ("dapo", {"importance_sampling_level": "sequence"}),
 ])
 def test_every_trl_loss_type(tmp_path, loss_type, extra):
     logs = train_logs(trainer_for(tmp_path, loss_type=loss_type, max_steps=1, **extra))
