@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -44,6 +44,7 @@ from .experts import DeepseekExperts
 from .fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 from .layers import DeepseekRMSNorm
 from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
+from .parallel import check_parallel_layout
 from .moe import DeepseekMoE
 from .quantized import finish_quantized_load, prepare_quantized_load
 from .rope import DeepseekRotaryEmbedding
@@ -128,6 +129,11 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
         """
         want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("distributed_config") is not None:
+            config = kwargs.get("config")
+            if not isinstance(config, PreTrainedConfig):
+                config = cls.config_class.from_pretrained(args[0] if args else kwargs["pretrained_model_name_or_path"])
+            check_parallel_layout(config, kwargs["distributed_config"])
         # FP8 checkpoints (dequantized, or kept FP8 on CUDA) and bitsandbytes-quantized experts: see quantized.py
         args, kwargs, quant_plan = prepare_quantized_load(cls, args, kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -345,6 +351,10 @@ def padding_free_tokens(attention_mask: torch.Tensor | None, T: int) -> torch.Te
 
 class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Distributed engine (the base model's plans are on the config): the head is split over the vocabulary and its
+    # logits gathered, so every rank sees whole logits (the loss, MTP's drafts and generation need them).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: DeepseekConfig):
         super().__init__(config)
