@@ -7,17 +7,29 @@ MLA uses a sharded weight outside that weight's module, and the checks that a la
   hands out. The latent then feeds those heads without passing kv_b_proj's forward, where the engine sums the input
   gradient over the ranks; `replicated_input` does that sum for it.
 - `check_parallel_layout` refuses a tp_size that does not divide the attention heads, or an ep_size that does not
-  divide the routed experts, before the engine shards anything (a column split would cut a head in two).
+  divide the routed experts, before the engine shards anything (a column split would cut a head in two), and a
+  layout the installed transformers' engine cannot build.
 """
 
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging import version
 
 try:  # torch built without distributed support has no DTensor: nothing is ever sharded then
     from torch.distributed.tensor import DTensor, Partial, Replicate
 except ImportError:  # pragma: no cover
     DTensor = None
+
+
+# The first release whose engine reads tp_plan={} with tp_size > 1 as "no tensor-parallel rules" (expert parallelism
+# alone over the tensor-parallel ranks); 5.23 raises "has no tp_plan" there.
+EMPTY_TP_PLAN_RELEASE = "5.25"
+
+
+def engine_takes_empty_tp_plan() -> bool:
+    return version.parse(transformers.__version__) >= version.parse(EMPTY_TP_PLAN_RELEASE)
 
 
 def is_sharded(t) -> bool:
@@ -49,6 +61,12 @@ def check_parallel_layout(config, distributed_config) -> None:
     tp_size, ep_size, tp_plan = get("tp_size") or 1, get("ep_size") or 1, get("tp_plan")
     if get("enable_expert_parallel", False) and ep_size == 1:  # the deprecated spelling of ep_size = tp_size
         ep_size, tp_plan = tp_size, {} if tp_plan is None else tp_plan
+    if tp_size > 1 and tp_plan == {} and not engine_takes_empty_tp_plan():
+        raise ValueError(
+            f"expert parallelism alone (tp_plan={{}} with tp_size={tp_size}, or enable_expert_parallel=True) needs "
+            f"transformers >= {EMPTY_TP_PLAN_RELEASE}: the distributed engine of transformers {transformers.__version__} "
+            "refuses an empty tp_plan. Use DistributedConfig(tp_size=N, ep_size=N) (heads and experts split) or "
+            "DistributedConfig(fsdp_size=N, ep_size=N) (experts split, the rest FSDP-sharded), or upgrade transformers")
     heads = config.num_attention_heads
     if tp_size > 1 and tp_plan != {} and heads % tp_size:
         raise ValueError(
