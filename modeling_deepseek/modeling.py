@@ -434,7 +434,13 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             balance_terms = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
             if balance_terms:
                 balance_loss = torch.stack(balance_terms).sum()
-                loss = loss + balance_loss
+                balance_share = balance_loss
+                if num_items_in_batch is not None:
+                    # Like the MTP term: this forward's share of the step. Trainer sums the micro-batches' losses
+                    # (gradient accumulation) and multiplies by the data-parallel size; a plain mean would count
+                    # once per micro-batch and per rank.
+                    balance_share = balance_loss * (shift_labels != -100).sum().clamp_min(1) / num_items_in_batch
+                loss = loss + balance_share
             elif self.training and torch.is_grad_enabled() and self.config.seq_balance_alpha > 0 and self.moe_layers():
                 warnings.warn(
                     "seq_balance_alpha > 0 but no MoE layer produced the sequence-wise balance loss: reentrant "
