@@ -34,6 +34,7 @@ from transformers.distributed import DistributedConfig
 
 from conftest import tiny_config, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
+from modeling_deepseek.ledger import parallel_bytes
 from modeling_deepseek.parallel import EMPTY_TP_PLAN_RELEASE, engine_takes_empty_tp_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,6 +160,13 @@ def test_each_rank_holds_its_share(ranks, layout):
         assert rec["local_bytes"] < rec["full_bytes"]
     if layout.startswith("fsdp"):
         assert r0["local_bytes"] + r1["local_bytes"] == r0["full_bytes"]
+    # the ledger's bytes per rank, computed from the plans on a meta-device model, are what the engine holds
+    sizes = {"tp": dict(tp_size=2), "ep": dict(tp_size=2, ep_size=2, split_heads=False),
+             "ep_all_to_all": dict(tp_size=2, ep_size=2, split_heads=False), "tp_ep": dict(tp_size=2, ep_size=2),
+             "fsdp": dict(fsdp_size=2), "fsdp_ep": dict(fsdp_size=2, ep_size=2)}[layout]
+    predicted = parallel_bytes(tiny_config(), weight_bytes=4, **sizes)
+    assert predicted["weight_bytes_total"] == r0["full_bytes"]
+    assert predicted["weight_bytes_per_rank"] == (r0["local_bytes"] + r1["local_bytes"]) / 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
