@@ -71,6 +71,27 @@ def _env() -> dict:
     return env
 
 
+def start_torchrun(worker: Path, *args: str) -> subprocess.Popen:
+    """2 ranks of `worker` in their own process group (a hang kills torchrun and both ranks)."""
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(worker), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, errors_in: Path, timeout_s: int = TIMEOUT_S) -> None:
+    """Wait for the launch; on a timeout or a failure, raise with the ranks' tracebacks (errors_in/*.error.txt)."""
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        raise AssertionError(f"{proc.args[4:6]} timed out after {timeout_s}s\n{log[-4000:]}")
+    if proc.returncode != 0:
+        errors = "\n".join(p.read_text() for p in sorted(errors_in.glob("*.error.txt")))
+        raise AssertionError(f"{proc.args[4:6]} exited with {proc.returncode}\n{errors or log[-4000:]}")
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Both ranks' measurements, {layout: {...}}, from one launch over every layout this transformers can build."""
@@ -80,19 +101,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     tiny_model(seed=0).save_pretrained(ckpt)
     tiny_model(seed=0, tie_word_embeddings=True).save_pretrained(ckpt_tied)
     names = [n for n in (*LAYOUTS, *MIXIN) if engine_takes_empty_tp_plan() or n not in EP_ALONE]
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(WORKER), str(out), str(ckpt), str(ckpt_tied), *names]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise AssertionError(f"the parallel worker timed out after {TIMEOUT_S}s\n{log[-4000:]}")
-    if proc.returncode != 0:
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("rank*.error.txt")))
-        raise AssertionError(f"the parallel worker exited with {proc.returncode}\n{errors or log[-4000:]}")
+    finish(start_torchrun(WORKER, str(out), str(ckpt), str(ckpt_tied), *names), out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

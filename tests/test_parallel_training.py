@@ -28,7 +28,7 @@ import torch
 from conftest import random_ids, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
 from modeling_deepseek.parallel import EMPTY_TP_PLAN_RELEASE, engine_takes_empty_tp_plan
-from test_parallel import TORCHRUN, _env, _free_port
+from test_parallel import TORCHRUN, finish, start_torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_parallel_train_worker.py"
@@ -56,16 +56,11 @@ def _worker_module():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{layout: [rank 0 record, rank 1 record]} plus the one-process references under "single:{kind}"."""
-    import subprocess
-
     root = tmp_path_factory.mktemp("parallel_training")
     ckpt, out = root / "ckpt", root / "out"
     tiny_model(seed=0).save_pretrained(ckpt)
     names = [n for n in LAYOUTS if engine_takes_empty_tp_plan() or n != "loop-ep"]
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(WORKER), str(out), str(ckpt), *names]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start_torchrun(WORKER, str(out), str(ckpt), *names)
     # The one-process references, here, while the ranks run.
     worker = _worker_module()
     restore = worker.record_bias_updates()
@@ -75,18 +70,7 @@ def runs(tmp_path_factory):
             single[kind] = worker.run_layout(kind, str(ckpt), root / "single" / kind)
     finally:
         restore()
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise AssertionError(f"the training worker timed out after {TIMEOUT_S}s\n{log[-4000:]}")
-    if proc.returncode != 0:
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("*.error.txt")))
-        raise AssertionError(f"the training worker exited with {proc.returncode}\n{errors or log[-4000:]}")
+    finish(proc, out, TIMEOUT_S)
     records = {name: [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(2)] for name in names}
     records.update({f"single:{k}": v for k, v in single.items()})
     records["_out"] = out
