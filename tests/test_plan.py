@@ -68,11 +68,12 @@ def test_deepseek_v3_mfu_from_the_ledger():
 
 
 @pytest.mark.parametrize("argv, names", [
-    (["--compute", "-1e20"], "--compute"),
+    (["--compute", "-1e20"], "--compute must be a positive number"),
     (["--compute", "0"], "--compute"),
+    (["--compute", "-5"], "must be a positive number"),
     (["--compute", "lots"], "--compute"),
     (["--compute", "nan"], "--compute"),
-    (["--config", "hub_configs/tiny", "--tokens", "-5"], "--tokens"),
+    (["--config", "hub_configs/tiny", "--tokens", "-5"], "--tokens must be a positive number"),
     (["--config", "hub_configs/tiny", "--tokens", "inf"], "--tokens"),
     (["--config", "hub_configs/tiny"], "--tokens"),
     (["--config", "hub_configs/tiny", "--tokens", "1e9", "--gpu", "V100"], "V100"),

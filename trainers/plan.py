@@ -145,7 +145,7 @@ def plan_config(config, tokens: float, seq_len: int = 4096, gpu: str = "H800", p
         **flops,
         "train_flops": total,
         "compute": compute_m,
-        "gpu": gpu,
+        "gpu": gpu.upper(),
         "precision": precision,
         "peak_flops": peak,
         "mfu": mfu,
@@ -216,12 +216,12 @@ def format_compute(row: dict) -> str:
 def format_config(row: dict) -> str:
     lines = [
         ("config", str(row["config"])),
-        ("parameters: total / active", f"{row['total_params'] / 1e9:.2f}B / {row['active_params'] / 1e9:.2f}B"),
+        ("parameters: total / active", f"{row['total_params']:.4g} / {row['active_params']:.4g}"),
         ("M (active, non-embedding)", f"{_sci(row['model_flops_per_token'])} FLOPs/token @ {row['seq_len']} ctx"),
         ("training FLOPs / token", f"{_sci(row['train_flops_per_token'])} (head and MTP included; MTP "
                                    f"{100 * row['mtp_share']:.1f}%)"),
         ("training FLOPs", f"{_sci(row['train_flops'])} for {_sci(row['tokens'])} tokens"),
-        ("GPU-hours", f"{row['gpu_hours']:,.0f} on {row['gpu']} ({row['precision']} peak "
+        ("GPU-hours", f"{row['gpu_hours']:,.{0 if row['gpu_hours'] >= 100 else 3}g} on {row['gpu']} ({row['precision']} peak "
                       f"{row['peak_flops'] / 1e12:,.0f} TFLOPS) at {100 * row['mfu']:.0f}% MFU"),
         ("dense laws at C = M D", f"lr {row['law_learning_rate']:.2e}, batch {_sci(row['law_batch_tokens'])} tokens, "
                                   f"D_opt {_sci(row['law_train_tokens'])} tokens"),
@@ -257,9 +257,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """`--compute -1e20` as `--compute=-1e20`: argparse takes "-1e20" for an option (its negative-number pattern has
+    no exponent) and would say only "expected one argument", not that the value must be positive."""
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if args.seq_len <= 0:
         parser.error(f"--seq-len must be a positive integer, got {args.seq_len}")
     if args.compute is not None:
