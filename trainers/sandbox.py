@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -262,7 +263,9 @@ def _isolate_mounts(limits: dict) -> None:
         mounts = {}
         for line in f:
             fields = line.split()
-            mounts[fields[4].replace("\\040", " ")] = fields[5].split(",")
+            # mountinfo writes space, tab, newline and backslash in a path as octal escapes (\040 ...)
+            path = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            mounts[path] = fields[5].split(",")
     for mp in sorted(mounts, key=len):
         keep = sum(MOUNT_OPTION_FLAGS.get(o, 0) for o in mounts[mp])
         libc.mount(None, mp.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, None)
