@@ -433,8 +433,8 @@ def _run_untrusted(code: str, tests: list[str], result_fd: int) -> None:
         f.write(json.dumps({"passed": passed, "total": len(tests), "error": error}))
 
 
-def _outcome(raw: str, status: int | None, timed_out: bool, tests: list[str], limits: dict) -> dict:
-    """The result to report, from what the runner wrote and how it ended."""
+def _outcome(raw: str, exit_code: int | None, timed_out: bool, tests: list[str], limits: dict) -> dict:
+    """The result to report, from what the runner wrote and how it ended (exit_code < 0: killed by that signal)."""
     if timed_out:
         return {"passed": 0, "total": len(tests), "error": f"timed out after {limits['timeout_s']} s",
                 "timed_out": True}
@@ -442,8 +442,7 @@ def _outcome(raw: str, status: int | None, timed_out: bool, tests: list[str], li
         result = json.loads(raw)
         return {"passed": int(result["passed"]), "total": len(tests), "error": result.get("error")}
     except (ValueError, KeyError, TypeError):
-        code = os.waitstatus_to_exitcode(status) if status is not None else None
-        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+        why = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with status {exit_code}"
         return {"passed": 0, "total": len(tests), "error": f"the program crashed ({why}) before reporting"}
 
 
@@ -487,7 +486,7 @@ def _run_in_namespaces(backend: str, request: dict) -> dict:
         raise _SetupError(setup_error)
     with os.fdopen(read_fd) as f:
         raw = f.read()
-    return _outcome(raw, status, timed_out, tests, limits)
+    return _outcome(raw, None if timed_out else os.waitstatus_to_exitcode(status), timed_out, tests, limits)
 
 
 def _bwrap_argv(request: dict) -> list[str]:
