@@ -193,11 +193,13 @@ print(json.dumps(out))
 """
 
 
-def _as_nobody(script: str, env: dict) -> subprocess.CompletedProcess:
+def _as_nobody(script: str, env: dict, user_namespaces: bool = True) -> subprocess.CompletedProcess:
     """Runs `script` with this interpreter as uid/gid 65534 (no groups). As root (CI), first in a private mount
     namespace in which the interpreter, its venv and the repo are reachable for that uid although a directory above
     them may be closed (pyenv under /root, mode 700): trainers.sandbox.expose_paths, as the root sandbox does for its
-    sandbox uid. As an ordinary user, directly."""
+    sandbox uid. As an ordinary user, directly. `user_namespaces=False` (root only): inside a user namespace that
+    maps every uid to itself and allows no user namespace below it (user.max_user_namespaces = 0 there), i.e. a
+    kernel that refuses them to ordinary users."""
     env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", **env}
     if not IS_ROOT:
         return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -208,6 +210,28 @@ def _as_nobody(script: str, env: dict) -> subprocess.CompletedProcess:
         "if libc.unshare(0x00020000) or libc.mount(None, b'/', None, 16384 | (1 << 18), None):\n"
         "    sys.exit('no private mount namespace: ' + os.strerror(ctypes.get_errno()))\n"
         f"expose_paths([sys.base_prefix, sys.prefix, {str(REPO)!r}])\n"
+    )
+    if not user_namespaces:
+        # the identity map of every uid must be written from outside the new namespace: by the parent of a fork
+        boot += (
+            "ready_r, ready_w = os.pipe()\n"
+            "mapped_r, mapped_w = os.pipe()\n"
+            "child = os.fork()\n"
+            "if child:\n"
+            "    os.read(ready_r, 1)\n"
+            "    for name in ('uid_map', 'gid_map'):\n"
+            "        with open(f'/proc/{child}/{name}', 'w') as f:\n"
+            "            f.write('0 0 4294967295')\n"
+            "    os.write(mapped_w, b'1')\n"
+            "    sys.exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))\n"
+            "if libc.unshare(0x10000000):\n"
+            "    sys.exit('no user namespace: ' + os.strerror(ctypes.get_errno()))\n"
+            "os.write(ready_w, b'1')\n"
+            "os.read(mapped_r, 1)\n"
+            "with open('/proc/sys/user/max_user_namespaces', 'w') as f:\n"
+            "    f.write('0')\n"
+        )
+    boot += (
         f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
         "os.execve(sys.executable, [sys.executable, '-c', sys.argv[1]], os.environ)\n"
     )
@@ -259,3 +283,32 @@ def test_code_reward_as_an_ordinary_user():
         assert "Read-only file system" in run["errors"]["write to the host"] and run["escaped"] == []
         assert "unreachable" in run["errors"]["network"]
         assert run["left"] == [], "a sandboxed process outlived its run"
+
+
+REFUSED = r"""
+import json
+from trainers.rewards import code_reward, make_code_reward
+from trainers.sandbox import SandboxUnavailableError
+out = {}
+try:
+    make_code_reward()
+except SandboxUnavailableError as e:
+    out["built"] = str(e)
+try:
+    out["scores"] = code_reward(["def f():\n    return 1\n"], [["assert f() == 1"]])
+except SandboxUnavailableError as e:
+    out["called"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching user namespaces off for one process tree needs root")
+def test_code_reward_refuses_where_user_namespaces_are_off():
+    proc = _as_nobody(REFUSED, {}, user_namespaces=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # no score at all (not zeros): an error when the reward is built, and at a call of the plain function
+    assert "scores" not in out, out
+    for message in (out["built"], out["called"]):
+        assert "cannot run on this machine" in message and "user namespace" in message, message
+        assert "bubblewrap" in message, message  # what would enable it

@@ -68,7 +68,8 @@ BACKENDS = ("auto", "root", "userns", "bwrap")
 HOW_TO_ENABLE = (
     "As an ordinary user the sandbox needs unprivileged user namespaces (sysctl user.max_user_namespaces > 0; "
     "Debian's kernel.unprivileged_userns_clone=1; Ubuntu 23.10+: kernel.apparmor_restrict_unprivileged_userns=0) or "
-    "bubblewrap (`apt-get install bubblewrap`); as root it needs no more than Linux namespaces.")
+    "bubblewrap (`apt-get install bubblewrap`) where it may create them (Ubuntu's AppArmor profile for bwrap, or a "
+    "setuid bwrap); as root it needs no more than Linux namespaces.")
 
 
 class SandboxUnavailableError(RuntimeError):
