@@ -236,9 +236,11 @@ def format_config(row: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainers.plan", description=__doc__.split("\n\n")[0],
-        epilog="The laws were fitted on dense models; for MoE, M is read as the active non-embedding training FLOPs "
-               "per token (6 x active parameters without embedding and head, plus attention over l_seq), as the "
-               "cost ledger counts them. See the module docstring.",
+        epilog="From dense to MoE: the laws were fitted on dense models (1e17-3e20 FLOPs). For a MoE config, M is\n"
+               "read as the ACTIVE non-embedding training FLOPs per token: 6 x the parameters one token touches\n"
+               "(routed experts it does not visit left out; no embedding, no output head) + 6 x MLA attention over\n"
+               "l_seq tokens, as the cost ledger counts them, and the laws are applied to C = M x D. Training FLOPs\n"
+               "(for GPU-hours and MFU) add the output head and the MTP modules.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--compute", type=_positive("--compute"), metavar="C",
