@@ -29,6 +29,7 @@ when the reward is built (`make_code_reward`) or at its first call (`code_reward
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import math
@@ -226,13 +227,29 @@ class _JudgeProcess:
         return json.loads(line)
 
     def kill(self) -> None:
+        """Ends the helper (if still running) and closes its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.drain.join(timeout=5)
+        self.proc.stderr.close()
 
 
 _judge_lock = threading.Lock()
 _judge_process: _JudgeProcess | None = None  # started on first use off the main thread
+
+
+def _stop_judge() -> None:
+    global _judge_process
+    with _judge_lock:
+        if _judge_process is not None:
+            _judge_process.kill()
+            _judge_process = None
+
+
+atexit.register(_stop_judge)
 
 
 def _judge_in_helper(pairs: list[tuple[str, str]]) -> list[float | None]:
@@ -241,7 +258,10 @@ def _judge_in_helper(pairs: list[tuple[str, str]]) -> list[float | None]:
     raises JudgeUnavailableError."""
     global _judge_process
     with _judge_lock:
-        if _judge_process is None or _judge_process.proc.poll() is not None:
+        if _judge_process is not None and _judge_process.proc.poll() is not None:  # it exited while idle
+            _judge_process.kill()
+            _judge_process = None
+        if _judge_process is None:
             _judge_process = _JudgeProcess()
         try:
             return _judge_process.ask(pairs, JUDGE_SECONDS * len(pairs) + JUDGE_SLACK_SECONDS)
