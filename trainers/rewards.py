@@ -158,11 +158,14 @@ def _serve_judge() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    answers = os.fdopen(os.dup(1), "w")  # the protocol's own channel; anything else printed goes to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     import math_verify  # noqa: F401  (an import error surfaces before "ready")
 
-    print("ready", flush=True)
+    print("ready", file=answers, flush=True)
     for line in sys.stdin:
-        print(json.dumps(_judge_many([tuple(p) for p in json.loads(line)])), flush=True)
+        print(json.dumps(_judge_many([tuple(p) for p in json.loads(line)])), file=answers, flush=True)
 
 
 class _JudgeProcess:
@@ -224,14 +227,21 @@ class _JudgeProcess:
         if not line:
             self.kill()
             raise JudgeUnavailableError(f"the accuracy judge process died while judging{self._why()}")
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.kill()
+            raise JudgeUnavailableError(f"the accuracy judge process answered {line[:200]!r}{self._why()}") from None
 
     def kill(self) -> None:
         """Ends the helper (if still running) and closes its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except OSError:  # unflushed input to a helper that is gone
+            pass
         self.proc.stdout.close()
         self.drain.join(timeout=5)
         self.proc.stderr.close()
