@@ -127,7 +127,12 @@ class DeepseekPreTrainedModel(PreTrainedModel):
 
         Known-optional weights are exempt: the MTP modules (transformers' DeepseekV3 drops them on save; they are then
         trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
+
+        Hub kernels are off unless asked for (`use_kernels=True`): transformers would otherwise swap the activations
+        for kernels downloaded at load on CUDA. This model's fast paths (absorbed MLA, grouped experts) are its own,
+        loading needs no network, and what runs is what the parity tests checked.
         """
+        kwargs.setdefault("use_kernels", False)
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("distributed_config") is not None:
             config = kwargs.get("config")
