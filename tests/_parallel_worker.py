@@ -2,9 +2,12 @@
 (`from_pretrained(..., distributed_config=DistributedConfig(...))`) on 2 CPU ranks, against the same checkpoint loaded
 in one process, for every layout named on the command line; one torchrun launch serves them all.
 
-    torchrun --nproc_per_node 2 tests/_parallel_worker.py OUT CKPT CKPT_TIED LAYOUT [LAYOUT ...]
+    torchrun --nproc_per_node 2 tests/_parallel_worker.py OUT CKPTS LAYOUT [LAYOUT ...]
 
-CKPT holds the tiny model, CKPT_TIED the same with tied embeddings. Every rank writes OUT/rank{r}.json:
+CKPTS holds checkpoints of the tiny model: `plain`, `tied` (tied embeddings: layouts named *_tied) and `q_proj` (a
+full-rank query projection as in V2-Lite, q_lora_rank=None: layouts named *_q_proj). Layouts named *_eager load
+with experts_implementation="eager" (the per-expert loop, which must skip the expert-parallel sentinel itself).
+Every rank writes OUT/rank{r}.json:
 {layout: {measurement: value}}; an exception goes to OUT/rank{r}.error.txt. Every measurement is a collective over
 both ranks in the same order (DTensor gathers), so both ranks run every line.
 """
@@ -35,6 +38,8 @@ def layouts():
         "tp_ep": lambda: DistributedConfig(tp_size=2, ep_size=2),
         "fsdp": lambda: DistributedConfig(fsdp_size=2),
         "fsdp_ep": lambda: DistributedConfig(fsdp_size=2, ep_size=2),
+        "ep_eager": lambda: DistributedConfig(tp_size=2, tp_plan={}, ep_size=2),
+        "tp_q_proj": lambda: DistributedConfig(tp_size=2),
         # transformers' TensorParallelTesterMixin loads these two (its EP cases through the deprecated flag)
         "mixin_tp": lambda: DistributedConfig(tp_size=2),
         "mixin_tp_tied": lambda: DistributedConfig(tp_size=2),
@@ -181,7 +186,7 @@ def measure(name: str, model, ref) -> dict:
     return rec
 
 
-def main(out: Path, ckpt: str, ckpt_tied: str, names: list[str]) -> None:
+def main(out: Path, ckpts: Path, names: list[str]) -> None:
     import transformers
 
     from modeling_deepseek import DeepseekForCausalLM
@@ -190,9 +195,11 @@ def main(out: Path, ckpt: str, ckpt_tied: str, names: list[str]) -> None:
     transformers.logging.set_verbosity_error()
     records = {}
     for name in names:
-        path = ckpt_tied if name.endswith("_tied") else ckpt
-        model = DeepseekForCausalLM.from_pretrained(path, distributed_config=layouts()[name]())
-        ref = DeepseekForCausalLM.from_pretrained(path)
+        path = ckpts / next((kind for kind in ("tied", "q_proj") if name.endswith(kind)), "plain")
+        kwargs = {"experts_implementation": "eager"} if name.endswith("_eager") else {}
+        model = DeepseekForCausalLM.from_pretrained(path, distributed_config=layouts()[name](), **kwargs)
+        ref = DeepseekForCausalLM.from_pretrained(path, **kwargs)
+        assert model.config._experts_implementation == ref.config._experts_implementation
         records[name] = measure(name, model, ref)
         del model
     rank = torch.distributed.get_rank()
@@ -203,7 +210,7 @@ def main(out: Path, ckpt: str, ckpt_tied: str, names: list[str]) -> None:
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     try:
-        main(out_dir, sys.argv[2], sys.argv[3], sys.argv[4:])
+        main(out_dir, Path(sys.argv[2]), sys.argv[3:])
     except Exception:
         (out_dir / f"rank{os.environ.get('RANK', 0)}.error.txt").write_text(traceback.format_exc())
         raise

@@ -12,6 +12,8 @@ The layouts (plans in configuration.py and modeling.py):
     tp_ep           DistributedConfig(tp_size=2, ep_size=2)                   both
     fsdp            DistributedConfig(fsdp_size=2)                            FSDP2, one unit per decoder layer
     fsdp_ep         DistributedConfig(fsdp_size=2, ep_size=2)                 experts split, the rest FSDP
+    ep_eager        ep with experts_implementation="eager" (the per-expert loop skips other ranks' experts)
+    tp_q_proj       tp on the full-rank query projection (q_lora_rank=None, V2-Lite's q_proj)
 
 The last section mirrors transformers' TensorParallelTesterMixin (its tests/test_tensor_parallel_mixin.py) case by
 case against our classes, with its shapes and tolerances.
@@ -48,8 +50,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs torchrun next to the interpreter and torch.distributed with gloo",
 )
 
-EP_ALONE = ("ep", "ep_all_to_all", "mixin_ep", "mixin_ep_tied")  # tp_plan={} with tp_size=2
-LAYOUTS = ("tp", "ep", "ep_all_to_all", "tp_ep", "fsdp", "fsdp_ep")
+EP_ALONE = ("ep", "ep_all_to_all", "ep_eager", "mixin_ep", "mixin_ep_tied")  # tp_plan={} with tp_size=2
+LAYOUTS = ("tp", "ep", "ep_all_to_all", "tp_ep", "fsdp", "fsdp_ep", "ep_eager", "tp_q_proj")
 MIXIN = ("mixin_tp", "mixin_tp_tied", "mixin_ep", "mixin_ep_tied")
 needs_empty_tp_plan = pytest.mark.skipif(
     not engine_takes_empty_tp_plan(),
@@ -96,12 +98,13 @@ def finish(proc: subprocess.Popen, errors_in: Path, timeout_s: int = TIMEOUT_S) 
 def ranks(tmp_path_factory) -> list[dict]:
     """Both ranks' measurements, {layout: {...}}, from one launch over every layout this transformers can build."""
     root = tmp_path_factory.mktemp("parallel")
-    ckpt, ckpt_tied, out = root / "ckpt", root / "ckpt_tied", root / "out"
+    ckpts, out = root / "ckpts", root / "out"
     out.mkdir()
-    tiny_model(seed=0).save_pretrained(ckpt)
-    tiny_model(seed=0, tie_word_embeddings=True).save_pretrained(ckpt_tied)
+    tiny_model(seed=0).save_pretrained(ckpts / "plain")
+    tiny_model(seed=0, tie_word_embeddings=True).save_pretrained(ckpts / "tied")
+    tiny_model(seed=0, q_lora_rank=None).save_pretrained(ckpts / "q_proj")
     names = [n for n in (*LAYOUTS, *MIXIN) if engine_takes_empty_tp_plan() or n not in EP_ALONE]
-    finish(start_torchrun(WORKER, str(out), str(ckpt), str(ckpt_tied), *names), out)
+    finish(start_torchrun(WORKER, str(out), str(ckpts), *names), out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -141,8 +144,8 @@ def test_layout_matches_one_process(ranks, layout):
 
 def _split(name: str, layout: str) -> bool:
     """Whether `layout` splits parameter `name` across the 2 ranks (from the plans)."""
-    tp = layout in ("tp", "tp_ep")
-    ep = layout in ("ep", "ep_all_to_all", "tp_ep", "fsdp_ep")
+    tp = layout in ("tp", "tp_ep", "tp_q_proj")
+    ep = layout in ("ep", "ep_all_to_all", "tp_ep", "fsdp_ep", "ep_eager")
     if ep and ".mlp.experts." in name:
         return True
     if tp and re.search(r"self_attn\.(q_proj|q_b_proj|kv_b_proj|o_proj)\.|mlp\.(shared_experts\.)?"
@@ -172,15 +175,17 @@ def test_each_rank_holds_its_share(ranks, layout):
     # the ledger's bytes per rank, computed from the plans on a meta-device model, are what the engine holds
     sizes = {"tp": dict(tp_size=2), "ep": dict(tp_size=2, ep_size=2, split_heads=False),
              "ep_all_to_all": dict(tp_size=2, ep_size=2, split_heads=False), "tp_ep": dict(tp_size=2, ep_size=2),
-             "fsdp": dict(fsdp_size=2), "fsdp_ep": dict(fsdp_size=2, ep_size=2)}[layout]
-    predicted = parallel_bytes(tiny_config(), weight_bytes=4, **sizes)
+             "fsdp": dict(fsdp_size=2), "fsdp_ep": dict(fsdp_size=2, ep_size=2),
+             "ep_eager": dict(tp_size=2, ep_size=2, split_heads=False), "tp_q_proj": dict(tp_size=2)}[layout]
+    config = tiny_config(q_lora_rank=None) if layout.endswith("q_proj") else tiny_config()
+    predicted = parallel_bytes(config, weight_bytes=4, **sizes)
     assert predicted["weight_bytes_total"] == r0["full_bytes"]
     assert predicted["weight_bytes_per_rank"] == (r0["local_bytes"] + r1["local_bytes"]) / 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # MLA under tensor parallelism: each rank decodes its own heads over the whole latent cache
-@pytest.mark.parametrize("layout", ["tp", "tp_ep"])
+@pytest.mark.parametrize("layout", ["tp", "tp_ep", "tp_q_proj"])
 def test_tensor_parallel_decode_paths(ranks, layout):
     for rec in each_rank(ranks, layout):
         greedy = rec["greedy"]["tokens"]
@@ -193,7 +198,7 @@ def test_tensor_parallel_decode_paths(ranks, layout):
         assert spec["tokens_equal"] and spec["drafted"] > 0
 
 
-@pytest.mark.parametrize("layout", ["tp", "tp_ep"])
+@pytest.mark.parametrize("layout", ["tp", "tp_ep", "tp_q_proj"])
 def test_absorbed_path_trains_under_tensor_parallelism(ranks, layout):
     """mla_impl='absorbed' in training: the latent feeds each rank's heads without kv_b_proj's forward, so its
     gradient is summed over the ranks in attention (without that sum, kv_a_proj_with_mqa's gradient is off by ~0.5)."""
