@@ -17,12 +17,24 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import transformers
+from packaging import version
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
 # transformers 5.24 renamed the cache argument of forward(), generate(), create_causal_mask() and the field of every
 # model output from `past_key_values` to `cache` (the old name is deprecated); 5.23 knows only `past_key_values`.
 # The model takes either name from its callers and hands the cache on under the name the installed release wants.
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModelOutputWithPast)} else "past_key_values"
+
+
+# The first release whose distributed engine (DistributedMixin._resolve_parallel_plans) reads tp_plan={} with
+# tp_size > 1 as "no tensor-parallel rules", i.e. expert parallelism alone over the tensor-parallel ranks; 5.23
+# raises "has no `tp_plan`" there. parallel.py refuses that layout up front on older releases.
+EMPTY_TP_PLAN_RELEASE = "5.25"
+
+
+def engine_takes_empty_tp_plan() -> bool:
+    return version.parse(transformers.__version__) >= version.parse(EMPTY_TP_PLAN_RELEASE)
 
 
 def cache_kwargs(cache) -> dict:

@@ -15,21 +15,13 @@ from __future__ import annotations
 
 import torch
 import transformers
-from packaging import version
+
+from .compat import EMPTY_TP_PLAN_RELEASE, engine_takes_empty_tp_plan
 
 try:  # torch built without distributed support has no DTensor: nothing is ever sharded then
     from torch.distributed.tensor import DTensor, Partial, Replicate
 except ImportError:  # pragma: no cover
     DTensor = None
-
-
-# The first release whose engine reads tp_plan={} with tp_size > 1 as "no tensor-parallel rules" (expert parallelism
-# alone over the tensor-parallel ranks); 5.23 raises "has no tp_plan" there.
-EMPTY_TP_PLAN_RELEASE = "5.25"
-
-
-def engine_takes_empty_tp_plan() -> bool:
-    return version.parse(transformers.__version__) >= version.parse(EMPTY_TP_PLAN_RELEASE)
 
 
 def is_sharded(t) -> bool:

@@ -268,3 +268,23 @@ def test_trl_grpo_trainer_internals_the_deepseek_trainer_relies_on():
                  "self.reward_func_names", "self.generation_config", "sampling_per_token_logps",
                  "old_per_token_logps", "completion_mask"):
         assert name in source, f"trl.GRPOTrainer no longer uses `{name}`, which trainers.GRPOTrainer reads"
+
+
+def test_engine_takes_an_empty_tp_plan_from_the_release_compat_names():
+    """DistributedMixin._resolve_parallel_plans: expert parallelism alone (tp_size=2, tp_plan={}, ep_size=2) resolves
+    from EMPTY_TP_PLAN_RELEASE on and raises "has no `tp_plan`" before; parallel.py refuses it up front there."""
+    from transformers.distributed import DistributedConfig
+
+    from conftest import tiny_config
+    from modeling_deepseek import DeepseekForCausalLM
+    from modeling_deepseek.compat import engine_takes_empty_tp_plan
+
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(tiny_config())
+    layout = DistributedConfig(tp_size=2, tp_plan={}, ep_size=2)
+    if engine_takes_empty_tp_plan():
+        tp_plan, ep_plan, _ = model._resolve_parallel_plans(layout)
+        assert not tp_plan and "model.layers.1.mlp.experts" in ep_plan
+    else:
+        with pytest.raises(ValueError, match="has no `tp_plan`"):
+            model._resolve_parallel_plans(layout)
