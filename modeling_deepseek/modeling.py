@@ -137,7 +137,10 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         if kwargs.get("distributed_config") is not None:
             config = kwargs.get("config")
             if not isinstance(config, PreTrainedConfig):
-                config = cls.config_class.from_pretrained(args[0] if args else kwargs["pretrained_model_name_or_path"])
+                where = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                         if k in kwargs}
+                config = cls.config_class.from_pretrained(
+                    args[0] if args else kwargs["pretrained_model_name_or_path"], **where)
             check_parallel_layout(config, kwargs["distributed_config"])
         # FP8 checkpoints (dequantized, or kept FP8 on CUDA) and bitsandbytes-quantized experts: see quantized.py
         args, kwargs, quant_plan = prepare_quantized_load(cls, args, kwargs)
