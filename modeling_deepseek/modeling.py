@@ -33,10 +33,11 @@ from transformers.utils import logging
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .attention import prefix_causal_applies
+from .attention import DeepseekAttention, prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache
-from .compat import CACHE_NAME, cache_kwargs, pop_cache_argument, register_deepseek_v3_conversion
+from .compat import (CACHE_NAME, OutputRecorder, can_return_tuple, cache_kwargs, capture_outputs,
+                     merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
 from .speculative import check_generation_config, mtp_generate
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
@@ -99,6 +100,13 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     # static cache, no fullgraph compile (generate() refuses cache_implementation="static" with a clear error).
     _can_compile_fullgraph = False
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    # What transformers' output capturing records in DeepseekModel.forward (hooks on these modules' outputs). The MTP
+    # modules (DeepseekMTPLayer is a DeepseekDecoderLayer) run after that forward has returned, so they add nothing.
+    _can_record_outputs = {
+        "hidden_states": DeepseekDecoderLayer,
+        "attentions": OutputRecorder(DeepseekAttention, index=1),
+        "router_logits": OutputRecorder(DeepseekTopkRouter, index=0),
+    }
     # Official checkpoints store copies of the shared embedding and head inside each MTP layer.
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
 
@@ -231,6 +239,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
     def mtp_layers(self) -> nn.ModuleList:
         return self.layers[self.config.num_hidden_layers :]
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -239,15 +249,14 @@ class DeepseekModel(DeepseekPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast | tuple:
-        """transformers' conventions: `cache` (or the older `past_key_values`), `hidden_states` = the embeddings and
-        every block's output with the last one after model.norm, `attentions` per layer (computed eagerly when asked
-        for), `router_logits` per MoE layer [B*T, E], a tuple with return_dict=False."""
+    ) -> MoeModelOutputWithPast:
+        """transformers' conventions: `cache` (or the older `past_key_values`); `output_hidden_states`,
+        `output_attentions` and `output_router_logits` (arguments or config) are recorded by transformers' output
+        capturing (`_can_record_outputs`): the embeddings and every block's output with the last one after model.norm,
+        the attention probabilities per layer (computed eagerly when asked for), the router logits per MoE layer
+        [B*T, E]; a tuple with return_dict=False. `attention_mask` is a [B, S] padding mask or a caller's 4-D mask
+        ([B, 1, T, S], bool "may attend" or additive float), e.g. block-diagonal for sequences packed in one row."""
         cache = pop_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
@@ -260,13 +269,16 @@ class DeepseekModel(DeepseekPreTrainedModel):
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        want = {name: getattr(cfg, name, False) if flag is None else flag for name, flag in (
-            ("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states),
-            ("output_router_logits", output_router_logits))}
+        # Recorded by the hooks, not passed on; attention probabilities exist only where the eager kernel runs, so
+        # every attention is told whether they are wanted.
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("output_router_logits", None)
+        output_attentions = bool(kwargs.pop("output_attentions", None) or cfg.output_attentions)
+        check_attention_mask(attention_mask, inputs_embeds if input_ids is None else input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
-            moe.last_load_E = moe.last_balance_loss = moe.last_router_logits = None
+            moe.last_load_E = moe.last_balance_loss = None
         if use_cache and cache is None:
             cache = DeepseekLatentCache(fp8=cfg.latent_cache_dtype == "fp8")
         if position_ids is None:
@@ -277,7 +289,6 @@ class DeepseekModel(DeepseekPreTrainedModel):
         token_mask = padding_free_tokens(attention_mask, inputs_embeds.shape[1])
 
         hidden_states = inputs_embeds
-        all_hidden, all_attentions = [hidden_states], []
         for layer in self.layers[: cfg.num_hidden_layers]:
             hidden_states = layer(
                 hidden_states,
@@ -287,29 +298,17 @@ class DeepseekModel(DeepseekPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
-                output_attentions=want["output_attentions"],
-                output_router_logits=want["output_router_logits"],
+                output_attentions=output_attentions,
                 **kwargs,
             )
-            all_hidden.append(hidden_states)
-            all_attentions.append(layer.last_attention)
-            layer.last_attention = None
         # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
         if self.training and torch.is_grad_enabled():
             if bias_update_enabled(cfg):
                 track(self)  # also a copy (copy.deepcopy, a reference model) that __init__ never registered
             record_loads(self.moe_layers(include_mtp=False), cfg)
 
-        last_hidden_state = self.norm(hidden_states)
-        output = MoeModelOutputWithPast(
-            last_hidden_state=last_hidden_state,
-            hidden_states=(*all_hidden[:-1], last_hidden_state) if want["output_hidden_states"] else None,
-            attentions=tuple(all_attentions) if want["output_attentions"] else None,
-            router_logits=tuple(m.last_router_logits for m in self.moe_layers(include_mtp=False))
-            if want["output_router_logits"] else None,
-            **cache_kwargs(cache if use_cache else None),
-        )
-        return output if (return_dict if return_dict is not None else cfg.return_dict) else output.to_tuple()
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                      **cache_kwargs(cache if use_cache else None))
 
     def run_mtp(self, h0_BTD, inputs_embeds_BTD, position_ids, attention_mask=None, depths=None, **kwargs):
         """Run MTP modules 1..depths over full-length sequences; returns [shared_head.norm(h^k) for k = 1..depths].
@@ -335,6 +334,20 @@ class DeepseekModel(DeepseekPreTrainedModel):
         return outputs
 
 
+def check_attention_mask(attention_mask: torch.Tensor | None, inputs: torch.Tensor) -> None:
+    """A padding mask [B, S], or a 4-D mask [B or 1, 1 or heads, T, S] that every attention path applies as given
+    (bool: True may attend; float: added to the scores). Any other shape raises here, naming it."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return
+    B, T = inputs.shape[:2]
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() != 4 or shape[0] not in (1, B) or shape[2] != T or shape[3] < T:
+        raise ValueError(
+            f"attention_mask of shape {shape} is neither a padding mask [batch, keys] nor a 4-D mask "
+            f"[batch, 1, queries, keys] for {B} sequence(s) of {T} token(s) (keys >= queries: past tokens first)"
+        )
+
+
 def padding_free_tokens(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
     """[B, T] bool, False at the padding positions of the T current tokens (2-D masks only; None: no padding known).
     A decode step's single token is never padding, so nothing is built for it."""
@@ -353,6 +366,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -363,16 +377,13 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> DeepseekCausalLMOutput | tuple:
+    ) -> DeepseekCausalLMOutput:
         """`labels` (shifted inside, as in transformers) or `shift_labels` (already shifted: position i is scored on
         shift_labels[i]) give the loss; the MTP module k is scored on shift_labels[i + k]. `shift_labels` comes
         through **kwargs, as in transformers' models: Trainer treats every "label" argument of the signature as
-        required in each eval batch."""
+        required in each eval batch. output_hidden_states / output_attentions / output_router_logits / return_dict
+        as for DeepseekModel; the MTP modules (run after the main stack) add nothing to them."""
         cache = pop_cache_argument(cache, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -384,9 +395,6 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
             return_dict=True,
             **kwargs,
         )
@@ -464,7 +472,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             mtp_logits=mtp_logits,
             **cache_kwargs(getattr(outputs, CACHE_NAME)),
         )
-        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Training and evaluation metrics, read by trainers.callbacks.DeepseekTrainerCallback at every log / evaluation
