@@ -15,8 +15,6 @@ The routed experts are dispatched through transformers' experts interface (exper
 (transformers decides whether a model may switch by finding that decorator's name in the model's own module.)
 """
 
-from __future__ import annotations
-
 import copy
 import re
 import warnings
@@ -31,6 +29,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .attention import DeepseekAttention, prefix_causal_applies
@@ -124,14 +123,20 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeepseekRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, DeepseekRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq()[0])
+            inv_freq = module.compute_inv_freq()[0]
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
         else:
             super()._init_weights(module)
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
-        """transformers' loader, made strict: a weight the checkpoint lacks raises instead of being randomly initialised.
+        """transformers' loader, made strict: a checkpoint that holds some of the model's weights but lacks others
+        raises (a truncated or mismatched file), instead of initialising the gap randomly.
 
+        What transformers treats as legitimate loads with a warning: a checkpoint that holds none of the model's
+        weights (`state_dict={}`, every weight initialised on purpose), and a new task head (lm_head, score) over a
+        checkpoint saved from another class (a base model, or a causal LM under a classification head).
         Known-optional weights are exempt: the MTP modules (transformers' DeepseekV3 drops them on save; they are then
         trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
         """
@@ -144,12 +149,19 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             router.pending_load.zero_()
             router.has_pending_load = False
         missing = [k for k in info.get("missing_keys", []) if not model._is_optional_weight(k)]
-        if "lm_head.weight" in missing and model._loaded_base_model_checkpoint():
-            missing.remove("lm_head.weight")
+        if missing and not set(model.state_dict()) - set(info.get("missing_keys", [])):
             warnings.warn(
-                f"{cls.__name__}.from_pretrained: the checkpoint holds a base model "
-                f"({', '.join(model.config.architectures)}) without an LM head: `lm_head.weight` was initialised "
-                "randomly; train it before generating", stacklevel=2,
+                f"{cls.__name__}.from_pretrained: the checkpoint holds none of the model's weights; all were "
+                "initialised (a checkpoint holding only some of them raises)", stacklevel=2,
+            )
+            missing = []
+        new_head = model._new_head_weights(missing)
+        if new_head:
+            missing = [k for k in missing if k not in new_head]
+            warnings.warn(
+                f"{cls.__name__}.from_pretrained: the checkpoint was saved from {', '.join(model.config.architectures)}, "
+                f"which has no {', '.join(sorted(new_head))}: initialised randomly; train the head before using it",
+                stacklevel=2,
             )
         if missing and not allow_missing_weights:
             shown = ", ".join(sorted(missing)[:20])
@@ -186,9 +198,13 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             )
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def _loaded_base_model_checkpoint(self) -> bool:
-        """Whether the checkpoint just loaded was saved from a base model (DeepseekModel, DeepseekV3Model ...)."""
-        return any(not name.endswith("ForCausalLM") for name in (self.config.architectures or []))
+    def _new_head_weights(self, missing: list[str]) -> list[str]:
+        """The missing weights outside the base model (a task head), when the checkpoint was saved from another class
+        (DeepseekModel, DeepseekV3ForCausalLM under a classification head ...): that head is new, not truncated."""
+        saved_from = self.config.architectures or []
+        if not saved_from or type(self).__name__ in saved_from or self.base_model is self:
+            return []
+        return [k for k in missing if not k.startswith(f"{self.base_model_prefix}.")]
 
     def _is_optional_weight(self, key: str) -> bool:
         match = re.search(r"layers\.(\d+)\.", key)
@@ -578,11 +594,41 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         return {"prefill_chunk_size": chunk}
 
 
+def without_mtp(config: DeepseekConfig) -> DeepseekConfig:
+    """The config of a task head's backbone: a classifier predicts no next tokens, so no MTP module is built (a causal
+    LM checkpoint's MTP weights are then left unused on load, as its lm_head is)."""
+    if not config.num_nextn_predict_layers:
+        return config
+    config = copy.deepcopy(config)
+    config.num_nextn_predict_layers = 0
+    return config
+
+
+class DeepseekForSequenceClassification(GenericForSequenceClassification, DeepseekPreTrainedModel):
+    """transformers' generic sequence-classification head over DeepseekModel (without MTP modules): `score` reads the
+    last non-padding token (config.pad_token_id) of each sequence. With num_labels=1 it is a reward model (TRL's
+    RewardTrainer, a GRPO reward function). The sequence-wise balance loss is not added to the task loss."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__(without_mtp(config))
+
+
+class DeepseekForTokenClassification(GenericForTokenClassification, DeepseekPreTrainedModel):
+    """transformers' generic token-classification head over DeepseekModel (without MTP modules): dropout, then
+    `score` per token."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__(without_mtp(config))
+
+
 # save_pretrained writes `auto_map` into config.json and copies this file and the files it imports next to the
 # weights, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where this package is not
 # installed. With the package imported and trust_remote_code unset, transformers still picks the registered classes.
 DeepseekModel.register_for_auto_class("AutoModel")
 DeepseekForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+DeepseekForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+DeepseekForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 
 
-__all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput"]
+__all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput",
+           "DeepseekForSequenceClassification", "DeepseekForTokenClassification"]
