@@ -604,21 +604,37 @@ def without_mtp(config: DeepseekConfig) -> DeepseekConfig:
     return config
 
 
+# The task heads take their forward (and loss) from transformers' generic heads. Their __init__ is ours: the generic
+# one builds the backbone with AutoModel.from_config, which fails where this file runs as remote code (the config
+# class transformers loads there is not the one this file imports); these build DeepseekModel directly.
 class DeepseekForSequenceClassification(GenericForSequenceClassification, DeepseekPreTrainedModel):
     """transformers' generic sequence-classification head over DeepseekModel (without MTP modules): `score` reads the
     last non-padding token (config.pad_token_id) of each sequence. With num_labels=1 it is a reward model (TRL's
     RewardTrainer, a GRPO reward function). The sequence-wise balance loss is not added to the task loss."""
 
     def __init__(self, config: DeepseekConfig):
-        super().__init__(without_mtp(config))
+        config = without_mtp(config)
+        DeepseekPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DeepseekModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
 
 
 class DeepseekForTokenClassification(GenericForTokenClassification, DeepseekPreTrainedModel):
-    """transformers' generic token-classification head over DeepseekModel (without MTP modules): dropout, then
-    `score` per token."""
+    """transformers' generic token-classification head over DeepseekModel (without MTP modules): dropout
+    (config.classifier_dropout, 0.1 when unset, as transformers' generic head), then `score` per token."""
 
     def __init__(self, config: DeepseekConfig):
-        super().__init__(without_mtp(config))
+        config = without_mtp(config)
+        DeepseekPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DeepseekModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels,
+                               bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
 
 
 # save_pretrained writes `auto_map` into config.json and copies this file and the files it imports next to the

@@ -368,6 +368,7 @@ def test_heads_are_ours_generic_and_registered_with_the_auto_classes(tmp_path):
         config = tiny_config(pad_token_id=0, num_labels=3)
         model = auto.from_config(config)
         assert type(model) is ours and type(model.model) is DeepseekModel
+        assert len(model.model.layers) == N_LAYERS and model.config.num_nextn_predict_layers == 0  # no MTP module
         model.save_pretrained(tmp_path / ours.__name__)
         again = auto.from_pretrained(tmp_path / ours.__name__)
         assert type(again) is ours and torch.equal(again.score.weight, model.score.weight)
@@ -430,7 +431,7 @@ def test_reward_model_trains_with_trl_and_scores_grpo_completions(tmp_path):
         with torch.no_grad():
             reward_model.eval()
             scores = [reward_model(**tok(texts, return_tensors="pt", padding=True)).logits[:, 0]
-                      for texts in (pairs["chosen"], pairs["rejected"])]
+                      for texts in (list(pairs["chosen"]), list(pairs["rejected"]))]
         return (scores[0] - scores[1]).mean().item()
 
     before = margin()
