@@ -427,13 +427,14 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             main_loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, **loss_kwargs)
             loss = main_loss
             if self.config.num_nextn_predict_layers > 0:
+                packed = position_ids  # the caller's position ids mark where packed sequences start
                 if position_ids is None:
                     position_ids = torch.arange(shift_labels.shape[1], device=shift_labels.device).unsqueeze(0)
                 hs = self.model.run_mtp(hidden_states, inputs_embeds, position_ids, attention_mask)
                 mtp_logits = tuple(self.lm_head(h) for h in hs)
                 depth_losses = []
                 for k, lg in enumerate(mtp_logits, start=1):
-                    targets_k = mtp_labels(shift_labels, k)
+                    targets_k = mtp_labels(shift_labels, k, position_ids=packed)
                     ce_k = self.loss_function(logits=lg, labels=None, shift_labels=targets_k, **loss_kwargs)
                     if num_items_in_batch is not None:
                         # Under gradient accumulation CE is a share of the step's sum (sum / num_items_in_batch);

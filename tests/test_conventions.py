@@ -327,6 +327,26 @@ def test_packed_training_forward_and_gradients_match_separate_sequences():
     assert max_diff(g_packed, g_alone) < 1e-3 * g_alone.abs().max().item()
 
 
+def test_packed_labels_give_the_losses_of_the_separate_sequences():
+    """Labels packed as transformers' DataCollatorWithFlattening packs them (-100 at each sequence's first token): the
+    next-token and MTP losses are the token-weighted means of the separate sequences' losses. The MTP module is not
+    scored where its shifted token belongs to the next sequence (position ids tell where a sequence starts)."""
+    model = tiny_model(seq_balance_alpha=0.0)
+    lengths = (5, 4, 6)
+    ids, allowed, positions, seqs = packed_row(lengths)
+    labels = ids.clone()
+    labels[0, [sum(lengths[:j]) for j in range(1, len(lengths))]] = -100
+    with torch.no_grad():
+        packed = model(ids, attention_mask=allowed, position_ids=positions, labels=labels)
+        alone = [model(s, labels=s) for s in seqs]
+    main_counts = torch.tensor([n - 1 for n in lengths], dtype=torch.float32)
+    mtp_counts = torch.tensor([n - 2 for n in lengths], dtype=torch.float32)  # one MTP depth: t_{i+2}
+    expected_main = (torch.stack([a.main_loss for a in alone]) * main_counts).sum() / main_counts.sum()
+    expected_mtp = (torch.stack([a.mtp_loss for a in alone]) * mtp_counts).sum() / mtp_counts.sum()
+    assert torch.allclose(packed.main_loss, expected_main, atol=1e-5)
+    assert torch.allclose(packed.mtp_loss, expected_mtp, atol=1e-5)
+
+
 def test_shared_prefix_tree_mask_matches_each_branch():
     """transformers' custom-4D-mask case: three sequences that share their first three tokens, written as the prefix
     once plus the three last tokens, none of which sees the others."""
