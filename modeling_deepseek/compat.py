@@ -131,7 +131,7 @@ def avoid_bnb_cpu_avx512_packing(module) -> bool:
 # Atomic checkpoints (trainers/checkpointing.py) need to run code around each checkpoint save and to choose the
 # directory it is written to. transformers' Trainer has no public hook for either: the training loop calls the private
 # Trainer._save_checkpoint(model, trial), which writes os.path.join(self._get_output_dir(trial), "checkpoint-N")
-# (transformers 5.23 and 5.24 alike). Callbacks (on_save) run only after the directory is complete.
+# (every release from 5.23 on). Callbacks (on_save) run only after the directory is complete.
 
 
 class CheckpointSaveHook:

@@ -139,7 +139,12 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         checkpoint saved from another class (a base model, or a causal LM under a classification head).
         Known-optional weights are exempt: the MTP modules (transformers' DeepseekV3 drops them on save; they are then
         trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
+
+        Hub kernels are off unless asked for (`use_kernels=True`): transformers would otherwise swap the activations
+        for kernels downloaded at load on CUDA. This model's fast paths (absorbed MLA, grouped experts) are its own,
+        loading needs no network, and what runs is what the parity tests checked.
         """
+        kwargs.setdefault("use_kernels", False)
         want_info = kwargs.pop("output_loading_info", False)
         # FP8 checkpoints (dequantized, or kept FP8 on CUDA) and bitsandbytes-quantized experts: see quantized.py
         args, kwargs, quant_plan = prepare_quantized_load(cls, args, kwargs)

@@ -117,13 +117,22 @@ def test_create_causal_mask_takes_the_cache_name_without_warning():
     from modeling_deepseek import compat
     from conftest import tiny_config
 
+    from modeling_deepseek.cache import DeepseekLatentCache
+
     config = tiny_config()
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager"  # a materialised mask, whose key length shows the cache was read
     embeds = torch.zeros(1, 3, config.hidden_size)
+    cache = DeepseekLatentCache()
+    cache.update(torch.zeros(1, 1, 2, config.kv_lora_rank), torch.zeros(1, 1, 2, config.qk_rope_head_dim), 0)
+    # transformers 5.25 shows the deprecated name in the signature too; the cache must go in under the current one.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=torch.ones(1, 3, dtype=torch.long),
-                           position_ids=torch.arange(3)[None], **compat.cache_kwargs(None))
+        mask = create_causal_mask(config=config, inputs_embeds=embeds,
+                                  attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                  position_ids=torch.arange(2, 5)[None], **compat.cache_kwargs(cache))
+    assert mask.shape[-2:] == (3, 5), (
+        f"create_causal_mask ignored the cache passed as `{compat.CACHE_NAME}` (mask {tuple(mask.shape)}, expected "
+        "3 queries over 2 cached + 3 new keys)")
 
 
 def test_cpu_flash_attention_returns_the_log_sum_exp():

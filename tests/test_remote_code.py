@@ -1,7 +1,7 @@
 """Remote code: save_pretrained writes auto_map and copies our modeling files next to the weights, so a process that
 cannot import `modeling_deepseek` loads the folder with `trust_remote_code=True`; push_to_hub commits exactly that.
 
-How transformers 5.23 copies code (dynamic_module_utils.custom_object_save): the file defining the class, plus every
+How transformers copies code (dynamic_module_utils.custom_object_save): the file defining the class, plus every
 file reached through relative imports, recursively, flattened by basename into the folder. Its scanner is two
 regexes, `^\\s*import\\s+\\.(\\S+)` and `^\\s*from\\s+\\.(\\S+)\\s+import`: a relative import written
 `from . import name` is NOT followed, and neither are sub-packages or absolute imports of our own package.
