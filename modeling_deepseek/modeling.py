@@ -164,8 +164,9 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         if new_head:
             missing = [k for k in missing if k not in new_head]
             warnings.warn(
-                f"{cls.__name__}.from_pretrained: the checkpoint was saved from {', '.join(model.config.architectures)}, "
-                f"which has no {', '.join(sorted(new_head))}: initialised randomly; train the head before using it",
+                f"{cls.__name__}.from_pretrained: the checkpoint was saved from "
+                f"{', '.join(model.config.architectures)}, which has no {', '.join(sorted(new_head))}: initialised "
+                "randomly; train the head before using it",
                 stacklevel=2,
             )
         if missing and not allow_missing_weights:

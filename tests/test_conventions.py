@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import warnings
 from pathlib import Path
 
 import pytest
