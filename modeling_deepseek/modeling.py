@@ -205,10 +205,14 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _new_head_weights(self, missing: list[str]) -> list[str]:
-        """The missing weights outside the base model (a task head), when the checkpoint was saved from another class
-        (DeepseekModel, DeepseekV3ForCausalLM under a classification head ...): that head is new, not truncated."""
+        """The missing weights outside the base model (a task head), when the checkpoint was saved for another task
+        (a base model under any head, a causal LM under a classification head ...): that head is new, not truncated.
+        A checkpoint of the same task (DeepseekV3ForCausalLM for DeepseekForCausalLM) must bring its head."""
+        def task(name: str) -> str:
+            return name[name.rfind("For"):] if "For" in name else "Model"
+
         saved_from = self.config.architectures or []
-        if not saved_from or type(self).__name__ in saved_from or self.base_model is self:
+        if not saved_from or self.base_model is self or task(type(self).__name__) in map(task, saved_from):
             return []
         return [k for k in missing if not k.startswith(f"{self.base_model_prefix}.")]
 

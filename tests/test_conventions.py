@@ -267,6 +267,16 @@ def test_a_checkpoint_holding_part_of_the_weights_still_raises(tmp_path):
         DeepseekForSequenceClassification.from_pretrained(tmp_path)
 
 
+def test_a_checkpoint_of_the_same_task_must_bring_its_head(tmp_path):
+    """transformers' DeepseekV3ForCausalLM saved without lm_head is a truncated causal LM for ours, not a new head."""
+    hf_v3_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match="lm_head.weight"):
+        DeepseekForCausalLM.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A caller's 4-D attention mask
 
