@@ -34,10 +34,12 @@ from .rope import apply_rope, softmax_scale
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain attention over per-head K/V: query [B, H, T, Dqk], key [B, H, S, Dqk], value [B, H, S, Dv]."""
+    """Plain attention over per-head K/V: query [B, H, T, Dqk], key [B, H, S, Dqk], value [B, H, S, Dv]. The mask is
+    additive or bool ("may attend", a caller's 4-D mask)."""
     scores_BHTS = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
-        scores_BHTS = scores_BHTS + attention_mask
+        T, S = scores_BHTS.shape[-2:]
+        scores_BHTS = scores_BHTS + _additive_mask(attention_mask, T, S, scores_BHTS.device, scores_BHTS.dtype)
     probs_BHTS = F.softmax(scores_BHTS, dim=-1, dtype=torch.float32).to(query.dtype)
     probs_BHTS = F.dropout(probs_BHTS, p=dropout, training=module.training)
     out_BTHV = torch.matmul(probs_BHTS, value).transpose(1, 2).contiguous()

@@ -21,6 +21,14 @@ import transformers
 from packaging import version
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
+# Output capturing, as transformers' own models do it: `capture_outputs` wraps the base model's forward and records,
+# through forward hooks, what the class's `_can_record_outputs` names (OutputRecorder: module class + output index)
+# into `hidden_states` / `attentions` / `router_logits`; `merge_with_config_defaults` fills `use_cache` from the
+# config; `can_return_tuple` honours return_dict=False on the heads. transformers exports none of them at the top
+# level: its models import them from these modules (the same names in 5.23, 5.24 and 5.25).
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
 # transformers 5.24 renamed the cache argument of forward(), generate(), create_causal_mask() and the field of every
 # model output from `past_key_values` to `cache` (the old name is deprecated); 5.23 knows only `past_key_values`.
 # The model takes either name from its callers and hands the cache on under the name the installed release wants.

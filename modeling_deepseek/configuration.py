@@ -22,8 +22,9 @@ OFFICIAL_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 # topk_method names of the official configs, and the scoring function each one implies.
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
-# RoPE variants whose frequencies are fixed at construction (transformers' ROPE_INIT_FUNCTIONS computes them).
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# RoPE variants the model implements (transformers' ROPE_INIT_FUNCTIONS computes the frequencies; "dynamic" NTK
+# recomputes them for inputs longer than max_position_embeddings, with transformers' dynamic_rope_update).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 class DeepseekConfig(PreTrainedConfig):
@@ -225,10 +226,7 @@ class DeepseekConfig(PreTrainedConfig):
             raise ValueError(f"`qk_rope_head_dim` must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"`rope_scaling` type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES} (the angles are "
-                "computed once, so types that rescale with the sequence length, like 'dynamic', would silently do nothing)"
-            )
+            raise ValueError(f"`rope_scaling` type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}")
         if self.num_nextn_predict_layers is None or self.num_nextn_predict_layers < 0:
             raise ValueError(f"`num_nextn_predict_layers` must be >= 0, got {self.num_nextn_predict_layers!r}")
         if self.first_k_dense_replace < 0:

@@ -288,3 +288,37 @@ def test_engine_takes_an_empty_tp_plan_from_the_release_compat_names():
     else:
         with pytest.raises(ValueError, match="has no `tp_plan`"):
             model._resolve_parallel_plans(layout)
+
+
+def test_output_capturing_records_once_per_forward(monkeypatch):
+    """compat.capture_outputs, OutputRecorder, merge_with_config_defaults, can_return_tuple
+    (transformers.utils.output_capturing / transformers.utils.generic): DeepseekModel.forward collects what
+    `_can_record_outputs` names through one active collector (the heads and the MTP modules open none), ties the last
+    hidden state to the normed output, and takes use_cache from the config."""
+    from transformers.utils import output_capturing
+
+    recorder = compat.OutputRecorder(torch.nn.Linear, index=1)
+    assert (recorder.target_class, recorder.index) == (torch.nn.Linear, 1), "OutputRecorder's fields changed"
+    collectors = []
+    original_set = output_capturing.CompileableContextVar.set
+
+    def counting_set(self, value):
+        collectors.append(sorted(value))
+        return original_set(self, value)
+
+    monkeypatch.setattr(output_capturing.CompileableContextVar, "set", counting_set)
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        out = model(ids, labels=ids, output_hidden_states=True, output_attentions=True, output_router_logits=True)
+    assert collectors == [["attentions", "hidden_states", "router_logits"]], (
+        f"capture_outputs opened collectors {collectors} for one forward (one expected, from DeepseekModel.forward)")
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1 and out.mtp_loss is not None
+    with torch.no_grad():
+        base = model.model(ids, output_hidden_states=True)
+        model.config.use_cache = False
+        uncached = model.model(ids)
+    model.config.use_cache = True
+    assert torch.equal(base.hidden_states[-1], base.last_hidden_state), "capture_outputs no longer ties the last one"
+    assert compat.output_cache(base) is not None and compat.output_cache(uncached) is None, (
+        "merge_with_config_defaults no longer fills use_cache from the config")
