@@ -123,7 +123,8 @@ def run_grpo(model, tokenizer, train_problems, args, out_dir: Path):
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        temperature=1.0, top_k=0, top_p=1.0, beta=0.0, logging_steps=max(1, args.grpo_steps // 15),
+        temperature=args.grpo_temperature, top_k=0, top_p=1.0, beta=0.0,
+        logging_steps=max(1, args.grpo_steps // 15),
         save_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False, seed=args.seed,
         data_seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False)
     trainer = GRPOTrainer(model, reward_funcs=[accuracy_reward, format_reward], args=config, train_dataset=train,
@@ -201,7 +202,9 @@ def parse_args(argv=None):
     p.add_argument("--grpo-steps", type=int, default=100)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--grpo-lr", type=float, default=3e-4)
+    p.add_argument("--grpo-lr", type=float, default=1e-4)
+    p.add_argument("--grpo-temperature", type=float, default=0.7,
+                   help="rollout temperature (R1: 1.0; this small model's samples at 1.0 are mostly noise)")
     p.add_argument("--max-completion-length", type=int, default=40)
     p.add_argument("--rs-prompts", type=int, default=0, help="training problems to sample from (0: all)")
     p.add_argument("--rs-samples", type=int, default=4, help="completions per problem")
