@@ -180,3 +180,36 @@ def evaluate(model, tokenizer, held_out: list[dict], samples: int = 4, max_new_t
         results[f"{name}_example"] = texts[0]
     model.train(was_training)
     return results
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write (PNG, 110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def grpo_setup(problems: list[dict], epochs: int, seed: int, output_dir: str, steps: int, lr: float,
+               prompts_per_step: int, num_generations: int, max_completion_length: int, temperature: float,
+               logging_steps: int, **options):
+    """GRPO's training prompts (`epochs` shuffled copies of the problems, R1 prompts with a `solution` column) and
+    its config for this task on CPU: constant learning rate, no KL term (beta 0, as DAPO / Dr. GRPO), no top-k/top-p
+    truncation of the rollouts, no checkpoints; `options` go to the config as they are (e.g. use_mtp)."""
+    import datasets
+
+    from trainers.grpo import GRPOConfig
+    from trainers.prompts import make_r1_prompts
+
+    rows = [{"question": p["question"], "answer": p["answer"]} for p in problems] * epochs
+    random.Random(seed).shuffle(rows)
+    train = make_r1_prompts(datasets.Dataset.from_list(rows), system_prompt="", template=TEMPLATE)
+    config = GRPOConfig(
+        output_dir=output_dir, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=prompts_per_step * num_generations,
+        num_generations=num_generations, max_completion_length=max_completion_length, temperature=temperature,
+        top_k=0, top_p=1.0, beta=0.0, logging_steps=logging_steps, save_strategy="no", report_to=[], bf16=False,
+        gradient_checkpointing=False, seed=seed, data_seed=seed, use_cpu=True, dataloader_num_workers=0,
+        disable_tqdm=False, **options)
+    return train, config

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from examples.arithmetic_task import (  # noqa: E402,F401  (the task and model, shared with r1_pipeline.py)
     EVAL_TEMPERATURE, TEMPLATE, build_model, build_tokenizer, evaluate, fact_line, guess_trace, make_problem,
-    pretrain_facts, prompt_text, reasoning_trace, sft, split_questions)
+    grpo_setup, pretrain_facts, prompt_text, reasoning_trace, save_figure, sft, split_questions)
 
 
 def cold_start(model, tokenizer, steps: int, reason_fraction: float, seed: int, facts_fraction: float = 0.3,
@@ -105,9 +104,7 @@ def plot(log_history, evals, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.suptitle("GRPO on CPU: DeepSeek MLA + MoE + MTP, sums of two digits, accuracy + format rewards")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv=None):
@@ -141,11 +138,9 @@ def main(argv=None) -> dict:
     def log(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    import datasets
     from transformers import set_seed
 
-    from trainers.grpo import GRPOConfig, GRPOTrainer
-    from trainers.prompts import make_r1_prompts
+    from trainers.grpo import GRPOTrainer
     from trainers.rewards import accuracy_reward, format_reward
 
     set_seed(args.seed)
@@ -161,18 +156,9 @@ def main(argv=None) -> dict:
         f"{before['greedy_accuracy']:.1%}, format {before['sampled_format']:.1%}, worked out "
         f"{before['sampled_worked_share']:.0%} (right {before['sampled_worked_accuracy']:.0%})")
 
-    rows = [{"question": p["question"], "answer": p["answer"]} for p in train_questions] * 40  # epochs of the pairs
-    random.Random(args.seed).shuffle(rows)
-    train = make_r1_prompts(datasets.Dataset.from_list(rows), system_prompt="", template=TEMPLATE)
-    config = GRPOConfig(
-        output_dir=str(out_dir / "trainer"), max_steps=args.grpo_steps, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        temperature=1.0, top_k=0, top_p=1.0, beta=0.0, logging_steps=1, save_strategy="no", report_to=[],
-        bf16=False, gradient_checkpointing=False, seed=args.seed, data_seed=args.seed, use_cpu=True,
-        dataloader_num_workers=0, use_mtp=args.use_mtp, disable_tqdm=False,
-    )
+    train, config = grpo_setup(train_questions, 40, args.seed, str(out_dir / "trainer"), args.grpo_steps, args.lr,
+                               args.prompts_per_step, args.num_generations, args.max_completion_length,
+                               temperature=1.0, logging_steps=1, use_mtp=args.use_mtp)
     evals = HeldOutEval(model, tokenizer, held_out, args.eval_every, args.eval_samples, log=log)
     trainer = GRPOTrainer(model, reward_funcs=[accuracy_reward, format_reward], args=config, train_dataset=train,
                           processing_class=tokenizer, callbacks=[evals])

@@ -47,8 +47,8 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from examples.arithmetic_task import (  # noqa: E402
-    EVAL_TEMPERATURE, TEMPLATE, build_model, build_tokenizer, evaluate, pretrain_facts, prompt_text, reasoning_trace,
-    split_questions)
+    EVAL_TEMPERATURE, build_model, build_tokenizer, evaluate, grpo_setup, pretrain_facts, prompt_text,
+    reasoning_trace, save_figure, split_questions)
 
 STAGES = ("cold_start_sft", "grpo", "rejection_sampling", "sft", "distill")
 SMOKE = dict(n_terms=2, held_out=8, facts_steps=80, cold_start_examples=48, cold_start_steps=80, grpo_steps=2,
@@ -108,25 +108,14 @@ def train_sft(model, tokenizer, rows, out_dir: Path, name: str, steps: int, lr: 
 
 
 def run_grpo(model, tokenizer, train_problems, args, out_dir: Path):
-    import datasets
-
-    from trainers.grpo import GRPOConfig, GRPOTrainer
-    from trainers.prompts import make_r1_prompts
+    from trainers.grpo import GRPOTrainer
     from trainers.rewards import accuracy_reward, format_reward
 
-    rows = [{"question": p["question"], "answer": p["answer"]} for p in train_problems]
-    rows = rows * max(1, -(-args.grpo_steps * args.prompts_per_step // len(rows)))  # enough epochs for the steps
-    random.Random(args.seed).shuffle(rows)
-    train = make_r1_prompts(datasets.Dataset.from_list(rows), system_prompt="", template=TEMPLATE)
-    config = GRPOConfig(
-        output_dir=str(out_dir / "grpo"), max_steps=args.grpo_steps, learning_rate=args.grpo_lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        temperature=args.grpo_temperature, top_k=0, top_p=1.0, beta=0.0,
-        logging_steps=max(1, args.grpo_steps // 15),
-        save_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False, seed=args.seed,
-        data_seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False)
+    epochs = max(1, -(-args.grpo_steps * args.prompts_per_step // len(train_problems)))  # enough for the steps
+    train, config = grpo_setup(train_problems, epochs, args.seed, str(out_dir / "grpo"), args.grpo_steps,
+                               args.grpo_lr, args.prompts_per_step, args.num_generations,
+                               args.max_completion_length, temperature=args.grpo_temperature,
+                               logging_steps=max(1, args.grpo_steps // 15))
     trainer = GRPOTrainer(model, reward_funcs=[accuracy_reward, format_reward], args=config, train_dataset=train,
                           processing_class=tokenizer)
     trainer.train()
@@ -183,9 +172,7 @@ def plot(stages: list[dict], base: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8, ncol=3)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv=None):
