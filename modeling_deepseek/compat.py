@@ -48,6 +48,29 @@ def pop_cache_argument(cache, kwargs: dict):
 CPU_FLASH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+# transformers' continuous batching (generate_batch, `transformers serve --continuous-batching`, TRL's
+# use_transformers_continuous_batching) hands the model its PagedAttentionCache; the model recognises it by class
+# (masking_utils does the same). Storing MLA's latent there needs the MLACacheAllocator, new in transformers 5.25;
+# 5.23's paged cache would lay the latent out as per-head keys and values.
+try:
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+except ImportError:  # pragma: no cover - every supported release has it
+    PagedAttentionCache = None
+try:
+    from transformers.generation.continuous_batching.cache_allocators import MLACacheAllocator  # noqa: F401
+
+    MLA_PAGED_CACHE = True
+except ImportError:
+    MLA_PAGED_CACHE = False
+PAGED_CACHE_MIN_VERSION = "5.25"
+
+
+def installed_transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 # torch's grouped GEMM: public as torch.nn.functional.grouped_mm from torch 2.10 on, torch._grouped_mm before.
 grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
 
