@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("trl", "peft", "datasets", "bitsandbytes", "trainers", "quant")
+HEAVY = ("trl", "peft", "datasets", "bitsandbytes", "trainers", "quant", "fastapi", "uvicorn", "openai", "typer")
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
