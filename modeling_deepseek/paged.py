@@ -131,21 +131,22 @@ def check_continuous_batching(model, generation_config) -> None:
 
 
 def cpu_batching_defaults(cb_config, workload_hints, page_size: int):
-    """A copy of `cb_config` with the cache size and batch-token budget filled in for a CPU run when unset: the cache
-    holds the workload (every request at its longest) when the hints say it, else CPU_DEFAULT_CACHE_TOKENS."""
+    """A copy of `cb_config` with the cache size and batch-token budget filled in for a CPU run when unset. The cache
+    holds the workload (every request at its longest) when the hints say it (more could never be used, whatever
+    share of the RAM max_memory_percent allows: TRL sets 0.5 for GPUs); otherwise CPU_DEFAULT_CACHE_TOKENS unless
+    max_memory_percent was set."""
     import copy
 
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     cb_config = copy.deepcopy(cb_config) if cb_config is not None else ContinuousBatchingConfig()
-    if cb_config.num_blocks is None and cb_config.max_memory_percent is None:
+    if cb_config.num_blocks is None:
         hints = workload_hints
         longest = (hints.max_prompt_length + hints.max_generated_length) if hints is not None else 0
         if hints is not None and hints.num_requests > 0 and longest > 0:
-            blocks = hints.num_requests * (-(-longest // page_size) + 1)
-        else:
-            blocks = -(-CPU_DEFAULT_CACHE_TOKENS // page_size)
-        cb_config.num_blocks = blocks
+            cb_config.num_blocks = hints.num_requests * (-(-longest // page_size) + 1)
+        elif cb_config.max_memory_percent is None:
+            cb_config.num_blocks = -(-CPU_DEFAULT_CACHE_TOKENS // page_size)
     if cb_config.max_batch_tokens is None:
         cb_config.max_batch_tokens = CPU_MAX_BATCH_TOKENS
     return cb_config
