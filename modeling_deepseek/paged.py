@@ -28,6 +28,9 @@ from .compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, installed_transfor
 # 8192-token batches, whose [batch tokens x cached tokens] mask alone can outgrow the cache).
 CPU_MAX_BATCH_TOKENS = 512
 CPU_DEFAULT_CACHE_TOKENS = 32 * 1024
+# Generation options (with their no-op values) that the engine's logits processors do not apply.
+UNBATCHABLE_OPTIONS = (("min_length", 0), ("min_new_tokens", None), ("repetition_penalty", 1.0),
+                       ("encoder_repetition_penalty", 1.0))
 
 
 def is_paged_cache(cache) -> bool:
@@ -125,6 +128,14 @@ def check_continuous_batching(model, generation_config) -> None:
         )
     if generation_config is not None and (generation_config.num_beams or 1) > 1:
         raise ValueError("Continuous batching does not do beam search (num_beams > 1); use generate()")
+    if generation_config is not None:
+        # Options whose logits processor the engine leaves out: min lengths (built only with a prompt length, which
+        # it does not pass) and the repetition penalties (marked unsupported, dropped with a warning).
+        ignored = [f"{name}={getattr(generation_config, name)!r}" for name, no_op in UNBATCHABLE_OPTIONS
+                   if getattr(generation_config, name, no_op) not in (no_op, None)]
+        if ignored:
+            raise ValueError(f"Continuous batching cannot apply {', '.join(ignored)}: transformers' engine would "
+                             "leave it out. Unset it, or use generate().")
     if model.config._attn_implementation not in ("sdpa", "eager", "paged|eager"):
         raise ValueError(f"Continuous batching of this model runs with attn_implementation 'sdpa' or 'eager', got "
                          f"{model.config._attn_implementation!r}")

@@ -300,3 +300,4 @@ def test_transformers_serve_model_loader_and_serve_run(tmp_path):
     assert "self.loader" in inspect.getsource(Serve.__init__) and "self.loader" in inspect.getsource(Serve.run), (
         "transformers' Serve no longer keeps its ModelLoader in self.loader for run(): modeling_deepseek.serve swaps "
         "its class there")
+

@@ -223,6 +223,8 @@ def test_a_failure_inside_the_loop_raises(model, prompts, monkeypatch):
     ("use_mtp_config", "use_mtp=True is not supported.*speculative"),
     ("beams", "beam search"),
     ("unknown_kwarg", "unsupported arguments.*'top_q'"),
+    ("min_new_tokens", "cannot apply min_new_tokens=4"),
+    ("repetition_penalty", "cannot apply repetition_penalty=1.3"),
 ])
 def test_what_the_engine_cannot_do_raises_before_it_starts(how, match, prompts):
     model = tiny_model(seed=0, latent_cache_dtype="fp8" if how == "fp8_config" else None).eval()
@@ -235,6 +237,10 @@ def test_what_the_engine_cannot_do_raises_before_it_starts(how, match, prompts):
         gc.num_beams = 2
     elif how == "unknown_kwarg":
         kwargs["top_q"] = 0.5
+    elif how == "min_new_tokens":
+        gc.min_new_tokens = 4
+    elif how == "repetition_penalty":
+        gc.repetition_penalty = 1.3
     with pytest.raises(ValueError, match=match):
         model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb_config(), **kwargs)
 
