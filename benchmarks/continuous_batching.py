@@ -1,0 +1,264 @@
+"""Continuous batching: many requests at once through transformers' paged engine, ours vs transformers' DeepseekV3.
+
+    python -m benchmarks.continuous_batching --requests 32 --min-prompt 256 --max-prompt 2048 --new-tokens 64
+    python -m benchmarks.continuous_batching ... --http-requests 16 --clients 8      # + the OpenAI server, client side
+    python -m benchmarks.continuous_batching ... --grpo                             # + GRPO step with CB rollouts
+
+One random checkpoint in transformers' DeepseekV3 format at the V3-latent shape (the reference shape with
+kv_lora_rank 512, qk_rope_head_dim 64: 576 cached values per token and layer), loaded by both models, fp32. Every
+measurement runs in a fresh process per variant, the variants alternating:
+
+- generate_batch: R requests with prompt lengths spread evenly over [min, max] (random tokens), N new tokens each,
+  greedy, one call, the same ContinuousBatchingConfig for both (page 256, 512 batch tokens, a cache sized for the
+  workload). Generated tokens/s over the call's wall time; per request (record_timestamps) the time to first token
+  and the latency from submission; cache bytes per token from the paged cache's allocator; whether both models
+  generate the same tokens.
+- http: `python -m modeling_deepseek.serve` (ours) and `transformers serve` (peer) with --continuous-batching on a
+  loopback port, a word-level tokenizer; `--clients` threads of the `openai` client send `--http-requests`
+  completions (same prompt lengths, N tokens, temperature 0); requests/s and client-side latency.
+- grpo (benchmarks.grpo's worker): trainers.GRPOTrainer with its own rollouts vs with
+  use_transformers_continuous_batching=True; EOS disabled in both so every completion has full length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import REFERENCE_SHAPE  # noqa: E402
+
+V3_LATENT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
+VARIANTS = ("peer", "ours")
+PAGE, BATCH_TOKENS = 256, 512
+
+
+def prompt_lengths(n: int, lo: int, hi: int) -> list[int]:
+    return [round(lo + (hi - lo) * i / max(n - 1, 1)) for i in range(n)]
+
+
+def prompts_for(spec) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, REFERENCE_SHAPE["vocab_size"], (n,), generator=g).tolist()
+            for n in prompt_lengths(spec["requests"], spec["min_prompt"], spec["max_prompt"])]
+
+
+def num_blocks(spec) -> int:
+    return spec["requests"] * (-(-(spec["max_prompt"] + spec["new_tokens"]) // PAGE) + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers
+def generate_batch_worker(spec: dict) -> None:
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    torch.set_num_threads(spec["threads"])
+    load = common.load_peer if spec["variant"] == "peer" else common.load_ours
+    model = load(spec["checkpoint"], torch.float32, "cpu")
+    prompts = prompts_for(spec)
+    gc = GenerationConfig(do_sample=False, max_new_tokens=spec["new_tokens"], eos_token_id=-1, pad_token_id=0)
+    cbc = ContinuousBatchingConfig(page_size=PAGE, max_batch_tokens=BATCH_TOKENS, num_blocks=num_blocks(spec),
+                                   allow_block_sharing=False)
+    start = time.perf_counter()
+    out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cbc,
+                               record_timestamps=True, persistent_manager=True)
+    wall = time.perf_counter() - start
+    cache = model._cached_continuous_batching_manager.batch_processor.cache
+    per_token = sum(a.bytes_per_block / a.tokens_per_page for a in cache.cache_allocators.values())
+    model.destroy_cached_continuous_batching_manager()
+    results = list(out.values())
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    common.write_json(spec["out"], {
+        "variant": spec["variant"], "wall_s": wall, "generated": sum(len(r.generated_tokens) for r in results),
+        "ttft_s": [r.timestamps[0] - r.created_time for r in results],
+        "latency_s": [r.timestamps[-1] - r.created_time for r in results],
+        "tokens": [r.generated_tokens for r in results], "cache_bytes_per_token": per_token,
+        "allocator": sorted(type(a).__name__ for a in cache.cache_allocators.values()),
+    })
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_run(spec: dict, folder: str) -> dict:
+    """Start the variant's server, send the requests from `clients` threads, stop the server."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    port = free_port()
+    serve = (["-m", "modeling_deepseek.serve"] if spec["variant"] == "ours"
+             else ["-m", "transformers.cli.transformers", "serve"])
+    cmd = [sys.executable, *serve, folder, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+           "--device", "cpu", "--cb-num-blocks", str(num_blocks(spec)), "--cb-block-size", str(PAGE),
+           "--cb-max-batch-tokens", str(BATCH_TOKENS), "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": str(spec["threads"])}
+    log = open(spec["out"] + ".server.log", "w")
+    server = subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(Path(spec["out"] + ".server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600)
+        texts = [" ".join(f"w{i}" for i in p) for p in prompts_for({**spec, "requests": spec["http_requests"]})]
+        # one short request first: the server's warm-up is not the load being measured
+        client.completions.create(model=folder, prompt=texts[0][:200], max_tokens=2, temperature=0)
+
+        def one(text):
+            t0 = time.perf_counter()
+            r = client.completions.create(model=folder, prompt=text, max_tokens=spec["new_tokens"], temperature=0)
+            return time.perf_counter() - t0, r.usage.completion_tokens
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(spec["clients"]) as pool:
+            done = list(pool.map(one, texts))
+        wall = time.perf_counter() - start
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    return {"variant": spec["variant"], "wall_s": wall, "requests": len(done),
+            "latency_s": [d[0] for d in done], "completion_tokens": [d[1] for d in done]}
+
+
+def save_served_folder(checkpoint: str, folder: str, variant: str) -> None:
+    import shutil
+
+    from benchmarks.grpo import word_tokenizer
+
+    shutil.copytree(checkpoint, folder)
+    if variant == "ours":  # our config.json, so that the folder names our class
+        model = common.load_ours(checkpoint, __import__("torch").float32, "cpu")
+        model.save_pretrained(folder)
+    word_tokenizer(REFERENCE_SHAPE["vocab_size"]).save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def summarize(runs: dict) -> dict:
+    best = {v: min(runs[v], key=lambda r: r["wall_s"]) for v in runs}
+    return {v: {"tok_s": r["generated"] / r["wall_s"], "wall_s": r["wall_s"], "generated": r["generated"],
+                "ttft_p50": pct(r["ttft_s"], 0.5), "ttft_p95": pct(r["ttft_s"], 0.95),
+                "latency_p50": pct(r["latency_s"], 0.5), "latency_p95": pct(r["latency_s"], 0.95),
+                "cache_bytes_per_token": r["cache_bytes_per_token"], "allocator": r["allocator"],
+                "all_walls": [x["wall_s"] for x in runs[v]]} for v, r in best.items()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--min-prompt", type=int, default=256)
+    p.add_argument("--max-prompt", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--http-requests", type=int, default=0, help="requests through the HTTP server (0: skip)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--grpo", action="store_true", help="also the GRPO step: own rollouts vs continuous batching")
+    p.add_argument("--grpo-prompt-len", type=int, default=512)
+    p.add_argument("--grpo-new-tokens", type=int, default=128)
+    p.add_argument("--json-out", default=str(common.RESULTS_DIR / "continuous_batching_cpu_fp32.json"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        common.quiet()
+        if spec["kind"] == "http":
+            common.write_json(spec["out"], http_run(spec, spec["folder"]))
+        else:
+            generate_batch_worker(spec)
+        return {}
+
+    machine = common.machine_info("cpu")
+    summary = {"command": common.command_line(), "machine": machine, "settings": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(Path(tmp) / "ckpt")
+        summary["model_config"] = common.make_checkpoint(ckpt, **V3_LATENT)
+        base = dict(checkpoint=ckpt, requests=args.requests, min_prompt=args.min_prompt, max_prompt=args.max_prompt,
+                    new_tokens=args.new_tokens, threads=args.threads, http_requests=args.http_requests,
+                    clients=args.clients)
+        runs = {v: [] for v in VARIANTS}
+        for r in range(args.repeats):
+            for v in VARIANTS:
+                print(f"generate_batch {v} round {r} ...", flush=True)
+                spec = dict(base, kind="generate_batch", variant=v, out=str(Path(tmp) / f"gb_{v}_{r}.json"))
+                runs[v].append(common.run_worker("benchmarks.continuous_batching", spec, timeout=7200))
+        summary["generate_batch"] = summarize(runs)
+        summary["generate_batch"]["same_tokens"] = runs["peer"][0]["tokens"] == runs["ours"][0]["tokens"]
+        summary["generate_batch"]["same_tokens_share"] = sum(
+            a == b for a, b in zip(runs["peer"][0]["tokens"], runs["ours"][0]["tokens"])) / args.requests
+        g = summary["generate_batch"]
+        print({v: {k: g[v][k] for k in ("tok_s", "ttft_p50", "latency_p95")} for v in VARIANTS}, g["same_tokens"])
+
+        if args.http_requests:
+            summary["http"] = {}
+            for v in VARIANTS:
+                folder = str(Path(tmp) / f"served_{v}")
+                save_served_folder(ckpt, folder, v)
+                print(f"http {v} ...", flush=True)
+                spec = dict(base, kind="http", variant=v, folder=folder, out=str(Path(tmp) / f"http_{v}.json"))
+                r = common.run_worker("benchmarks.continuous_batching", spec, timeout=7200)
+                summary["http"][v] = {"requests_s": r["requests"] / r["wall_s"], "wall_s": r["wall_s"],
+                                      "latency_p50": pct(r["latency_s"], 0.5),
+                                      "latency_p95": pct(r["latency_s"], 0.95),
+                                      "completion_tokens": sum(r["completion_tokens"])}
+            print(summary["http"])
+
+        if args.grpo:
+            summary["grpo"] = {}
+            for v, cb in (("ours", False), ("ours+cb", True)):
+                print(f"grpo {v} ...", flush=True)
+                spec = dict(variant="ours", continuous_batching=cb, checkpoint=str(Path(tmp) / "grpo_ckpt"),
+                            out=str(Path(tmp) / f"grpo_{v}.json"), vocab_size=REFERENCE_SHAPE["vocab_size"],
+                            prompt_len=args.grpo_prompt_len, new_tokens=args.grpo_new_tokens, batch=8, num_generations=4, steps=2, warmup=1,
+                            threads=args.threads)
+                if not Path(spec["checkpoint"]).exists():
+                    common.make_checkpoint(spec["checkpoint"])
+                r = common.run_worker("benchmarks.grpo", spec, timeout=7200)
+                summary["grpo"][v] = {"step_s": common.median(r["step_s"]), "generate_s": common.median(r["generate_s"]),
+                                      "all_step_s": r["step_s"]}
+            print(summary["grpo"])
+    try:
+        summary["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    common.write_json(args.json_out, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
