@@ -178,6 +178,72 @@ def summarize(runs: dict) -> dict:
                 "all_walls": [x["wall_s"] for x in runs[v]]} for v, r in best.items()}
 
 
+BEGIN, END = "<!-- BEGIN continuous-batching -->", "<!-- END continuous-batching -->"
+
+
+def render(b: dict) -> str:
+    st, cfg, g = b["settings"], b["model_config"], b["generate_batch"]
+    H, nope, v, rope = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"],
+                        cfg["qk_rope_head_dim"])
+    rebuilt = H * (nope + v + nope + rope) * 4  # fp32 K/V the peer builds per cached token and layer, every step
+    ratio = g["ours"]["tok_s"] / g["peer"]["tok_s"]
+    rows = [[name, g[k]["tok_s"], g[k]["wall_s"], g[k]["ttft_p50"], g[k]["ttft_p95"], g[k]["latency_p50"],
+             g[k]["latency_p95"], f"{g[k]['cache_bytes_per_token']:,.0f}"]
+            for k, name in (("peer", "transformers' DeepseekV3ForCausalLM"), ("ours", "DeepseekForCausalLM"))]
+    lines = [BEGIN, "## Continuous batching: generate_batch, the OpenAI server, GRPO rollouts (cpu, fp32)", "",
+             f"Command: `{b['command']}`  ", f"Machine: {common.machine_line(b['machine'])}; load avg at end "
+             f"{b.get('load_avg_at_end')} (the machine was shared with other jobs throughout)  ",
+             f"Model (both, one checkpoint): the reference shape with DeepSeek-V3's latent width (kv_lora_rank "
+             f"{cfg['kv_lora_rank']}, qk_rope_head_dim {cfg['qk_rope_head_dim']}: {cfg['kv_lora_rank'] + rope} cached "
+             f"values per token and layer), {cfg['num_hidden_layers']} layers, {H} heads, random weights, fp32; sdpa "
+             "attention for both.  ",
+             f"Load: {st['requests']} requests submitted together, prompts of {st['min_prompt']} to {st['max_prompt']} "
+             f"random tokens (evenly spread), {st['new_tokens']} new tokens each (EOS off), greedy, one "
+             f"`generate_batch` call; ContinuousBatchingConfig(page_size={PAGE}, max_batch_tokens={BATCH_TOKENS}, "
+             "num_blocks = the workload, no block sharing) for both; each model in a fresh process with "
+             f"{st['threads']} torch threads; best of {st['repeats']} round(s).", "",
+             common.markdown_table(["model", "generated tok/s", "wall s", "TTFT p50 s", "TTFT p95 s",
+                                    "latency p50 s", "latency p95 s", "paged cache B/token"], rows), "",
+             f"Target: ours >= 2x the peer's generated tokens/s; measured **{ratio:.2f}x** "
+             f"({'met' if ratio >= 2 else 'MISSED'}). Both engines store the same latent row per token and layer "
+             f"(transformers' MLACacheAllocator: {g['ours']['cache_bytes_per_token']:,.0f} B per token over "
+             f"{cfg['num_hidden_layers']} layers in fp32). The difference is what each step does with it: the peer "
+             f"re-expands every cached token of every scheduled request through kv_b_proj ({rebuilt:,} B of per-head "
+             "K/V per cached token and layer, built and dropped at every step) and attends with one block-diagonal "
+             "mask over all requests' keys; ours attends request by request, decode tokens absorbed over the "
+             "latent rows in one padded batch. Same greedy tokens for every request: "
+             f"**{'yes' if g['same_tokens'] else 'no'}** ({g['same_tokens_share']:.0%} of requests identical).", ""]
+    if "http" in b:
+        h = b["http"]
+        lines += ["### Through the OpenAI-compatible server, client side", "",
+                  f"`python -m modeling_deepseek.serve DIR --continuous-batching` (ours) and `transformers serve DIR "
+                  f"--continuous-batching` (peer), the same --cb-* sizes, on a loopback port; {st['clients']} client "
+                  f"threads of the `openai` client send {st['http_requests']} completions (prompts as above, "
+                  f"max_tokens {st['new_tokens']}, temperature 0), after one warm-up request.", "",
+                  common.markdown_table(["server", "requests/s", "wall s", "latency p50 s", "latency p95 s",
+                                         "completion tokens"],
+                                        [[k, h[k]["requests_s"], h[k]["wall_s"], h[k]["latency_p50"],
+                                          h[k]["latency_p95"], h[k]["completion_tokens"]] for k in VARIANTS]), "",
+                  f"ours / peer requests/s: **{h['ours']['requests_s'] / h['peer']['requests_s']:.2f}x**.", ""]
+    if "grpo" in b:
+        r = b["grpo"]
+        lines += ["### GRPO step: the package's rollouts vs continuous-batching rollouts", "",
+                  "`benchmarks.grpo`'s worker, trainers.GRPOTrainer + DeepseekForCausalLM on the reference shape: 8 "
+                  f"completions per step (2 prompts x 4) of {st['grpo_new_tokens']} tokens after "
+                  f"{st['grpo_prompt_len']}-token prompts; median of 2 steps after 1 warm-up step.", "",
+                  common.markdown_table(["rollouts", "step s", "rollout s", "rest s"],
+                                        [[k, r[k]["step_s"], r[k]["generate_s"], r[k]["step_s"] - r[k]["generate_s"]]
+                                         for k in ("ours", "ours+cb")]), "",
+                  f"continuous-batching rollouts / own rollouts, step time: "
+                  f"{r['ours+cb']['step_s'] / r['ours']['step_s']:.2f}x.", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    common.write_results_section(BEGIN, END, text)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=32)
@@ -192,8 +258,12 @@ def main(argv=None) -> dict:
     p.add_argument("--grpo-prompt-len", type=int, default=512)
     p.add_argument("--grpo-new-tokens", type=int, default=128)
     p.add_argument("--json-out", default=str(common.RESULTS_DIR / "continuous_batching_cpu_fp32.json"))
+    p.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from --json-out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.render_only:
+        write_section(render(json.loads(Path(args.json_out).read_text())))
+        return {}
     if args.worker:
         spec = json.loads(args.worker)
         common.quiet()
@@ -257,6 +327,8 @@ def main(argv=None) -> dict:
     except OSError:
         pass
     common.write_json(args.json_out, summary)
+    if Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
+        write_section(render(summary))
     return summary
 
 

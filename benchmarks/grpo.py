@@ -209,12 +209,7 @@ def render(bench: dict | None, learning: dict | None) -> str:
 
 
 def write_section(text: str) -> None:
-    md = RESULTS_MD.read_text()
-    if BEGIN in md and END in md:
-        md = md[: md.index(BEGIN)] + text + md[md.index(END) + len(END):]
-    else:
-        md = md.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS_MD.write_text(md)
+    common.write_results_section(BEGIN, END, text)
 
 
 def main(argv=None) -> dict:
