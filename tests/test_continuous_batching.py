@@ -93,6 +93,25 @@ def test_generate_batch_matches_generate_alone(model, prompts, expected, attn, m
 
 
 @needs_mla_paged_cache
+def test_shared_prefix_blocks_and_forked_requests(model, prompts, expected, monkeypatch):
+    """Repeated prompts reuse each other's full cache pages (prefix sharing: their prefill starts after a cached
+    prefix), and num_return_sequences forks a request's cache (sampling with top_k=1: greedy, which allows forks):
+    every copy still gets generate()'s tokens."""
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
+    matched, search = [], PagedAttentionCache.search_prefix_match
+    monkeypatch.setattr(PagedAttentionCache, "search_prefix_match",
+                        lambda self, *a: matched.append(search(self, *a)) or matched[-1])
+    repeated = [prompts[4], prompts[3], prompts[4], prompts[4]]
+    results = model.generate_batch(repeated, generation_config=greedy(), continuous_batching_config=cb_config())
+    assert tokens_of(results) == [expected[4], expected[3], expected[4], expected[4]]
+    assert max(matched) >= 16, f"no cached prefix was reused: {matched}"
+    forked = model.generate_batch(prompts[3:], continuous_batching_config=cb_config(),
+                                  generation_config=greedy(do_sample=True, top_k=1, num_return_sequences=3))
+    assert len(forked) == 6 and tokens_of(forked) == [expected[3]] * 3 + [expected[4]] * 3
+
+
+@needs_mla_paged_cache
 def test_decode_is_absorbed_and_batched_prefill_chunks_expanded(model, prompts, expected, monkeypatch):
     """With mla_impl="auto": decode tokens of several requests go through one padded absorbed call; prefill chunks
     (queries after a cached prefix among them) through the expanded path; kv_b_proj never sees a decode step."""
