@@ -213,6 +213,19 @@ def render(b: dict) -> str:
              "mask over all requests' keys; ours attends request by request, decode tokens absorbed over the "
              "latent rows in one padded batch. Same greedy tokens for every request: "
              f"**{'yes' if g['same_tokens'] else 'no'}** ({g['same_tokens_share']:.0%} of requests identical).", ""]
+    scaled = b.get("scaled")  # the server and GRPO parts of a smaller run (--scaled-json)
+    if scaled:
+        b = {**b, "http": scaled.get("http"), "grpo": scaled.get("grpo")}
+        b = {k: v for k, v in b.items() if v is not None}
+        st = scaled["settings"]
+        lines += [f"The server and GRPO parts below come from a scaled-down run (the full size would have taken "
+                  f"hours on this loaded machine): `{scaled['command']}`; machine: "
+                  f"{common.machine_line(scaled['machine'])}. Its own generate_batch, {st['requests']} requests of "
+                  f"{st['min_prompt']} to {st['max_prompt']} tokens, {st['new_tokens']} new: ours "
+                  f"{scaled['generate_batch']['ours']['tok_s']:.2f} tok/s, peer "
+                  f"{scaled['generate_batch']['peer']['tok_s']:.2f} "
+                  f"({scaled['generate_batch']['ours']['tok_s'] / scaled['generate_batch']['peer']['tok_s']:.2f}x), "
+                  f"same tokens: {'yes' if scaled['generate_batch']['same_tokens'] else 'no'}.", ""]
     if "http" in b:
         h = b["http"]
         lines += ["### Through the OpenAI-compatible server, client side", "",
@@ -234,14 +247,14 @@ def render(b: dict) -> str:
                   common.markdown_table(["rollouts", "step s", "rollout s", "rest s"],
                                         [[k, r[k]["step_s"], r[k]["generate_s"], r[k]["step_s"] - r[k]["generate_s"]]
                                          for k in ("ours", "ours+cb")]), "",
-                  f"continuous-batching rollouts / own rollouts, step time: "
-                  f"{r['ours+cb']['step_s'] / r['ours']['step_s']:.2f}x.", ""]
+                  f"Step speedup of continuous-batching rollouts over the package's own: "
+                  f"{r['ours']['step_s'] / r['ours+cb']['step_s']:.2f}x (rollout alone "
+                  f"{r['ours']['generate_s'] / r['ours+cb']['generate_s']:.2f}x). Every completion has full length in "
+                  "both (min_new_tokens in one, EOS off in the other, whose engine cannot apply min_new_tokens); the "
+                  "continuous-batching path returns no rollout "
+                  "log-probabilities (TRL's branch) and routes in the policy's training mode.", ""]
     lines.append(END)
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    common.write_results_section(BEGIN, END, text)
 
 
 def main(argv=None) -> dict:
@@ -259,10 +272,14 @@ def main(argv=None) -> dict:
     p.add_argument("--grpo-new-tokens", type=int, default=128)
     p.add_argument("--json-out", default=str(common.RESULTS_DIR / "continuous_batching_cpu_fp32.json"))
     p.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from --json-out")
+    p.add_argument("--scaled-json", default=None, help="with --render-only: the server and GRPO parts from this run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.render_only:
-        write_section(render(json.loads(Path(args.json_out).read_text())))
+        summary = json.loads(Path(args.json_out).read_text())
+        if args.scaled_json:
+            summary["scaled"] = json.loads(Path(args.scaled_json).read_text())
+        common.write_results_section(BEGIN, END, render(summary))
         return {}
     if args.worker:
         spec = json.loads(args.worker)
@@ -328,7 +345,7 @@ def main(argv=None) -> dict:
         pass
     common.write_json(args.json_out, summary)
     if Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
-        write_section(render(summary))
+        common.write_results_section(BEGIN, END, render(summary))
     return summary
 
 

@@ -89,24 +89,16 @@ def worker(spec: dict) -> None:
         return [float(len(c)) for c in completions]
 
     gen_seconds = []
-    original_generate = model.generate
 
-    def timed_generate(*a, **k):
-        start = time.perf_counter()
-        out = original_generate(*a, **k)
-        gen_seconds.append(time.perf_counter() - start)
-        return out
+    def timed(fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            gen_seconds.append(time.perf_counter() - start)
+            return out
+        return wrapper
 
-    model.generate = timed_generate
-    original_generate_batch = model.generate_batch
-
-    def timed_generate_batch(*a, **k):
-        start = time.perf_counter()
-        out = original_generate_batch(*a, **k)
-        gen_seconds.append(time.perf_counter() - start)
-        return out
-
-    model.generate_batch = timed_generate_batch
+    model.generate, model.generate_batch = timed(model.generate), timed(model.generate_batch)
 
     class StepClock(TrainerCallback):
         def __init__(self):
