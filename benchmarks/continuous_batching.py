@@ -218,8 +218,8 @@ def render(b: dict) -> str:
         b = {**b, "http": scaled.get("http"), "grpo": scaled.get("grpo")}
         b = {k: v for k, v in b.items() if v is not None}
         st = scaled["settings"]
-        lines += [f"The server and GRPO parts below come from a scaled-down run (the full size would have taken "
-                  f"hours on this loaded machine): `{scaled['command']}`; machine: "
+        lines += [f"The server and GRPO parts below come from a scaled-down run (fewer and shorter requests, to fit "
+                  f"the session's time on these shared cores): `{scaled['command']}`; machine: "
                   f"{common.machine_line(scaled['machine'])}. Its own generate_batch, {st['requests']} requests of "
                   f"{st['min_prompt']} to {st['max_prompt']} tokens, {st['new_tokens']} new: ours "
                   f"{scaled['generate_batch']['ours']['tok_s']:.2f} tok/s, peer "
@@ -253,7 +253,7 @@ def render(b: dict) -> str:
                   "both (min_new_tokens in one, EOS off in the other, whose engine cannot apply min_new_tokens); the "
                   "continuous-batching path returns no rollout "
                   "log-probabilities (TRL's branch) and routes in the policy's training mode.", ""]
-    lines.append(END)
+    lines += [*b.get("notes", []), END]
     return "\n".join(lines)
 
 
