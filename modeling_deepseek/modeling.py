@@ -565,7 +565,8 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         """transformers' continuous-batching manager (the engine behind generate_batch, `transformers serve
         --continuous-batching` and TRL's continuous-batching rollouts) over its paged latent cache (paged.py).
 
-        Refuses up front what that engine cannot run (transformers < 5.25, the FP8 latent, use_mtp, beam search).
+        Refuses up front what that engine cannot run (transformers < 5.25, the FP8 latent, use_mtp, beam search,
+        min_new_tokens and the repetition penalties, which it would leave out).
         On CPU, an unsized cache is sized for the workload (or 32k tokens) with 512-token batches, instead of
         transformers' 60% of the RAM. The generation config is copied: transformers writes eos_token_id = -1 into
         one without an EOS."""
