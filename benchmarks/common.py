@@ -264,6 +264,17 @@ def run_worker(module: str, spec: dict, timeout: float | None = None) -> dict:
     return json.loads(Path(spec["out"]).read_text())
 
 
+def write_results_section(begin: str, end: str, text: str) -> None:
+    """Replace the RESULTS.md section between the markers `begin` and `end` with `text` (append it if absent)."""
+    md_path = REPO_ROOT / "benchmarks" / "RESULTS.md"
+    md = md_path.read_text()
+    if begin in md and end in md:
+        md = md[: md.index(begin)] + text + md[md.index(end) + len(end):]
+    else:
+        md = md.rstrip("\n") + "\n\n" + text + "\n"
+    md_path.write_text(md)
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

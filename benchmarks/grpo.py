@@ -72,10 +72,15 @@ def worker(spec: dict) -> None:
     trainer_cls, config_cls = ((ours_grpo.GRPOTrainer, ours_grpo.GRPOConfig) if spec["variant"] == "ours"
                                else (trl.GRPOTrainer, trl.GRPOConfig))
     steps = spec["warmup"] + spec["steps"]
+    # Full-length completions: min_new_tokens, or for continuous-batching rollouts (whose engine cannot apply
+    # min_new_tokens) no EOS at all. Either way every completion has max_completion_length tokens.
+    cb = bool(spec.get("continuous_batching"))
+    full_length = {"eos_token_id": -1} if cb else {"min_new_tokens": spec["new_tokens"]}
     args = config_cls(
         output_dir=spec["out"] + ".trainer", max_steps=steps, learning_rate=1e-5, logging_steps=1,
         per_device_train_batch_size=spec["batch"], num_generations=spec["num_generations"],
-        max_completion_length=spec["new_tokens"], generation_kwargs={"min_new_tokens": spec["new_tokens"]},
+        max_completion_length=spec["new_tokens"], generation_kwargs=full_length,
+        use_transformers_continuous_batching=cb,
         save_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False, use_cpu=True, seed=0,
         disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -84,15 +89,16 @@ def worker(spec: dict) -> None:
         return [float(len(c)) for c in completions]
 
     gen_seconds = []
-    original_generate = model.generate
 
-    def timed_generate(*a, **k):
-        start = time.perf_counter()
-        out = original_generate(*a, **k)
-        gen_seconds.append(time.perf_counter() - start)
-        return out
+    def timed(fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            gen_seconds.append(time.perf_counter() - start)
+            return out
+        return wrapper
 
-    model.generate = timed_generate
+    model.generate, model.generate_batch = timed(model.generate), timed(model.generate_batch)
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -195,12 +201,7 @@ def render(bench: dict | None, learning: dict | None) -> str:
 
 
 def write_section(text: str) -> None:
-    md = RESULTS_MD.read_text()
-    if BEGIN in md and END in md:
-        md = md[: md.index(BEGIN)] + text + md[md.index(END) + len(END):]
-    else:
-        md = md.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS_MD.write_text(md)
+    common.write_results_section(BEGIN, END, text)
 
 
 def main(argv=None) -> dict:

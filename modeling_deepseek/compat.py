@@ -68,6 +68,29 @@ def pop_cache_argument(cache, kwargs: dict):
 CPU_FLASH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+# transformers' continuous batching (generate_batch, `transformers serve --continuous-batching`, TRL's
+# use_transformers_continuous_batching) hands the model its PagedAttentionCache; the model recognises it by class
+# (masking_utils does the same). Storing MLA's latent there needs the MLACacheAllocator, new in transformers 5.25;
+# 5.23's paged cache would lay the latent out as per-head keys and values.
+try:
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+except ImportError:  # pragma: no cover - every supported release has it
+    PagedAttentionCache = None
+try:
+    from transformers.generation.continuous_batching.cache_allocators import MLACacheAllocator  # noqa: F401
+
+    MLA_PAGED_CACHE = True
+except ImportError:
+    MLA_PAGED_CACHE = False
+PAGED_CACHE_MIN_VERSION = "5.25"
+
+
+def installed_transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 # torch's grouped GEMM: public as torch.nn.functional.grouped_mm from torch 2.10 on, torch._grouped_mm before.
 grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
 
@@ -96,6 +119,69 @@ def register_deepseek_v3_conversion(model_type: str) -> None:
     register_checkpoint_conversion_mapping(model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True)
 
 
+
+# transformers serve (5.25: transformers.cli.serve.Serve) loads its model in a spawned process through its ModelLoader's
+# private `_load_model`, which takes the class as getattr(transformers, config.architectures[0]): a class outside
+# transformers is refused, with or without trust_remote_code. No public hook chooses the class. `Serve.__init__` builds
+# the loader (`self.loader`) and serves at its end, through `Serve.run`, which hands the loader to the model's process.
+SERVE_MIN_VERSION = "5.25"
+
+
+def transformers_serve(loader_class, **serve_options) -> None:
+    """Run transformers serve (the OpenAI-compatible server) with `serve_options` (Serve's own keyword arguments),
+    its models loaded by `loader_class`, a subclass of its ModelLoader: the loader Serve built is switched to that
+    class in `Serve.run`, before the model's process gets it. `serve_cli_class(loader_class)` is the same as a class
+    for typer (`python -m modeling_deepseek.serve`)."""
+    serve_cli_class(loader_class)(**serve_options)
+
+
+def serve_cli_class(loader_class):
+    from transformers.cli.serve import Serve
+
+    class DeepseekServe(Serve):
+        __doc__ = Serve.__doc__
+
+        def run(self, *args, **kwargs):
+            self.loader.__class__ = loader_class
+            return super().run(*args, **kwargs)
+
+    return DeepseekServe
+
+
+def serve_model_loader_base():
+    """transformers' ModelLoader (transformers.cli.serving.model_manager), or an error naming the version that has it."""
+    try:
+        from transformers.cli.serving.model_manager import ModelLoader
+    except ImportError:
+        ModelLoader = None
+    if ModelLoader is None or not hasattr(ModelLoader, "_load_model"):
+        raise RuntimeError(f"python -m modeling_deepseek.serve needs transformers >= {SERVE_MIN_VERSION} (its serving "
+                           f"ModelLoader); transformers {installed_transformers_version()} is installed")
+    return ModelLoader
+
+
+class exposed_in_transformers:
+    """`with exposed_in_transformers(cls, ...):` the classes are attributes of the `transformers` module (by their
+    names) for the duration, so that getattr(transformers, config.architectures[0]) finds them."""
+
+    def __init__(self, *classes):
+        self.classes = classes
+
+    def __enter__(self):
+        import transformers
+
+        self.saved = {cls.__name__: transformers.__dict__.get(cls.__name__) for cls in self.classes}
+        for cls in self.classes:
+            setattr(transformers, cls.__name__, cls)
+
+    def __exit__(self, *exc):
+        import transformers
+
+        for name, previous in self.saved.items():
+            if previous is None:
+                delattr(transformers, name)
+            else:
+                setattr(transformers, name, previous)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Quantized loading (transformers' quantizers and hub files, bitsandbytes' CPU kernels)

@@ -45,6 +45,7 @@ from .fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 from .layers import DeepseekRMSNorm
 from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
 from .parallel import check_parallel_layout
+from .paged import check_continuous_batching, cpu_batching_defaults, is_paged_cache, raise_failed_requests
 from .moe import DeepseekMoE
 from .quantized import finish_quantized_load, prepare_quantized_load
 from .rope import DeepseekRotaryEmbedding
@@ -256,6 +257,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
     def mask_and_rope(self, inputs_embeds, attention_mask, cache, position_ids):
         """What every block of one forward shares: the attention mask and the RoPE angles."""
         T = inputs_embeds.shape[1]
+        if is_paged_cache(cache):  # continuous batching: attention runs request by request, no mask (paged.py)
+            return None, self.rotary_emb(inputs_embeds, position_ids)
         past = cache.get_seq_length() if T > 1 and cache is not None else 0  # decode: skipped
         if prefix_causal_applies(T, past + T, inputs_embeds.device, self.config._attn_implementation) and (
                 attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))):  # CPU only
@@ -295,7 +298,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         cache = pop_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
-        if cache is not None and cache.is_compileable:
+        if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(
                 f"{type(cache).__name__} is not supported: MLA caches a {self.config.latent_cache_dim}-wide latent per "
                 "token, not per-head keys and values; use the default (DeepseekLatentCache) or a DynamicCache"
@@ -611,6 +614,46 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
             )
         return sequences
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        """transformers' continuous-batching manager (the engine behind generate_batch, `transformers serve
+        --continuous-batching` and TRL's continuous-batching rollouts) over its paged latent cache (paged.py).
+
+        Refuses up front what that engine cannot run (transformers < 5.25, the FP8 latent, use_mtp, beam search,
+        min_new_tokens and the repetition penalties, which it would leave out).
+        On CPU, an unsized cache is sized for the workload (or 32k tokens) with 512-token batches, instead of
+        transformers' 60% of the RAM. The generation config is copied: transformers writes eos_token_id = -1 into
+        one without an EOS."""
+        gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        check_continuous_batching(self, gc)
+        if self.device.type == "cpu":
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            page = (continuous_batching_config or ContinuousBatchingConfig()).page_size
+            continuous_batching_config = cpu_batching_defaults(continuous_batching_config, workload_hints, page)
+        return super().init_continuous_batching(
+            generation_config=gc, continuous_batching_config=continuous_batching_config,
+            workload_hints=workload_hints)
+
+    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, **kwargs):
+        """transformers' generate_batch (continuous batching over the paged latent cache: absorbed decode, each
+        request on its own), except that nothing fails quietly: an unsupported option raises before the loop starts,
+        an unknown keyword raises, and a request that failed inside the loop raises instead of coming back empty.
+        Returns {request_id: GenerationOutput} in input order, like transformers'."""
+        if kwargs.pop("use_mtp", False):
+            gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+            gc.use_mtp = True
+            check_continuous_batching(self, gc)
+        known = {"max_new_tokens", "record_timestamps", "progress_bar", "persistent_manager", "warmup"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"generate_batch got unsupported arguments {unknown}; it takes {sorted(known)} (other "
+                             "generation settings go in generation_config)")
+        results = super().generate_batch(inputs, generation_config=generation_config,
+                                         continuous_batching_config=continuous_batching_config, **kwargs)
+        gc = generation_config if generation_config is not None else self.generation_config
+        raise_failed_requests(results, len(inputs) * (getattr(gc, "num_return_sequences", None) or 1))
+        return results
 
     def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
         """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a

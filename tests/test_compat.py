@@ -322,3 +322,45 @@ def test_output_capturing_records_once_per_forward(monkeypatch):
     assert torch.equal(base.hidden_states[-1], base.last_hidden_state), "capture_outputs no longer ties the last one"
     assert compat.output_cache(base) is not None and compat.output_cache(uncached) is None, (
         "merge_with_config_defaults no longer fills use_cache from the config")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Continuous batching and transformers serve (paged.py, serve.py)
+
+
+def test_paged_cache_class_and_mla_allocator():
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
+    assert compat.PagedAttentionCache is PagedAttentionCache, (
+        "transformers.generation.continuous_batching.cache.PagedAttentionCache moved: the model recognises "
+        "continuous batching by it")
+    if not compat.MLA_PAGED_CACHE:
+        pytest.skip(f"transformers {compat.installed_transformers_version()} has no MLACacheAllocator")
+    update = inspect.signature(PagedAttentionCache.update).parameters
+    assert list(update) == ["self", "key_states", "value_states", "layer_idx", "kwargs"], (
+        f"PagedAttentionCache.update changed its signature to {list(update)}: paged.paged_attention calls it")
+
+
+@pytest.mark.skipif(not compat.MLA_PAGED_CACHE, reason=f"transformers serve of our models needs transformers >= "
+                    f"{compat.SERVE_MIN_VERSION}")
+def test_transformers_serve_model_loader_and_serve_run(tmp_path):
+    """transformers serve's ModelLoader._load_model takes the class as getattr(transformers, architectures[0]) (so it
+    refuses our folders) and Serve.run hands the model's process `self.loader`: modeling_deepseek.serve swaps in a
+    loader that knows our classes."""
+    from transformers.cli.serve import Serve
+    from transformers.cli.serving.model_manager import ModelLoader
+
+    from modeling_deepseek import DeepseekForCausalLM
+    from modeling_deepseek.serve import DeepseekModelLoader
+
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(AttributeError, match="DeepseekForCausalLM"):
+        ModelLoader(device="cpu")._load_model(str(tmp_path))
+    assert not hasattr(__import__("transformers"), "DeepseekForCausalLM")
+    loaded = DeepseekModelLoader(device="cpu")._load_model(str(tmp_path))
+    assert type(loaded) is DeepseekForCausalLM
+    assert not hasattr(__import__("transformers"), "DeepseekForCausalLM"), "the class stayed in transformers' namespace"
+    assert "self.loader" in inspect.getsource(Serve.__init__) and "self.loader" in inspect.getsource(Serve.run), (
+        "transformers' Serve no longer keeps its ModelLoader in self.loader for run(): modeling_deepseek.serve swaps "
+        "its class there")
+

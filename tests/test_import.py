@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("trl", "peft", "datasets", "bitsandbytes", "trainers", "quant")
+HEAVY = ("trl", "peft", "datasets", "bitsandbytes", "trainers", "quant", "fastapi", "uvicorn", "openai", "typer")
 OURS = ("modeling_deepseek", "trainers", "quant")
 
 

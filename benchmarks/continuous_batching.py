@@ -1,0 +1,353 @@
+"""Continuous batching: many requests at once through transformers' paged engine, ours vs transformers' DeepseekV3.
+
+    python -m benchmarks.continuous_batching --requests 32 --min-prompt 256 --max-prompt 2048 --new-tokens 64
+    python -m benchmarks.continuous_batching ... --http-requests 16 --clients 8      # + the OpenAI server, client side
+    python -m benchmarks.continuous_batching ... --grpo                             # + GRPO step with CB rollouts
+
+One random checkpoint in transformers' DeepseekV3 format at the V3-latent shape (the reference shape with
+kv_lora_rank 512, qk_rope_head_dim 64: 576 cached values per token and layer), loaded by both models, fp32. Every
+measurement runs in a fresh process per variant, the variants alternating:
+
+- generate_batch: R requests with prompt lengths spread evenly over [min, max] (random tokens), N new tokens each,
+  greedy, one call, the same ContinuousBatchingConfig for both (page 256, 512 batch tokens, a cache sized for the
+  workload). Generated tokens/s over the call's wall time; per request (record_timestamps) the time to first token
+  and the latency from submission; cache bytes per token from the paged cache's allocator; whether both models
+  generate the same tokens.
+- http: `python -m modeling_deepseek.serve` (ours) and `transformers serve` (peer) with --continuous-batching on a
+  loopback port, a word-level tokenizer; `--clients` threads of the `openai` client send `--http-requests`
+  completions (same prompt lengths, N tokens, temperature 0); requests/s and client-side latency.
+- grpo (benchmarks.grpo's worker): trainers.GRPOTrainer with its own rollouts vs with
+  use_transformers_continuous_batching=True; EOS disabled in both so every completion has full length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import REFERENCE_SHAPE  # noqa: E402
+
+V3_LATENT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
+VARIANTS = ("peer", "ours")
+PAGE, BATCH_TOKENS = 256, 512
+
+
+def prompt_lengths(n: int, lo: int, hi: int) -> list[int]:
+    return [round(lo + (hi - lo) * i / max(n - 1, 1)) for i in range(n)]
+
+
+def prompts_for(spec) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, REFERENCE_SHAPE["vocab_size"], (n,), generator=g).tolist()
+            for n in prompt_lengths(spec["requests"], spec["min_prompt"], spec["max_prompt"])]
+
+
+def num_blocks(spec) -> int:
+    return spec["requests"] * (-(-(spec["max_prompt"] + spec["new_tokens"]) // PAGE) + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers
+def generate_batch_worker(spec: dict) -> None:
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    torch.set_num_threads(spec["threads"])
+    load = common.load_peer if spec["variant"] == "peer" else common.load_ours
+    model = load(spec["checkpoint"], torch.float32, "cpu")
+    prompts = prompts_for(spec)
+    gc = GenerationConfig(do_sample=False, max_new_tokens=spec["new_tokens"], eos_token_id=-1, pad_token_id=0)
+    cbc = ContinuousBatchingConfig(page_size=PAGE, max_batch_tokens=BATCH_TOKENS, num_blocks=num_blocks(spec),
+                                   allow_block_sharing=False)
+    start = time.perf_counter()
+    out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cbc,
+                               record_timestamps=True, persistent_manager=True)
+    wall = time.perf_counter() - start
+    cache = model._cached_continuous_batching_manager.batch_processor.cache
+    per_token = sum(a.bytes_per_block / a.tokens_per_page for a in cache.cache_allocators.values())
+    model.destroy_cached_continuous_batching_manager()
+    results = list(out.values())
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    common.write_json(spec["out"], {
+        "variant": spec["variant"], "wall_s": wall, "generated": sum(len(r.generated_tokens) for r in results),
+        "ttft_s": [r.timestamps[0] - r.created_time for r in results],
+        "latency_s": [r.timestamps[-1] - r.created_time for r in results],
+        "tokens": [r.generated_tokens for r in results], "cache_bytes_per_token": per_token,
+        "allocator": sorted(type(a).__name__ for a in cache.cache_allocators.values()),
+    })
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_run(spec: dict, folder: str) -> dict:
+    """Start the variant's server, send the requests from `clients` threads, stop the server."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    port = free_port()
+    serve = (["-m", "modeling_deepseek.serve"] if spec["variant"] == "ours"
+             else ["-m", "transformers.cli.transformers", "serve"])
+    cmd = [sys.executable, *serve, folder, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+           "--device", "cpu", "--cb-num-blocks", str(num_blocks(spec)), "--cb-block-size", str(PAGE),
+           "--cb-max-batch-tokens", str(BATCH_TOKENS), "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": str(spec["threads"])}
+    log = open(spec["out"] + ".server.log", "w")
+    server = subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(Path(spec["out"] + ".server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600)
+        texts = [" ".join(f"w{i}" for i in p) for p in prompts_for({**spec, "requests": spec["http_requests"]})]
+        # one short request first: the server's warm-up is not the load being measured
+        client.completions.create(model=folder, prompt=texts[0][:200], max_tokens=2, temperature=0)
+
+        def one(text):
+            t0 = time.perf_counter()
+            r = client.completions.create(model=folder, prompt=text, max_tokens=spec["new_tokens"], temperature=0)
+            return time.perf_counter() - t0, r.usage.completion_tokens
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(spec["clients"]) as pool:
+            done = list(pool.map(one, texts))
+        wall = time.perf_counter() - start
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    return {"variant": spec["variant"], "wall_s": wall, "requests": len(done),
+            "latency_s": [d[0] for d in done], "completion_tokens": [d[1] for d in done]}
+
+
+def save_served_folder(checkpoint: str, folder: str, variant: str) -> None:
+    import shutil
+
+    from benchmarks.grpo import word_tokenizer
+
+    shutil.copytree(checkpoint, folder)
+    if variant == "ours":  # our config.json, so that the folder names our class
+        model = common.load_ours(checkpoint, __import__("torch").float32, "cpu")
+        model.save_pretrained(folder)
+    word_tokenizer(REFERENCE_SHAPE["vocab_size"]).save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def summarize(runs: dict) -> dict:
+    best = {v: min(runs[v], key=lambda r: r["wall_s"]) for v in runs}
+    return {v: {"tok_s": r["generated"] / r["wall_s"], "wall_s": r["wall_s"], "generated": r["generated"],
+                "ttft_p50": pct(r["ttft_s"], 0.5), "ttft_p95": pct(r["ttft_s"], 0.95),
+                "latency_p50": pct(r["latency_s"], 0.5), "latency_p95": pct(r["latency_s"], 0.95),
+                "cache_bytes_per_token": r["cache_bytes_per_token"], "allocator": r["allocator"],
+                "all_walls": [x["wall_s"] for x in runs[v]]} for v, r in best.items()}
+
+
+BEGIN, END = "<!-- BEGIN continuous-batching -->", "<!-- END continuous-batching -->"
+
+
+def render(b: dict) -> str:
+    st, cfg, g = b["settings"], b["model_config"], b["generate_batch"]
+    H, nope, v, rope = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"],
+                        cfg["qk_rope_head_dim"])
+    rebuilt = H * (nope + v + nope + rope) * 4  # fp32 K/V the peer builds per cached token and layer, every step
+    ratio = g["ours"]["tok_s"] / g["peer"]["tok_s"]
+    rows = [[name, g[k]["tok_s"], g[k]["wall_s"], g[k]["ttft_p50"], g[k]["ttft_p95"], g[k]["latency_p50"],
+             g[k]["latency_p95"], f"{g[k]['cache_bytes_per_token']:,.0f}"]
+            for k, name in (("peer", "transformers' DeepseekV3ForCausalLM"), ("ours", "DeepseekForCausalLM"))]
+    lines = [BEGIN, "## Continuous batching: generate_batch, the OpenAI server, GRPO rollouts (cpu, fp32)", "",
+             f"Command: `{b['command']}`  ", f"Machine: {common.machine_line(b['machine'])}; load avg at end "
+             f"{b.get('load_avg_at_end')} (the machine was shared with other jobs throughout)  ",
+             f"Model (both, one checkpoint): the reference shape with DeepSeek-V3's latent width (kv_lora_rank "
+             f"{cfg['kv_lora_rank']}, qk_rope_head_dim {cfg['qk_rope_head_dim']}: {cfg['kv_lora_rank'] + rope} cached "
+             f"values per token and layer), {cfg['num_hidden_layers']} layers, {H} heads, random weights, fp32; sdpa "
+             "attention for both.  ",
+             f"Load: {st['requests']} requests submitted together, prompts of {st['min_prompt']} to {st['max_prompt']} "
+             f"random tokens (evenly spread), {st['new_tokens']} new tokens each (EOS off), greedy, one "
+             f"`generate_batch` call; ContinuousBatchingConfig(page_size={PAGE}, max_batch_tokens={BATCH_TOKENS}, "
+             "num_blocks = the workload, no block sharing) for both; each model in a fresh process with "
+             f"{st['threads']} torch threads; best of {st['repeats']} round(s).", "",
+             common.markdown_table(["model", "generated tok/s", "wall s", "TTFT p50 s", "TTFT p95 s",
+                                    "latency p50 s", "latency p95 s", "paged cache B/token"], rows), "",
+             f"Target: ours >= 2x the peer's generated tokens/s; measured **{ratio:.2f}x** "
+             f"({'met' if ratio >= 2 else 'MISSED'}). Both engines store the same latent row per token and layer "
+             f"(transformers' MLACacheAllocator: {g['ours']['cache_bytes_per_token']:,.0f} B per token over "
+             f"{cfg['num_hidden_layers']} layers in fp32). The difference is what each step does with it: the peer "
+             f"re-expands every cached token of every scheduled request through kv_b_proj ({rebuilt:,} B of per-head "
+             "K/V per cached token and layer, built and dropped at every step) and attends with one block-diagonal "
+             "mask over all requests' keys; ours attends request by request, decode tokens absorbed over the "
+             "latent rows in one padded batch. Same greedy tokens for every request: "
+             f"**{'yes' if g['same_tokens'] else 'no'}** ({g['same_tokens_share']:.0%} of requests identical).", ""]
+    scaled = b.get("scaled")  # the server and GRPO parts of a smaller run (--scaled-json)
+    if scaled:
+        b = {**b, "http": scaled.get("http"), "grpo": scaled.get("grpo")}
+        b = {k: v for k, v in b.items() if v is not None}
+        st = scaled["settings"]
+        lines += [f"The server and GRPO parts below come from a scaled-down run (fewer and shorter requests, to fit "
+                  f"the session's time on these shared cores): `{scaled['command']}`; machine: "
+                  f"{common.machine_line(scaled['machine'])}. Its own generate_batch, {st['requests']} requests of "
+                  f"{st['min_prompt']} to {st['max_prompt']} tokens, {st['new_tokens']} new: ours "
+                  f"{scaled['generate_batch']['ours']['tok_s']:.2f} tok/s, peer "
+                  f"{scaled['generate_batch']['peer']['tok_s']:.2f} "
+                  f"({scaled['generate_batch']['ours']['tok_s'] / scaled['generate_batch']['peer']['tok_s']:.2f}x), "
+                  f"same tokens: {'yes' if scaled['generate_batch']['same_tokens'] else 'no'}.", ""]
+    if "http" in b:
+        h = b["http"]
+        lines += ["### Through the OpenAI-compatible server, client side", "",
+                  f"`python -m modeling_deepseek.serve DIR --continuous-batching` (ours) and `transformers serve DIR "
+                  f"--continuous-batching` (peer), the same --cb-* sizes, on a loopback port; {st['clients']} client "
+                  f"threads of the `openai` client send {st['http_requests']} completions (prompts as above, "
+                  f"max_tokens {st['new_tokens']}, temperature 0), after one warm-up request.", "",
+                  common.markdown_table(["server", "requests/s", "wall s", "latency p50 s", "latency p95 s",
+                                         "completion tokens"],
+                                        [[k, h[k]["requests_s"], h[k]["wall_s"], h[k]["latency_p50"],
+                                          h[k]["latency_p95"], h[k]["completion_tokens"]] for k in VARIANTS]), "",
+                  f"ours / peer requests/s: **{h['ours']['requests_s'] / h['peer']['requests_s']:.2f}x**.", ""]
+    if "grpo" in b:
+        r = b["grpo"]
+        lines += ["### GRPO step: the package's rollouts vs continuous-batching rollouts", "",
+                  "`benchmarks.grpo`'s worker, trainers.GRPOTrainer + DeepseekForCausalLM on the reference shape: 8 "
+                  f"completions per step (2 prompts x 4) of {st['grpo_new_tokens']} tokens after "
+                  f"{st['grpo_prompt_len']}-token prompts; median of 2 steps after 1 warm-up step.", "",
+                  common.markdown_table(["rollouts", "step s", "rollout s", "rest s"],
+                                        [[k, r[k]["step_s"], r[k]["generate_s"], r[k]["step_s"] - r[k]["generate_s"]]
+                                         for k in ("ours", "ours+cb")]), "",
+                  f"Step speedup of continuous-batching rollouts over the package's own: "
+                  f"{r['ours']['step_s'] / r['ours+cb']['step_s']:.2f}x (rollout alone "
+                  f"{r['ours']['generate_s'] / r['ours+cb']['generate_s']:.2f}x). Every completion has full length in "
+                  "both (min_new_tokens in one, EOS off in the other, whose engine cannot apply min_new_tokens); the "
+                  "continuous-batching path returns no rollout "
+                  "log-probabilities (TRL's branch) and routes in the policy's training mode.", ""]
+    lines += [*b.get("notes", []), END]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--min-prompt", type=int, default=256)
+    p.add_argument("--max-prompt", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--http-requests", type=int, default=0, help="requests through the HTTP server (0: skip)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--grpo", action="store_true", help="also the GRPO step: own rollouts vs continuous batching")
+    p.add_argument("--grpo-prompt-len", type=int, default=512)
+    p.add_argument("--grpo-new-tokens", type=int, default=128)
+    p.add_argument("--json-out", default=str(common.RESULTS_DIR / "continuous_batching_cpu_fp32.json"))
+    p.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from --json-out")
+    p.add_argument("--scaled-json", default=None, help="with --render-only: the server and GRPO parts from this run")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.render_only:
+        summary = json.loads(Path(args.json_out).read_text())
+        if args.scaled_json:
+            summary["scaled"] = json.loads(Path(args.scaled_json).read_text())
+        common.write_results_section(BEGIN, END, render(summary))
+        return {}
+    if args.worker:
+        spec = json.loads(args.worker)
+        common.quiet()
+        if spec["kind"] == "http":
+            common.write_json(spec["out"], http_run(spec, spec["folder"]))
+        else:
+            generate_batch_worker(spec)
+        return {}
+
+    machine = common.machine_info("cpu")
+    summary = {"command": common.command_line(), "machine": machine, "settings": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(Path(tmp) / "ckpt")
+        summary["model_config"] = common.make_checkpoint(ckpt, **V3_LATENT)
+        base = dict(checkpoint=ckpt, requests=args.requests, min_prompt=args.min_prompt, max_prompt=args.max_prompt,
+                    new_tokens=args.new_tokens, threads=args.threads, http_requests=args.http_requests,
+                    clients=args.clients)
+        runs = {v: [] for v in VARIANTS}
+        for r in range(args.repeats):
+            for v in VARIANTS:
+                print(f"generate_batch {v} round {r} ...", flush=True)
+                spec = dict(base, kind="generate_batch", variant=v, out=str(Path(tmp) / f"gb_{v}_{r}.json"))
+                runs[v].append(common.run_worker("benchmarks.continuous_batching", spec, timeout=7200))
+        summary["generate_batch"] = summarize(runs)
+        summary["generate_batch"]["same_tokens"] = runs["peer"][0]["tokens"] == runs["ours"][0]["tokens"]
+        summary["generate_batch"]["same_tokens_share"] = sum(
+            a == b for a, b in zip(runs["peer"][0]["tokens"], runs["ours"][0]["tokens"])) / args.requests
+        g = summary["generate_batch"]
+        print({v: {k: g[v][k] for k in ("tok_s", "ttft_p50", "latency_p95")} for v in VARIANTS}, g["same_tokens"])
+
+        if args.http_requests:
+            summary["http"] = {}
+            for v in VARIANTS:
+                folder = str(Path(tmp) / f"served_{v}")
+                save_served_folder(ckpt, folder, v)
+                print(f"http {v} ...", flush=True)
+                spec = dict(base, kind="http", variant=v, folder=folder, out=str(Path(tmp) / f"http_{v}.json"))
+                r = common.run_worker("benchmarks.continuous_batching", spec, timeout=7200)
+                summary["http"][v] = {"requests_s": r["requests"] / r["wall_s"], "wall_s": r["wall_s"],
+                                      "latency_p50": pct(r["latency_s"], 0.5),
+                                      "latency_p95": pct(r["latency_s"], 0.95),
+                                      "completion_tokens": sum(r["completion_tokens"])}
+            print(summary["http"])
+
+        if args.grpo:
+            summary["grpo"] = {}
+            for v, cb in (("ours", False), ("ours+cb", True)):
+                print(f"grpo {v} ...", flush=True)
+                spec = dict(variant="ours", continuous_batching=cb, checkpoint=str(Path(tmp) / "grpo_ckpt"),
+                            out=str(Path(tmp) / f"grpo_{v}.json"), vocab_size=REFERENCE_SHAPE["vocab_size"],
+                            prompt_len=args.grpo_prompt_len, new_tokens=args.grpo_new_tokens, batch=8, num_generations=4, steps=2, warmup=1,
+                            threads=args.threads)
+                if not Path(spec["checkpoint"]).exists():
+                    common.make_checkpoint(spec["checkpoint"])
+                r = common.run_worker("benchmarks.grpo", spec, timeout=7200)
+                summary["grpo"][v] = {"step_s": common.median(r["step_s"]), "generate_s": common.median(r["generate_s"]),
+                                      "all_step_s": r["step_s"]}
+            print(summary["grpo"])
+    try:
+        summary["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    common.write_json(args.json_out, summary)
+    if Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
+        common.write_results_section(BEGIN, END, render(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""MLA over transformers' paged cache: continuous batching (`generate_batch`, `init_continuous_batching`, the
+OpenAI-compatible server, TRL's continuous-batching rollouts).
+
+transformers' continuous-batching engine packs every scheduled request into one row: the queries of all requests
+side by side ([1, H, sum T_i, *]), each request a prefill chunk or a single decode token. From 5.25 its paged cache
+stores MLA layers as one [latent | rope key] row per token (`MLACacheAllocator`, 576 values for V3), and
+`cache.update(latent, k_rope, layer_idx, kwargs)` writes the new rows and hands back, for the requests of the batch
+one after the other, their cached rows plus the new ones ([1, 1, sum S_i, *]), with `cu_seq_lens_q` /
+`cu_seq_lens_k` telling where each request starts.
+
+transformers' own DeepseekV3 expands all sum S_i rows through kv_b_proj at every step and attends with a
+[sum T_i, sum S_i] block-diagonal mask. Here each request attends on its own to its own rows, through the same two
+paths as any other forward (attention.py): absorbed (MQA over the latent rows, nothing per head per cached token) for
+decode tokens, expanded for prefill chunks, whichever the FLOP count says. Decode tokens of several requests are
+attended in one padded batch.
+
+What the paged engine cannot do is refused before it starts (`check_continuous_batching`), since inside its loop an
+exception only marks requests as failed; `raise_failed_requests` turns such failures back into an exception.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, installed_transformers_version
+
+# CPU defaults when the caller sizes nothing (transformers' default takes 60% of the RAM for the cache on CPU and
+# 8192-token batches, whose [batch tokens x cached tokens] mask alone can outgrow the cache).
+CPU_MAX_BATCH_TOKENS = 512
+CPU_DEFAULT_CACHE_TOKENS = 32 * 1024
+# Generation options (with their no-op values) that the engine's logits processors do not apply.
+UNBATCHABLE_OPTIONS = (("min_length", 0), ("min_new_tokens", None), ("repetition_penalty", 1.0),
+                       ("encoder_repetition_penalty", 1.0))
+
+
+def is_paged_cache(cache) -> bool:
+    from .compat import PagedAttentionCache
+
+    return PagedAttentionCache is not None and isinstance(cache, PagedAttentionCache)
+
+
+def _segments(kwargs, total_q: int) -> list[tuple[int, int, int, int]]:
+    """(q0, q1, k0, k1) per request with at least one query, from the engine's cumulative lengths."""
+    cu_q = kwargs["cu_seq_lens_q"].tolist()
+    cu_k = kwargs["cu_seq_lens_k"]
+    cu_k = (cu_k if torch.is_tensor(cu_k) else next(iter(cu_k.values()))).tolist()
+    return [(cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]) for i in range(len(cu_q) - 1)
+            if cu_q[i + 1] > cu_q[i] and cu_q[i + 1] <= total_q]
+
+
+def paged_attention(attn, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs) -> torch.Tensor:
+    """Write this step's latent rows into the paged cache and attend request by request; returns [1, sum T_i, H, V].
+
+    q_nope / q_rope [1, H, sum T_i, *]; latent / k_rope [1, 1, sum T_i, *] (rope already applied)."""
+    latent_B1SC, k_rope_B1SR = cache.update(latent_B1TC, k_rope_B1TR, attn.layer_idx, kwargs)
+    H, total_q = q_nope.shape[1], q_nope.shape[2]
+    out_BTHV = q_nope.new_zeros(1, total_q, H, attn.v_head_dim)
+    impl = attn.config._attn_implementation
+    impl = "eager" if impl in ("eager", "paged|eager") else impl
+    decode = []
+    for q0, q1, k0, k1 in _segments(kwargs, total_q):
+        if q1 - q0 == 1 and attn.use_absorbed(1, k1 - k0):
+            decode.append((q0, k0, k1))
+            continue
+        qn, qr = q_nope[:, :, q0:q1], q_rope[:, :, q0:q1]
+        latent, k_rope = latent_B1SC[:, :, k0:k1], k_rope_B1SR[:, :, k0:k1]
+        if attn.use_absorbed(q1 - q0, k1 - k0):
+            out, _ = attn.absorbed_attention(qn, qr, latent, k_rope, None)
+        else:
+            out, _ = attn.expanded_attention(qn, qr, latent, k_rope, None, impl)
+        out_BTHV[:, q0:q1] = out
+    if decode:
+        _batched_decode(attn, q_nope, q_rope, latent_B1SC, k_rope_B1SR, decode, out_BTHV)
+    return out_BTHV
+
+
+def _batched_decode(attn, q_nope, q_rope, latent_B1SC, k_rope_B1SR, decode, out_BTHV) -> None:
+    """Absorbed attention of D single-token requests at once: their latent rows padded to the longest, the padding
+    masked out. One batched GEMM per step instead of D small ones."""
+    q_idx = torch.tensor([q0 for q0, _, _ in decode], device=q_nope.device)
+    lengths = [k1 - k0 for _, k0, k1 in decode]
+    S = max(lengths)
+    rows = torch.cat([torch.arange(k0, k1) for _, k0, k1 in decode]).to(q_nope.device)
+    slots = torch.cat([torch.arange(n) + i * S for i, n in enumerate(lengths)]).to(q_nope.device)
+    D = len(decode)
+
+    def padded(x_B1SX):
+        x_SX = x_B1SX[0, 0]
+        buf = x_SX.new_zeros(D * S, x_SX.shape[-1])
+        buf[slots] = x_SX[rows]
+        return buf.view(D, 1, S, -1)
+
+    valid_DS = torch.zeros(D * S, dtype=torch.bool, device=q_nope.device)
+    valid_DS[slots] = True
+    mask_D11S = valid_DS.view(D, 1, 1, S)
+    qn = q_nope[0, :, q_idx].transpose(0, 1).unsqueeze(2)  # [D, H, 1, nope]
+    qr = q_rope[0, :, q_idx].transpose(0, 1).unsqueeze(2)
+    out, _ = attn.absorbed_attention(qn, qr, padded(latent_B1SC), padded(k_rope_B1SR), mask_D11S)
+    out_BTHV[0, q_idx] = out[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Before and after the engine's loop
+
+
+def check_continuous_batching(model, generation_config) -> None:
+    """Raise, naming the reason, for what the paged engine cannot run with this model (checked before its loop starts:
+    inside the loop, errors only mark the requests failed)."""
+    if not MLA_PAGED_CACHE:
+        raise RuntimeError(
+            f"Continuous batching (generate_batch, init_continuous_batching, `transformers serve "
+            f"--continuous-batching`, TRL's use_transformers_continuous_batching) of DeepSeek's MLA needs transformers "
+            f">= {PAGED_CACHE_MIN_VERSION}, whose paged cache stores the {model.config.latent_cache_dim}-wide latent "
+            f"(MLACacheAllocator); transformers {installed_transformers_version()} is installed. Use generate(), or "
+            "upgrade transformers."
+        )
+    if model.config.latent_cache_dtype == "fp8":
+        raise ValueError(
+            "Continuous batching with latent_cache_dtype='fp8' is not supported: transformers' paged cache stores the "
+            "latent in the model's dtype (it has no room for per-token scales). Set config.latent_cache_dtype = None "
+            "for continuous batching, or use generate(latent_cache_dtype='fp8')."
+        )
+    if generation_config is not None and getattr(generation_config, "use_mtp", False):
+        raise ValueError(
+            "Continuous batching with use_mtp=True is not supported: transformers' continuous-batching engine has no "
+            "speculative decoding (one token per request and step). Use generate(use_mtp=True), or set "
+            "use_mtp=False for continuous batching."
+        )
+    if generation_config is not None and (generation_config.num_beams or 1) > 1:
+        raise ValueError("Continuous batching does not do beam search (num_beams > 1); use generate()")
+    if generation_config is not None:
+        # Options whose logits processor the engine leaves out: min lengths (built only with a prompt length, which
+        # it does not pass) and the repetition penalties (marked unsupported, dropped with a warning).
+        ignored = [f"{name}={getattr(generation_config, name)!r}" for name, no_op in UNBATCHABLE_OPTIONS
+                   if getattr(generation_config, name, no_op) not in (no_op, None)]
+        if ignored:
+            raise ValueError(f"Continuous batching cannot apply {', '.join(ignored)}: transformers' engine would "
+                             "leave it out. Unset it, or use generate().")
+    if model.config._attn_implementation not in ("sdpa", "eager", "paged|eager"):
+        raise ValueError(f"Continuous batching of this model runs with attn_implementation 'sdpa' or 'eager', got "
+                         f"{model.config._attn_implementation!r}")
+
+
+def cpu_batching_defaults(cb_config, workload_hints, page_size: int):
+    """A copy of `cb_config` with the cache size and batch-token budget filled in for a CPU run when unset. The cache
+    holds the workload (every request at its longest) when the hints say it (more could never be used, whatever
+    share of the RAM max_memory_percent allows: TRL sets 0.5 for GPUs); otherwise CPU_DEFAULT_CACHE_TOKENS unless
+    max_memory_percent was set."""
+    import copy
+
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    cb_config = copy.deepcopy(cb_config) if cb_config is not None else ContinuousBatchingConfig()
+    if cb_config.num_blocks is None:
+        hints = workload_hints
+        longest = (hints.max_prompt_length + hints.max_generated_length) if hints is not None else 0
+        if hints is not None and hints.num_requests > 0 and longest > 0:
+            cb_config.num_blocks = hints.num_requests * (-(-longest // page_size) + 1)
+        elif cb_config.max_memory_percent is None:
+            cb_config.num_blocks = -(-CPU_DEFAULT_CACHE_TOKENS // page_size)
+    if cb_config.max_batch_tokens is None:
+        cb_config.max_batch_tokens = CPU_MAX_BATCH_TOKENS
+    return cb_config
+
+
+def raise_failed_requests(results: dict, expected: int) -> None:
+    """generate_batch's results, checked: a failed or missing request raises instead of coming back empty."""
+    failed = {rid: out.error for rid, out in results.items() if out.error is not None}
+    if failed:
+        rid, error = next(iter(failed.items()))
+        raise RuntimeError(f"generate_batch: {len(failed)} of {expected} request(s) failed; {rid}: {error}")
+    if len(results) != expected:
+        raise RuntimeError(f"generate_batch: {expected - len(results)} of {expected} request(s) returned no result "
+                           "(the continuous-batching loop stopped early; see the log above)")

@@ -1,0 +1,286 @@
+"""Continuous batching (transformers' paged engine: generate_batch, the manager) over our paged latent cache.
+
+Every request must get exactly the tokens greedy `generate()` gives its prompt alone (which test_generation.py checks
+against a no-cache reference): prompts of different lengths, prefill split into chunks, requests arriving while
+others decode, EOS and max_new_tokens per request. Decode runs absorbed over the cached latent rows (no kv_b_proj per
+cached token), the cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, and what the engine cannot
+do raises instead of returning empty outputs. transformers' own DeepseekV3 on the same weights gives the same tokens.
+
+transformers < 5.25 has no MLA layout in its paged cache: there the tests skip, and one checks the error.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from conftest import hf_v3_model, random_ids, save_and_load_ours, set_mla_impl, tiny_model
+from modeling_deepseek import paged
+from modeling_deepseek.attention import DeepseekAttention
+from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION
+
+needs_mla_paged_cache = pytest.mark.skipif(
+    not MLA_PAGED_CACHE, reason=f"continuous batching of MLA needs transformers >= {PAGED_CACHE_MIN_VERSION}")
+
+LENGTHS = (3, 9, 17, 40, 70)
+NEW = 10
+MARGIN = 2e-4
+# Small pages and batches: prompts span several pages, and the 70-token prompt is prefilled in chunks.
+SMALL = dict(page_size=16, max_batch_tokens=32)
+
+
+def greedy(**overrides) -> GenerationConfig:
+    return GenerationConfig(**{**dict(do_sample=False, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0),
+                               **overrides})
+
+
+def cb_config(**overrides) -> ContinuousBatchingConfig:
+    return ContinuousBatchingConfig(**{**SMALL, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [random_ids(1, n, seed=n)[0].tolist() for n in LENGTHS]
+
+
+@torch.no_grad()
+def alone(model, prompt: list[int], max_new_tokens: int = NEW, eos_token_id=None) -> list[int]:
+    """generate()'s greedy continuation of one prompt alone, cut after EOS; asserts no near-tie along the way."""
+    out = model.generate(torch.tensor([prompt]), generation_config=greedy(max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_token_id), output_scores=True, return_dict_in_generate=True)
+    top2 = torch.stack(out.scores).float().topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > MARGIN, "near-tie in the fixture: pick another seed"
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def expected(model, prompts):
+    return [alone(model, p) for p in prompts]
+
+
+def tokens_of(results) -> list[list[int]]:
+    return [out.generated_tokens for out in results.values()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Same tokens as generate()
+
+
+@needs_mla_paged_cache
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("mla_impl", ["auto", "absorbed", "expanded"])
+def test_generate_batch_matches_generate_alone(model, prompts, expected, attn, mla_impl):
+    model.set_attn_implementation(attn)
+    set_mla_impl(model, mla_impl)
+    try:
+        results = model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
+    finally:
+        model.set_attn_implementation("sdpa")
+        set_mla_impl(model, "auto")
+    assert list(results) == [f"req_{i}" for i in range(len(prompts))]
+    assert [out.prompt_ids for out in results.values()] == prompts
+    assert tokens_of(results) == expected
+
+
+@needs_mla_paged_cache
+def test_shared_prefix_blocks_and_forked_requests(model, prompts, expected, monkeypatch):
+    """Repeated prompts reuse each other's full cache pages (prefix sharing: their prefill starts after a cached
+    prefix), and num_return_sequences forks a request's cache (sampling with top_k=1: greedy, which allows forks):
+    every copy still gets generate()'s tokens."""
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
+    matched, search = [], PagedAttentionCache.search_prefix_match
+    monkeypatch.setattr(PagedAttentionCache, "search_prefix_match",
+                        lambda self, *a: matched.append(search(self, *a)) or matched[-1])
+    repeated = [prompts[4], prompts[3], prompts[4], prompts[4]]
+    results = model.generate_batch(repeated, generation_config=greedy(), continuous_batching_config=cb_config())
+    assert tokens_of(results) == [expected[4], expected[3], expected[4], expected[4]]
+    assert max(matched) >= 16, f"no cached prefix was reused: {matched}"
+    forked = model.generate_batch(prompts[3:], continuous_batching_config=cb_config(),
+                                  generation_config=greedy(do_sample=True, top_k=1, num_return_sequences=3))
+    assert len(forked) == 6 and tokens_of(forked) == [expected[3]] * 3 + [expected[4]] * 3
+
+
+@needs_mla_paged_cache
+def test_decode_is_absorbed_and_batched_prefill_chunks_expanded(model, prompts, expected, monkeypatch):
+    """With mla_impl="auto": decode tokens of several requests go through one padded absorbed call; prefill chunks
+    (queries after a cached prefix among them) through the expanded path; kv_b_proj never sees a decode step."""
+    calls = {"batched_decode": [], "expanded": []}
+    batched, expanded = paged._batched_decode, DeepseekAttention.expanded_attention
+
+    def spy_batched(attn, q_nope, *args):
+        calls["batched_decode"].append(len(args[-2]))
+        return batched(attn, q_nope, *args)
+
+    def spy_expanded(self, q_nope, q_rope, latent, *args, **kwargs):
+        calls["expanded"].append((q_nope.shape[2], latent.shape[2]))
+        return expanded(self, q_nope, q_rope, latent, *args, **kwargs)
+
+    monkeypatch.setattr(paged, "_batched_decode", spy_batched)
+    monkeypatch.setattr(DeepseekAttention, "expanded_attention", spy_expanded)
+    results = model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
+    assert tokens_of(results) == expected
+    assert max(calls["batched_decode"]) > 1, "decode tokens were never batched"
+    assert all(T > 1 for T, _ in calls["expanded"]), "a decode token was attended through the expanded path"
+    assert any(T < S for T, S in calls["expanded"]), "no prefill chunk after a cached prefix"
+
+
+@needs_mla_paged_cache
+def test_decode_steps_never_run_kv_b_proj(model, prompts):
+    """Rows through kv_b_proj (the per-head K/V rebuild) are the same for 1 and for 12 generated tokens: decode
+    reads the latent rows as they are cached, it never re-expands them."""
+    rows = []
+    hooks = [m.self_attn.kv_b_proj.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
+             for m in model.model.layers[: model.config.num_hidden_layers]]
+    one_step = ContinuousBatchingConfig(page_size=16, max_batch_tokens=256)  # every prompt prefilled in one step
+    try:
+        model.generate_batch(prompts, generation_config=greedy(max_new_tokens=1), continuous_batching_config=one_step)
+        prefill_rows, rows[:] = sum(rows), []
+        model.generate_batch(prompts, generation_config=greedy(max_new_tokens=12), continuous_batching_config=one_step)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert prefill_rows > 0 and sum(rows) == prefill_rows
+
+
+@needs_mla_paged_cache
+def test_paged_cache_holds_the_latent_row_per_token(model, prompts):
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    try:
+        manager.warmup()  # builds the paged cache
+        cache = manager.batch_processor.cache
+        (allocator,) = cache.cache_allocators.values()
+        c = model.config
+        assert type(allocator).__name__ == "MLACacheAllocator"
+        assert allocator.row_numel == c.kv_lora_rank + c.qk_rope_head_dim == c.latent_cache_dim
+        assert allocator.bytes_per_page == allocator.tokens_per_page * c.latent_cache_dim * 4  # fp32, no heads
+    finally:
+        manager.stop(block=True)
+        manager.destroy()
+
+
+@needs_mla_paged_cache
+def test_eos_and_max_new_tokens_per_request(model, prompts, expected):
+    """EOS (a token that request 2 emits at its 4th step) ends the requests that emit it, and only them; a manager
+    takes max_new_tokens per request, and requests added while others decode get their own greedy tokens."""
+    eos = expected[2][3]
+    with_eos = [alone(model, p, eos_token_id=eos) for p in prompts]
+    assert len(with_eos[2]) == 4 and any(len(t) == NEW for t in with_eos)
+    results = model.generate_batch(prompts, generation_config=greedy(eos_token_id=eos),
+                                   continuous_batching_config=cb_config())
+    assert tokens_of(results) == with_eos
+
+    budgets = [12, 3, 7, 1, 5]
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    manager.start()
+    try:
+        first = manager.add_request(prompts[4], max_new_tokens=budgets[4], streaming=True)
+        while not (out := manager.get_result(request_id=first, timeout=5)).generated_tokens:
+            pass  # wait until the first request is decoding
+        assert not out.is_finished()
+        later = [manager.add_request(p, max_new_tokens=n) for p, n in zip(prompts[:4], budgets[:4])]
+        got, deadline = {}, time.monotonic() + 120
+        while len(got) < 5 and time.monotonic() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                assert result.error is None, result.error
+                got[result.request_id] = result.generated_tokens
+    finally:
+        manager.stop(block=True)
+        manager.destroy()
+    for request_id, prompt, n in zip([*later, first], prompts, budgets):
+        assert got[request_id] == alone(model, prompt, max_new_tokens=n)
+
+
+@needs_mla_paged_cache
+def test_same_tokens_as_transformers_deepseek_v3_generate_batch(tmp_path, prompts):
+    hf = hf_v3_model()
+    ours = save_and_load_ours(hf, tmp_path)
+    theirs = hf.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
+    assert all(out.error is None for out in theirs.values())
+    assert tokens_of(ours.generate_batch(prompts, generation_config=greedy(),
+                                         continuous_batching_config=cb_config())) == tokens_of(theirs)
+
+
+@needs_mla_paged_cache
+def test_sampling_runs_and_uses_its_settings(model, prompts):
+    results = model.generate_batch(prompts, generation_config=greedy(do_sample=True, temperature=5.0, top_k=0),
+                                   continuous_batching_config=cb_config(seed=3))
+    assert all(len(t) == NEW for t in tokens_of(results))
+    assert tokens_of(results) != [alone(model, p) for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nothing comes back empty
+
+
+@needs_mla_paged_cache
+def test_a_failure_inside_the_loop_raises(model, prompts, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kaput in attention")
+
+    monkeypatch.setattr(paged, "paged_attention", broken)
+    monkeypatch.setattr("modeling_deepseek.attention.paged_attention", broken)
+    with pytest.raises(RuntimeError, match="request.*failed.*kaput in attention"):
+        model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
+
+
+@needs_mla_paged_cache
+@pytest.mark.parametrize("how, match", [
+    ("fp8_config", "latent_cache_dtype='fp8' is not supported"),
+    ("use_mtp_kwarg", "use_mtp=True is not supported.*speculative"),
+    ("use_mtp_config", "use_mtp=True is not supported.*speculative"),
+    ("beams", "beam search"),
+    ("unknown_kwarg", "unsupported arguments.*'top_q'"),
+    ("min_new_tokens", "cannot apply min_new_tokens=4"),
+    ("repetition_penalty", "cannot apply repetition_penalty=1.3"),
+])
+def test_what_the_engine_cannot_do_raises_before_it_starts(how, match, prompts):
+    model = tiny_model(seed=0, latent_cache_dtype="fp8" if how == "fp8_config" else None).eval()
+    gc, kwargs = greedy(), {}
+    if how == "use_mtp_kwarg":
+        kwargs["use_mtp"] = True
+    elif how == "use_mtp_config":
+        gc.use_mtp = True
+    elif how == "beams":
+        gc.num_beams = 2
+    elif how == "unknown_kwarg":
+        kwargs["top_q"] = 0.5
+    elif how == "min_new_tokens":
+        gc.min_new_tokens = 4
+    elif how == "repetition_penalty":
+        gc.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match=match):
+        model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb_config(), **kwargs)
+
+
+@needs_mla_paged_cache
+def test_cpu_defaults_size_the_cache_for_the_workload_and_copy_the_generation_config(model):
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    sized = paged.cpu_batching_defaults(None, WorkloadHints(max_prompt_length=100, max_generated_length=28,
+                                                            num_requests=4), page_size=64)
+    assert (sized.num_blocks, sized.max_batch_tokens) == (4 * 3, paged.CPU_MAX_BATCH_TOKENS)
+    mine = ContinuousBatchingConfig(num_blocks=7, max_batch_tokens=64)
+    assert paged.cpu_batching_defaults(mine, None, 16).num_blocks == 7 and mine.max_batch_tokens == 64
+    gc = greedy()
+    model.generate_batch([[5, 6, 7]], generation_config=gc, continuous_batching_config=cb_config())
+    assert gc.eos_token_id is None  # transformers writes -1 into the config it is given
+
+
+@pytest.mark.skipif(MLA_PAGED_CACHE, reason="checks the error of a transformers without the MLA paged cache")
+def test_old_transformers_raises_naming_the_version(model, prompts):
+    with pytest.raises(RuntimeError, match=f"needs transformers >= {PAGED_CACHE_MIN_VERSION}"):
+        model.generate_batch(prompts, generation_config=greedy())
+    with pytest.raises(RuntimeError, match=f"needs transformers >= {PAGED_CACHE_MIN_VERSION}"):
+        model.init_continuous_batching(generation_config=greedy())
