@@ -22,8 +22,8 @@ untimed warm-up generate of the same shapes (its seconds are reported); the time
 which the worker checks. Each context runs in a fresh process. Greedy tokens of every variant are compared with
 ours_eager's (fp32: identical expected).
 
-With --profile: torch.profiler tables (self CPU time) of the N decode steps of ours_eager, ours_compiled and
-peer_eager at the largest context, next to --json-out.
+With --profile: torch.profiler tables (self CPU time) of the N decode steps (the prefill left out) of ours_eager,
+ours_compiled and peer_eager at the largest context, next to --json-out.
 """
 
 from __future__ import annotations
@@ -139,14 +139,27 @@ def timing_worker(spec: dict) -> dict:
 
 
 def _profile(model, ids, kw, n, device) -> str:
-    """torch.profiler table of one generate of 1 + n tokens (the prefill's operators are in it too, few and large)."""
+    """torch.profiler table of the n decode steps of one generate (batch 1): a streamer starts the profiler when the
+    first token arrives, i.e. after the prefill, and stops it at the end."""
     from torch.profiler import ProfilerActivity, profile
+    from transformers.generation.streamers import BaseStreamer
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    model.generate(ids, max_new_tokens=1, **kw)
-    with profile(activities=acts, record_shapes=True) as prof:
-        model.generate(ids, max_new_tokens=1 + n, **kw)
+    prof = profile(activities=acts, record_shapes=True)
+
+    class DecodeOnly(BaseStreamer):
+        puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:  # the prompt, then the prefill's token: decoding starts now
+                prof.start()
+
+        def end(self):
+            prof.stop()
+
+    model.generate(ids[:1], max_new_tokens=1 + n, streamer=DecodeOnly(), **kw)
     return prof.key_averages(group_by_input_shape=True).table(
         sort_by=sort, row_limit=30, max_name_column_width=45, max_shapes_column_width=70)
 
@@ -210,7 +223,7 @@ def run(args) -> dict:
             for name, table in (res.pop("profiles", None) or {}).items():
                 path = json_out.with_name(json_out.stem + f"_profile_{name}_ctx{ctx}.txt")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"{name}: generate of 1 + {args.new_tokens} tokens at context {ctx}\n{table}\n")
+                path.write_text(f"{name}: the {args.new_tokens} decode steps of a generate at context {ctx}\n{table}\n")
                 res.setdefault("profile_files", []).append(path.name)
             report["runs"].append(res)
             print(f"ctx {ctx}: " + "  ".join(f"{v} {r['step_s_median'] * 1e3:.2f} ms" for v, r in
@@ -325,6 +338,8 @@ def main(argv=None) -> dict:
     common.quiet()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
+    if args.threads:  # the workers' setting, reported in the machine line too
+        torch.set_num_threads(args.threads)
     return run(args)
 
 

@@ -267,9 +267,9 @@ def test_compile_on_any_device_makes_generate_compile_on_cpu(model):
     cache = DeepseekStaticLatentCache(model.config, max_cache_len=8)
     cache.early_initialization(1, torch.float32, "cpu")
     gc = GenerationConfig(compile_config=CompileConfig())
-    assert not model._valid_auto_compile_criteria({"cache": cache}, gc)
+    assert not model._valid_auto_compile_criteria({compat.CACHE_NAME: cache}, gc)
     gc = GenerationConfig(compile_config=compat.compile_on_any_device(CompileConfig()))
-    assert model._valid_auto_compile_criteria({"cache": cache}, gc), (
+    assert model._valid_auto_compile_criteria({compat.CACHE_NAME: cache}, gc), (
         "generate() no longer compiles on CPU with CompileConfig._compile_all_devices (compat.compile_on_any_device)")
 
 
