@@ -15,9 +15,10 @@ Variants (greedy, `--batch` random prompts of `context` tokens, no padding):
     ours_compiled   ours with cache_implementation="static" and the same compile_config
 
 The decode step is measured through generate(), whatever generate does per token included (logits processing,
-stopping checks): per round, one generate of 1 new token (the prefill alone) and one of 1 + N, both with the same
-max_cache_len; step = (t_long - t_short) / N. Rounds interleave the variants, so that load from other processes
-hits them alike; reported are medians over rounds (best in the JSON). The compiled variants compile during an
+stopping checks): a logits processor that only reads the clock (StepClock) timestamps every new token of a generate
+of 1 + N tokens, and the N intervals after the prefill's token are N decode steps. Rounds interleave the variants,
+so that load from other processes hits them alike; reported is the median over all steps of all rounds (robust to
+the load spikes of a shared machine; the best step is in the JSON). The compiled variants compile during an
 untimed warm-up generate of the same shapes (its seconds are reported); the timed rounds must not compile again,
 which the worker checks. Each context runs in a fresh process. Greedy tokens of every variant are compared with
 ours_eager's (fp32: identical expected).
@@ -80,14 +81,27 @@ def generate_kwargs(variant: str, cache_len: int, mode: str | None, backend: str
     return kw
 
 
-def decode_step_seconds(model, ids, kw: dict, new_tokens: int, device: str) -> tuple[float, float, torch.Tensor]:
-    """(seconds of a generate of 1 token, of 1 + new_tokens, the longer one's sequences)."""
+class StepClock:
+    """A logits processor that only reads the clock: generate() calls it once per new token, right after that token's
+    forward, so consecutive calls are one decode step apart (the generate loop's own work included)."""
+
+    def __init__(self, device: str):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(clock(self.device))
+        return scores
+
+
+def decode_steps(model, ids, kw: dict, new_tokens: int, device: str) -> tuple[float, list[float], torch.Tensor]:
+    """One generate of 1 + new_tokens tokens: (prefill seconds, the new_tokens decode step seconds, sequences)."""
+    from transformers import LogitsProcessorList
+
+    step_clock = StepClock(device)
     t0 = clock(device)
-    model.generate(ids, max_new_tokens=1, **kw)
-    t1 = clock(device)
-    out = model.generate(ids, max_new_tokens=1 + new_tokens, **kw)
-    t2 = clock(device)
-    return t1 - t0, t2 - t1, out
+    out = model.generate(ids, max_new_tokens=1 + new_tokens, logits_processor=LogitsProcessorList([step_clock]), **kw)
+    times = [t0] + step_clock.times
+    return times[1] - t0, [b - a for a, b in zip(times[1:], times[2:])], out
 
 
 def _graph_count() -> int:
@@ -122,9 +136,9 @@ def timing_worker(spec: dict) -> dict:
         graphs = _graph_count()
         for _ in range(spec["repeats"]):
             for v in variants:
-                short, long, out = decode_step_seconds(model_of[v], ids, kws[v], n, device)
-                result["variants"][v]["prefill_s"].append(short)
-                result["variants"][v]["step_s"].append((long - short) / n)
+                prefill, steps, out = decode_steps(model_of[v], ids, kws[v], n, device)
+                result["variants"][v]["prefill_s"].append(prefill)
+                result["variants"][v]["step_s"] += steps
                 tokens[v] = out[:, ctx:].tolist()
         result["recompiled_during_timing"] = _graph_count() - graphs
         for v in variants:
@@ -272,8 +286,9 @@ def render(report) -> str:
              f"Command: `{report['command']}`  ", f"Machine: {common.machine_line(m)}  ",
              f"Model (both): DeepseekV3Config({', '.join(f'{k}={v}' for k, v in report['config'].items())}), random "
              "weights.  ",
-             f"Batch {s['batch']}; decode step = (generate of 1 + {s['new_tokens']} tokens - generate of 1 token) / "
-             f"{s['new_tokens']}, median of {s['repeats']} interleaved rounds; compiled = "
+             f"Batch {s['batch']}; decode step = interval between consecutive tokens inside generate() (a clock-reading "
+             f"logits processor), median over the {s['new_tokens']} steps of each of {s['repeats']} interleaved "
+             "rounds; compiled = "
              f"`compile_config=CompileConfig(fullgraph=True, dynamic=False, mode={s['compile_mode']!r}, "
              f"backend={s.get('compile_backend', 'inductor')!r})`, cudagraphs = the same with mode='reduce-overhead', "
              "both with "
