@@ -1,6 +1,7 @@
 """DeepSeek-V3 / V2 for the Hugging Face stack.
 
-Importing this package registers model_type "deepseek" with AutoConfig, AutoModel and AutoModelForCausalLM, and the
+Importing this package registers model_type "deepseek" with AutoConfig, AutoModel, AutoModelForCausalLM,
+AutoModelForSequenceClassification and AutoModelForTokenClassification, and the
 checkpoint conversion that maps official per-expert keys (`mlp.experts.{j}.gate_proj.weight` ...) onto our fused
 expert tensors on load and back on save. Both are idempotent: importing or reloading twice never raises.
 
@@ -9,10 +10,12 @@ trl / peft / datasets / bitsandbytes is imported. Training integration is explic
 `Trainer(..., callbacks=[DeepseekTrainerCallback()])`, or `trainers.DeepseekTrainer`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
 
 from .configuration import DeepseekConfig
-from .modeling import DeepseekCausalLMOutput, DeepseekForCausalLM, DeepseekModel, DeepseekPreTrainedModel
+from .modeling import (DeepseekCausalLMOutput, DeepseekForCausalLM, DeepseekForSequenceClassification,
+                       DeepseekForTokenClassification, DeepseekModel, DeepseekPreTrainedModel)
 from .balancing import update_balancing_bias, max_violation
 
 
@@ -20,6 +23,8 @@ def _register() -> None:
     AutoConfig.register(DeepseekConfig.model_type, DeepseekConfig, exist_ok=True)
     AutoModel.register(DeepseekConfig, DeepseekModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepseekConfig, DeepseekForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(DeepseekConfig, DeepseekForSequenceClassification, exist_ok=True)
+    AutoModelForTokenClassification.register(DeepseekConfig, DeepseekForTokenClassification, exist_ok=True)
 
 
 _register()
@@ -28,6 +33,8 @@ __all__ = [
     "DeepseekConfig",
     "DeepseekModel",
     "DeepseekForCausalLM",
+    "DeepseekForSequenceClassification",
+    "DeepseekForTokenClassification",
     "DeepseekPreTrainedModel",
     "DeepseekCausalLMOutput",
     "update_balancing_bias",

@@ -29,14 +29,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .compat import CPU_FLASH_ATTENTION
 from .layers import DeepseekRMSNorm
+from .parallel import local_shard, replicated_input
 from .rope import apply_rope, softmax_scale
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain attention over per-head K/V: query [B, H, T, Dqk], key [B, H, S, Dqk], value [B, H, S, Dv]."""
+    """Plain attention over per-head K/V: query [B, H, T, Dqk], key [B, H, S, Dqk], value [B, H, S, Dv]. The mask is
+    additive or bool ("may attend", a caller's 4-D mask)."""
     scores_BHTS = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
-        scores_BHTS = scores_BHTS + attention_mask
+        T, S = scores_BHTS.shape[-2:]
+        scores_BHTS = scores_BHTS + _additive_mask(attention_mask, T, S, scores_BHTS.device, scores_BHTS.dtype)
     probs_BHTS = F.softmax(scores_BHTS, dim=-1, dtype=torch.float32).to(query.dtype)
     probs_BHTS = F.dropout(probs_BHTS, p=dropout, training=module.training)
     out_BTHV = torch.matmul(probs_BHTS, value).transpose(1, 2).contiguous()
@@ -126,7 +129,8 @@ class DeepseekAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
         B, T, _ = x_BTD.shape
-        return q.view(B, T, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope + rope]
+        # -1, not num_heads: under tensor parallelism q_b_proj / q_proj give this rank's heads only.
+        return q.view(B, T, -1, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope + rope]
 
     def compress_kv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached pair: normalised latent [B, 1, T, C] and (not yet rotated) rope key [B, 1, T, R]."""
@@ -147,7 +151,7 @@ class DeepseekAttention(nn.Module):
         inference code does); the copy is remade when the weight object, the dtype or the device changes."""
         proj = self.kv_b_proj
         if type(proj) is nn.Linear:
-            return proj.weight
+            return local_shard(proj.weight)  # under tensor parallelism: the rows of this rank's heads
         cached = getattr(self, "_absorbed_weight", None)
         if (cached is None or cached[0] is not proj.weight or cached[1].dtype != dtype
                 or cached[1].device != proj.weight.device):
@@ -233,6 +237,9 @@ class DeepseekAttention(nn.Module):
         B, H, T, _ = q_nope.shape
         C, S = self.kv_lora_rank, latent_B1SC.shape[2]
         w_HKC = self.absorbed_weight(q_nope.dtype).view(H, self.qk_nope_head_dim + self.v_head_dim, C)
+        # The latent feeds this rank's heads directly (not through kv_b_proj, whose input gradient the engine sums
+        # over the tensor-parallel ranks): sum its gradient here.
+        latent_B1SC = replicated_input(latent_B1SC, self.kv_b_proj.weight)
         w_uk_HNC, w_uv_HVC = w_HKC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent_BHTC = torch.matmul(q_nope, w_uk_HNC)  # [B, H, T, nope] x [H, nope, C]
         # MQA: all H x T query rows of a sequence attend to the same latent keys, so the heads are folded into the

@@ -17,12 +17,32 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import transformers
+from packaging import version
 from transformers.modeling_outputs import MoeModelOutputWithPast
+
+# Output capturing, as transformers' own models do it: `capture_outputs` wraps the base model's forward and records,
+# through forward hooks, what the class's `_can_record_outputs` names (OutputRecorder: module class + output index)
+# into `hidden_states` / `attentions` / `router_logits`; `merge_with_config_defaults` fills `use_cache` from the
+# config; `can_return_tuple` honours return_dict=False on the heads. transformers exports none of them at the top
+# level: its models import them from these modules (the same names in 5.23, 5.24 and 5.25).
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 # transformers 5.24 renamed the cache argument of forward(), generate(), create_causal_mask() and the field of every
 # model output from `past_key_values` to `cache` (the old name is deprecated); 5.23 knows only `past_key_values`.
 # The model takes either name from its callers and hands the cache on under the name the installed release wants.
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModelOutputWithPast)} else "past_key_values"
+
+
+# The first release whose distributed engine (DistributedMixin._resolve_parallel_plans) reads tp_plan={} with
+# tp_size > 1 as "no tensor-parallel rules", i.e. expert parallelism alone over the tensor-parallel ranks; 5.23
+# raises "has no `tp_plan`" there. parallel.py refuses that layout up front on older releases.
+EMPTY_TP_PLAN_RELEASE = "5.25"
+
+
+def engine_takes_empty_tp_plan() -> bool:
+    return version.parse(transformers.__version__) >= version.parse(EMPTY_TP_PLAN_RELEASE)
 
 
 def cache_kwargs(cache) -> dict:
@@ -138,7 +158,7 @@ def avoid_bnb_cpu_avx512_packing(module) -> bool:
 # Atomic checkpoints (trainers/checkpointing.py) need to run code around each checkpoint save and to choose the
 # directory it is written to. transformers' Trainer has no public hook for either: the training loop calls the private
 # Trainer._save_checkpoint(model, trial), which writes os.path.join(self._get_output_dir(trial), "checkpoint-N")
-# (transformers 5.23 and 5.24 alike). Callbacks (on_save) run only after the directory is complete.
+# (every release from 5.23 on). Callbacks (on_save) run only after the directory is complete.
 
 
 class CheckpointSaveHook:

@@ -22,8 +22,9 @@ OFFICIAL_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 # topk_method names of the official configs, and the scoring function each one implies.
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
-# RoPE variants whose frequencies are fixed at construction (transformers' ROPE_INIT_FUNCTIONS computes them).
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# RoPE variants the model implements (transformers' ROPE_INIT_FUNCTIONS computes the frequencies; "dynamic" NTK
+# recomputes them for inputs longer than max_position_embeddings, with transformers' dynamic_rope_update).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 class DeepseekConfig(PreTrainedConfig):
@@ -31,6 +32,40 @@ class DeepseekConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
     # Names transformers' own DeepSeek configs use for the same fields.
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+    # Plans for transformers' distributed engine (from_pretrained(..., distributed_config=DistributedConfig(...)) under
+    # torchrun); `*` is the layer index, and the MTP blocks (layers N..N+D-1) are matched like any other layer.
+    # Tensor parallel: each rank holds num_attention_heads / tp_size heads of q_b_proj / q_proj, kv_b_proj (its own
+    # W_UK / W_UV, which the absorbed path folds in) and o_proj. q_a_proj and the latent (kv_a_proj_with_mqa) are small
+    # and computed whole on every rank: the cached latent is the same everywhere; mla_kv_a_proj sums the rope key's
+    # per-rank gradients (the latent's come back summed through kv_b_proj). Dense MLPs and shared experts are split
+    # Megatron-style (gate/up by columns, down by rows). Routed experts are left to the expert-parallel plan.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+        "layers.*.self_attn.kv_b_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    # Expert parallel: whole experts per rank (n_routed_experts / ep_size each, Shard(0) of the fused tensors); the
+    # engine's ep_implementation (all_to_all, all_reduce) brings each expert its tokens.
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+    # FSDP2: one unit per decoder layer (MTP blocks included), gathered for its forward and freed after; the final
+    # norm (and lm_head, on the model class) stay gathered from the last forward to the backward.
+    base_model_fsdp_plan = {
+        "embed_tokens": "free_full_weight",
+        "layers.*": "free_full_weight",
+        "norm": "keep_full_weight",
+    }
 
     def __init__(
         self,
@@ -191,10 +226,7 @@ class DeepseekConfig(PreTrainedConfig):
             raise ValueError(f"`qk_rope_head_dim` must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"`rope_scaling` type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES} (the angles are "
-                "computed once, so types that rescale with the sequence length, like 'dynamic', would silently do nothing)"
-            )
+            raise ValueError(f"`rope_scaling` type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}")
         if self.num_nextn_predict_layers is None or self.num_nextn_predict_layers < 0:
             raise ValueError(f"`num_nextn_predict_layers` must be >= 0, got {self.num_nextn_predict_layers!r}")
         if self.first_k_dense_replace < 0:

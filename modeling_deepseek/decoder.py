@@ -18,7 +18,6 @@ class DeepseekDecoderLayer(GradientCheckpointingLayer):
         self.mlp = DeepseekMoE(config) if config.is_moe_layer(layer_idx) else DeepseekMLP(config)
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.last_attention: torch.Tensor | None = None
 
     def forward(
         self,
@@ -30,12 +29,12 @@ class DeepseekDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         token_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
-        output_router_logits: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         """`token_mask` [B, T]: False at padding, which the MoE leaves out of its load statistics. With
-        `output_attentions` the attention probabilities are left on `self.last_attention` for the model to collect."""
-        attn_out, self.last_attention = self.self_attn(
+        `output_attentions` the attention runs eagerly and returns its probabilities, which transformers' output
+        capturing records (DeepseekPreTrainedModel._can_record_outputs)."""
+        attn_out, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -47,7 +46,7 @@ class DeepseekDecoderLayer(GradientCheckpointingLayer):
         normed = self.post_attention_layernorm(hidden_states)
         if self.moe is None:
             return hidden_states + self.mlp(normed)
-        return hidden_states + self.mlp(normed, token_mask, keep_router_logits=output_router_logits)
+        return hidden_states + self.mlp(normed, token_mask)
 
     @property
     def moe(self) -> DeepseekMoE | None:

@@ -34,11 +34,15 @@ def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int, weight_T1: 
                                                                              ones_TK.reshape(-1))
 
 
-def run_experts_loop(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, expert_fn) -> torch.Tensor:
+def run_experts_loop(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, expert_fn,
+                     num_experts: int | None = None) -> torch.Tensor:
     """sum_k weight_{t,k} * expert_{id_{t,k}}(x_t), one expert at a time: `expert_fn(e, x_ND)` runs expert e on the
-    tokens routed to it. The reference path, and the one for weights kept quantized per expert (bnb, FP8)."""
+    tokens routed to it. The reference path, and the one for weights kept quantized per expert (bnb, FP8).
+    Ids >= `num_experts` are skipped: under expert parallelism they mark tokens routed to another rank's experts."""
     out_TD = torch.zeros_like(x_TD)
     for e in expert_ids_TK.unique().tolist():
+        if num_experts is not None and e >= num_experts:
+            continue
         token_idx, slot = torch.where(expert_ids_TK == e)
         y = expert_fn(e, x_TD[token_idx])
         out_TD.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TD.dtype))
@@ -76,4 +80,4 @@ class DeepseekExperts(nn.Module):
             gate, up = F.linear(x_ND, self.gate_up_proj[e]).chunk(2, dim=-1)
             return F.linear(self.act_fn(gate) * up, self.down_proj[e])
 
-        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert)
+        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert, self.num_experts)

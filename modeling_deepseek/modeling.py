@@ -15,8 +15,6 @@ The routed experts are dispatched through transformers' experts interface (exper
 (transformers decides whether a model may switch by finding that decorator's name in the model's own module.)
 """
 
-from __future__ import annotations
-
 import copy
 import re
 import warnings
@@ -25,18 +23,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .attention import prefix_causal_applies
+from .attention import DeepseekAttention, prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
 from .cache import DeepseekLatentCache, DeepseekStaticLatentCache
-from .compat import CACHE_NAME, cache_kwargs, pop_cache_argument, register_deepseek_v3_conversion
+from .compat import (CACHE_NAME, OutputRecorder, can_return_tuple, cache_kwargs, capture_outputs,
+                     merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
 from .speculative import check_generation_config, mtp_generate
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
@@ -44,6 +44,7 @@ from .experts import DeepseekExperts
 from .fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 from .layers import DeepseekRMSNorm
 from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
+from .parallel import check_parallel_layout
 from .moe import DeepseekMoE
 from .quantized import finish_quantized_load, prepare_quantized_load
 from .rope import DeepseekRotaryEmbedding
@@ -99,6 +100,13 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     # data-dependent branch: torch.compile(fullgraph=True) traces it whole (tests/test_compile.py).
     _can_compile_fullgraph = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    # What transformers' output capturing records in DeepseekModel.forward (hooks on these modules' outputs). The MTP
+    # modules (DeepseekMTPLayer is a DeepseekDecoderLayer) run after that forward has returned, so they add nothing.
+    _can_record_outputs = {
+        "hidden_states": DeepseekDecoderLayer,
+        "attentions": OutputRecorder(DeepseekAttention, index=1),
+        "router_logits": OutputRecorder(DeepseekTopkRouter, index=0),
+    }
     # Official checkpoints store copies of the shared embedding and head inside each MTP layer.
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
 
@@ -116,18 +124,37 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeepseekRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, DeepseekRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq()[0])
+            inv_freq = module.compute_inv_freq()[0]
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
         else:
             super()._init_weights(module)
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
-        """transformers' loader, made strict: a weight the checkpoint lacks raises instead of being randomly initialised.
+        """transformers' loader, made strict: a checkpoint that holds some of the model's weights but lacks others
+        raises (a truncated or mismatched file), instead of initialising the gap randomly.
 
+        What transformers treats as legitimate loads with a warning: a checkpoint that holds none of the model's
+        weights (`state_dict={}`, every weight initialised on purpose), and a new task head (lm_head, score) over a
+        checkpoint saved from another class (a base model, or a causal LM under a classification head).
         Known-optional weights are exempt: the MTP modules (transformers' DeepseekV3 drops them on save; they are then
         trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
+
+        Hub kernels are off unless asked for (`use_kernels=True`): transformers would otherwise swap the activations
+        for kernels downloaded at load on CUDA. This model's fast paths (absorbed MLA, grouped experts) are its own,
+        loading needs no network, and what runs is what the parity tests checked.
         """
+        kwargs.setdefault("use_kernels", False)
         want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("distributed_config") is not None:
+            config = kwargs.get("config")
+            if not isinstance(config, PreTrainedConfig):
+                where = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                         if k in kwargs}
+                config = cls.config_class.from_pretrained(
+                    args[0] if args else kwargs["pretrained_model_name_or_path"], **where)
+            check_parallel_layout(config, kwargs["distributed_config"])
         # FP8 checkpoints (dequantized, or kept FP8 on CUDA) and bitsandbytes-quantized experts: see quantized.py
         args, kwargs, quant_plan = prepare_quantized_load(cls, args, kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -136,12 +163,20 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             router.pending_load.zero_()
             router.has_pending_load = False
         missing = [k for k in info.get("missing_keys", []) if not model._is_optional_weight(k)]
-        if "lm_head.weight" in missing and model._loaded_base_model_checkpoint():
-            missing.remove("lm_head.weight")
+        if missing and not set(model.state_dict()) - set(info.get("missing_keys", [])):
             warnings.warn(
-                f"{cls.__name__}.from_pretrained: the checkpoint holds a base model "
-                f"({', '.join(model.config.architectures)}) without an LM head: `lm_head.weight` was initialised "
-                "randomly; train it before generating", stacklevel=2,
+                f"{cls.__name__}.from_pretrained: the checkpoint holds none of the model's weights; all were "
+                "initialised (a checkpoint holding only some of them raises)", stacklevel=2,
+            )
+            missing = []
+        new_head = model._new_head_weights(missing)
+        if new_head:
+            missing = [k for k in missing if k not in new_head]
+            warnings.warn(
+                f"{cls.__name__}.from_pretrained: the checkpoint was saved from "
+                f"{', '.join(model.config.architectures)}, which has no {', '.join(sorted(new_head))}: initialised "
+                "randomly; train the head before using it",
+                stacklevel=2,
             )
         if missing and not allow_missing_weights:
             shown = ", ".join(sorted(missing)[:20])
@@ -178,9 +213,17 @@ class DeepseekPreTrainedModel(PreTrainedModel):
             )
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def _loaded_base_model_checkpoint(self) -> bool:
-        """Whether the checkpoint just loaded was saved from a base model (DeepseekModel, DeepseekV3Model ...)."""
-        return any(not name.endswith("ForCausalLM") for name in (self.config.architectures or []))
+    def _new_head_weights(self, missing: list[str]) -> list[str]:
+        """The missing weights outside the base model (a task head), when the checkpoint was saved for another task
+        (a base model under any head, a causal LM under a classification head ...): that head is new, not truncated.
+        A checkpoint of the same task (DeepseekV3ForCausalLM for DeepseekForCausalLM) must bring its head."""
+        def task(name: str) -> str:
+            return name[name.rfind("For"):] if "For" in name else "Model"
+
+        saved_from = self.config.architectures or []
+        if not saved_from or self.base_model is self or task(type(self).__name__) in map(task, saved_from):
+            return []
+        return [k for k in missing if not k.startswith(f"{self.base_model_prefix}.")]
 
     def _is_optional_weight(self, key: str) -> bool:
         match = re.search(r"layers\.(\d+)\.", key)
@@ -235,6 +278,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
     def mtp_layers(self) -> nn.ModuleList:
         return self.layers[self.config.num_hidden_layers :]
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -243,15 +288,14 @@ class DeepseekModel(DeepseekPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast | tuple:
-        """transformers' conventions: `cache` (or the older `past_key_values`), `hidden_states` = the embeddings and
-        every block's output with the last one after model.norm, `attentions` per layer (computed eagerly when asked
-        for), `router_logits` per MoE layer [B*T, E], a tuple with return_dict=False."""
+    ) -> MoeModelOutputWithPast:
+        """transformers' conventions: `cache` (or the older `past_key_values`); `output_hidden_states`,
+        `output_attentions` and `output_router_logits` (arguments or config) are recorded by transformers' output
+        capturing (`_can_record_outputs`): the embeddings and every block's output with the last one after model.norm,
+        the attention probabilities per layer (computed eagerly when asked for), the router logits per MoE layer
+        [B*T, E]; a tuple with return_dict=False. `attention_mask` is a [B, S] padding mask or a caller's 4-D mask
+        ([B, 1, T, S], bool "may attend" or additive float), e.g. block-diagonal for sequences packed in one row."""
         cache = pop_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
@@ -265,13 +309,16 @@ class DeepseekModel(DeepseekPreTrainedModel):
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        want = {name: getattr(cfg, name, False) if flag is None else flag for name, flag in (
-            ("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states),
-            ("output_router_logits", output_router_logits))}
+        # Recorded by the hooks, not passed on; attention probabilities exist only where the eager kernel runs, so
+        # every attention is told whether they are wanted.
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("output_router_logits", None)
+        output_attentions = bool(kwargs.pop("output_attentions", None) or cfg.output_attentions)
+        check_attention_mask(attention_mask, inputs_embeds if input_ids is None else input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
-            moe.last_load_E = moe.last_balance_loss = moe.last_router_logits = None
+            moe.last_load_E = moe.last_balance_loss = None
         if use_cache and cache is None:
             cache = DeepseekLatentCache(fp8=cfg.latent_cache_dtype == "fp8")
         if position_ids is None:
@@ -282,7 +329,6 @@ class DeepseekModel(DeepseekPreTrainedModel):
         token_mask = padding_free_tokens(attention_mask, inputs_embeds.shape[1])
 
         hidden_states = inputs_embeds
-        all_hidden, all_attentions = [hidden_states], []
         for layer in self.layers[: cfg.num_hidden_layers]:
             hidden_states = layer(
                 hidden_states,
@@ -292,29 +338,17 @@ class DeepseekModel(DeepseekPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
-                output_attentions=want["output_attentions"],
-                output_router_logits=want["output_router_logits"],
+                output_attentions=output_attentions,
                 **kwargs,
             )
-            all_hidden.append(hidden_states)
-            all_attentions.append(layer.last_attention)
-            layer.last_attention = None
         # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
         if self.training and torch.is_grad_enabled():
             if bias_update_enabled(cfg):
                 track(self)  # also a copy (copy.deepcopy, a reference model) that __init__ never registered
             record_loads(self.moe_layers(include_mtp=False), cfg)
 
-        last_hidden_state = self.norm(hidden_states)
-        output = MoeModelOutputWithPast(
-            last_hidden_state=last_hidden_state,
-            hidden_states=(*all_hidden[:-1], last_hidden_state) if want["output_hidden_states"] else None,
-            attentions=tuple(all_attentions) if want["output_attentions"] else None,
-            router_logits=tuple(m.last_router_logits for m in self.moe_layers(include_mtp=False))
-            if want["output_router_logits"] else None,
-            **cache_kwargs(cache if use_cache else None),
-        )
-        return output if (return_dict if return_dict is not None else cfg.return_dict) else output.to_tuple()
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                      **cache_kwargs(cache if use_cache else None))
 
     def run_mtp(self, h0_BTD, inputs_embeds_BTD, position_ids, attention_mask=None, depths=None, **kwargs):
         """Run MTP modules 1..depths over full-length sequences; returns [shared_head.norm(h^k) for k = 1..depths].
@@ -340,6 +374,20 @@ class DeepseekModel(DeepseekPreTrainedModel):
         return outputs
 
 
+def check_attention_mask(attention_mask: torch.Tensor | None, inputs: torch.Tensor) -> None:
+    """A padding mask [B, S], or a 4-D mask [B or 1, 1 or heads, T, S] that every attention path applies as given
+    (bool: True may attend; float: added to the scores). Any other shape raises here, naming it."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return
+    B, T = inputs.shape[:2]
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() != 4 or shape[0] not in (1, B) or shape[2] != T or shape[3] < T:
+        raise ValueError(
+            f"attention_mask of shape {shape} is neither a padding mask [batch, keys] nor a 4-D mask "
+            f"[batch, 1, queries, keys] for {B} sequence(s) of {T} token(s) (keys >= queries: past tokens first)"
+        )
+
+
 def padding_free_tokens(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
     """[B, T] bool, False at the padding positions of the T current tokens (2-D masks only; None: no padding known).
     A decode step's single token is never padding, so nothing is built for it."""
@@ -350,6 +398,10 @@ def padding_free_tokens(attention_mask: torch.Tensor | None, T: int) -> torch.Te
 
 class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Distributed engine (the base model's plans are on the config): the head is split over the vocabulary and its
+    # logits gathered, so every rank sees whole logits (the loss, MTP's drafts and generation need them).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: DeepseekConfig):
         super().__init__(config)
@@ -358,6 +410,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,16 +421,13 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> DeepseekCausalLMOutput | tuple:
+    ) -> DeepseekCausalLMOutput:
         """`labels` (shifted inside, as in transformers) or `shift_labels` (already shifted: position i is scored on
         shift_labels[i]) give the loss; the MTP module k is scored on shift_labels[i + k]. `shift_labels` comes
         through **kwargs, as in transformers' models: Trainer treats every "label" argument of the signature as
-        required in each eval batch."""
+        required in each eval batch. output_hidden_states / output_attentions / output_router_logits / return_dict
+        as for DeepseekModel; the MTP modules (run after the main stack) add nothing to them."""
         cache = pop_cache_argument(cache, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -389,9 +439,6 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
             return_dict=True,
             **kwargs,
         )
@@ -408,13 +455,14 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             main_loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, **loss_kwargs)
             loss = main_loss
             if self.config.num_nextn_predict_layers > 0:
+                packed = position_ids  # the caller's position ids mark where packed sequences start
                 if position_ids is None:
                     position_ids = torch.arange(shift_labels.shape[1], device=shift_labels.device).unsqueeze(0)
                 hs = self.model.run_mtp(hidden_states, inputs_embeds, position_ids, attention_mask)
                 mtp_logits = tuple(self.lm_head(h) for h in hs)
                 depth_losses = []
                 for k, lg in enumerate(mtp_logits, start=1):
-                    targets_k = mtp_labels(shift_labels, k)
+                    targets_k = mtp_labels(shift_labels, k, position_ids=packed)
                     ce_k = self.loss_function(logits=lg, labels=None, shift_labels=targets_k, **loss_kwargs)
                     if num_items_in_batch is not None:
                         # Under gradient accumulation CE is a share of the step's sum (sum / num_items_in_batch);
@@ -429,7 +477,13 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             balance_terms = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
             if balance_terms:
                 balance_loss = torch.stack(balance_terms).sum()
-                loss = loss + balance_loss
+                balance_share = balance_loss
+                if num_items_in_batch is not None:
+                    # Like the MTP term: this forward's share of the step. Trainer sums the micro-batches' losses
+                    # (gradient accumulation) and multiplies by the data-parallel size; a plain mean would count
+                    # once per micro-batch and per rank.
+                    balance_share = balance_loss * (shift_labels != -100).sum().clamp_min(1) / num_items_in_batch
+                loss = loss + balance_share
             elif self.training and torch.is_grad_enabled() and self.config.seq_balance_alpha > 0 and self.moe_layers():
                 warnings.warn(
                     "seq_balance_alpha > 0 but no MoE layer produced the sequence-wise balance loss: reentrant "
@@ -469,7 +523,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             mtp_logits=mtp_logits,
             **cache_kwargs(getattr(outputs, CACHE_NAME)),
         )
-        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Training and evaluation metrics, read by trainers.callbacks.DeepseekTrainerCallback at every log / evaluation
@@ -622,11 +676,57 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         return {"prefill_chunk_size": chunk}
 
 
+def without_mtp(config: DeepseekConfig) -> DeepseekConfig:
+    """The config of a task head's backbone: a classifier predicts no next tokens, so no MTP module is built (a causal
+    LM checkpoint's MTP weights are then left unused on load, as its lm_head is)."""
+    if not config.num_nextn_predict_layers:
+        return config
+    config = copy.deepcopy(config)
+    config.num_nextn_predict_layers = 0
+    return config
+
+
+# The task heads take their forward (and loss) from transformers' generic heads. Their __init__ is ours: the generic
+# one builds the backbone with AutoModel.from_config, which fails where this file runs as remote code (the config
+# class transformers loads there is not the one this file imports); these build DeepseekModel directly.
+class DeepseekForSequenceClassification(GenericForSequenceClassification, DeepseekPreTrainedModel):
+    """transformers' generic sequence-classification head over DeepseekModel (without MTP modules): `score` reads the
+    last non-padding token (config.pad_token_id) of each sequence. With num_labels=1 it is a reward model (TRL's
+    RewardTrainer, a GRPO reward function). The sequence-wise balance loss is not added to the task loss."""
+
+    def __init__(self, config: DeepseekConfig):
+        config = without_mtp(config)
+        DeepseekPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DeepseekModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class DeepseekForTokenClassification(GenericForTokenClassification, DeepseekPreTrainedModel):
+    """transformers' generic token-classification head over DeepseekModel (without MTP modules): dropout
+    (config.classifier_dropout, 0.1 when unset, as transformers' generic head), then `score` per token."""
+
+    def __init__(self, config: DeepseekConfig):
+        config = without_mtp(config)
+        DeepseekPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DeepseekModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels,
+                               bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+
 # save_pretrained writes `auto_map` into config.json and copies this file and the files it imports next to the
 # weights, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where this package is not
 # installed. With the package imported and trust_remote_code unset, transformers still picks the registered classes.
 DeepseekModel.register_for_auto_class("AutoModel")
 DeepseekForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+DeepseekForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+DeepseekForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 
 
-__all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput"]
+__all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput",
+           "DeepseekForSequenceClassification", "DeepseekForTokenClassification"]

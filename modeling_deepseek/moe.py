@@ -2,7 +2,7 @@
 
     y = shared_experts(x) + sum_{k} g_k(x) * expert_{i_k}(x)
 
-Routing is in routing.py, the fused experts in experts.py. Besides its output, every forward leaves three things
+Routing is in routing.py, the fused experts in experts.py. Besides its output, every forward leaves two things
 on the module for the model to collect, so that per-step bookkeeping never happens inside a layer that gradient
 checkpointing may run twice:
 
@@ -10,7 +10,8 @@ checkpointing may run twice:
                          positions (attention_mask 0) are left out, prompt tokens are not: they cost expert compute
     last_balance_loss    the sequence-wise balance loss (V3 eq. 17) over the real tokens, or None when
                          seq_balance_alpha == 0 or outside training
-    last_router_logits   the router logits [B*T, E], kept only when the caller asks for them (output_router_logits)
+
+The router logits [B*T, E] reach `output_router_logits` through transformers' output capturing (the router's output).
 """
 
 from __future__ import annotations
@@ -36,17 +37,14 @@ class DeepseekMoE(nn.Module):
         )
         self.last_load_E: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
-        self.last_router_logits: torch.Tensor | None = None
 
-    def forward(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None = None,
-                keep_router_logits: bool = False) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         """`token_mask_BT`: True for real tokens, False for padding (None: all real)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         logits_NE, weights_NK, expert_ids_NK, scores_NE = self.gate(x_ND)
         valid_N = None if token_mask_BT is None else token_mask_BT.reshape(-1, 1).to(weights_NK.dtype)
         self.last_load_E = tokens_per_expert(expert_ids_NK.detach(), self.gate.num_experts, valid_N)
-        self.last_router_logits = logits_NE if keep_router_logits else None
         y_BTD = self.experts(x_ND, expert_ids_NK, weights_NK).view(B, T, D)
         if self.shared_experts is not None:
             y_BTD = y_BTD + self.shared_experts(x_BTD)

@@ -44,10 +44,20 @@ def mtp_inputs(h_prev_BTD: torch.Tensor, embeds_BTD: torch.Tensor, depth: int) -
     return h_prev_BTD, shifted
 
 
-def mtp_labels(shift_labels_BT: torch.Tensor, depth: int, ignore_index: int = -100) -> torch.Tensor:
-    """Targets for depth k from the main model's (already shifted) targets: position i is scored on t_{i+k+1}."""
+def mtp_labels(shift_labels_BT: torch.Tensor, depth: int, ignore_index: int = -100,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for depth k from the main model's (already shifted) targets: position i is scored on t_{i+k+1}.
+
+    With `position_ids` of sequences packed in one row (restarting at each sequence), position i is not scored where
+    t_{i+k} belongs to the next sequence (its position is not i's + k): the module would pair one sequence's hidden
+    state with another's token."""
+    T = shift_labels_BT.shape[1]
     shifted = torch.full_like(shift_labels_BT, ignore_index)
-    shifted[:, : shift_labels_BT.shape[1] - depth] = shift_labels_BT[:, depth:]
+    shifted[:, : T - depth] = shift_labels_BT[:, depth:]
+    if position_ids is not None and depth < T:
+        pos_BT = position_ids.expand_as(shift_labels_BT)
+        crosses_BT = pos_BT[:, depth:] != pos_BT[:, : T - depth] + depth
+        shifted[:, : T - depth] = shifted[:, : T - depth].masked_fill(crosses_BT, ignore_index)
     return shifted
 
 

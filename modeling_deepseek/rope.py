@@ -5,7 +5,10 @@ head (the "nope" part) carries no position so that it can be absorbed into the l
 
 The frequencies (including YaRN's frequency interpolation and its cos/sin `attention_factor`) come from transformers'
 `ROPE_INIT_FUNCTIONS`, so they are bit-identical to its DeepSeek classes. YaRN's other half, the *softmax* mscale, is
-applied by the attention module through `softmax_scale()`.
+applied by the attention module through `softmax_scale()`. Dynamic NTK scaling recomputes the frequencies for inputs
+longer than max_position_embeddings (and back for shorter ones) with transformers' own `dynamic_rope_update`. A
+rope type outside SUPPORTED_ROPE_TYPES raises when the embedding is built, also for a config edited after it was
+made.
 
 Official DeepSeek weights rotate interleaved pairs (x0, x1), (x2, x3), ... (`rope_interleave=True`). We write the
 rotated pairs de-interleaved, [rotated evens | rotated odds]: queries and keys get the same permutation, so their dot
@@ -18,7 +21,9 @@ import math
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from .configuration import SUPPORTED_ROPE_TYPES
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:
@@ -41,8 +46,15 @@ class DeepseekRotaryEmbedding(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_parameters['rope_type'] = {self.rope_type!r} is not supported; use one of "
+                             f"{SUPPORTED_ROPE_TYPES}")
+        # Read by dynamic_rope_update: the length the current frequencies serve, and the trained one.
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         inv_freq, self.attention_scaling = self.compute_inv_freq()
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
         """Frequencies and cos/sin scale. Also re-run after from_pretrained, which builds buffers on the meta device."""
@@ -55,6 +67,7 @@ class DeepseekRotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles_BTP = position_ids_BT[..., None].float() * self.inv_freq.to(x.device)
         cos = angles_BTP.cos() * self.attention_scaling

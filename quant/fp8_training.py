@@ -359,7 +359,11 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
         raise RuntimeError("convert_to_fp8_training: backend='cuda' needs a Hopper GPU (sm90) and torch's "
                            "F.scaled_mm; none is available here. Use backend='auto' or 'reference'.")
     _refuse_quantized(model)
+    in_place = _loaded_sharded(model)
     if config.recipe != "blockwise":
+        if in_place:
+            raise ValueError(f"convert_to_fp8_training: recipe {config.recipe!r} (torchao) replaces modules, which a "
+                             "model sharded at load (DistributedConfig) cannot take; use recipe='blockwise'")
         return _convert_with_torchao(model, config, module_filter_fn)
 
     report = FP8TrainingReport(config.recipe)
@@ -386,15 +390,40 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
             elif module_filter_fn is not None and not module_filter_fn(module, name):
                 report.kept[name] = "module_filter_fn"
             elif isinstance(module, nn.Linear):
-                model.set_submodule(name, Float8TrainingLinear.from_linear(module, config))
+                model.set_submodule(name, _adopt(module, Float8TrainingLinear, config) if in_place
+                                    else Float8TrainingLinear.from_linear(module, config))
                 report.converted[name] = f"Linear {module.in_features} -> {module.out_features}"
             else:
-                model.set_submodule(name, Float8TrainingExperts.from_experts(module, config))
+                model.set_submodule(name, _adopt(module, Float8TrainingExperts, config) if in_place
+                                    else Float8TrainingExperts.from_experts(module, config))
                 D, I = module.hidden_dim, module.intermediate_dim
                 report.converted[name] = f"routed experts, grouped: {module.num_experts} x ({D} -> 2x{I} -> {D})"
     _guard_against_replacement(model)
     model.fp8_training_report = report
     return model
+
+
+def _loaded_sharded(model: nn.Module) -> bool:
+    """Whether transformers' distributed engine sharded `model` at load (from_pretrained(distributed_config=...)).
+    FSDP2 gathers and frees the parameters of the very module objects it wrapped, so conversion must keep them (the
+    class is swapped in place). Tensor- and expert-parallel layers run the engine's forward around the module's
+    original one, which no conversion reaches: refused rather than left silently in high precision."""
+    if not getattr(model, "is_distributed_loading_by_transformers", False):
+        return False
+    dc = model.config.distributed_config
+    if dc.tp_size > 1 or dc.ep_size > 1:
+        raise ValueError(
+            f"convert_to_fp8_training: the model was loaded with tp_size={dc.tp_size}, ep_size={dc.ep_size}; the "
+            "engine's tensor- and expert-parallel forwards wrap the original modules, which FP8 conversion cannot "
+            "reach. FP8 training runs on a model loaded with DistributedConfig(fsdp_size=N) (FSDP2 alone)")
+    return True
+
+
+def _adopt(module: nn.Module, cls: type, config: FP8TrainingConfig) -> nn.Module:
+    """Turn `module` itself into its FP8 training subclass (same object, same Parameters, same hooks)."""
+    module.__class__ = cls
+    module.fp8_config = config
+    return module
 
 
 def _convert_with_torchao(model: nn.Module, config: FP8TrainingConfig, module_filter_fn) -> nn.Module:

@@ -72,12 +72,12 @@ def test_transformers_loads_our_checkpoint(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     try:
-        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, use_kernels=False).eval()
     except Exception:  # model_type mismatch: present it as a deepseek_v3 folder
         cfg = json.loads((tmp_path / "config.json").read_text())
         cfg["model_type"] = "deepseek_v3"
         (tmp_path / "config.json").write_text(json.dumps(cfg))
-        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, use_kernels=False).eval()
     ids = random_ids(2, 12)
     with torch.no_grad():
         assert max_diff(hf(ids).logits, model(ids).logits) < 1e-5
@@ -229,10 +229,28 @@ def test_official_style_config_json(tmp_path):
     assert not hasattr(cfg, "aux_loss_alpha") and not hasattr(cfg, "ep_size")
     # same rotary frequencies and softmax scale as transformers' reading of the same file
     hf_cfg = DeepseekV3Config.from_pretrained(tmp_path)
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, yarn_apply_mscale
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
     from modeling_deepseek.rope import softmax_scale
 
     ours, theirs = DeepseekRotaryEmbedding(cfg), DeepseekV3RotaryEmbedding(hf_cfg)
     assert torch.allclose(ours.inv_freq, theirs.inv_freq)
     assert ours.attention_scaling == pytest.approx(theirs.attention_scaling)
-    assert softmax_scale(cfg) == pytest.approx(yarn_apply_mscale(hf_cfg.rope_parameters, 24 ** -0.5))
+    # the softmax scale its attention computes (wherever its YaRN helpers live in the installed release)
+    assert softmax_scale(cfg) == pytest.approx(DeepseekV3Attention(hf_cfg, layer_idx=0).scaling)
+
+
+def test_hub_kernels_are_off_at_load_unless_asked_for(tmp_path):
+    """transformers 5.25 kernelizes every from_pretrained by default (hub kernels for its activations and norms,
+    downloaded on CUDA). Ours loads without them, so loading stays offline and runs the tested code; use_kernels=True
+    still reaches transformers. Where the release kernelizes by default, its own DeepseekV3 shows the contrast."""
+    import transformers
+    from packaging.version import Version
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import is_kernels_available
+
+    tiny_model().save_pretrained(tmp_path / "ours")
+    hf_v3_model().save_pretrained(tmp_path / "peer")
+    assert DeepseekForCausalLM.from_pretrained(tmp_path / "ours").use_kernels is False
+    if Version(transformers.__version__) >= Version("5.25") and is_kernels_available():
+        assert DeepseekV3ForCausalLM.from_pretrained(tmp_path / "peer").use_kernels is True  # the default we turn off
+        assert DeepseekForCausalLM.from_pretrained(tmp_path / "ours", use_kernels=True).use_kernels is True

@@ -117,13 +117,22 @@ def test_create_causal_mask_takes_the_cache_name_without_warning():
     from modeling_deepseek import compat
     from conftest import tiny_config
 
+    from modeling_deepseek.cache import DeepseekLatentCache
+
     config = tiny_config()
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager"  # a materialised mask, whose key length shows the cache was read
     embeds = torch.zeros(1, 3, config.hidden_size)
+    cache = DeepseekLatentCache()
+    cache.update(torch.zeros(1, 1, 2, config.kv_lora_rank), torch.zeros(1, 1, 2, config.qk_rope_head_dim), 0)
+    # transformers 5.25 shows the deprecated name in the signature too; the cache must go in under the current one.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=torch.ones(1, 3, dtype=torch.long),
-                           position_ids=torch.arange(3)[None], **compat.cache_kwargs(None))
+        mask = create_causal_mask(config=config, inputs_embeds=embeds,
+                                  attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                  position_ids=torch.arange(2, 5)[None], **compat.cache_kwargs(cache))
+    assert mask.shape[-2:] == (3, 5), (
+        f"create_causal_mask ignored the cache passed as `{compat.CACHE_NAME}` (mask {tuple(mask.shape)}, expected "
+        "3 queries over 2 cached + 3 new keys)")
 
 
 def test_cpu_flash_attention_returns_the_log_sum_exp():
@@ -293,3 +302,57 @@ def test_trl_grpo_trainer_internals_the_deepseek_trainer_relies_on():
                  "self.reward_func_names", "self.generation_config", "sampling_per_token_logps",
                  "old_per_token_logps", "completion_mask"):
         assert name in source, f"trl.GRPOTrainer no longer uses `{name}`, which trainers.GRPOTrainer reads"
+
+
+def test_engine_takes_an_empty_tp_plan_from_the_release_compat_names():
+    """DistributedMixin._resolve_parallel_plans: expert parallelism alone (tp_size=2, tp_plan={}, ep_size=2) resolves
+    from EMPTY_TP_PLAN_RELEASE on and raises "has no `tp_plan`" before; parallel.py refuses it up front there."""
+    from transformers.distributed import DistributedConfig
+
+    from conftest import tiny_config
+    from modeling_deepseek import DeepseekForCausalLM
+    from modeling_deepseek.compat import engine_takes_empty_tp_plan
+
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(tiny_config())
+    layout = DistributedConfig(tp_size=2, tp_plan={}, ep_size=2)
+    if engine_takes_empty_tp_plan():
+        tp_plan, ep_plan, _ = model._resolve_parallel_plans(layout)
+        assert not tp_plan and "model.layers.1.mlp.experts" in ep_plan
+    else:
+        with pytest.raises(ValueError, match="has no `tp_plan`"):
+            model._resolve_parallel_plans(layout)
+
+
+def test_output_capturing_records_once_per_forward(monkeypatch):
+    """compat.capture_outputs, OutputRecorder, merge_with_config_defaults, can_return_tuple
+    (transformers.utils.output_capturing / transformers.utils.generic): DeepseekModel.forward collects what
+    `_can_record_outputs` names through one active collector (the heads and the MTP modules open none), ties the last
+    hidden state to the normed output, and takes use_cache from the config."""
+    from transformers.utils import output_capturing
+
+    recorder = compat.OutputRecorder(torch.nn.Linear, index=1)
+    assert (recorder.target_class, recorder.index) == (torch.nn.Linear, 1), "OutputRecorder's fields changed"
+    collectors = []
+    original_set = output_capturing.CompileableContextVar.set
+
+    def counting_set(self, value):
+        collectors.append(sorted(value))
+        return original_set(self, value)
+
+    monkeypatch.setattr(output_capturing.CompileableContextVar, "set", counting_set)
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        out = model(ids, labels=ids, output_hidden_states=True, output_attentions=True, output_router_logits=True)
+    assert collectors == [["attentions", "hidden_states", "router_logits"]], (
+        f"capture_outputs opened collectors {collectors} for one forward (one expected, from DeepseekModel.forward)")
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1 and out.mtp_loss is not None
+    with torch.no_grad():
+        base = model.model(ids, output_hidden_states=True)
+        model.config.use_cache = False
+        uncached = model.model(ids)
+    model.config.use_cache = True
+    assert torch.equal(base.hidden_states[-1], base.last_hidden_state), "capture_outputs no longer ties the last one"
+    assert compat.output_cache(base) is not None and compat.output_cache(uncached) is None, (
+        "merge_with_config_defaults no longer fills use_cache from the config")

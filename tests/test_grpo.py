@@ -181,6 +181,22 @@ def test_a_raising_reward_is_named_with_its_sample(tmp_path):
     assert "ZeroDivisionError" in str(info.value) and repr(batches[0][culprit])[:20] in str(info.value)
 
 
+def test_code_reward_without_a_sandbox_fails_when_the_trainer_is_built(tmp_path, monkeypatch):
+    """The plain code_reward checks for a sandbox at its first call; given to the trainer, the check runs when the
+    trainer is built, before any rollout."""
+    import trainers.grpo
+    from trainers.rewards import code_reward
+    from trainers.sandbox import SandboxUnavailableError
+
+    def no_sandbox(backend="auto"):
+        raise SandboxUnavailableError("the code sandbox cannot run on this machine: user namespaces are off")
+
+    monkeypatch.setattr(trainers.grpo, "require_sandbox", no_sandbox)
+    with pytest.raises(SandboxUnavailableError, match="user namespaces are off"):
+        trainer_for(tmp_path, rewards=(digit_reward, code_reward))
+    trainer_for(tmp_path, rewards=(digit_reward,))  # no code reward: no sandbox needed
+
+
 def test_lora_on_mla_and_fused_experts(tmp_path):
     from peft import LoraConfig
 

@@ -56,3 +56,28 @@ def test_cli_json():
                 "mha_kv_cache_bytes_per_token"):
         assert key in row, key
     assert row["kv_cache_bytes_per_token"] == 70_272
+
+
+def test_v3_bytes_per_rank_from_the_parallel_plans():
+    """DeepSeek-V3 (MTP included) under transformers' engine: tp splits heads, MLPs, embedding and head but leaves
+    the routed experts whole; ep splits those; the latent cache stays whole on every tensor-parallel rank."""
+    from modeling_deepseek.ledger import parallel_bytes
+
+    config = load_config(REPO / "hub_configs" / "deepseek-v3")
+    one = parallel_bytes(config)
+    tp8, tp8_ep8 = parallel_bytes(config, tp_size=8), parallel_bytes(config, tp_size=8, ep_size=8)
+    ep8 = parallel_bytes(config, tp_size=8, ep_size=8, split_heads=False)
+    ep64 = parallel_bytes(config, fsdp_size=64, ep_size=64)
+    assert one["weight_bytes_per_rank"] == one["weight_bytes_total"] == pytest.approx(2 * 682.6e9, rel=0.002)
+    experts = one["weight_bytes_by_kind"]["routed_experts"]
+    assert tp8["weight_bytes_by_kind"]["routed_experts"] == experts  # tp alone: every rank holds every expert
+    assert tp8_ep8["weight_bytes_by_kind"]["routed_experts"] == ep8["weight_bytes_by_kind"]["routed_experts"] \
+        == experts / 8
+    assert ep64["weight_bytes_by_kind"]["routed_experts"] == experts / 64
+    assert tp8_ep8["weight_bytes_per_rank"] < ep8["weight_bytes_per_rank"] < tp8["weight_bytes_per_rank"]
+    assert ep64["weight_bytes_per_rank"] == pytest.approx(one["weight_bytes_total"] / 64, rel=1e-6)
+    for row in (tp8, tp8_ep8, ep8, ep64):
+        assert row["latent_cache_bytes_per_token_per_rank"] == 70_272
+    assert tp8["mha_cache_bytes_per_token_per_rank"] == 4_997_120 // 8
+    with pytest.raises(ValueError, match="ep_size=8 must be a multiple of tp_size=3"):
+        parallel_bytes(config, tp_size=3, ep_size=8)

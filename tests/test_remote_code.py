@@ -1,7 +1,7 @@
 """Remote code: save_pretrained writes auto_map and copies our modeling files next to the weights, so a process that
 cannot import `modeling_deepseek` loads the folder with `trust_remote_code=True`; push_to_hub commits exactly that.
 
-How transformers 5.23 copies code (dynamic_module_utils.custom_object_save): the file defining the class, plus every
+How transformers copies code (dynamic_module_utils.custom_object_save): the file defining the class, plus every
 file reached through relative imports, recursively, flattened by basename into the folder. Its scanner is two
 regexes, `^\\s*import\\s+\\.(\\S+)` and `^\\s*from\\s+\\.(\\S+)\\s+import`: a relative import written
 `from . import name` is NOT followed, and neither are sub-packages or absolute imports of our own package.
@@ -167,8 +167,8 @@ CHILD = textwrap.dedent(
         raise SystemExit(0)
     import torch
     torch.set_num_threads(THREADS)  # the parent's setting: same reduction order, bit-identical logits
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True).eval()
+    import transformers
+    model = getattr(transformers, AUTO).from_pretrained(FOLDER, trust_remote_code=True).eval()
     assert "modeling_deepseek" not in sys.modules
     print("CLASS", type(model).__module__, type(model).__name__)
     with torch.no_grad():
@@ -178,10 +178,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(folder: Path | None, work: Path, ids: torch.Tensor) -> subprocess.CompletedProcess:
+def run_child(folder: Path | None, work: Path, ids: torch.Tensor,
+              auto: str = "AutoModelForCausalLM") -> subprocess.CompletedProcess:
     torch.save(ids, work / "ids.pt")
     header = (
         f"SITE_PACKAGES = {[p for p in site.getsitepackages() if os.path.isdir(p)]!r}\n"
+        f"AUTO = {auto!r}\n"
         f"FOLDER, IDS, OUT = {folder and str(folder)!r}, {str(work / 'ids.pt')!r}, {str(work / 'logits.pt')!r}\n"
         f"THREADS = {torch.get_num_threads()}\n"
     )
@@ -216,6 +218,28 @@ def test_fresh_process_loads_remote_code_with_identical_logits(registered, model
     assert "CLASS transformers_modules." in proc.stdout and "DeepseekForCausalLM" in proc.stdout, proc.stdout
     with torch.no_grad():
         expected = model(ids).logits
+    assert torch.equal(torch.load(work / "logits.pt"), expected)
+
+
+@INCOMPLETE_COPY
+def test_fresh_process_loads_a_classification_head_as_remote_code(tmp_path):
+    """The task heads build their backbone without AutoModel, so they load as remote code too."""
+    from conftest import tiny_config
+    from modeling_deepseek import DeepseekForSequenceClassification
+
+    folder, work = tmp_path / "saved", tmp_path / "child"
+    work.mkdir()
+    torch.manual_seed(0)
+    head = DeepseekForSequenceClassification(tiny_config(pad_token_id=0, num_labels=2)).eval()
+    head.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"] == (
+        "modeling.DeepseekForSequenceClassification")
+    ids = random_ids(2, 12)
+    proc = run_child(folder, work, ids, auto="AutoModelForSequenceClassification")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "CLASS transformers_modules." in proc.stdout and "DeepseekForSequenceClassification" in proc.stdout
+    with torch.no_grad():
+        expected = head(ids).logits
     assert torch.equal(torch.load(work / "logits.pt"), expected)
 
 

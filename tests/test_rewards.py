@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
+from trainers import rewards
 from trainers.rewards import (
+    JudgeUnavailableError,
     accuracy_reward,
     code_reward,
     extract_answer,
@@ -16,6 +22,7 @@ from trainers.rewards import (
     soft_overlong_punishment,
     tag_count_reward,
 )
+from trainers.sandbox import SandboxUnavailableError
 
 
 def chat(text):
@@ -56,6 +63,93 @@ def test_accuracy_off_the_main_thread_and_in_worker_processes():
         assert pool.apply(accuracy_reward, (completions, solution)) == [1.0, 0.0]
 
 
+STDIN_SCRIPT = """
+import threading
+from trainers.rewards import accuracy_reward
+
+out = {}
+def score():
+    try:
+        out["rewards"] = accuracy_reward(["<answer>\\\\frac{3}{4}</answer>", "<answer>4/5</answer>"],
+                                         ["$0.75$", "$0.75$"])
+    except Exception as e:
+        out["error"] = repr(e)
+worker = threading.Thread(target=score)  # TRL calls rewards from a worker thread
+worker.start()
+worker.join()
+print(out)
+"""
+
+
+def test_accuracy_from_a_thread_of_a_script_on_stdin(tmp_path):
+    # `python - < script.py`: __main__ is "<stdin>", which a spawned multiprocessing worker would try to re-import
+    proc = subprocess.run([sys.executable, "-"], input=STDIN_SCRIPT, capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "{'rewards': [1.0, 0.0]}", proc.stdout + proc.stderr[-2000:]
+
+
+def _raised_in_thread(fn, *args):
+    out = {}
+
+    def run():
+        try:
+            out["r"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001  (handed back to the test)
+            out["e"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    return out
+
+
+@pytest.fixture
+def stand_in_judge(monkeypatch):
+    """Replaces the judge helper's program (the real one is math-verify's) to make the infrastructure fail on cue;
+    the helper started with it is killed afterwards."""
+    monkeypatch.setattr(rewards, "_judge_process", None)
+
+    def use(program: str):
+        monkeypatch.setattr(rewards, "_JUDGE_BOOT", program)
+
+    yield use
+    if rewards._judge_process is not None:
+        rewards._judge_process.kill()
+
+
+def test_a_judge_that_cannot_start_raises(stand_in_judge):
+    stand_in_judge("import sys; sys.stderr.write('ModuleNotFoundError: math_verify'); sys.exit(7)")
+    out = _raised_in_thread(accuracy_reward, ["<answer>0.75</answer>"], ["3/4"])
+    assert "r" not in out, "an infrastructure failure was scored"
+    assert isinstance(out["e"], JudgeUnavailableError)
+    assert "did not start" in str(out["e"]) and "exit status 7" in str(out["e"]) and "math_verify" in str(out["e"])
+
+
+def test_a_judge_that_dies_raises(stand_in_judge):
+    stand_in_judge("import sys; print('ready', flush=True); sys.stdin.readline(); sys.exit(9)")
+    out = _raised_in_thread(accuracy_reward, ["<answer>0.75</answer>"], ["3/4"])
+    assert isinstance(out.get("e"), JudgeUnavailableError), out
+    assert "died while judging (exit status 9)" in str(out["e"])
+
+
+def test_a_hanging_judgement_alone_scores_zero(stand_in_judge, monkeypatch):
+    # a stand-in judge that never answers for one answer: the batch runs past its deadline, the helper is killed,
+    # and the pairs are judged again one at a time in fresh helpers
+    stand_in_judge("import sys, json, time\n"
+                   "print('ready', flush=True)\n"
+                   "for line in sys.stdin:\n"
+                   "    pairs = json.loads(line)\n"
+                   "    if any('hang' in answer for _, answer in pairs):\n"
+                   "        time.sleep(600)\n"
+                   "    print(json.dumps([1.0] * len(pairs)), flush=True)\n")
+    monkeypatch.setattr(rewards, "JUDGE_SECONDS", 0.5)
+    monkeypatch.setattr(rewards, "JUDGE_SLACK_SECONDS", 1.0)
+    out = _raised_in_thread(accuracy_reward, ["<answer>1</answer>", "<answer>hang</answer>", "<answer>2</answer>"],
+                            ["1", "1", "2"])
+    assert out.get("r") == [1.0, 0.0, 1.0], out
+
+
 def test_format_and_tag_count():
     texts = [R1, "<think>a</think><answer>b</answer>", "<answer>7</answer>", "<think>a</think>", "x" + R1,
              R1 + "<answer>8</answer>", "<think><think>a</think><answer>b</answer>", chat(R1)]
@@ -72,9 +166,17 @@ def test_code_reward_scores_fraction_and_hostile_code_zero():
         "```python\nwhile True:\n    pass\n```",
     ]
     logged = {}
-    rewards = code_reward(completions, [tests] * 4, log_extra=lambda k, v: logged.setdefault(k, v))
-    assert rewards == [1.0, 0.5, 1.0, 0.0]
+    scores = code_reward(completions, [tests] * 4, log_extra=lambda k, v: logged.setdefault(k, v))
+    assert scores == [1.0, 0.5, 1.0, 0.0]
     assert "timed out" in logged["sandbox_error"][3]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, for whom the 'userns' backend is refused")
+def test_code_reward_raises_where_the_sandbox_fails():
+    # a sandbox that cannot be set up is an infrastructure failure: raised, never scored as wrong code
+    with pytest.raises(SandboxUnavailableError, match=r"failed on 2 of 2 completions .*ordinary users"):
+        rewards._score_code(["def f(): pass", "x = 1"], [["assert f() is None"], ["assert x == 1"]], None, "userns",
+                            None)
 
 
 def test_soft_overlong_and_length_scaled():

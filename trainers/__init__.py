@@ -27,6 +27,8 @@ _LAZY = {
     "GRPOConfig": "trainers.grpo",
     "make_r1_prompts": "trainers.prompts",
     "r1_prompt": "trainers.prompts",
+    "rejection_sample": "trainers.rejection_sampling",
+    "RejectionSamplingResult": "trainers.rejection_sampling",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,6 +1,6 @@
 """Trainer checkpoints that survive a crash and resume exactly.
 
-transformers' Trainer (5.23 and 5.24) writes checkpoints in place (this works for TRL's trainers too):
+transformers' Trainer writes checkpoints in place (this works for TRL's trainers too):
 
 1. Checkpoints are not atomic. The Trainer's checkpoint save creates `<output_dir>/checkpoint-N`, then fills it step
    by step (weights, optimizer and scheduler, scaler, RNG state, trainer_state.json). A process killed in between

@@ -56,6 +56,8 @@ from modeling_deepseek.balancing import max_violation
 from modeling_deepseek.mtp import mtp_labels
 
 from .callbacks import DeepseekTrainerCallback
+from .rewards import code_reward
+from .sandbox import require_sandbox
 
 
 @dataclass
@@ -160,6 +162,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GRPO")
         lm = deepseek_lm(model) if not isinstance(model, str) else None
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if any(f is code_reward for f in funcs):
+            require_sandbox()  # no sandbox on this machine: say why now, not at the first reward call
         # TRL's MoE aux-loss path computes Mixtral's load-balancing loss from the router logits; for DeepSeek the
         # option maps onto the model's sequence-wise balance loss instead, so TRL's own path stays off.
         coef = args.router_aux_loss_coef

@@ -17,15 +17,29 @@ Accuracy is judged by math-verify with the gold parsed first (`verify(gold, answ
 forms count: 1/2 = 0.5 = \\frac{1}{2}, \\sqrt{4} = 2. math-verify bounds its parse / compare time with signal.alarm,
 which only works in the main thread of the main interpreter; TRL may call rewards from a thread (async rollouts) and
 users call them from worker pools. Off the main thread the judgement runs in a helper process (whose main thread can
-use the alarm), with a wall-clock bound of its own; a judgement that hangs there is killed and scores 0.
+use the alarm), with a wall-clock bound of its own; a judgement that hangs there is killed and scores 0. The helper
+is started as a plain `python -c` on the caller's import path, not as a multiprocessing worker, so it also works for
+a script fed to Python on standard input (a spawned worker would re-import a `__main__` that has no file, fail, and
+leave the pool waiting).
+
+An infrastructure failure is never scored as a wrong answer: a judge helper that will not start or dies raises
+JudgeUnavailableError, and a code sandbox that cannot be set up raises SandboxUnavailableError (trainers/sandbox.py),
+when the reward is built (`make_code_reward`) or at its first call (`code_reward`).
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
+import json
 import math
-import multiprocessing
+import os
 import re
+import select
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 __all__ = [
@@ -36,6 +50,9 @@ __all__ = [
     "format_reward",
     "tag_count_reward",
     "code_reward",
+    "make_code_reward",
+    "CodeReward",
+    "JudgeUnavailableError",
     "soft_overlong_punishment",
     "length_scaled_accuracy_reward",
 ]
@@ -44,7 +61,8 @@ THINK_ANSWER_RE = re.compile(r"^\s*<think>(?:(?!</?think>|</?answer>).)*</think>
                              r"<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FENCED_RE = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)```", re.DOTALL)
-JUDGE_SECONDS = 10  # math-verify's parse and compare each get 5 s of this in the helper process
+JUDGE_SECONDS = 10  # per pair, off the main thread: math-verify's parse and compare each get 5 s of this
+JUDGE_SLACK_SECONDS = 30  # per batch, on top
 
 
 def completion_text(completion) -> str:
@@ -118,29 +136,153 @@ def _judge_many(pairs: list[tuple[str, str]]) -> list[float | None]:
     return [judge(g, a) for g, a in pairs]
 
 
-_pool_lock = threading.Lock()
-_pool = None  # a multiprocessing Pool with one spawned worker, started on first use off the main thread
+class JudgeUnavailableError(RuntimeError):
+    """The accuracy judge could not run (its helper process would not start or died): an infrastructure failure,
+    raised rather than scored as a wrong answer."""
+
+
+# The helper runs this module's judge in its main thread (where math-verify's signal.alarm works). It is started as
+# `python -c _JUDGE_BOOT <sys.path> <module>`, so it depends on nothing of the caller but its import path: unlike a
+# multiprocessing "spawn" worker it never re-imports the caller's __main__ (a script fed on stdin has no file).
+_JUDGE_BOOT = "import sys, json, importlib; sys.path[:] = json.loads(sys.argv[1]); " \
+              "importlib.import_module(sys.argv[2])._serve_judge()"
+STARTUP_SECONDS = 120  # importing sympy on a loaded machine
+
+
+def _serve_judge() -> None:
+    """The helper's loop: one JSON list of [gold, answer] pairs per line in, one JSON list of scores per line out."""
+    try:  # die with the trainer even when busy in a judgement (Linux)
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    answers = os.fdopen(os.dup(1), "w")  # the protocol's own channel; anything else printed goes to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import math_verify  # noqa: F401  (an import error surfaces before "ready")
+
+    print("ready", file=answers, flush=True)
+    for line in sys.stdin:
+        print(json.dumps(_judge_many([tuple(p) for p in json.loads(line)])), file=answers, flush=True)
+
+
+class _JudgeProcess:
+    """One helper process and its pipes; `ask` returns its scores, or raises TimeoutError (the judgement ran past
+    its deadline: the helper is killed) or JudgeUnavailableError (it would not start or died on its own)."""
+
+    def __init__(self):
+        module = __spec__.name if __spec__ is not None and __spec__.name != "__main__" else "trainers.rewards"
+        path = [p or os.getcwd() for p in sys.path]
+        self.proc = subprocess.Popen([sys.executable, "-c", _JUDGE_BOOT, json.dumps(path), module],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stderr = collections.deque(maxlen=40)  # drained continuously so that the helper never blocks on it
+        self.drain = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
+        self.drain.start()
+        self.buffer = b""
+        try:
+            line = self._readline(STARTUP_SECONDS)
+        except TimeoutError:
+            self.kill()
+            raise JudgeUnavailableError(f"the accuracy judge process did not start within {STARTUP_SECONDS} s"
+                                        f"{self._why()}") from None
+        if line != b"ready":
+            self.kill()
+            raise JudgeUnavailableError(f"the accuracy judge process did not start{self._why()}")
+
+    def _why(self) -> str:
+        """Its exit status and the end of its stderr, once it has exited."""
+        code = self.proc.poll()
+        self.drain.join(timeout=5)
+        tail = b"".join(self.stderr).decode(errors="replace").strip()[-2000:]
+        return (f" (exit status {code})" if code is not None else "") + (f": {tail}" if tail else "")
+
+    def _readline(self, seconds: float) -> bytes:
+        deadline = time.monotonic() + seconds
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:  # the helper closed its output: it exited
+                self.proc.wait(timeout=30)
+                return b""
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.strip()
+
+    def ask(self, pairs: list[tuple[str, str]], seconds: float) -> list[float | None]:
+        try:
+            self.proc.stdin.write(json.dumps(pairs).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it exited: said below, with its status and stderr
+        try:
+            line = self._readline(seconds)
+        except TimeoutError:
+            self.kill()
+            raise
+        if not line:
+            self.kill()
+            raise JudgeUnavailableError(f"the accuracy judge process died while judging{self._why()}")
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.kill()
+            raise JudgeUnavailableError(f"the accuracy judge process answered {line[:200]!r}{self._why()}") from None
+
+    def kill(self) -> None:
+        """Ends the helper (if still running) and closes its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        try:
+            self.proc.stdin.close()
+        except OSError:  # unflushed input to a helper that is gone
+            pass
+        self.proc.stdout.close()
+        self.drain.join(timeout=5)
+        self.proc.stderr.close()
+
+
+_judge_lock = threading.Lock()
+_judge_process: _JudgeProcess | None = None  # started on first use off the main thread
+
+
+def _stop_judge() -> None:
+    global _judge_process
+    with _judge_lock:
+        if _judge_process is not None:
+            _judge_process.kill()
+            _judge_process = None
+
+
+atexit.register(_stop_judge)
 
 
 def _judge_in_helper(pairs: list[tuple[str, str]]) -> list[float | None]:
-    """Judge in a helper process (its main thread may use signal.alarm). A batch that exceeds its time is killed
-    with the helper; the batch is then judged one pair at a time so that only the culprit scores 0."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            # spawn: safe from a threaded parent (fork would copy locks held by other threads)
-            _pool = multiprocessing.get_context("spawn").Pool(1)
-        pool = _pool
-    try:
-        return pool.apply_async(_judge_many, (pairs,)).get(timeout=JUDGE_SECONDS * len(pairs) + 30)
-    except multiprocessing.TimeoutError:
-        with _pool_lock:
-            if _pool is pool:
-                _pool = None
-        pool.terminate()  # kills the stuck worker
-        if len(pairs) == 1:
-            return [0.0]
-        return [_judge_in_helper([pair])[0] for pair in pairs]
+    """Judge in the helper process. A batch that runs past its deadline kills the helper and is judged again one
+    pair at a time, so that only the pair that hangs scores 0; a helper that will not start or dies on its own
+    raises JudgeUnavailableError."""
+    global _judge_process
+    with _judge_lock:
+        if _judge_process is not None and _judge_process.proc.poll() is not None:  # it exited while idle
+            _judge_process.kill()
+            _judge_process = None
+        if _judge_process is None:
+            _judge_process = _JudgeProcess()
+        try:
+            return _judge_process.ask(pairs, JUDGE_SECONDS * len(pairs) + JUDGE_SLACK_SECONDS)
+        except TimeoutError:
+            _judge_process = None
+        except JudgeUnavailableError:
+            _judge_process = None
+            raise
+    if len(pairs) == 1:
+        return [0.0]
+    return [_judge_in_helper([pair])[0] for pair in pairs]
 
 
 def accuracy_reward(completions, solution, **kwargs) -> list[float | None]:
@@ -172,21 +314,55 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-def code_reward(completions, test_list, **kwargs) -> list[float]:
-    """The fraction of the row's tests (`test_list`: assert statements, MBPP's column) that the completion's code
-    passes, each completion run in its own sandboxed process (trainers/sandbox.py), all in parallel. A crash,
-    timeout, memory hog, fork bomb or network attempt scores 0; so does every completion when the sandbox cannot
-    be set up on this machine (the reason is logged), rather than running the code unprotected."""
-    from .sandbox import run_tests_many
+def _score_code(completions, test_list, limits, backend, log_extra) -> list[float]:
+    from .sandbox import SandboxUnavailableError, run_tests_many
 
     if len(completions) != len(test_list):
         raise ValueError(f"code_reward: {len(completions)} completions but {len(test_list)} test lists")
     codes = [extract_code(completion_text(c)) for c in completions]
-    results = run_tests_many(codes, [list(t) for t in test_list])
-    log_extra = kwargs.get("log_extra")
+    results = run_tests_many(codes, [list(t) for t in test_list], limits, backend=backend)
+    failed = [r for r in results if r.sandbox_failed]
+    if failed:
+        raise SandboxUnavailableError(f"the code sandbox failed on {len(failed)} of {len(results)} completions "
+                                      f"(not scored): {failed[0].error}")
     if log_extra is not None:
         log_extra("sandbox_error", [r.error or "" for r in results])
     return [r.score for r in results]
+
+
+def code_reward(completions, test_list, **kwargs) -> list[float]:
+    """The fraction of the row's tests (`test_list`: assert statements, MBPP's column) that the completion's code
+    passes, each completion run in its own sandboxed process (trainers/sandbox.py), all in parallel. A crash,
+    timeout, memory hog, fork bomb, network attempt or early exit scores 0. Where no sandbox can be set up (an
+    ordinary user without user namespaces or bubblewrap) it raises SandboxUnavailableError saying why, rather than
+    run the code unprotected or score it 0; `make_code_reward()` raises that when it is built."""
+    from .sandbox import require_sandbox
+
+    require_sandbox()  # once per process: one trivial program
+    return _score_code(completions, test_list, None, "auto", kwargs.get("log_extra"))
+
+
+class CodeReward:
+    """`code_reward` with its own limits and backend, the sandbox checked when it is built. A class rather than a
+    closure so that it pickles (TRL can hand reward functions to a spawned process)."""
+
+    __name__ = "code_reward"
+
+    def __init__(self, limits=None, backend: str = "auto"):
+        from .sandbox import require_sandbox
+
+        self.limits, self.backend = limits, backend
+        self.sandbox_backend = require_sandbox(backend)
+
+    def __call__(self, completions, test_list, **kwargs) -> list[float]:
+        return _score_code(completions, test_list, self.limits, self.backend, kwargs.get("log_extra"))
+
+
+def make_code_reward(limits=None, backend: str = "auto") -> CodeReward:
+    """The code reward, built now: raises SandboxUnavailableError (naming why and what would enable it) when this
+    machine cannot isolate the code, before any training starts. `limits`: a sandbox.SandboxLimits; `backend`:
+    "auto", "root", "userns" or "bwrap"."""
+    return CodeReward(limits, backend)
 
 
 def soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int) -> Callable:

@@ -1,0 +1,221 @@
+"""Worker for tests/test_parallel_training.py: Trainer (ours or transformers' plain one) on the tiny model loaded through
+transformers' distributed engine, on 2 CPU ranks; one torchrun launch runs every layout named.
+
+    torchrun --nproc_per_node 2 tests/_parallel_train_worker.py OUT CKPT LAYOUT [LAYOUT ...]
+    python tests/_parallel_train_worker.py OUT CKPT single           (the one-process reference)
+
+A layout is `{trainer}-{parallelism}` with trainer `deepseek` (DeepseekTrainer) or `plain` (transformers' Trainer) and
+parallelism tp / ep / tp_ep / fsdp / fsdp_ep (DistributedConfig as in tests/_parallel_worker.py), optionally with
+`+fp8` (FP8 block-wise training, quant/). Kind `loop` is a plain PyTorch loop (AdamW); `loop-...+resume` saves the model
+(the engine's distributed checkpoint) and the optimizer state at STEPS / 2, then resumes a freshly loaded model and
+optimizer from them. (transformers' Trainer refuses to checkpoint optimizer state for a model sharded at load, and
+accelerate takes no CPU ranks for tensor parallelism: both are recorded as refusals.) Every layout trains STEPS optimizer steps at a global batch of GLOBAL_BATCH
+sequences and writes, per rank, OUT/{layout}/rank{r}.json: the logged loss per step, the balancing biases after
+training, the token counts each bias update saw before and after its all-reduce, and the logits of a fixed batch after
+training; rank 0 saves the trained model to OUT/{layout}/final for a one-process load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # conftest's helpers; the repository root
+
+import torch  # noqa: E402
+
+STEPS, GLOBAL_BATCH, SEQ, LR = 20, 4, 16, 1e-3
+
+
+def distributed_config(parallelism: str):
+    from transformers.distributed import DistributedConfig
+
+    return {
+        "tp": DistributedConfig(tp_size=2),
+        "ep": DistributedConfig(tp_size=2, tp_plan={}, ep_size=2),
+        "tp_ep": DistributedConfig(tp_size=2, ep_size=2),
+        "fsdp": DistributedConfig(fsdp_size=2),
+        "fsdp_ep": DistributedConfig(fsdp_size=2, ep_size=2),
+    }[parallelism]
+
+
+def dataset():
+    from datasets import Dataset
+
+    from conftest import random_ids
+
+    ids = random_ids(STEPS * GLOBAL_BATCH, SEQ, seed=11).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def make_trainer(kind: str, model, out_dir: Path, dp_size: int, fp8: bool):
+    from transformers import Trainer, TrainingArguments
+
+    from trainers import DeepseekTrainer
+
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // dp_size,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0, dataloader_drop_last=True,
+    )
+    cls = DeepseekTrainer if kind == "deepseek" else Trainer
+    trainer = cls(model=model, args=args, train_dataset=dataset())
+    if fp8:
+        from quant.fp8_training import convert_to_fp8_training
+
+        convert_to_fp8_training(model)
+    return trainer
+
+
+SEEN = {"local": [], "reduced": []}
+
+
+def record_bias_updates():
+    """Wrap the balancing update (once per process) to record each router's token count before and after the
+    all-reduce into SEEN."""
+    from modeling_deepseek import balancing
+
+    seen = SEEN
+    update, all_reduce = balancing.update_balancing_bias, balancing.dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        work = all_reduce(tensor, *args, **kwargs)
+        seen["reduced"].append(tensor.sum(dim=-1).tolist())
+        return work
+
+    def counting_update(model):
+        seen["local"].append([float(r.pending_load.sum()) for r in balancing.balancing_routers(model)])
+        balancing.dist.all_reduce = recording_all_reduce
+        try:
+            return update(model)
+        finally:
+            balancing.dist.all_reduce = all_reduce
+
+    balancing.update_balancing_bias = counting_update
+    return lambda: setattr(balancing, "update_balancing_bias", update)  # undoes the wrapping
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train_loop(model, optimizer, dp_rank: int, dp_size: int, steps: range, save_at: int | None = None,
+               save_dir: Path | None = None) -> list[float]:
+    """A plain PyTorch loop over the global batches `steps`, each data-parallel rank its contiguous share; the logged
+    loss is the mean over the ranks. With `save_at`, after that many steps the model (sharded, the engine's
+    distributed checkpoint) and the optimizer state (torch.distributed.checkpoint) go to `save_dir`."""
+    from transformers.distributed import save_optimizer_distributed
+
+    from conftest import random_ids
+
+    ids = random_ids(STEPS * GLOBAL_BATCH, SEQ, seed=11)
+    per_rank, out = GLOBAL_BATCH // dp_size, []
+    model.train()
+    for step in steps:
+        batch = ids[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH][dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        logged = loss.detach().clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(logged)
+            logged /= torch.distributed.get_world_size()
+        out.append(logged.item())
+        if save_at is not None and step + 1 == save_at:
+            model.save_pretrained(str(save_dir), distributed_checkpoint=True)
+            save_optimizer_distributed(model, optimizer, str(save_dir / "optimizer"))
+    return out
+
+
+def adamw(model):
+    # per-parameter (foreach=False): DTensor and plain parameters mix under tensor parallelism
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, foreach=False)
+
+
+def run_layout(layout: str, ckpt: str, out: Path) -> dict:
+    from conftest import random_ids
+    from modeling_deepseek import DeepseekForCausalLM, balancing
+
+    base, *flags = layout.split("+")
+    kind, _, parallelism = base.partition("-")
+    single = not parallelism
+    cfg = None if single else distributed_config(parallelism)
+    dp_size = 1 if single else cfg.dp_size
+    out.mkdir(parents=True, exist_ok=True)
+    SEEN["local"], SEEN["reduced"] = [], []
+
+    def load():
+        return DeepseekForCausalLM.from_pretrained(ckpt, distributed_config=cfg) if cfg else \
+            DeepseekForCausalLM.from_pretrained(ckpt)
+
+    fp8 = "fp8" in flags
+    rec = {"layout": layout, "initial_biases": [r.e_score_correction_bias.tolist()
+                                                for r in balancing.balancing_routers(load())]}
+    if kind == "loop":
+        model = load()
+        dp_rank = torch.distributed.get_rank() if dp_size > 1 else 0
+        half = STEPS // 2 if "resume" in flags else None
+        rec["losses"] = train_loop(model, adamw(model), dp_rank, dp_size, range(STEPS), half, out / "checkpoint")
+        if half:
+            from transformers.distributed import load_optimizer_distributed
+
+            # a fresh process state: the model from the distributed checkpoint, a new optimizer given the saved state
+            uninterrupted = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+            rec["uninterrupted_biases"] = [r.e_score_correction_bias.tolist() for r in balancing.balancing_routers(model)]
+            model = DeepseekForCausalLM.from_pretrained(str(out / "checkpoint"), distributed_config=cfg)
+            optimizer = adamw(model)
+            load_optimizer_distributed(model, optimizer, str(out / "checkpoint" / "optimizer"))
+            rec["resumed_losses"] = train_loop(model, optimizer, dp_rank, dp_size, range(half, STEPS))
+            rec["resume_param_max_diff"] = max((full(p.detach()) - uninterrupted[n]).abs().max().item()
+                                               for n, p in model.named_parameters())
+    else:
+        try:
+            trainer = make_trainer(kind, load(), out / "run", dp_size, fp8)
+        except ValueError as err:  # accelerate's ParallelismConfig takes no CPU ranks (tp_size > 1 makes one)
+            if "ParallelismConfig is only compatible" not in str(err):
+                raise
+            return {"layout": layout, "refused": str(err)}
+        rec["fp8_converted"] = len(getattr(trainer.model, "fp8_training_report", None).converted) if fp8 else 0
+        trainer.train()
+        rec["losses"] = losses(trainer)
+        model = trainer.model
+    rec["biases"] = [r.e_score_correction_bias.tolist() for r in balancing.balancing_routers(model)]
+    rec["local_counts"], rec["reduced_counts"] = SEEN["local"], SEEN["reduced"]
+    model.eval()
+    with torch.no_grad():
+        rec["final_logits"] = model(random_ids(2, SEQ, seed=12)).logits.tolist()
+    model.save_pretrained(str(out / "final"))  # every rank: the engine gathers the shards, rank 0 writes
+    return rec
+
+
+def main(out: Path, ckpt: str, layouts: list[str]) -> None:
+    import transformers
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    transformers.logging.set_verbosity_error()
+    rank = int(os.environ.get("RANK", 0))
+    record_bias_updates()
+    for layout in layouts:
+        rec = run_layout(layout, ckpt, out / layout)
+        (out / layout / f"rank{rank}.json").write_text(json.dumps(rec))
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        main(out_dir, sys.argv[2], sys.argv[3:])
+    except Exception:
+        (out_dir / f"rank{os.environ.get('RANK', 0)}.error.txt").write_text(traceback.format_exc())
+        raise

@@ -1,0 +1,178 @@
+"""Training a model loaded through transformers' distributed engine on 2 CPU ranks (torchrun + gloo), against one
+process: 20 AdamW steps at a global batch of 4 sequences from the same checkpoint and data.
+
+One torchrun launch (tests/_parallel_train_worker.py) runs:
+
+    loop-tp+resume      plain PyTorch loop, DistributedConfig(tp_size=2); checkpoint at step 10 (the engine's
+                        distributed checkpoint + the optimizer through torch.distributed.checkpoint), resumed fresh
+    loop-ep             DistributedConfig(tp_size=2, tp_plan={}, ep_size=2)
+    loop-tp_ep          DistributedConfig(tp_size=2, ep_size=2)
+    loop-fsdp+resume    DistributedConfig(fsdp_size=2), each rank half of every batch; resumed as above
+    deepseek-fsdp       DeepseekTrainer, DistributedConfig(fsdp_size=2)
+    plain-fsdp_ep       transformers' Trainer, DistributedConfig(fsdp_size=2, ep_size=2)
+    deepseek-fsdp+fp8   DeepseekTrainer, FP8 block-wise training (quant/) under FSDP2
+    deepseek-tp         DeepseekTrainer, tp_size=2: refused by accelerate on CPU (see test_trainer_tensor_parallel...)
+
+The one-process references (loop, DeepseekTrainer, DeepseekTrainer + FP8) run in this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_ids, tiny_model
+from modeling_deepseek import DeepseekForCausalLM
+from modeling_deepseek.parallel import EMPTY_TP_PLAN_RELEASE, engine_takes_empty_tp_plan
+from test_parallel import TORCHRUN, finish, start_torchrun
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "_parallel_train_worker.py"
+TIMEOUT_S = 400
+CURVE_ATOL = 1e-5  # fp32: only the order of the cross-rank sums differs
+
+pytestmark = pytest.mark.skipif(
+    not (TORCHRUN.exists() and torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torchrun next to the interpreter and torch.distributed with gloo",
+)
+LAYOUTS = ("loop-tp+resume", "loop-ep", "loop-tp_ep", "loop-fsdp+resume", "deepseek-fsdp", "plain-fsdp_ep",
+           "deepseek-fsdp+fp8", "deepseek-tp")
+needs_empty_tp_plan = pytest.mark.skipif(
+    not engine_takes_empty_tp_plan(),
+    reason=f"expert parallelism alone (tp_plan={{}}) needs transformers >= {EMPTY_TP_PLAN_RELEASE}")
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("parallel_train_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{layout: [rank 0 record, rank 1 record]} plus the one-process references under "single:{kind}"."""
+    root = tmp_path_factory.mktemp("parallel_training")
+    ckpt, out = root / "ckpt", root / "out"
+    tiny_model(seed=0).save_pretrained(ckpt)
+    names = [n for n in LAYOUTS if engine_takes_empty_tp_plan() or n != "loop-ep"]
+    proc = start_torchrun(WORKER, str(out), str(ckpt), *names)
+    # The one-process references, here, while the ranks run.
+    worker = _worker_module()
+    restore = worker.record_bias_updates()
+    single = {}
+    try:
+        for kind in ("loop", "deepseek", "deepseek+fp8"):
+            single[kind] = worker.run_layout(kind, str(ckpt), root / "single" / kind)
+    finally:
+        restore()
+    finish(proc, out, TIMEOUT_S)
+    records = {name: [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(2)] for name in names}
+    records.update({f"single:{k}": v for k, v in single.items()})
+    records["_out"] = out
+    return records
+
+
+def reference(runs, layout):
+    kind = layout.split("-")[0].replace("plain", "deepseek")  # the same training; DeepseekTrainer logs more
+    return runs[f"single:{kind}+fp8" if layout.endswith("+fp8") else f"single:{kind}"]
+
+
+def layout_param(name):
+    return pytest.param(name, marks=needs_empty_tp_plan) if name == "loop-ep" else name
+
+
+TRAINED = ("loop-tp+resume", "loop-ep", "loop-tp_ep", "loop-fsdp+resume", "deepseek-fsdp", "plain-fsdp_ep")
+
+
+@pytest.mark.parametrize("layout", [layout_param(n) for n in TRAINED])
+def test_twenty_steps_follow_the_one_process_curve(runs, layout):
+    ref = reference(runs, layout)
+    assert len(ref["losses"]) == 20 and ref["losses"][0] != ref["losses"][-1]
+    for rec in runs[layout]:
+        assert len(rec["losses"]) == 20
+        worst = max(abs(a - b) for a, b in zip(rec["losses"], ref["losses"]))
+        assert worst <= CURVE_ATOL, (layout, worst)
+        final = max(abs(a - b) for a, b in zip(torch.tensor(rec["final_logits"]).flatten().tolist(),
+                                                torch.tensor(ref["final_logits"]).flatten().tolist()))
+        assert final <= 1e-4, (layout, final)  # the weights after 20 AdamW steps
+
+
+@pytest.mark.parametrize("layout", [layout_param(n) for n in (*TRAINED, "deepseek-fsdp+fp8")])
+def test_balancing_bias_is_global_and_identical_on_every_rank(runs, layout):
+    r0, r1 = runs[layout]
+    ref = reference(runs, layout)
+    assert r0["biases"] == r1["biases"]  # bitwise: every rank applied the same update
+    assert r0["biases"] != r0["initial_biases"]  # the biases moved
+    tokens = 4 * 16 * 2  # global batch x sequence x top-k, per router and step
+    dp = 2 if "fsdp" in layout else 1
+    for rec in (r0, r1):
+        steps = 20 + (10 if layout.endswith("+resume") else 0)  # the resumed run counts its 10 steps again
+        if layout.endswith("+resume"):
+            # loading the optimizer state (torch.distributed.checkpoint) first initialises it with one optimizer step
+            # on zero gradients: the update joins the collective with nothing counted anywhere, and changes nothing
+            idle = [i for i, c in enumerate(rec["reduced_counts"]) if c == [0.0] * 3]
+            assert len(idle) == 1 and rec["local_counts"][idle[0]] == [0.0] * 3
+            rec = {k: [c for i, c in enumerate(rec[k]) if i not in idle] for k in ("local_counts", "reduced_counts")}
+        assert len(rec["local_counts"]) == steps and len(rec["reduced_counts"]) == steps
+        # each rank counted its own tokens (half of the batch under FSDP); the all-reduce made them global (under
+        # tensor / expert parallelism both ranks hold the whole batch, which doubles every count alike: the sign
+        # rule is unchanged)
+        assert all(c == [tokens / dp] * 3 for c in rec["local_counts"])
+        assert all(c == [tokens / dp * 2] * 3 for c in rec["reduced_counts"])
+    if not layout.endswith("+fp8"):
+        assert r0["biases"] == ref["biases"]  # and equal to one process' updates from the whole batch
+
+
+@pytest.mark.parametrize("layout", ["loop-tp+resume", "loop-fsdp+resume"])
+def test_checkpoint_resumes_bit_exact(runs, layout):
+    for rec in runs[layout]:
+        assert rec["resumed_losses"] == rec["losses"][10:]
+        assert rec["resume_param_max_diff"] == 0.0
+        assert rec["uninterrupted_biases"] == rec["biases"]
+
+
+@pytest.mark.parametrize("layout", [layout_param(n) for n in TRAINED])
+def test_trained_model_loads_back_in_one_process(runs, layout):
+    model = DeepseekForCausalLM.from_pretrained(runs["_out"] / layout / "final").eval()
+    with torch.no_grad():
+        logits = model(random_ids(2, 16, seed=12)).logits
+    assert (logits - torch.tensor(runs[layout][0]["final_logits"])).abs().max() <= 1e-5
+
+
+def test_fp8_training_under_fsdp(runs):
+    """FP8 block-wise training (the model converted after the engine sharded it) on a model loaded with
+    DistributedConfig(fsdp_size=2): the first step is exact (Fprop quantizes per token), the rest agrees within FP8
+    noise (Wgrad's 128-token tiles hold other tokens per rank), amplified by AdamW."""
+    ref = runs["single:deepseek+fp8"]
+    plain = runs["single:deepseek"]
+    for rec in runs["deepseek-fsdp+fp8"]:
+        assert rec["fp8_converted"] == ref["fp8_converted"] > 0
+        assert abs(rec["losses"][0] - ref["losses"][0]) <= 1e-5 * ref["losses"][0]
+        assert abs(rec["losses"][0] - plain["losses"][0]) > 1e-4  # FP8 really ran
+        assert all(abs(a - b) <= 0.02 * b for a, b in zip(rec["losses"], ref["losses"]))
+
+
+def test_trainer_tensor_parallel_on_cpu_is_refused_by_accelerate(runs):
+    """A Trainer on a model loaded with tp_size > 1 asks accelerate for a ParallelismConfig, which accelerate refuses
+    on CPU ranks (DistributedType.MULTI_CPU); on GPUs it is accepted. The plain-loop layouts above train tensor and
+    expert parallelism on CPU. This fails when accelerate starts accepting CPU ranks: then run the Trainer layouts."""
+    for rec in runs["deepseek-tp"]:
+        assert "ParallelismConfig is only compatible" in rec["refused"] and "MULTI_CPU" in rec["refused"]
+
+
+def test_loss_shares_add_up_to_the_whole_batch():
+    """What data-parallel ranks and gradient-accumulation micro-batches rely on: with Trainer's num_items_in_batch (the
+    step's token count), the losses of the parts of a batch sum to the loss of the whole batch, main CE, MTP and the
+    sequence-wise balance loss alike (the balance loss once counted in full per part: 2 parts gave it twice)."""
+    model = tiny_model(seed=0, train=True, seq_balance_alpha=0.01)
+    ids = random_ids(4, 16, seed=3)
+    whole = model(ids, labels=ids)
+    assert whole.balance_loss is not None and whole.balance_loss > 0
+    n = torch.tensor(float(4 * 15))  # labels shifted inside: 15 scored tokens per sequence
+    parts = [model(ids[i:i + 2], labels=ids[i:i + 2], num_items_in_batch=n).loss for i in (0, 2)]
+    assert torch.allclose(sum(parts), whole.loss, atol=1e-6), (sum(parts).item(), whole.loss.item())
