@@ -11,6 +11,10 @@ Same checkpoint (the serving benchmark's 3-layer 512-wide shape, vocab 4096), sa
                auxiliary-loss-free bias update (gamma 1e-3, applied by the optimizer pre-step hook)
     ours_nomtp the same without the MTP module (the peer's amount of work), for reference
 
+Any model name with the suffix `_compiled` (e.g. `--models peer,peer_compiled,ours,ours_compiled`) is the same model
+wrapped in torch.compile (inductor, what `TrainingArguments(torch_compile=True)` does), timed after its warm-up steps
+have compiled it; its loss curve is reported next to the eager one's.
+
 Steps are interleaved (peer, ours, ours_nomtp, peer, ...) after --warmup untimed steps each, so that load from other
 processes hits all models alike. Reported: tokens/s from the best and from the median step time, and the FLOP
 bound: the peer's training FLOPs per token over ours (modeling_deepseek.ledger), i.e. the ratio ours would reach
@@ -60,6 +64,9 @@ def flop_bound(config: dict, seq: int) -> dict:
 
 
 def build(name: str, ckpt, dtype, device):
+    if name.endswith("_compiled"):  # torch.compile around the eager model of the same name
+        model, info = build(name.removesuffix("_compiled"), ckpt, dtype, device)
+        return torch.compile(model), dict(info, compiled="torch.compile (inductor)")
     if name == "peer":
         model = common.load_peer(ckpt, dtype, device, experts_implementation="grouped_mm")
         info = {"experts_implementation": model.config._experts_implementation,
@@ -213,13 +220,20 @@ def render_table(report) -> str:
     rows = []
     for name, r in report["models"].items():
         mtp = r.get("num_nextn_predict_layers", 0)
-        bal = (f"alpha {r['seq_balance_alpha']:g} / gamma {r['bias_update_speed']:g}" if name != "peer"
+        bal = (f"alpha {r['seq_balance_alpha']:g} / gamma {r['bias_update_speed']:g}" if not name.startswith("peer")
                else "none (bias frozen)")
         ratio = (f"{r['ratio_vs_peer']:.2f}x / {r['ratio_vs_peer_median']:.2f}x" if "ratio_vs_peer" in r else "-")
         rows.append([name, r["experts_implementation"], str(mtp), bal, r["tokens_per_s"], r["tokens_per_s_median"],
                      ratio, f"{r['first_loss']['loss']:.3f} -> {r['last_loss']['loss']:.3f}",
                      "yes" if r["bias_moved"] else "no"])
     out = common.markdown_table(headers, rows)
+    compiled = [(n, r) for n, r in report["models"].items() if n.endswith("_compiled")
+                and n.removesuffix("_compiled") in report["models"]]
+    if compiled:
+        out += "\n\ntorch.compile against eager (tokens/s, best / median): " + "; ".join(
+            f"{n}: {r['tokens_per_s'] / report['models'][n.removesuffix('_compiled')]['tokens_per_s']:.2f}x / "
+            f"{r['tokens_per_s_median'] / report['models'][n.removesuffix('_compiled')]['tokens_per_s_median']:.2f}x"
+            for n, r in compiled)
     t = report.get("target")
     if t:
         out += (f"\n\ntarget: {t['what']} >= {t['target']:.1f}x: measured {t['measured']:.2f}x -> "

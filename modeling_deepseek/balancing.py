@@ -54,6 +54,9 @@ def bias_update_enabled(config) -> bool:
     return bool(config.use_bias_update) and config.bias_update_speed > 0 and config.topk_method == "noaux_tc"
 
 
+# track and record_loads run eagerly under torch.compile (a graph break in a compiled training forward): they register
+# an optimizer hook and count forwards in Python ints, which a traced graph would have to guard on, step after step.
+@torch.compiler.disable
 def track(model: nn.Module) -> None:
     """Make `model`'s biases follow every optimizer step that updates its parameters."""
     global _hook_handle
@@ -71,6 +74,7 @@ def set_balancing_group(model: nn.Module, group) -> None:
     model.balancing_group = group
 
 
+@torch.compiler.disable
 def record_loads(moe_layers: list[nn.Module], config) -> None:
     """Add the counts the MoE layers just produced to their routers' pending counts (training forwards only)."""
     if not (torch.is_grad_enabled() and bias_update_enabled(config)):

@@ -14,12 +14,22 @@ and owning all of their state (so nothing here depends on how `DynamicLayer` kee
 
 `DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., latent_cache_dtype="fp8")` or
 `config.latent_cache_dtype = "fp8"` does the same inside generate.
+
+`DeepseekStaticLatentCache(config, max_cache_len)` is the fixed-size kind, for `torch.compile` and CUDA graphs
+(`generate(..., cache_implementation="static")` builds one): every layer preallocates `[B, 1, max_cache_len, C]` and
+`[B, 1, max_cache_len, R]` (e4m3 plus scales with fp8=True) at fixed addresses, writes the new tokens in place at the
+positions held in a tensor, and hands attention the whole buffer: the mask (transformers' `create_causal_mask`, sized
+by `get_mask_sizes`) hides the slots not yet written. No shape, address or Python int changes from one decode step to
+the next, so a compiled step never recompiles and a captured CUDA graph replays. transformers' own StaticCache sizes
+per-head keys and values from the config and cannot hold this latent pair.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .compat import mark_static_address
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -66,10 +76,21 @@ class LatentLayer(CacheLayerMixin):
             setattr(self, name, None)
         self.is_initialized = True
 
-    def _write(self, **new) -> None:
+    def stream_layout(self, key_states, value_states) -> dict[str, tuple[int, torch.dtype]]:
+        """Per stream: last dimension and dtype of what is stored (the static layers preallocate from it)."""
+        return {"keys": (key_states.shape[-1], key_states.dtype), "values": (value_states.shape[-1], value_states.dtype)}
+
+    def _write(self, **new):
+        """Store the new tokens of every stream; returns where they went, for `_put`."""
         for name, tensor in new.items():
             self._buffers[name], view = _append(self._buffers[name], getattr(self, name), tensor)
             setattr(self, name, view)
+        return next(iter(new.values())).shape[-2]
+
+    @staticmethod
+    def _put(full, slots, new) -> None:
+        """Write `new` into a read-back copy of a stream at the slots `_write` returned (the last `slots` tokens)."""
+        full[..., -slots:, :] = new
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -138,13 +159,17 @@ class FP8LatentLayer(LatentLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         (qk, sk), (qv, sv) = quantize_per_token(key_states), quantize_per_token(value_states)
-        self._write(keys=qk, key_scales=sk, values=qv, value_scales=sv)
+        slots = self._write(keys=qk, key_scales=sk, values=qv, value_scales=sv)
         # The tokens being written attend to themselves in full precision (a prompt's own logits are exact); what
         # later forwards read back is the e4m3 copy.
         keys, values = self.dequantized()
-        t = key_states.shape[-2]
-        keys[..., -t:, :], values[..., -t:, :] = key_states, value_states
+        self._put(keys, slots, key_states)
+        self._put(values, slots, value_states)
         return keys, values
+
+    def stream_layout(self, key_states, value_states) -> dict[str, tuple[int, torch.dtype]]:
+        C, R = key_states.shape[-1], value_states.shape[-1]
+        return {"keys": (C, FP8), "key_scales": (1, torch.float32), "values": (R, FP8), "value_scales": (1, torch.float32)}
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -153,16 +178,130 @@ class FP8LatentLayer(LatentLayer):
         )
 
 
+class StaticLatentLayer(LatentLayer):
+    """One layer's fixed-size latent cache: every stream is one `[B, 1, max_cache_len, width]` buffer, allocated once
+    and marked static for dynamo; the number of tokens written is a 0-d tensor (`cumulative_length`), so that writing
+    a token changes no Python value a compiled graph would guard on. `update` returns the whole buffers."""
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size = key_states.shape[0]
+        for name, (width, dtype) in self.stream_layout(key_states, value_states).items():
+            setattr(self, name, torch.zeros(self.batch_size, 1, self.max_cache_len, width, dtype=dtype,
+                                            device=self.device))
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self._mark_static()
+        self.is_initialized = True
+
+    def _mark_static(self) -> None:
+        # Fixed addresses: a compiled graph reads the buffers in place, and CUDA graphs can replay over them. (Not
+        # possible while tracing: a cache allocated inside a compiled prefill is simply not marked.)
+        if not torch.compiler.is_compiling():
+            for name in self.streams:
+                mark_static_address(getattr(self, name))
+            mark_static_address(self.cumulative_length)
+
+    def _write(self, **new):
+        t = next(iter(new.values())).shape[-2]
+        # Checked where it costs nothing: with no compiled graph around, and on the CPU or for a prompt (a read of the
+        # position on a GPU would stall every decode step). Past the end, index_copy_ fails on its own in eager mode.
+        if not torch.compiler.is_compiling():
+            batch = next(iter(new.values())).shape[0]
+            if batch != self.batch_size:
+                raise ValueError(f"the static latent cache was allocated for batch size {self.batch_size}, got {batch}")
+            if t > 1 or self.device.type == "cpu":
+                filled = int(self.cumulative_length)
+                if filled + t > self.max_cache_len:
+                    raise ValueError(f"the static latent cache holds max_cache_len={self.max_cache_len} tokens: "
+                                     f"{filled} cached + {t} new do not fit; build it with a larger max_cache_len")
+        positions = torch.arange(t, device=self.device) + self.cumulative_length
+        for name, tensor in new.items():
+            buf = getattr(self, name)
+            if buf.dtype == FP8:  # no index_copy_ kernel for e4m3 on every device: copy the bytes
+                buf, tensor = buf.view(torch.uint8), tensor.view(torch.uint8)
+            buf.index_copy_(2, positions, tensor)
+        self.cumulative_length.add_(t)
+        return positions
+
+    @staticmethod
+    def _put(full, slots, new) -> None:
+        full.index_copy_(2, slots, new)
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens: the next writes overwrite them."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if self.is_initialized:
+            self.cumulative_length.sub_(-tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:  # in place: the addresses stay
+            for name in self.streams:
+                buf = getattr(self, name)
+                buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))
+
+    def _rebatch(self, fn) -> None:
+        """A new batch size needs new buffers (eager only); they are marked static again."""
+        if self.is_initialized:
+            for name in self.streams:
+                setattr(self, name, fn(getattr(self, name)).contiguous())
+            self.batch_size = self.keys.shape[0]
+            self._mark_static()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rebatch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rebatch(lambda t: t[indices])
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for name in self.streams:
+                getattr(self, name).zero_()
+        self.cumulative_length.zero_()
+
+    def offload(self):
+        raise NotImplementedError("a static latent cache stays on its device (its buffers have fixed addresses)")
+
+    def nbytes(self) -> int:
+        return self.nbytes_allocated() * int(self.get_seq_length()) // self.max_cache_len
+
+    def nbytes_allocated(self) -> int:
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.streams)
+
+
+class StaticFP8LatentLayer(StaticLatentLayer, FP8LatentLayer):
+    """The static buffers of FP8LatentLayer's streams (e4m3 values, fp32 per-token scales)."""
+
+
 class DeepseekLatentCache(Cache):
     """A Cache of latent layers, created lazily per layer index (main layers and MTP layers alike)."""
 
     def __init__(self, fp8: bool = False, **kwargs):
         self.fp8 = fp8
-        super().__init__(layer_class_to_replicate=FP8LatentLayer if fp8 else LatentLayer, **kwargs)
+        if "layers" not in kwargs:
+            kwargs["layer_class_to_replicate"] = FP8LatentLayer if fp8 else LatentLayer
+        super().__init__(**kwargs)
 
     def _per_token(self, layer_bytes) -> float:
         layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
-        tokens = max((layer.keys.shape[0] * layer.get_seq_length() for layer in layers), default=0)
+        tokens = max((layer.keys.shape[0] * int(layer.get_seq_length()) for layer in layers), default=0)
         return sum(layer_bytes(layer) for layer in layers) / max(tokens, 1)
 
     def nbytes_per_token(self) -> float:
@@ -172,3 +311,30 @@ class DeepseekLatentCache(Cache):
     def nbytes_allocated_per_token(self) -> float:
         """Bytes allocated per cached token (the buffers, spare room included)."""
         return self._per_token(LatentLayer.nbytes_allocated)
+
+
+class DeepseekStaticLatentCache(DeepseekLatentCache):
+    """A fixed-size latent cache for compiled decoding: one StaticLatentLayer (StaticFP8LatentLayer with fp8=True)
+    per decoder layer and MTP module, each allocated on its first write or all at once by `early_initialization`.
+
+        cache = DeepseekStaticLatentCache(model.config, max_cache_len=4096)
+        model(ids, cache=cache, use_cache=True)      # prefill, then one token per call, compiled or not
+    """
+
+    def __init__(self, config, max_cache_len: int, fp8: bool = False, **kwargs):
+        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive integer, got {max_cache_len!r}")
+        self.max_cache_len = max_cache_len
+        self.latent_widths = (config.kv_lora_rank, config.qk_rope_head_dim)
+        layer = StaticFP8LatentLayer if fp8 else StaticLatentLayer
+        n = config.num_hidden_layers + config.num_nextn_predict_layers
+        super().__init__(fp8=fp8, layers=[layer(max_cache_len) for _ in range(n)], **kwargs)
+
+    def early_initialization(self, batch_size: int, dtype: torch.dtype, device, layers=None) -> None:
+        """Allocate the buffers of `layers` (indices; default: all) now rather than on their first write: needed when
+        the first forward is itself compiled, since buffers allocated while tracing cannot be marked static."""
+        C, R = self.latent_widths
+        for i in range(len(self.layers)) if layers is None else layers:
+            if not self.layers[i].is_initialized:
+                self.layers[i].lazy_initialization(torch.empty(batch_size, 1, 0, C, dtype=dtype, device=device),
+                                                   torch.empty(batch_size, 1, 0, R, dtype=dtype, device=device))

@@ -95,6 +95,21 @@ def installed_transformers_version() -> str:
 grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
 
 
+# A buffer that keeps its address for the life of a static cache is declared so to dynamo, which then reads it in
+# place instead of treating it as a graph input (what lets CUDA graphs replay over the cache). torch offers this only
+# under torch._dynamo (transformers' StaticLayer uses the same call). Looked up at call time: importing torch._dynamo
+# is not free, and only a static cache needs it.
+def mark_static_address(tensor: torch.Tensor) -> None:
+    torch._dynamo.mark_static_address(tensor)
+
+
+def compile_on_any_device(compile_config):
+    """Let generate() compile with `compile_config` on any device: transformers compiles automatically only on
+    accelerators unless the private CompileConfig._compile_all_devices flag is set (its own tests set it for CPU)."""
+    compile_config._compile_all_devices = True
+    return compile_config
+
+
 def keep_fp32_buffers(module: torch.nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> torch.nn.Module:
     """nn.Module._apply for `module` that leaves the buffers `names` in float32 (the device still follows `fn`).
 

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from .attention import DeepseekAttention, prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
-from .cache import DeepseekLatentCache
+from .cache import DeepseekLatentCache, DeepseekStaticLatentCache
 from .compat import (CACHE_NAME, OutputRecorder, can_return_tuple, cache_kwargs, capture_outputs,
                      merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
 from .speculative import check_generation_config, mtp_generate
@@ -97,9 +97,9 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # kv_b_proj gives v_head_dim != qk_head_dim, which FA2's padding handles poorly
     _supports_flex_attn = False
     _supports_attention_backend = True
-    # The latent cache grows dynamically and the forward branches on data (MLA path choice, chunked prefill): no
-    # static cache, no fullgraph compile (generate() refuses cache_implementation="static" with a clear error).
-    _can_compile_fullgraph = False
+    # With DeepseekStaticLatentCache (generate(cache_implementation="static")) a decode step has fixed shapes and no
+    # data-dependent branch: torch.compile(fullgraph=True) traces it whole (tests/test_compile.py).
+    _can_compile_fullgraph = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     # What transformers' output capturing records in DeepseekModel.forward (hooks on these modules' outputs). The MTP
     # modules (DeepseekMTPLayer is a DeepseekDecoderLayer) run after that forward has returned, so they add nothing.
@@ -259,8 +259,9 @@ class DeepseekModel(DeepseekPreTrainedModel):
         T = inputs_embeds.shape[1]
         if is_paged_cache(cache):  # continuous batching: attention runs request by request, no mask (paged.py)
             return None, self.rotary_emb(inputs_embeds, position_ids)
-        past = cache.get_seq_length() if T > 1 and cache is not None else 0  # decode: skipped
-        if prefix_causal_applies(T, past + T, inputs_embeds.device, self.config._attn_implementation) and (
+        static = cache is not None and cache.is_compileable  # attends over its whole buffer, under a mask
+        past = cache.get_seq_length() if T > 1 and cache is not None and not static else 0  # decode: skipped
+        if not static and prefix_causal_applies(T, past + T, inputs_embeds.device, self.config._attn_implementation) and (
                 attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))):  # CPU only
             causal_mask = None  # a prefill chunk without padding: attention runs prefix + causal, no [T, S] mask
         else:
@@ -269,6 +270,9 @@ class DeepseekModel(DeepseekPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
+                # With no mask, attention takes the queries for the last T of the S keys; a static cache's S is its
+                # whole buffer, so its mask is always built.
+                allow_is_causal_skip=not static,
                 **cache_kwargs(cache),
             )
         return causal_mask, self.rotary_emb(inputs_embeds, position_ids)
@@ -298,10 +302,11 @@ class DeepseekModel(DeepseekPreTrainedModel):
         cache = pop_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
-        if cache is not None and getattr(cache, "is_compileable", False):
+        if cache is not None and getattr(cache, "is_compileable", False) and not isinstance(cache, DeepseekLatentCache):
             raise ValueError(
                 f"{type(cache).__name__} is not supported: MLA caches a {self.config.latent_cache_dim}-wide latent per "
-                "token, not per-head keys and values; use the default (DeepseekLatentCache) or a DynamicCache"
+                "token, not per-head keys and values; use the default (DeepseekLatentCache), DeepseekStaticLatentCache "
+                "(fixed size, for torch.compile) or a DynamicCache"
             )
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
@@ -552,8 +557,10 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         module (speculative.py).
 
         The cache is a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype),
-        handed to transformers' generate like a user's cache. Caches laid out per head and fixed in size
-        (cache_implementation "static", "offloaded_static", "quantized", ...) cannot hold the latent and are
+        handed to transformers' generate like a user's cache. `cache_implementation="static"` makes it a
+        DeepseekStaticLatentCache of `max_cache_len` slots (default: what this call needs), which a compiled forward
+        decodes over without recompiling (transformers' `compile_config` path included). The per-head caches
+        (cache_implementation "offloaded_static", "quantized", "offloaded", ...) cannot hold the latent and are
         refused. MTP speculation works at any batch size and with left padding; the acceptance rate is logged, kept
         on `self.last_mtp_stats`, and returned on the output with return_dict_in_generate=True.
         """
@@ -562,26 +569,36 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {latent_cache_dtype!r}")
         base = generation_config if generation_config is not None else self.generation_config
         implementation = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
-        if implementation not in (None, "dynamic"):
+        if implementation not in (None, "dynamic", "static"):
             raise ValueError(
                 f"generate(cache_implementation={implementation!r}) is not supported: DeepSeek's MLA caches one "
                 f"{self.config.latent_cache_dim}-wide latent per token (DeepseekLatentCache), which the per-head "
-                "static / quantized / offloaded caches cannot hold. Leave cache_implementation unset."
+                "offloaded / quantized caches cannot hold. Leave cache_implementation unset, or use 'static'."
             )
         kwargs.pop("cache_implementation", None)
+        max_cache_len = kwargs.pop("max_cache_len", getattr(base, "max_cache_len", None))
+        if getattr(base, "cache_implementation", None) is not None or getattr(base, "max_cache_len", None) is not None:
+            base = copy.deepcopy(base)  # ours to apply: transformers would build its own per-head cache from them
+            base.cache_implementation = base.max_cache_len = None
+            generation_config = base
+        static = implementation == "static"
         use_mtp = kwargs.pop("use_mtp", None)
         draft_tokens = kwargs.pop("mtp_draft_tokens", None)
         kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
+        fp8 = latent_cache_dtype == "fp8"
         if not use_mtp:
             if generation_config is not None and getattr(generation_config, "use_mtp", False):
                 generation_config = copy.deepcopy(generation_config)
                 generation_config.use_mtp = False
             # Either name is ours to accept; transformers gets the one its release wants.
             user_cache = pop_cache_argument(kwargs.pop("cache", None), kwargs)
+            if static and user_cache is not None:
+                raise ValueError("pass either cache_implementation='static' or a `cache`, not both")
             if user_cache is None and kwargs.get("use_cache", getattr(base, "use_cache", True)) is not False:
-                user_cache = DeepseekLatentCache(fp8=latent_cache_dtype == "fp8")
+                user_cache = (self._static_latent_cache(inputs, base, kwargs, max_cache_len, fp8) if static
+                              else DeepseekLatentCache(fp8=fp8))
             if user_cache is not None:
                 kwargs[CACHE_NAME] = user_cache
             return super().generate(inputs, generation_config=generation_config, **kwargs)
@@ -602,9 +619,15 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
         if model_kwargs:
             raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
+        caches = None
+        if static:  # every step appends k + 1 slots, rejected drafts staying behind as holes
+            k = self.config.num_nextn_predict_layers if draft_tokens is None else draft_tokens
+            N = self.config.num_hidden_layers
+            caches = tuple(self._static_latent_cache(input_ids, gc, {}, max_cache_len, fp8, slots_per_token=k + 1,
+                                                     layers=layers) for layers in (range(N), [N]))
         sequences, stats = mtp_generate(
-            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=latent_cache_dtype == "fp8",
-            draft_tokens=draft_tokens,
+            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=fp8, draft_tokens=draft_tokens,
+            caches=caches,
         )
         self.last_mtp_stats = stats
         logger.info(f"MTP speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.1%})")
@@ -654,6 +677,35 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         gc = generation_config if generation_config is not None else self.generation_config
         raise_failed_requests(results, len(inputs) * (getattr(gc, "num_return_sequences", None) or 1))
         return results
+
+    def _static_latent_cache(self, inputs, generation_config, kwargs, max_cache_len, fp8, slots_per_token=1,
+                             layers=None) -> DeepseekStaticLatentCache:
+        """The DeepseekStaticLatentCache of one generate call, allocated now (a compiled prefill could not mark it
+        static). Sized for the prompt plus `slots_per_token` slots per new token (the last token never goes through a
+        forward), or to `max_cache_len`, which must hold that; without max_cache_len never smaller than the previous
+        call's, so that a compiled step sees the same shapes again."""
+        gc = copy.deepcopy(generation_config)
+        gc.update(**kwargs)
+        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        prompt_BP = ids if ids is not None else embeds[..., 0]
+        B, P = prompt_BP.shape
+        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - (P if ids is not None else 0)
+        needed = P + slots_per_token * max_new - 1
+        if max_cache_len is not None and needed > max_cache_len:
+            what = (f"the prompt ({P} tokens) is longer than" if P > max_cache_len else
+                    f"the prompt ({P} tokens) + max_new_tokens ({max_new}"
+                    + (f", {slots_per_token} slots each under MTP speculation" if slots_per_token > 1 else "")
+                    + f") need {needed} slots, more than")
+            raise ValueError(f"cache_implementation='static': {what} max_cache_len={max_cache_len}")
+        if max_cache_len is None:
+            max_cache_len = max(needed, getattr(self, "_static_cache_len", 0))
+            self._static_cache_len = max_cache_len
+        cache = DeepseekStaticLatentCache(self.config, max_cache_len, fp8=fp8)
+        batch = B * max(gc.num_beams or 1, gc.num_return_sequences or 1)
+        cache.early_initialization(batch, self.dtype, prompt_BP.device,
+                                   range(self.config.num_hidden_layers) if layers is None else layers)
+        return cache
 
     def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
         """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a

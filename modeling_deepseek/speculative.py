@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -112,19 +113,23 @@ class _Sampler:
         return torch.multinomial(p, 1).squeeze(-1), p
 
 
-def slot_mask(valid_BS: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, T, S] mask for queries in the last T of S cache slots: causal by slot, holes masked out."""
+def slot_mask(valid_BS: torch.Tensor, T: int, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+    """Additive [B, 1, T, S] mask for queries in the last T of S cache slots: causal by slot, holes masked out.
+    `width`: a static cache's size; the slots after the S written ones are masked too."""
     S = valid_BS.shape[1]
     causal_TS = torch.ones(T, S, dtype=torch.bool, device=valid_BS.device).tril(S - T)
     allowed = causal_TS[None, None] & valid_BS[:, None, None, :]
+    if width is not None:
+        allowed = F.pad(allowed, (0, width - S), value=False)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=valid_BS.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 @torch.no_grad()
 def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=None, fp8_cache=False,
-                 draft_tokens=None):
-    """Returns (sequences [B, P + new], MTPStats). `model` is a DeepseekForCausalLM with at least one MTP module."""
+                 draft_tokens=None, caches=None):
+    """Returns (sequences [B, P + new], MTPStats). `model` is a DeepseekForCausalLM with at least one MTP module.
+    `caches`: the (main, MTP) caches to fill, e.g. static ones; default two fresh DeepseekLatentCaches."""
     gc = generation_config
     check_generation_config(gc)
     if model.config.num_nextn_predict_layers < 1:
@@ -146,13 +151,15 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
 
     valid_BS = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
     positions_BP = (valid_BS.long().cumsum(-1) - 1).clamp_min(0)
-    main_cache, mtp_cache = DeepseekLatentCache(fp8=fp8_cache), DeepseekLatentCache(fp8=fp8_cache)
+    main_cache, mtp_cache = caches or (DeepseekLatentCache(fp8=fp8_cache), DeepseekLatentCache(fp8=fp8_cache))
+    # A static cache attends over all of its slots: every forward gets a mask as wide as the cache.
+    width = main_cache.max_cache_len if main_cache.is_compileable else None
     sampler = _Sampler(gc, input_ids)
     stats = MTPStats()
 
     def run_mtp(h_BTD, next_ids_BT, position_ids, valid, masked=True):
         embeds = decoder.embed_tokens(next_ids_BT)
-        mask = slot_mask(valid, embeds.shape[1], dtype) if masked else None
+        mask = slot_mask(valid, embeds.shape[1], dtype, width) if masked or width else None
         return mtp(h_BTD, embeds, attention_mask=mask, position_ids=position_ids,
                    cache=mtp_cache, position_embeddings=decoder.rotary_emb(embeds, position_ids),
                    use_cache=True)
@@ -181,7 +188,8 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
     padded = not bool(valid_BS.all())
     h_prompt = []
     for s, e in spans:
-        out = decoder(input_ids[:, s:e], attention_mask=slot_mask(valid_BS[:, :e], e - s, dtype) if padded else None,
+        mask = slot_mask(valid_BS[:, :e], e - s, dtype, width) if padded or width else None
+        out = decoder(input_ids[:, s:e], attention_mask=mask,
                       position_ids=positions_BP[:, s:e], cache=main_cache, use_cache=True)
         h_prompt.append(out.last_hidden_state)
     bonus_B, _ = sampler.pick(model.lm_head(out.last_hidden_state[:, -1]))
@@ -201,7 +209,7 @@ def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=N
         step_ids = torch.cat([bonus_B[:, None], drafts_BK], 1)
         step_pos = next_pos_B[:, None] + slots_K1
         valid_BS = torch.cat([valid_BS, valid_BS.new_ones(B, k + 1)], 1)
-        out = decoder(step_ids, attention_mask=slot_mask(valid_BS, k + 1, dtype), position_ids=step_pos,
+        out = decoder(step_ids, attention_mask=slot_mask(valid_BS, k + 1, dtype, width), position_ids=step_pos,
                       cache=main_cache, use_cache=True)
         logits_BTV = model.lm_head(out.last_hidden_state)
 

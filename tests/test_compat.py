@@ -248,6 +248,40 @@ def test_grouped_mm_is_torchs_grouped_gemm():
     assert torch.allclose(y, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), atol=1e-5), "torch's grouped_mm changed"
 
 
+def test_mark_static_address_keeps_a_compiled_graph_reading_the_buffer_in_place():
+    """compat.mark_static_address: torch._dynamo.mark_static_address exists and tags the tensor; a compiled function
+    then sees in-place writes to it without recompiling (what the static latent cache relies on)."""
+    import torch._dynamo
+
+    buf = torch.zeros(4)
+    compat.mark_static_address(buf)
+    assert getattr(buf, "_dynamo_static_input_type", None) is not None, (
+        "torch._dynamo.mark_static_address no longer tags the tensor (compat.mark_static_address)")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (x * buf).sum(), backend="eager", fullgraph=True)
+    assert compiled(torch.ones(4)) == 0
+    buf.add_(1)
+    assert compiled(torch.ones(4)) == 4
+    torch._dynamo.reset()
+
+
+def test_compile_on_any_device_makes_generate_compile_on_cpu(model):
+    """compat.compile_on_any_device: CompileConfig's private `_compile_all_devices` flag is what lets generate()
+    compile on a CPU (GenerationMixin._valid_auto_compile_criteria reads it)."""
+    from transformers import CompileConfig, GenerationConfig
+
+    from modeling_deepseek.cache import DeepseekStaticLatentCache
+
+    assert "_compile_all_devices" in vars(CompileConfig), "CompileConfig._compile_all_devices is gone"
+    cache = DeepseekStaticLatentCache(model.config, max_cache_len=8)
+    cache.early_initialization(1, torch.float32, "cpu")
+    gc = GenerationConfig(compile_config=CompileConfig())
+    assert not model._valid_auto_compile_criteria({compat.CACHE_NAME: cache}, gc)
+    gc = GenerationConfig(compile_config=compat.compile_on_any_device(CompileConfig()))
+    assert model._valid_auto_compile_criteria({compat.CACHE_NAME: cache}, gc), (
+        "generate() no longer compiles on CPU with CompileConfig._compile_all_devices (compat.compile_on_any_device)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # trl's GRPOTrainer (trainers/grpo.py overrides two of its private methods and reads its attributes)
 

@@ -29,7 +29,7 @@ from transformers import DeepseekV3ForCausalLM, pipeline
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import hf_v3_model, max_diff, random_ids, save_and_load_ours, set_mla_impl, tiny_model
-from modeling_deepseek.cache import DeepseekLatentCache
+from modeling_deepseek.cache import DeepseekLatentCache, DeepseekStaticLatentCache
 
 PROMPT, NEW = 10, 8
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -517,10 +517,10 @@ def test_pipeline_matches_reference(text_model, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Static cache and torch.compile: the reference output, or a clear error
+# Static cache and torch.compile: the reference output, or a clear error (compiled decoding: test_compile.py)
 
 
-@pytest.mark.parametrize("implementation", ["static", "offloaded_static", "offloaded", "quantized"])
+@pytest.mark.parametrize("implementation", ["offloaded_static", "offloaded", "quantized"])
 def test_cache_implementations_match_reference_or_raise(model, prompt, reference, implementation):
     ok_or_raises_naming(
         lambda: model.generate(prompt, max_new_tokens=NEW, cache_implementation=implementation, **GREEDY),
@@ -528,25 +528,99 @@ def test_cache_implementations_match_reference_or_raise(model, prompt, reference
     )
 
 
-def test_static_cache_object_matches_reference_or_raises(model, prompt, reference):
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("mla_impl", ["absorbed", "expanded"])
+def test_static_cache_matches_reference(model, prompt, reference, padded, mla_impl):
+    """generate(cache_implementation="static"): a DeepseekStaticLatentCache sized for the call, the reference tokens."""
+    m = tiny_model(seed=0).eval()
+    set_mla_impl(m, mla_impl)
+    ids, mask = left_padded(3, pads=(0, 2, 5)) if padded else (prompt, None)
+    expected = reference_greedy(m, ids, mask)[0] if padded else reference
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=NEW, cache_implementation="static",
+                     return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, expected)
+    cache = out.past_key_values
+    assert isinstance(cache, DeepseekStaticLatentCache) and cache.is_compileable
+    assert cache.max_cache_len >= ids.shape[1] + NEW - 1 and int(cache.get_seq_length()) == ids.shape[1] + NEW - 1
+    assert cache.layers[0].keys.shape == (ids.shape[0], 1, cache.max_cache_len, m.config.kv_lora_rank)
+    assert cache.layers[0].values.shape == (ids.shape[0], 1, cache.max_cache_len, m.config.qk_rope_head_dim)
+
+
+def test_static_cache_through_the_generation_config(model, prompt, reference):
+    """cache_implementation / max_cache_len set on a GenerationConfig work like the keyword arguments."""
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=NEW, cache_implementation="static", max_cache_len=32, **GREEDY)
+    out = model.generate(prompt, generation_config=gc, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference)
+    assert out.past_key_values.max_cache_len == 32
+    assert gc.cache_implementation == "static"  # the caller's config is left as it was
+
+
+def test_static_cache_sampling_beams_and_fp8_match_the_dynamic_cache(model):
+    ids, mask = left_padded(2, pads=(0, 3))
+    common = dict(attention_mask=mask, max_new_tokens=NEW)
+    for options in (dict(do_sample=True, top_k=20, temperature=0.7, eos_token_id=None, pad_token_id=0),
+                    dict(num_beams=3, num_return_sequences=2, **GREEDY),
+                    dict(latent_cache_dtype="fp8", **GREEDY)):
+        torch.manual_seed(1234)
+        dynamic = model.generate(ids, **common, **options)
+        torch.manual_seed(1234)
+        static = model.generate(ids, cache_implementation="static", **common, **options)
+        assert torch.equal(static, dynamic), options
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("draft_tokens", [1, 2])
+def test_mtp_speculation_over_static_caches_matches_dynamic(model, fp8, draft_tokens):
+    """MTP speculation with static caches (rejected drafts stay as holes, masked): the tokens of the dynamic caches,
+    which are the reference's in full precision."""
+    ids, mask = left_padded(2, pads=(3, 0), seed=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, use_mtp=True, mtp_draft_tokens=draft_tokens,
+                  latent_cache_dtype="fp8" if fp8 else None, **GREEDY)
+    dynamic = model.generate(ids, **kwargs)
+    if not fp8:
+        assert torch.equal(dynamic, reference_greedy(model, ids, mask, max_new_tokens=12)[0])
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), dynamic)
+
+
+def test_static_cache_too_small_raises_naming_max_cache_len(model, prompt):
+    for max_cache_len, names in ((PROMPT - 1, ("prompt", "longer")), (PROMPT + NEW - 2, ("max_new_tokens",))):
+        for use_mtp in (False, True):
+            with pytest.raises(ValueError, match="max_cache_len") as err:
+                model.generate(prompt, max_new_tokens=NEW, cache_implementation="static", max_cache_len=max_cache_len,
+                               use_mtp=use_mtp, **GREEDY)
+            assert all(n in str(err.value) for n in names), err.value
+    cache = DeepseekStaticLatentCache(model.config, max_cache_len=PROMPT + 2)
+    with torch.no_grad():
+        model(prompt, cache=cache, use_cache=True)
+        model(prompt[:, :2], cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="max_cache_len"):
+            model(prompt[:, :1], cache=cache, use_cache=True)
+
+
+def test_transformers_static_cache_object_raises_naming_it(model, prompt, reference):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
     ok_or_raises_naming(lambda: model.generate(prompt, max_new_tokens=NEW, cache=cache, **GREEDY), reference,
-                        "static")
+                        "staticcache")
 
 
-def test_static_cache_left_padded_matches_reference_or_raises(model):
+def test_static_cache_matches_transformers_static_cache(hf_and_ours):
+    """Ours and transformers' DeepseekV3, both on their static caches, same weights: the same greedy tokens."""
+    hf, ours = hf_and_ours
     ids, mask = left_padded(2, pads=(0, 3))
-    expected, _ = reference_greedy(model, ids, mask)
-    ok_or_raises_naming(
-        lambda: model.generate(ids, attention_mask=mask, max_new_tokens=NEW, cache_implementation="static", **GREEDY),
-        expected, "static", "cache_implementation",
-    )
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, cache_implementation="static", **GREEDY)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+    assert torch.equal(expected, reference_greedy(hf, ids, mask)[0])
+    assert torch.equal(ours.generate(ids, **kwargs), expected)
 
 
 def test_compiled_forward_matches_reference_or_raises():
-    """A torch.compile'd forward inside generate. One (MoE) decoder layer and four tokens: tracing is the cost here."""
+    """A torch.compile'd forward inside generate over the default (growing) cache. One (MoE) decoder layer and four
+    tokens: tracing is the cost here."""
     import torch._dynamo
 
     m = tiny_model(seed=0, num_hidden_layers=1, first_k_dense_replace=0).eval()
@@ -561,16 +635,6 @@ def test_compiled_forward_matches_reference_or_raises():
         ok_or_raises_naming(lambda: m.generate(prompt, max_new_tokens=4, **GREEDY), expected, "compile")
     finally:
         torch._dynamo.reset()
-
-
-def test_generate_compile_config_matches_reference_or_raises(model, prompt, reference):
-    from transformers import CompileConfig
-
-    ok_or_raises_naming(
-        lambda: model.generate(prompt, max_new_tokens=NEW, cache_implementation="static",
-                               compile_config=CompileConfig(backend="eager", fullgraph=False), **GREEDY),
-        reference, "static", "compile",
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

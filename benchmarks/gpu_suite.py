@@ -1,0 +1,188 @@
+"""Every serving and FP8-training measurement that needs a GPU, in one run that writes its RESULTS.md sections.
+
+    python -m benchmarks.gpu_suite --device cuda                       # on a CUDA machine (H100 / H200)
+    python -m benchmarks.gpu_suite --smoke --out-dir /tmp/gpu_suite   # CPU, tiny sizes (the test suite runs this)
+
+Parts, each its own RESULTS.md section (`gpu-suite-...`) and JSON under <out-dir>/results/:
+
+1. decode: benchmarks.decode_compile at batch 1 and batch 32, contexts 128 / 2K / 8K (bf16), ours against
+   transformers' DeepseekV3 on the same weights, each eager, compiled (inductor, fullgraph, over the static cache)
+   and captured in CUDA graphs (mode="reduce-overhead"): decode ms per step through generate(), tokens/s derived.
+   Shape: the reference shape with DeepSeek-V3's latent width (kv_lora_rank 512, qk_rope_head_dim 64).
+2. mtp: benchmarks.mtp_speedup on --mtp-model-dir (the `make demo` model: MTP speculation needs trained MTP weights;
+   without one the section says it was not measured).
+3. fp8-gemm: DeepSeek-V3's block-wise FP8 GEMM (quant.fp8_training.fp8_linear: Fprop, Dgrad and Wgrad in e4m3 with
+   1 x 128 / 128 x 128 scales) forward + backward against bf16 F.linear, on V3's projection shapes, median ms and
+   the ratio. Backend "auto": torch's scaled_mm on a Hopper GPU, the reference (dequantize + matmul) elsewhere.
+
+Targets (issue 14): CUDA-graph decode >= 3x the eager peer at batch 1; MTP speculation >= 1.6x at acceptance >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common, decode_compile  # noqa: E402
+from benchmarks.common import clock, median  # noqa: E402
+
+import torch  # noqa: E402
+
+V3_LATENT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
+# (name, tokens M, in K, out N) of DeepSeek-V3's projections; experts at 256 tokens each (a balanced 4K-token batch:
+# 4096 x 8 routed / 256 experts = 128, doubled for imbalance)
+V3_GEMMS = [
+    ("q_a_proj", 4096, 7168, 1536),
+    ("q_b_proj", 4096, 1536, 24576),
+    ("kv_a_proj_with_mqa", 4096, 7168, 576),
+    ("kv_b_proj", 4096, 512, 32768),
+    ("o_proj", 4096, 16384, 7168),
+    ("dense gate/up (one of two)", 4096, 7168, 18432),
+    ("expert gate_up", 256, 7168, 4096),
+    ("expert down", 256, 2048, 7168),
+]
+SMOKE_GEMMS = [("smoke", 128, 256, 256)]
+TARGET_CUDA_GRAPHS_VS_EAGER_PEER = 3.0
+
+
+def decode_part(args, batch: int, results: Path, results_md: Path) -> dict:
+    variants = ["peer_eager", "peer_compiled", "ours_eager", "ours_compiled"]
+    if args.device == "cuda":
+        variants += ["peer_cudagraphs", "ours_cudagraphs"]
+    argv = ["--device", args.device, "--dtype", args.dtype, "--batch", str(batch), "--variants", ",".join(variants),
+            "--label", f"gpu-suite-b{batch}", "--results-md", str(results_md),
+            "--json-out", str(results / f"gpu_suite_decode_b{batch}_{args.device}.json")]
+    if args.smoke:
+        argv += ["--shape", "tiny", "--contexts", "16", "--new-tokens", "2", "--repeats", "1",
+                 "--compile-backend", "eager"]
+    else:
+        argv += ["--contexts", args.contexts, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                 "--config-overrides", json.dumps(V3_LATENT)]
+    return decode_compile.run(decode_compile.parse_args(argv))
+
+
+def mtp_part(args, results: Path, results_md: Path) -> dict | None:
+    from benchmarks import mtp_speedup
+    from benchmarks.run import render_mtp, replace_section
+
+    model_dir = Path(args.mtp_model_dir)
+    name = f"gpu-suite-mtp-{args.device}"
+    if not (model_dir / "config.json").is_file():
+        body = (f"## MTP self-speculative decoding speedup ({args.device})\n\nNot measured: no trained model at "
+                f"`{model_dir}` (MTP speculation needs trained MTP weights: `make demo`, then "
+                f"`python -m benchmarks.gpu_suite --mtp-model-dir runs/demo/final`).")
+        report = None
+    else:
+        argv = ["--device", args.device, "--model-dir", str(model_dir), "--json-out",
+                str(results / f"gpu_suite_mtp_{args.device}.json")]
+        argv += (["--num-prompts", "1", "--prompt-tokens", "16", "--max-new-tokens", "4", "--repeats", "1",
+                  "--batch", "0"] if args.smoke else
+                 ["--num-prompts", "8", "--max-new-tokens", "128", "--draft-tokens", "1,2,3", "--batch", "4"])
+        report = mtp_speedup.main(argv)
+        body = render_mtp(report)
+    results_md.write_text(replace_section(results_md.read_text() if results_md.exists() else "", name, body))
+    return report
+
+
+def time_fwd_bwd(fn, x, w, dy, repeats: int, device: str) -> float:
+    times = []
+    for i in range(repeats + 1):  # the first is a warm-up
+        x.grad = w.grad = None
+        t0 = clock(device)
+        fn(x, w).backward(dy)
+        dt = clock(device) - t0
+        if i:
+            times.append(dt)
+    return median(times)
+
+
+def fp8_gemm_part(args, results: Path, results_md: Path) -> dict:
+    import torch.nn.functional as F
+
+    from benchmarks.run import replace_section
+    from quant.fp8_gemm import resolve_backend
+    from quant.fp8_training import FP8TrainingConfig, fp8_linear
+
+    device = torch.device(args.device)
+    config = FP8TrainingConfig(backend="auto")
+    backend = resolve_backend(config.backend, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for name, M, K, N in SMOKE_GEMMS if args.smoke else V3_GEMMS:
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+        w = (torch.randn(N, K, device=device, dtype=torch.bfloat16, generator=g) * K ** -0.5).requires_grad_()
+        dy = torch.randn(M, N, device=device, dtype=torch.bfloat16, generator=g)
+        bf16 = time_fwd_bwd(F.linear, x, w, dy, args.repeats, args.device)
+        fp8 = time_fwd_bwd(lambda a, b: fp8_linear(a, b, None, config), x, w, dy, args.repeats, args.device)
+        flops = 3 * 2 * M * K * N  # forward, data gradient, weight gradient
+        rows.append({"gemm": name, "M": M, "K": K, "N": N, "bf16_ms": bf16 * 1e3, "fp8_ms": fp8 * 1e3,
+                     "fp8_speedup": bf16 / fp8, "bf16_tflops": flops / bf16 / 1e12, "fp8_tflops": flops / fp8 / 1e12})
+        print(f"{name}: bf16 {bf16 * 1e3:.3f} ms, fp8 {fp8 * 1e3:.3f} ms", flush=True)
+    report = {"benchmark": "gpu_suite_fp8_gemm", "command": common.command_line(),
+              "machine": common.machine_info(args.device), "backend": backend, "repeats": args.repeats, "rows": rows}
+    common.write_json(results / f"gpu_suite_fp8_gemm_{args.device}.json", report)
+    body = "\n".join([
+        f"## FP8 block-wise GEMM forward + backward vs bf16 ({args.device}, backend {backend})", "",
+        f"Command: `{report['command']}`  ", f"Machine: {common.machine_line(report['machine'])}  ",
+        "y = x W^T with Fprop, Dgrad and Wgrad in e4m3 (activations 1 x 128, weights 128 x 128 scales; "
+        "`quant.fp8_training.fp8_linear`, quantization included) against `F.linear` in bf16, forward + backward, "
+        f"median of {args.repeats} after a warm-up; TFLOP/s count the three GEMMs.", "",
+        common.markdown_table(["GEMM", "M x K -> N", "bf16 ms", "FP8 ms", "FP8 speedup", "bf16 TFLOP/s",
+                               "FP8 TFLOP/s"],
+                              [[r["gemm"], f"{r['M']} x {r['K']} -> {r['N']}", r["bf16_ms"], r["fp8_ms"],
+                                f"{r['fp8_speedup']:.2f}x", r["bf16_tflops"], r["fp8_tflops"]] for r in rows])])
+    name = f"gpu-suite-fp8-gemm-{args.device}"
+    results_md.write_text(replace_section(results_md.read_text() if results_md.exists() else "", name, body))
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--contexts", default="128,2048,8192")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--parts", default="decode,mtp,fp8-gemm")
+    p.add_argument("--mtp-model-dir", default=str(common.REPO_ROOT / "runs" / "demo" / "final"))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks that every part runs")
+    p.add_argument("--out-dir", default=None, help="RESULTS.md and results/ go there (default: benchmarks/)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.quiet()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device (use --smoke --device cpu for a dry run)")
+    out = Path(args.out_dir) if args.out_dir else common.REPO_ROOT / "benchmarks"
+    results, results_md = out / "results", out / "RESULTS.md"
+    results.mkdir(parents=True, exist_ok=True)
+    parts = [p for p in args.parts.split(",") if p]
+    done = {}
+    if "decode" in parts:
+        done["decode"] = {b: decode_part(args, int(b), results, results_md) for b in args.batches.split(",")}
+        if args.device == "cuda":
+            for report in done["decode"].values():
+                for row in report["summary"]["rows"]:
+                    ms = row["step_ms"]
+                    if "ours_cudagraphs" in ms:
+                        print(f"batch {report['settings']['batch']} ctx {row['context']}: CUDA graphs vs eager peer "
+                              f"{ms['peer_eager'] / ms['ours_cudagraphs']:.2f}x (target >= "
+                              f"{TARGET_CUDA_GRAPHS_VS_EAGER_PEER}x at batch 1)", flush=True)
+    if "mtp" in parts:
+        done["mtp"] = mtp_part(args, results, results_md)
+    if "fp8-gemm" in parts:
+        done["fp8-gemm"] = fp8_gemm_part(args, results, results_md)
+    print(f"wrote {results_md}")
+    return done
+
+
+if __name__ == "__main__":
+    main()
