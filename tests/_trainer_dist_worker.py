@@ -41,6 +41,10 @@ def main(out: Path) -> None:
     rank = trainer.args.process_index
     (out / f"rank{rank}.json").write_text(json.dumps({"world": trainer.args.world_size,
                                                       "log_history": eval_history + trainer.state.log_history}))
+    # Trainer started the process group; ending it joins gloo's threads before the interpreter tears down (left to
+    # exit, a rank can abort with "terminate called without an active exception" after its work is done).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
