@@ -251,9 +251,26 @@ def _userns_allowed() -> bool:
             and read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", 0) == 0)
 
 
+def _host_dir_for_an_open_folder() -> Path:
+    """A folder in which to make one that anyone may write: outside /tmp, /var/tmp, /run/lock and /dev/shm (inside the
+    sandbox those are the run's own tmpfs, which would hide it) and reachable by the unprivileged user. The checkout,
+    unless it was cloned under one of those."""
+    from trainers.sandbox import WRITABLE_DIRS
+
+    def usable(d: Path) -> bool:
+        hidden = any(d == Path(w) or Path(w) in d.parents for w in WRITABLE_DIRS)
+        reachable = all(p.stat().st_mode & 0o001 for p in (d, *d.parents))
+        return d.is_dir() and not hidden and reachable and os.access(d, os.W_OK)
+
+    found = next((d for d in (REPO, Path("/var/lib"), Path("/opt"), Path("/srv")) if usable(d)), None)
+    if found is None:
+        pytest.skip("no folder outside the sandbox's tmpfs directories that the unprivileged user can reach")
+    return found
+
+
 def test_code_reward_as_an_ordinary_user():
     # writable by anyone and outside /tmp, /var/tmp, /run/lock, /dev/shm (which are the run's own tmpfs inside)
-    open_dir = REPO / f".sandbox_open_dir_{os.getpid()}"
+    open_dir = _host_dir_for_an_open_folder() / f".sandbox_open_dir_{os.getpid()}"
     open_dir.mkdir()
     try:
         open_dir.chmod(0o777)
