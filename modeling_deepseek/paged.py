@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, installed_transformers_version
+from .compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, PagedAttentionCache, installed_transformers_version
 
 # CPU defaults when the caller sizes nothing (transformers' default takes 60% of the RAM for the cache on CPU and
 # 8192-token batches, whose [batch tokens x cached tokens] mask alone can outgrow the cache).
@@ -34,8 +34,6 @@ UNBATCHABLE_OPTIONS = (("min_length", 0), ("min_new_tokens", None), ("repetition
 
 
 def is_paged_cache(cache) -> bool:
-    from .compat import PagedAttentionCache
-
     return PagedAttentionCache is not None and isinstance(cache, PagedAttentionCache)
 
 
