@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_parallel import finish  # wait for a torchrun launch, raising with the ranks' tracebacks
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_dist_worker.py"
@@ -66,15 +66,7 @@ def _run(cmd: list[str], out: Path) -> None:
     """Run in its own process group, so that a hang kills torchrun and both ranks."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise AssertionError(f"{cmd} timed out after {TIMEOUT_S}s\n{log[-4000:]}")
-    if proc.returncode != 0:
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("rank*.error.txt")))
-        raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}\n{errors or log[-4000:]}")
+    finish(proc, out, TIMEOUT_S)
 
 
 def run_worker(out: Path, mode: str, nproc: int, *extra: str) -> list[dict]:
