@@ -3,6 +3,7 @@
     python -m benchmarks.continuous_batching --requests 32 --min-prompt 256 --max-prompt 2048 --new-tokens 64
     python -m benchmarks.continuous_batching ... --http-requests 16 --clients 8      # + the OpenAI server, client side
     python -m benchmarks.continuous_batching ... --grpo                             # + GRPO step with CB rollouts
+    python -m benchmarks.continuous_batching ... --variants ours,ours_fp8           # the FP8 paged latent vs ours
 
 One random checkpoint in transformers' DeepseekV3 format at the V3-latent shape (the reference shape with
 kv_lora_rank 512, qk_rope_head_dim 64: 576 cached values per token and layer), loaded by both models, fp32. Every
@@ -12,7 +13,7 @@ measurement runs in a fresh process per variant, the variants alternating:
   greedy, one call, the same ContinuousBatchingConfig for both (page 256, 512 batch tokens, a cache sized for the
   workload). Generated tokens/s over the call's wall time; per request (record_timestamps) the time to first token
   and the latency from submission; cache bytes per token from the paged cache's allocator; whether both models
-  generate the same tokens.
+  generate the same tokens. `ours_fp8` is ours with latent_cache_dtype="fp8" (e4m3 rows, per-token scales).
 - http: `python -m modeling_deepseek.serve` (ours) and `transformers serve` (peer) with --continuous-batching on a
   loopback port, a word-level tokenizer; `--clients` threads of the `openai` client send `--http-requests`
   completions (same prompt lengths, N tokens, temperature 0); requests/s and client-side latency.
@@ -40,6 +41,7 @@ from benchmarks.common import REFERENCE_SHAPE  # noqa: E402
 
 V3_LATENT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
 VARIANTS = ("peer", "ours")
+FP8_VARIANTS = ("ours", "ours_fp8")
 PAGE, BATCH_TOKENS = 256, 512
 
 
@@ -69,13 +71,14 @@ def generate_batch_worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     load = common.load_peer if spec["variant"] == "peer" else common.load_ours
     model = load(spec["checkpoint"], torch.float32, "cpu")
+    fp8 = {"latent_cache_dtype": "fp8"} if spec["variant"] == "ours_fp8" else {}
     prompts = prompts_for(spec)
     gc = GenerationConfig(do_sample=False, max_new_tokens=spec["new_tokens"], eos_token_id=-1, pad_token_id=0)
     cbc = ContinuousBatchingConfig(page_size=PAGE, max_batch_tokens=BATCH_TOKENS, num_blocks=num_blocks(spec),
                                    allow_block_sharing=False)
     start = time.perf_counter()
     out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cbc,
-                               record_timestamps=True, persistent_manager=True)
+                               record_timestamps=True, persistent_manager=True, **fp8)
     wall = time.perf_counter() - start
     cache = model._cached_continuous_batching_manager.batch_processor.cache
     per_token = sum(a.bytes_per_block / a.tokens_per_page for a in cache.cache_allocators.values())
@@ -257,6 +260,39 @@ def render(b: dict) -> str:
     return "\n".join(lines)
 
 
+FP8_BEGIN, FP8_END = "<!-- BEGIN continuous-batching-fp8 -->", "<!-- END continuous-batching-fp8 -->"
+
+
+def render_fp8(b: dict) -> str:
+    st, cfg, g = b["settings"], b["model_config"], b["generate_batch"]
+    latent = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    rows = [[name, g[k]["tok_s"], g[k]["wall_s"], g[k]["ttft_p50"], g[k]["ttft_p95"], g[k]["latency_p50"],
+             g[k]["latency_p95"], f"{g[k]['cache_bytes_per_token']:,.0f}", ", ".join(g[k]["allocator"])]
+            for k, name in (("ours", "ours, fp32 latent"), ("ours_fp8", 'ours, latent_cache_dtype="fp8"'))]
+    per_layer = g["ours_fp8"]["cache_bytes_per_token"] / cfg["num_hidden_layers"]
+    return "\n".join([
+        FP8_BEGIN, "## Continuous batching with the FP8 paged latent (cpu, fp32 model)", "",
+        f"Command: `{b['command']}`  ", f"Machine: {common.machine_line(b['machine'])}; load avg at end "
+        f"{b.get('load_avg_at_end')}  ",
+        f"Model: as in the section above (one random checkpoint at the reference shape with V3's latent width, "
+        f"{cfg['num_hidden_layers']} layers, fp32, sdpa); the same load: {st['requests']} requests, prompts of "
+        f"{st['min_prompt']} to {st['max_prompt']} tokens, {st['new_tokens']} new tokens each, greedy, one "
+        f"`generate_batch` call, ContinuousBatchingConfig(page_size={PAGE}, max_batch_tokens={BATCH_TOKENS}, "
+        f"num_blocks = the workload, no block sharing); each variant in a fresh process with {st['threads']} torch "
+        f"threads; best of {st['repeats']} round(s).", "",
+        common.markdown_table(["variant", "generated tok/s", "wall s", "TTFT p50 s", "TTFT p95 s", "latency p50 s",
+                               "latency p95 s", "paged cache B/token", "allocator"], rows), "",
+        f"The FP8 row holds {latent} e4m3 values and two fp32 scales per token and layer ({per_layer:,.0f} B; "
+        f"{latent * 2:,} B in bf16, {latent * 4:,} B in fp32): "
+        f"{g['ours']['cache_bytes_per_token'] / g['ours_fp8']['cache_bytes_per_token']:.2f}x fewer bytes per token "
+        f"than this fp32 run's cache. Throughput fp8 / fp32 latent: "
+        f"{g['ours_fp8']['tok_s'] / g['ours']['tok_s']:.2f}x (reads dequantize the rows of every scheduled request "
+        "each step, on the CPU in eager PyTorch). Greedy tokens equal to the fp32 latent's for "
+        f"{g['same_tokens_share']:.0%} of requests (random weights: the e4m3 rounding flips near-tied tokens; "
+        "tests/test_continuous_batching.py checks the exact tokens against generate(latent_cache_dtype=\"fp8\")).",
+        *b.get("notes", []), FP8_END])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=32)
@@ -264,22 +300,34 @@ def main(argv=None) -> dict:
     p.add_argument("--max-prompt", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"generate_batch: {','.join(VARIANTS)} (the peer comparison) or {','.join(FP8_VARIANTS)} "
+                        "(the FP8 paged latent against ours)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--http-requests", type=int, default=0, help="requests through the HTTP server (0: skip)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--grpo", action="store_true", help="also the GRPO step: own rollouts vs continuous batching")
     p.add_argument("--grpo-prompt-len", type=int, default=512)
     p.add_argument("--grpo-new-tokens", type=int, default=128)
-    p.add_argument("--json-out", default=str(common.RESULTS_DIR / "continuous_batching_cpu_fp32.json"))
+    p.add_argument("--json-out", default=None, help="default: benchmarks/results/continuous_batching_cpu_fp32.json "
+                   "(_fp8_latent.json with the FP8 variants)")
     p.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from --json-out")
     p.add_argument("--scaled-json", default=None, help="with --render-only: the server and GRPO parts from this run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    variants = tuple(args.variants.split(","))
+    if variants not in (VARIANTS, FP8_VARIANTS):
+        p.error(f"--variants must be {','.join(VARIANTS)} or {','.join(FP8_VARIANTS)}, got {args.variants!r}")
+    if variants == FP8_VARIANTS and (args.http_requests or args.grpo):
+        p.error("--http-requests and --grpo compare with the peer: run them with the default --variants")
+    if args.json_out is None:
+        name = "continuous_batching_cpu_fp32" + ("_fp8_latent" if variants == FP8_VARIANTS else "")
+        args.json_out = str(common.RESULTS_DIR / f"{name}.json")
     if args.render_only:
         summary = json.loads(Path(args.json_out).read_text())
         if args.scaled_json:
             summary["scaled"] = json.loads(Path(args.scaled_json).read_text())
-        common.write_results_section(BEGIN, END, render(summary))
+        write_section(summary)
         return {}
     if args.worker:
         spec = json.loads(args.worker)
@@ -290,6 +338,7 @@ def main(argv=None) -> dict:
             generate_batch_worker(spec)
         return {}
 
+    __import__("torch").set_num_threads(args.threads)  # what the machine line reports; the workers set their own
     machine = common.machine_info("cpu")
     summary = {"command": common.command_line(), "machine": machine, "settings": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,18 +347,19 @@ def main(argv=None) -> dict:
         base = dict(checkpoint=ckpt, requests=args.requests, min_prompt=args.min_prompt, max_prompt=args.max_prompt,
                     new_tokens=args.new_tokens, threads=args.threads, http_requests=args.http_requests,
                     clients=args.clients)
-        runs = {v: [] for v in VARIANTS}
+        runs = {v: [] for v in variants}
         for r in range(args.repeats):
-            for v in VARIANTS:
+            for v in variants:
                 print(f"generate_batch {v} round {r} ...", flush=True)
                 spec = dict(base, kind="generate_batch", variant=v, out=str(Path(tmp) / f"gb_{v}_{r}.json"))
                 runs[v].append(common.run_worker("benchmarks.continuous_batching", spec, timeout=7200))
         summary["generate_batch"] = summarize(runs)
-        summary["generate_batch"]["same_tokens"] = runs["peer"][0]["tokens"] == runs["ours"][0]["tokens"]
+        reference, other = variants  # same tokens: the second variant's against the first's
+        summary["generate_batch"]["same_tokens"] = runs[reference][0]["tokens"] == runs[other][0]["tokens"]
         summary["generate_batch"]["same_tokens_share"] = sum(
-            a == b for a, b in zip(runs["peer"][0]["tokens"], runs["ours"][0]["tokens"])) / args.requests
+            a == b for a, b in zip(runs[reference][0]["tokens"], runs[other][0]["tokens"])) / args.requests
         g = summary["generate_batch"]
-        print({v: {k: g[v][k] for k in ("tok_s", "ttft_p50", "latency_p95")} for v in VARIANTS}, g["same_tokens"])
+        print({v: {k: g[v][k] for k in ("tok_s", "ttft_p50", "latency_p95")} for v in variants}, g["same_tokens"])
 
         if args.http_requests:
             summary["http"] = {}
@@ -345,8 +395,15 @@ def main(argv=None) -> dict:
         pass
     common.write_json(args.json_out, summary)
     if Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
-        common.write_results_section(BEGIN, END, render(summary))
+        write_section(summary)
     return summary
+
+
+def write_section(summary: dict) -> None:
+    if tuple(summary["generate_batch"]) == FP8_VARIANTS:
+        common.write_results_section(FP8_BEGIN, FP8_END, render_fp8(summary))
+    else:
+        common.write_results_section(BEGIN, END, render(summary))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,25 @@ except ImportError:
 PAGED_CACHE_MIN_VERSION = "5.25"
 
 
+def build_paged_cache_with(manager, cache_class) -> None:
+    """Make one continuous-batching `manager` build `cache_class` (a PagedAttentionCache subclass) as its cache.
+
+    transformers' ContinuousBatchingManager builds the cache in its private `_create_batch_processor`, naming
+    PagedAttentionCache as a global of its module; no argument chooses another class. The manager gets its own copy of
+    that method whose global resolves to `cache_class`; transformers' class and module are left as they are."""
+    import types
+
+    method = type(manager)._create_batch_processor
+    if "PagedAttentionCache" not in method.__code__.co_names:
+        raise RuntimeError(
+            f"transformers {installed_transformers_version()}: ContinuousBatchingManager._create_batch_processor no "
+            "longer builds its cache as PagedAttentionCache, so another cache class cannot be given to it "
+            "(modeling_deepseek.compat.build_paged_cache_with needs updating)")
+    scope = {**method.__globals__, "PagedAttentionCache": cache_class}
+    rebuilt = types.FunctionType(method.__code__, scope, method.__name__, method.__defaults__, method.__closure__)
+    manager._create_batch_processor = types.MethodType(rebuilt, manager)
+
+
 def installed_transformers_version() -> str:
     import transformers
 

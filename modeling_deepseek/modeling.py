@@ -45,7 +45,13 @@ from .fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 from .layers import DeepseekRMSNorm
 from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
 from .parallel import check_parallel_layout
-from .paged import check_continuous_batching, cpu_batching_defaults, is_paged_cache, raise_failed_requests
+from .paged import (
+    check_continuous_batching,
+    cpu_batching_defaults,
+    is_paged_cache,
+    latent_cache_dtype_of,
+    raise_failed_requests,
+)
 from .moe import DeepseekMoE
 from .quantized import finish_quantized_load, prepare_quantized_load
 from .rope import DeepseekRotaryEmbedding
@@ -564,10 +570,10 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         refused. MTP speculation works at any batch size and with left padding; the acceptance rate is logged, kept
         on `self.last_mtp_stats`, and returned on the output with return_dict_in_generate=True.
         """
-        latent_cache_dtype = kwargs.pop("latent_cache_dtype", self.config.latent_cache_dtype)
+        base = generation_config if generation_config is not None else self.generation_config
+        latent_cache_dtype = kwargs.pop("latent_cache_dtype", latent_cache_dtype_of(self, base))
         if latent_cache_dtype not in (None, "fp8"):
             raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {latent_cache_dtype!r}")
-        base = generation_config if generation_config is not None else self.generation_config
         implementation = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
         if implementation not in (None, "dynamic", "static"):
             raise ValueError(
@@ -642,8 +648,11 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         """transformers' continuous-batching manager (the engine behind generate_batch, `transformers serve
         --continuous-batching` and TRL's continuous-batching rollouts) over its paged latent cache (paged.py).
 
-        Refuses up front what that engine cannot run (transformers < 5.25, the FP8 latent, use_mtp, beam search,
-        min_new_tokens and the repetition penalties, which it would leave out).
+        With config.latent_cache_dtype = "fp8" (or a generation config's `latent_cache_dtype`) the paged cache holds
+        the latent in e4m3 with per-token scales (paged_fp8.py): half the bytes per token of bf16.
+        Refuses up front what that engine cannot run (transformers < 5.25, use_mtp, beam search, min_new_tokens and
+        the repetition penalties, which it would leave out), and a kept manager (persistent_manager=True) asked for
+        another latent cache dtype than it was built with.
         On CPU, an unsized cache is sized for the workload (or 32k tokens) with 512-token batches, instead of
         transformers' 60% of the RAM. The generation config is copied: transformers writes eos_token_id = -1 into
         one without an EOS."""
@@ -654,19 +663,37 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
 
             page = (continuous_batching_config or ContinuousBatchingConfig()).page_size
             continuous_batching_config = cpu_batching_defaults(continuous_batching_config, workload_hints, page)
-        return super().init_continuous_batching(
+        manager = super().init_continuous_batching(
             generation_config=gc, continuous_batching_config=continuous_batching_config,
             workload_hints=workload_hints)
+        latent_cache_dtype = latent_cache_dtype_of(self, gc)
+        if not hasattr(manager, "latent_cache_dtype"):  # a new manager, its cache not built yet
+            manager.latent_cache_dtype = latent_cache_dtype
+            if latent_cache_dtype == "fp8":
+                from .paged_fp8 import use_fp8_latent_cache
+
+                use_fp8_latent_cache(manager)
+        elif manager.latent_cache_dtype != latent_cache_dtype:
+            raise ValueError(
+                f"the kept continuous-batching manager stores the latent as {manager.latent_cache_dtype or 'the model dtype'}"
+                f", this call asks for {latent_cache_dtype or 'the model dtype'}: call "
+                "model.destroy_cached_continuous_batching_manager() first")
+        return manager
 
     def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, **kwargs):
         """transformers' generate_batch (continuous batching over the paged latent cache: absorbed decode, each
         request on its own), except that nothing fails quietly: an unsupported option raises before the loop starts,
         an unknown keyword raises, and a request that failed inside the loop raises instead of coming back empty.
+        `latent_cache_dtype="fp8"` stores the paged latent in e4m3 (as config.latent_cache_dtype does).
         Returns {request_id: GenerationOutput} in input order, like transformers'."""
         if kwargs.pop("use_mtp", False):
             gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
             gc.use_mtp = True
             check_continuous_batching(self, gc)
+        if "latent_cache_dtype" in kwargs:  # the manager reads it from the generation config
+            generation_config = copy.deepcopy(generation_config if generation_config is not None
+                                              else self.generation_config)
+            generation_config.latent_cache_dtype = kwargs.pop("latent_cache_dtype")
         known = {"max_new_tokens", "record_timestamps", "progress_bar", "persistent_manager", "warmup"}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -12,7 +12,8 @@ transformers' own DeepseekV3 expands all sum S_i rows through kv_b_proj at every
 [sum T_i, sum S_i] block-diagonal mask. Here each request attends on its own to its own rows, through the same two
 paths as any other forward (attention.py): absorbed (MQA over the latent rows, nothing per head per cached token) for
 decode tokens, expanded for prefill chunks, whichever the FLOP count says. Decode tokens of several requests are
-attended in one padded batch.
+attended in one padded batch. With latent_cache_dtype="fp8" the rows are e4m3 with per-token scales (paged_fp8.py);
+attention gets them dequantized, like any other.
 
 What the paged engine cannot do is refused before it starts (`check_continuous_batching`), since inside its loop an
 exception only marks requests as failed; `raise_failed_requests` turns such failures back into an exception.
@@ -112,12 +113,9 @@ def check_continuous_batching(model, generation_config) -> None:
             f"(MLACacheAllocator); transformers {installed_transformers_version()} is installed. Use generate(), or "
             "upgrade transformers."
         )
-    if model.config.latent_cache_dtype == "fp8":
-        raise ValueError(
-            "Continuous batching with latent_cache_dtype='fp8' is not supported: transformers' paged cache stores the "
-            "latent in the model's dtype (it has no room for per-token scales). Set config.latent_cache_dtype = None "
-            "for continuous batching, or use generate(latent_cache_dtype='fp8')."
-        )
+    latent_cache_dtype = latent_cache_dtype_of(model, generation_config)
+    if latent_cache_dtype not in (None, "fp8"):
+        raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {latent_cache_dtype!r}")
     if generation_config is not None and getattr(generation_config, "use_mtp", False):
         raise ValueError(
             "Continuous batching with use_mtp=True is not supported: transformers' continuous-batching engine has no "
@@ -137,6 +135,12 @@ def check_continuous_batching(model, generation_config) -> None:
     if model.config._attn_implementation not in ("sdpa", "eager", "paged|eager"):
         raise ValueError(f"Continuous batching of this model runs with attn_implementation 'sdpa' or 'eager', got "
                          f"{model.config._attn_implementation!r}")
+
+
+def latent_cache_dtype_of(model, generation_config) -> str | None:
+    """The latent cache dtype a generation asks for: the generation config's `latent_cache_dtype` where it has one
+    (generate_batch(latent_cache_dtype=...) puts it there), else the model config's."""
+    return getattr(generation_config, "latent_cache_dtype", model.config.latent_cache_dtype)
 
 
 def cpu_batching_defaults(cb_config, workload_hints, page_size: int):

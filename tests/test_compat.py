@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from modeling_deepseek import compat
 
@@ -373,6 +374,37 @@ def test_paged_cache_class_and_mla_allocator():
     update = inspect.signature(PagedAttentionCache.update).parameters
     assert list(update) == ["self", "key_states", "value_states", "layer_idx", "kwargs"], (
         f"PagedAttentionCache.update changed its signature to {list(update)}: paged.paged_attention calls it")
+
+
+@pytest.mark.skipif(not compat.MLA_PAGED_CACHE, reason="the FP8 paged latent needs transformers' MLACacheAllocator")
+def test_a_manager_builds_the_paged_cache_class_it_is_given(model):
+    """The FP8 paged latent (paged_fp8.py) relies on: the manager building its cache in _create_batch_processor by the
+    name PagedAttentionCache (compat.build_paged_cache_with), the cache making one allocator per attention kind in
+    _create_allocator, and the allocator subclass contract (_before / _after_cache_tensor_init, MLACacheAllocator's
+    attributes). transformers' own manager and class must keep building the plain cache."""
+    from transformers.generation.continuous_batching import ContinuousBatchingManager, PagedAttentionCache
+    from transformers.generation.continuous_batching.cache_allocators import CacheAllocator, MLACacheAllocator
+
+    from modeling_deepseek.paged_fp8 import FP8LatentAllocator, FP8PagedLatentCache
+
+    assert "PagedAttentionCache" in ContinuousBatchingManager._create_batch_processor.__code__.co_names
+    assert "_create_allocator" in PagedAttentionCache.__init__.__code__.co_names
+    for name in ("_before_cache_tensor_init", "_after_cache_tensor_init", "register_cache_tensor", "update"):
+        assert hasattr(CacheAllocator, name), f"CacheAllocator.{name} is gone: FP8LatentAllocator relies on it"
+    managers = [model.init_continuous_batching(generation_config=GenerationConfig(
+        do_sample=False, max_new_tokens=2, eos_token_id=-1, latent_cache_dtype=dtype)) for dtype in ("fp8", None)]
+    plain = ContinuousBatchingManager(model, managers[1].generation_config, managers[1].continuous_batching_config)
+    try:
+        for manager in (*managers, plain):
+            manager.warmup()
+        fp8_cache, cache, plain_cache = (m.batch_processor.cache for m in (*managers, plain))
+        assert type(fp8_cache) is FP8PagedLatentCache and type(cache) is type(plain_cache) is PagedAttentionCache
+        (allocator,) = fp8_cache.cache_allocators.values()
+        assert type(allocator) is FP8LatentAllocator and isinstance(allocator, MLACacheAllocator)
+        assert type(next(iter(cache.cache_allocators.values()))) is MLACacheAllocator
+    finally:
+        for manager in (*managers, plain):
+            manager.destroy()
 
 
 @pytest.mark.skipif(not compat.MLA_PAGED_CACHE, reason=f"transformers serve of our models needs transformers >= "

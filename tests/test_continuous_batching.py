@@ -53,10 +53,11 @@ def prompts():
 
 
 @torch.no_grad()
-def alone(model, prompt: list[int], max_new_tokens: int = NEW, eos_token_id=None) -> list[int]:
+def alone(model, prompt: list[int], max_new_tokens: int = NEW, eos_token_id=None, **generate_kwargs) -> list[int]:
     """generate()'s greedy continuation of one prompt alone, cut after EOS; asserts no near-tie along the way."""
     out = model.generate(torch.tensor([prompt]), generation_config=greedy(max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_token_id), output_scores=True, return_dict_in_generate=True)
+                         eos_token_id=eos_token_id), output_scores=True, return_dict_in_generate=True,
+                         **generate_kwargs)
     top2 = torch.stack(out.scores).float().topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > MARGIN, "near-tie in the fixture: pick another seed"
     tokens = out.sequences[0, len(prompt):].tolist()
@@ -221,6 +222,144 @@ def test_sampling_runs_and_uses_its_settings(model, prompts):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The FP8 latent (paged_fp8.py): e4m3 rows with per-token scales, generate(latent_cache_dtype="fp8")'s tokens
+
+ONE_STEP = dict(page_size=16, max_batch_tokens=256)  # every prompt of the fixture prefilled in one step
+
+
+def fp8_alone(model, prompt, **kwargs) -> list[int]:
+    return alone(model, prompt, latent_cache_dtype="fp8", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def expected_fp8(model, prompts, expected):
+    tokens = [fp8_alone(model, p) for p in prompts]
+    assert tokens != expected, "fixture: the FP8 latent changes no token, a batch ignoring it would pass"
+    return tokens
+
+
+@needs_mla_paged_cache
+@pytest.mark.parametrize("how", ["kwarg", "generation_config", "model_config"])
+def test_fp8_latent_gives_generate_fp8_tokens(model, prompts, expected_fp8, how):
+    """Prompts prefilled in one step each (arriving together, and while others decode) get exactly the tokens of
+    generate(latent_cache_dtype="fp8") alone; forked copies those of the same prompt split before its last token."""
+    gc, kwargs = greedy(), {}
+    if how == "kwarg":
+        kwargs["latent_cache_dtype"] = "fp8"
+    elif how == "generation_config":
+        gc.latent_cache_dtype = "fp8"
+    else:
+        model.config.latent_cache_dtype = "fp8"
+    try:
+        results = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb_config(**ONE_STEP),
+                                       **kwargs)
+        assert tokens_of(results) == expected_fp8
+        if how != "model_config":
+            return
+        # A request to fork is prefilled up to its last prompt token, which each copy then runs on its own.
+        forked = model.generate_batch(prompts[3:], continuous_batching_config=cb_config(**ONE_STEP),
+                                      generation_config=greedy(do_sample=True, top_k=1, num_return_sequences=3))
+        assert tokens_of(forked) == [fp8_alone(model, p, prefill_chunk_size=len(p) - 1) for p in prompts[3:]
+                                     for _ in range(3)]
+        manager = model.init_continuous_batching(generation_config=greedy(),
+                                                 continuous_batching_config=cb_config(**ONE_STEP))
+        manager.start()
+        try:
+            first = manager.add_request(prompts[4], max_new_tokens=NEW, streaming=True)
+            while not manager.get_result(request_id=first, timeout=5).generated_tokens:
+                pass  # the first request is decoding
+            later = manager.add_requests(prompts[:4], max_new_tokens=NEW)
+            got = {}
+            while len(got) < 5:
+                result = manager.get_result(timeout=30)
+                assert result is not None, "no result within 30 s"
+                if result.is_finished():
+                    assert result.error is None, result.error
+                    got[result.request_id] = result.generated_tokens
+        finally:
+            manager.stop(block=True)
+            manager.destroy()
+        assert [got[r] for r in [*later, first]] == expected_fp8
+    finally:
+        model.config.latent_cache_dtype = None
+
+
+@needs_mla_paged_cache
+def test_fp8_latent_chunked_prefill_and_shared_prefix_read_the_e4m3_copy(model, prompts, expected_fp8, monkeypatch):
+    """A prompt prefilled in chunks, or after a prefix cached by an earlier request, attends to that part in e4m3:
+    its tokens are generate(latent_cache_dtype="fp8", prefill_chunk_size=...)'s, split at the same places."""
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
+    long_prompt = prompts[4]  # 70 tokens
+    chunked = fp8_alone(model, long_prompt, prefill_chunk_size=32)
+    assert chunked != expected_fp8[4], "fixture: chunking changes no token"
+    results = model.generate_batch([long_prompt], generation_config=greedy(latent_cache_dtype="fp8"),
+                                   continuous_batching_config=cb_config(page_size=16, max_batch_tokens=32))
+    assert tokens_of(results) == [chunked]
+
+    matched, search = [], PagedAttentionCache.search_prefix_match
+    monkeypatch.setattr(PagedAttentionCache, "search_prefix_match",
+                        lambda self, *a: matched.append(search(self, *a)) or matched[-1])
+    manager = model.init_continuous_batching(generation_config=greedy(latent_cache_dtype="fp8"),
+                                             continuous_batching_config=cb_config(**ONE_STEP))
+    manager.start()
+    try:
+        got = []
+        for _ in range(2):  # the second request starts after the first one's cached pages
+            request_id = manager.add_request(long_prompt, max_new_tokens=NEW)
+            while not (result := manager.get_result(request_id=request_id, timeout=30)).is_finished():
+                pass
+            assert result.error is None, result.error
+            got.append(result.generated_tokens)
+    finally:
+        manager.stop(block=True)
+        manager.destroy()
+    assert matched[0] == 0 and matched[1] == 64, matched
+    assert got == [expected_fp8[4], fp8_alone(model, long_prompt, prefill_chunk_size=64)]
+
+
+@needs_mla_paged_cache
+def test_fp8_paged_cache_rows_hold_e4m3_and_two_scales(model, prompts):
+    """C + R e4m3 bytes and two fp32 scales per token and layer (584 bytes for V3's 512 + 64, against 2,304 in fp32):
+    the cache of the same num_blocks takes that share of the memory."""
+    from modeling_deepseek.paged_fp8 import FP8LatentAllocator
+
+    c, caches = model.config, {}
+    for dtype in ("fp8", None):
+        manager = model.init_continuous_batching(generation_config=greedy(latent_cache_dtype=dtype),
+                                                 continuous_batching_config=cb_config(num_blocks=8))
+        try:
+            manager.warmup()
+            caches[dtype] = manager.batch_processor.cache
+        finally:
+            manager.destroy()
+    (allocator,) = caches["fp8"].cache_allocators.values()
+    row_bytes = -(-c.latent_cache_dim // 4) * 4 + 8
+    assert type(allocator) is FP8LatentAllocator and allocator.row_bytes == row_bytes
+    assert allocator.bytes_per_page == allocator.tokens_per_page * row_bytes
+    (plain,) = caches[None].cache_allocators.values()
+    assert plain.bytes_per_page == plain.tokens_per_page * c.latent_cache_dim * 4
+    assert caches["fp8"].num_blocks >= 8 and caches[None].num_blocks >= 8
+    fp8_bytes, plain_bytes = (caches[d].cache_tensor.numel() / caches[d].num_blocks for d in ("fp8", None))
+    assert fp8_bytes / plain_bytes == pytest.approx(row_bytes / (4 * c.latent_cache_dim), rel=0.2)
+
+
+@needs_mla_paged_cache
+def test_a_kept_manager_refuses_another_latent_dtype(model, prompts, expected_fp8):
+    model.generate_batch(prompts[:1], generation_config=greedy(), continuous_batching_config=cb_config(**ONE_STEP),
+                         persistent_manager=True)
+    try:
+        with pytest.raises(ValueError, match="stores the latent as the model dtype.*asks for fp8.*destroy_cached"):
+            model.generate_batch(prompts[:1], generation_config=greedy(), latent_cache_dtype="fp8",
+                                 continuous_batching_config=cb_config(**ONE_STEP))
+    finally:
+        model.destroy_cached_continuous_batching_manager()
+    results = model.generate_batch(prompts[:1], generation_config=greedy(), latent_cache_dtype="fp8",
+                                   continuous_batching_config=cb_config(**ONE_STEP))
+    assert tokens_of(results) == expected_fp8[:1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Nothing comes back empty
 
 
@@ -237,7 +376,7 @@ def test_a_failure_inside_the_loop_raises(model, prompts, monkeypatch):
 
 @needs_mla_paged_cache
 @pytest.mark.parametrize("how, match", [
-    ("fp8_config", "latent_cache_dtype='fp8' is not supported"),
+    ("latent_cache_dtype", "`latent_cache_dtype` must be None or 'fp8', got 'int4'"),
     ("use_mtp_kwarg", "use_mtp=True is not supported.*speculative"),
     ("use_mtp_config", "use_mtp=True is not supported.*speculative"),
     ("beams", "beam search"),
@@ -246,9 +385,11 @@ def test_a_failure_inside_the_loop_raises(model, prompts, monkeypatch):
     ("repetition_penalty", "cannot apply repetition_penalty=1.3"),
 ])
 def test_what_the_engine_cannot_do_raises_before_it_starts(how, match, prompts):
-    model = tiny_model(seed=0, latent_cache_dtype="fp8" if how == "fp8_config" else None).eval()
+    model = tiny_model(seed=0).eval()
     gc, kwargs = greedy(), {}
-    if how == "use_mtp_kwarg":
+    if how == "latent_cache_dtype":
+        kwargs["latent_cache_dtype"] = "int4"
+    elif how == "use_mtp_kwarg":
         kwargs["use_mtp"] = True
     elif how == "use_mtp_config":
         gc.use_mtp = True

@@ -46,10 +46,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, "fp8"], ids=["latent", "fp8-latent"])
+def served(tmp_path_factory, request):
+    """The server over a saved folder; with latent_cache_dtype "fp8" in its config.json, the paged latent is e4m3."""
     folder = tmp_path_factory.mktemp("served")
-    model = tiny_model(seed=0, bos_token_id=0, eos_token_id=1, pad_token_id=2).eval()
+    model = tiny_model(seed=0, bos_token_id=0, eos_token_id=1, pad_token_id=2, latent_cache_dtype=request.param).eval()
     model.generation_config.update(do_sample=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     model.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
@@ -100,15 +101,19 @@ def test_concurrent_completions_through_the_openai_client_match_generate(served)
     with ThreadPoolExecutor(len(prompts)) as pool:
         answers = list(pool.map(complete, zip(prompts, budgets)))
 
+    changed_by_fp8 = False
     for ids, n, (text, usage) in zip(prompts, budgets, answers):
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n)  # with the config's latent cache dtype
+            changed_by_fp8 |= not torch.equal(out, model.generate(torch.tensor([ids]), max_new_tokens=n,
+                                                                  latent_cache_dtype=None))
         expected = out[0, len(ids):].tolist()
         if 1 in expected:  # EOS: generation stops there, the server does not print it
             expected = expected[: expected.index(1)]
         assert [int(word[1:]) for word in text.split()] == expected
         assert usage.prompt_tokens == len(ids)
         assert usage.completion_tokens in (len(expected), len(expected) + 1)  # + the EOS token, if one ended it
+    assert changed_by_fp8 == (model.config.latent_cache_dtype == "fp8"), "fixture: the FP8 latent changes no token"
 
 
 @pytest.mark.skipif(MLA_PAGED_CACHE, reason="checks the error of a transformers without our serving path")
