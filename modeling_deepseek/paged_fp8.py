@@ -29,7 +29,7 @@ import torch
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.cache_allocators import MLACacheAllocator
 
-from .cache import FP8, quantize_per_token
+from .cache import dequantize_per_token, quantize_per_token
 from .compat import build_paged_cache_with
 
 SCALE_BYTES = 4  # one fp32 scale per latent and token
@@ -82,17 +82,13 @@ class FP8LatentAllocator(MLACacheAllocator):
             return key_states, value_states
 
         scales_S2 = scales_N2.index_select(0, read_index)
-        latent_SC = self._dequantize(latent_bytes.index_select(0, read_index), scales_S2[:, :1], latent_TC.dtype)
-        k_rope_SR = self._dequantize(rope_bytes.index_select(0, read_index), scales_S2[:, 1:], k_rope_TR.dtype)
+        latent_SC = dequantize_per_token(latent_bytes.index_select(0, read_index), scales_S2[:, :1], latent_TC.dtype)
+        k_rope_SR = dequantize_per_token(rope_bytes.index_select(0, read_index), scales_S2[:, 1:], k_rope_TR.dtype)
         # Where the rows written now are read back (the last tokens of their requests), they stay in full precision.
         written, read_at = _positions_of(write_index, read_index)
         latent_SC[read_at] = latent_TC[written]
         k_rope_SR[read_at] = k_rope_TR[written]
         return latent_SC.unsqueeze(1), k_rope_SR.unsqueeze(1)
-
-    @staticmethod
-    def _dequantize(bytes_SX: torch.Tensor, scale_S1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (bytes_SX.view(FP8).float() * scale_S1).to(dtype)
 
 
 def _positions_of(write_index: torch.Tensor, read_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

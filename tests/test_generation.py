@@ -21,6 +21,8 @@ the final norm, as vLLM and SGLang do.
 
 from __future__ import annotations
 
+import copy
+
 import warnings
 
 import pytest
@@ -348,7 +350,7 @@ def first_unsafe_step(ref_logits_BNV: torch.Tensor, err_BN: torch.Tensor) -> int
     return int(unsafe.nonzero()[0, 0]) if unsafe.any() else ref_logits_BNV.shape[1]
 
 
-@pytest.mark.parametrize("how", ["generate-kwarg", "config"])
+@pytest.mark.parametrize("how", ["generate-kwarg", "config", "generation-config"])
 def test_fp8_latent_cache_logits_close_and_tokens_equal(how):
     """Each step's logits with the e4m3 latent cache are those of the exact no-cache forward over the same prefix,
     within the quantization error (a dropped or mis-scaled cache is off by whole logits), and the tokens equal the
@@ -358,6 +360,9 @@ def test_fp8_latent_cache_logits_close_and_tokens_equal(how):
     kwargs = dict(latent_cache_dtype="fp8") if how == "generate-kwarg" else {}
     if how == "config":
         m.config.latent_cache_dtype = "fp8"
+    elif how == "generation-config":
+        kwargs["generation_config"] = copy.deepcopy(m.generation_config)
+        kwargs["generation_config"].latent_cache_dtype = "fp8"
     out = m.generate(prompt, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs, **GREEDY)
     cache = out.past_key_values
     assert cache.fp8 and cache.layers[0].keys.dtype == torch.float8_e4m3fn
@@ -374,6 +379,21 @@ def test_fp8_latent_cache_logits_close_and_tokens_equal(how):
     safe = first_unsafe_step(ref_BNV, err_BN)
     assert safe >= 2, "fixture: FP8 error exceeds the reference's top-2 gaps from the start"
     assert torch.equal(seq[:, : PROMPT + safe], expected[:, : PROMPT + safe])
+
+
+def test_e4m3_dequantization_is_torchs_cast_times_the_scale():
+    """The CPU fast path of cache.dequantize_per_token (a table of byte pairs) gives torch's e4m3 cast bit for bit:
+    every one of the 65,536 pairs, NaN codes included, and strided rows of several shapes, as e4m3 or as bytes."""
+    from modeling_deepseek.cache import FP8, dequantize_per_token, quantize_per_token
+
+    pairs = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.uint8).view(-1, 2)
+    ones = torch.ones(pairs.shape[0], 1)
+    assert torch.equal(dequantize_per_token(pairs, ones, torch.float32).view(torch.int32),
+                       pairs.view(FP8).float().view(torch.int32))
+    q, scale = quantize_per_token(torch.randn(3, 1, 40, 24))
+    for rows in (q, q[:, :, 5:], q[..., :10], q[..., 1:4]):  # odd widths take torch's cast
+        got = dequantize_per_token(rows, scale[:, :, -rows.shape[2]:], torch.bfloat16)
+        assert torch.equal(got, (rows.float() * scale[:, :, -rows.shape[2]:]).to(torch.bfloat16))
 
 
 def test_fp8_latent_cache_is_read(model, prompt, reference):
