@@ -674,10 +674,9 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
 
                 use_fp8_latent_cache(manager)
         elif manager.latent_cache_dtype != latent_cache_dtype:
-            raise ValueError(
-                f"the kept continuous-batching manager stores the latent as {manager.latent_cache_dtype or 'the model dtype'}"
-                f", this call asks for {latent_cache_dtype or 'the model dtype'}: call "
-                "model.destroy_cached_continuous_batching_manager() first")
+            kept, asked = (dtype or "the model dtype" for dtype in (manager.latent_cache_dtype, latent_cache_dtype))
+            raise ValueError(f"the kept continuous-batching manager stores the latent as {kept}, this call asks for "
+                             f"{asked}: call model.destroy_cached_continuous_batching_manager() first")
         return manager
 
     def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, **kwargs):

@@ -105,8 +105,6 @@ def _positions_of(write_index: torch.Tensor, read_index: torch.Tensor) -> tuple[
 class FP8PagedLatentCache(PagedAttentionCache):
     """transformers' PagedAttentionCache whose MLA layers are stored by an FP8LatentAllocator."""
 
-    latent_cache_dtype = "fp8"
-
     def _create_allocator(self, *args, **kwargs):
         allocator = super()._create_allocator(*args, **kwargs)
         return FP8LatentAllocator(allocator) if isinstance(allocator, MLACacheAllocator) else allocator
