@@ -24,9 +24,9 @@ def recording_reward(seen: list):
     return reward
 
 
-def run(trainer_class, tmp_path, continuous_batching: bool, **overrides):
+def run(trainer_class, tmp_path, continuous_batching: bool, model=None, **overrides):
     seen = []
-    trainer = trainer_class(tiny_lm(), reward_funcs=[recording_reward(seen)], train_dataset=dataset(),
+    trainer = trainer_class(model or tiny_lm(), reward_funcs=[recording_reward(seen)], train_dataset=dataset(),
                             processing_class=TOK, args=config(tmp_path, use_transformers_continuous_batching=
                                                               continuous_batching, **overrides))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -55,6 +55,20 @@ def test_training_on_continuous_batching_rollouts(trainer_class, tmp_path):
     assert len({tuple(map(tuple, step)) for step in seen}) == 2  # sampled: the two steps' rollouts differ
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert len(rewards) == 2 and all(r == r for r in rewards)
+
+
+@needs_mla_paged_cache
+def test_fp8_latent_rollouts_through_continuous_batching(tmp_path, monkeypatch):
+    """config.latent_cache_dtype = "fp8" reaches TRL's continuous-batching rollouts: they read the e4m3 paged rows."""
+    from modeling_deepseek.paged_fp8 import FP8LatentAllocator
+
+    reads, update = [], FP8LatentAllocator.update
+    monkeypatch.setattr(FP8LatentAllocator, "update", lambda self, *a: reads.append(a[-2].numel()) or update(self, *a))
+    model = tiny_lm()
+    model.config.latent_cache_dtype = "fp8"
+    seen, trainer, changed = run(GRPOTrainer, tmp_path, True, model=model, max_steps=2)
+    assert changed and len(seen) == 2 and all(len(ids) > 0 for step in seen for ids in step)
+    assert sum(reads) > 0, "no rollout step read the FP8 paged cache"
 
 
 @pytest.mark.skipif(MLA_PAGED_CACHE, reason="checks the error of a transformers without the MLA paged cache")
