@@ -275,6 +275,14 @@ def write_results_section(begin: str, end: str, text: str) -> None:
     md_path.write_text(md)
 
 
+def write_section(name: str, body: str, results_md: Path) -> None:
+    """Replace (or append) the section `<!-- BEGIN name -->` ... `<!-- END name -->` of the markdown file `results_md`."""
+    from benchmarks.run import replace_section
+
+    text = results_md.read_text() if results_md.exists() else ""
+    results_md.write_text(replace_section(text, name, body).rstrip() + "\n")
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,11 @@
     python -m benchmarks.continuous_batching ... --http-requests 16 --clients 8      # + the OpenAI server, client side
     python -m benchmarks.continuous_batching ... --grpo                             # + GRPO step with CB rollouts
     python -m benchmarks.continuous_batching ... --variants ours,ours_fp8           # the FP8 paged latent vs ours
+    python -m benchmarks.continuous_batching ... --device cuda --dtype bf16         # on a GPU (benchmarks.gpu_suite)
 
 One random checkpoint in transformers' DeepseekV3 format at the V3-latent shape (the reference shape with
-kv_lora_rank 512, qk_rope_head_dim 64: 576 cached values per token and layer), loaded by both models, fp32. Every
-measurement runs in a fresh process per variant, the variants alternating:
+kv_lora_rank 512, qk_rope_head_dim 64: 576 cached values per token and layer), loaded by both models (fp32 on the
+CPU by default; --device / --dtype). Every measurement runs in a fresh process per variant, the variants alternating:
 
 - generate_batch: R requests with prompt lengths spread evenly over [min, max] (random tokens), N new tokens each,
   greedy, one call, the same ContinuousBatchingConfig for both (page 256, 512 batch tokens, a cache sized for the
@@ -70,12 +71,13 @@ def generate_batch_worker(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     load = common.load_peer if spec["variant"] == "peer" else common.load_ours
-    model = load(spec["checkpoint"], torch.float32, "cpu")
+    model = load(spec["checkpoint"], common.DTYPES[spec["dtype"]], spec["device"])
     fp8 = {"latent_cache_dtype": "fp8"} if spec["variant"] == "ours_fp8" else {}
     prompts = prompts_for(spec)
     gc = GenerationConfig(do_sample=False, max_new_tokens=spec["new_tokens"], eos_token_id=-1, pad_token_id=0)
+    # sdpa for both: transformers would switch the peer (not ours) to a flash kernel where one is installed
     cbc = ContinuousBatchingConfig(page_size=PAGE, max_batch_tokens=BATCH_TOKENS, num_blocks=num_blocks(spec),
-                                   allow_block_sharing=False)
+                                   allow_block_sharing=False, auto_switch_to_flash=False)
     start = time.perf_counter()
     out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cbc,
                                record_timestamps=True, persistent_manager=True, **fp8)
@@ -181,24 +183,36 @@ def summarize(runs: dict) -> dict:
                 "all_walls": [x["wall_s"] for x in runs[v]]} for v, r in best.items()}
 
 
-BEGIN, END = "<!-- BEGIN continuous-batching -->", "<!-- END continuous-batching -->"
+def run_of(settings: dict) -> tuple[str, str]:
+    """(device, dtype) of a run (runs from before --device / --dtype were CPU fp32)."""
+    return settings.get("device", "cpu"), settings.get("dtype", "fp32")
+
+
+def section_name(summary: dict) -> str:
+    """RESULTS.md section of a run: `continuous-batching` / `continuous-batching-fp8` for CPU fp32, with
+    -DEVICE-DTYPE after them otherwise."""
+    device, dtype = run_of(summary["settings"])
+    name = "continuous-batching" + ("-fp8" if "ours_fp8" in summary["generate_batch"] else "")
+    return name if (device, dtype) == ("cpu", "fp32") else f"{name}-{device}-{dtype}"
 
 
 def render(b: dict) -> str:
     st, cfg, g = b["settings"], b["model_config"], b["generate_batch"]
+    device, dtype = run_of(st)
     H, nope, v, rope = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"],
                         cfg["qk_rope_head_dim"])
-    rebuilt = H * (nope + v + nope + rope) * 4  # fp32 K/V the peer builds per cached token and layer, every step
+    itemsize = common.DTYPES[dtype].itemsize
+    rebuilt = H * (nope + v + nope + rope) * itemsize  # K/V the peer builds per cached token and layer, every step
     ratio = g["ours"]["tok_s"] / g["peer"]["tok_s"]
     rows = [[name, g[k]["tok_s"], g[k]["wall_s"], g[k]["ttft_p50"], g[k]["ttft_p95"], g[k]["latency_p50"],
              g[k]["latency_p95"], f"{g[k]['cache_bytes_per_token']:,.0f}"]
             for k, name in (("peer", "transformers' DeepseekV3ForCausalLM"), ("ours", "DeepseekForCausalLM"))]
-    lines = [BEGIN, "## Continuous batching: generate_batch, the OpenAI server, GRPO rollouts (cpu, fp32)", "",
+    lines = [f"## Continuous batching: generate_batch, the OpenAI server, GRPO rollouts ({device}, {dtype})", "",
              f"Command: `{b['command']}`  ", f"Machine: {common.machine_line(b['machine'])}; load avg at end "
              f"{b.get('load_avg_at_end')} (the machine was shared with other jobs throughout)  ",
              f"Model (both, one checkpoint): the reference shape with DeepSeek-V3's latent width (kv_lora_rank "
              f"{cfg['kv_lora_rank']}, qk_rope_head_dim {cfg['qk_rope_head_dim']}: {cfg['kv_lora_rank'] + rope} cached "
-             f"values per token and layer), {cfg['num_hidden_layers']} layers, {H} heads, random weights, fp32; sdpa "
+             f"values per token and layer), {cfg['num_hidden_layers']} layers, {H} heads, random weights, {dtype}; sdpa "
              "attention for both.  ",
              f"Load: {st['requests']} requests submitted together, prompts of {st['min_prompt']} to {st['max_prompt']} "
              f"random tokens (evenly spread), {st['new_tokens']} new tokens each (EOS off), greedy, one "
@@ -210,7 +224,7 @@ def render(b: dict) -> str:
              f"Target: ours >= 2x the peer's generated tokens/s; measured **{ratio:.2f}x** "
              f"({'met' if ratio >= 2 else 'MISSED'}). Both engines store the same latent row per token and layer "
              f"(transformers' MLACacheAllocator: {g['ours']['cache_bytes_per_token']:,.0f} B per token over "
-             f"{cfg['num_hidden_layers']} layers in fp32). The difference is what each step does with it: the peer "
+             f"{cfg['num_hidden_layers']} layers in {dtype}). The difference is what each step does with it: the peer "
              f"re-expands every cached token of every scheduled request through kv_b_proj ({rebuilt:,} B of per-head "
              "K/V per cached token and layer, built and dropped at every step) and attends with one block-diagonal "
              "mask over all requests' keys; ours attends request by request, decode tokens absorbed over the "
@@ -256,26 +270,24 @@ def render(b: dict) -> str:
                   "both (min_new_tokens in one, EOS off in the other, whose engine cannot apply min_new_tokens); the "
                   "continuous-batching path returns no rollout "
                   "log-probabilities (TRL's branch) and routes in the policy's training mode.", ""]
-    lines += [*b.get("notes", []), END]
+    lines += b.get("notes", [])
     return "\n".join(lines)
-
-
-FP8_BEGIN, FP8_END = "<!-- BEGIN continuous-batching-fp8 -->", "<!-- END continuous-batching-fp8 -->"
 
 
 def render_fp8(b: dict) -> str:
     st, cfg, g = b["settings"], b["model_config"], b["generate_batch"]
+    device, dtype = run_of(st)
     latent = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
     rows = [[name, g[k]["tok_s"], g[k]["wall_s"], g[k]["ttft_p50"], g[k]["ttft_p95"], g[k]["latency_p50"],
              g[k]["latency_p95"], f"{g[k]['cache_bytes_per_token']:,.0f}", ", ".join(g[k]["allocator"])]
-            for k, name in (("ours", "ours, fp32 latent"), ("ours_fp8", 'ours, latent_cache_dtype="fp8"'))]
+            for k, name in (("ours", f"ours, {dtype} latent"), ("ours_fp8", 'ours, latent_cache_dtype="fp8"'))]
     per_layer = g["ours_fp8"]["cache_bytes_per_token"] / cfg["num_hidden_layers"]
     return "\n".join([
-        FP8_BEGIN, "## Continuous batching with the FP8 paged latent (cpu, fp32 model)", "",
+        f"## Continuous batching with the FP8 paged latent ({device}, {dtype} model)", "",
         f"Command: `{b['command']}`  ", f"Machine: {common.machine_line(b['machine'])}; load avg at end "
         f"{b.get('load_avg_at_end')}  ",
         f"Model: as in the section above (one random checkpoint at the reference shape with V3's latent width, "
-        f"{cfg['num_hidden_layers']} layers, fp32, sdpa); the same load: {st['requests']} requests, prompts of "
+        f"{cfg['num_hidden_layers']} layers, {dtype}, sdpa); the same load: {st['requests']} requests, prompts of "
         f"{st['min_prompt']} to {st['max_prompt']} tokens, {st['new_tokens']} new tokens each, greedy, one "
         f"`generate_batch` call, ContinuousBatchingConfig(page_size={PAGE}, max_batch_tokens={BATCH_TOKENS}, "
         f"num_blocks = the workload, no block sharing); each variant in a fresh process with {st['threads']} torch "
@@ -285,12 +297,12 @@ def render_fp8(b: dict) -> str:
         f"The FP8 row holds {latent} e4m3 values and two fp32 scales per token and layer ({per_layer:,.0f} B; "
         f"{latent * 2:,} B in bf16, {latent * 4:,} B in fp32): "
         f"{g['ours']['cache_bytes_per_token'] / g['ours_fp8']['cache_bytes_per_token']:.2f}x fewer bytes per token "
-        f"than this fp32 run's cache. Throughput fp8 / fp32 latent: "
+        f"than this {dtype} run's cache. Throughput fp8 / {dtype} latent: "
         f"{g['ours_fp8']['tok_s'] / g['ours']['tok_s']:.2f}x (reads dequantize the rows of every scheduled request "
-        "each step, on the CPU in eager PyTorch). Greedy tokens equal to the fp32 latent's for "
+        f"each step, on the {'CPU' if device == 'cpu' else 'GPU'} in eager PyTorch). Greedy tokens equal to the {dtype} latent's for "
         f"{g['same_tokens_share']:.0%} of requests (random weights: the e4m3 rounding flips near-tied tokens; "
         "tests/test_continuous_batching.py checks the exact tokens against generate(latent_cache_dtype=\"fp8\")).",
-        *b.get("notes", []), FP8_END])
+        *b.get("notes", [])])
 
 
 def main(argv=None) -> dict:
@@ -309,8 +321,12 @@ def main(argv=None) -> dict:
     p.add_argument("--grpo", action="store_true", help="also the GRPO step: own rollouts vs continuous batching")
     p.add_argument("--grpo-prompt-len", type=int, default=512)
     p.add_argument("--grpo-new-tokens", type=int, default=128)
-    p.add_argument("--json-out", default=None, help="default: benchmarks/results/continuous_batching_cpu_fp32.json "
-                   "(_fp8_latent.json with the FP8 variants)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=sorted(common.DTYPES))
+    p.add_argument("--json-out", default=None, help="default: benchmarks/results/continuous_batching_DEVICE_DTYPE"
+                   ".json (_fp8_latent.json with the FP8 variants)")
+    p.add_argument("--results-md", default=None, help="the markdown file the section goes to (default: "
+                   "benchmarks/RESULTS.md when --json-out is in benchmarks/results/)")
     p.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from --json-out")
     p.add_argument("--scaled-json", default=None, help="with --render-only: the server and GRPO parts from this run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -321,13 +337,13 @@ def main(argv=None) -> dict:
     if variants == FP8_VARIANTS and (args.http_requests or args.grpo):
         p.error("--http-requests and --grpo compare with the peer: run them with the default --variants")
     if args.json_out is None:
-        name = "continuous_batching_cpu_fp32" + ("_fp8_latent" if variants == FP8_VARIANTS else "")
+        name = f"continuous_batching_{args.device}_{args.dtype}" + ("_fp8_latent" if variants == FP8_VARIANTS else "")
         args.json_out = str(common.RESULTS_DIR / f"{name}.json")
     if args.render_only:
         summary = json.loads(Path(args.json_out).read_text())
         if args.scaled_json:
             summary["scaled"] = json.loads(Path(args.scaled_json).read_text())
-        write_section(summary)
+        write_section(summary, Path(args.results_md or common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
         return {}
     if args.worker:
         spec = json.loads(args.worker)
@@ -339,14 +355,16 @@ def main(argv=None) -> dict:
         return {}
 
     __import__("torch").set_num_threads(args.threads)  # what the machine line reports; the workers set their own
-    machine = common.machine_info("cpu")
+    if args.device == "cuda" and (args.http_requests or args.grpo):
+        p.error("--http-requests and --grpo run on the CPU only")
+    machine = common.machine_info(args.device)
     summary = {"command": common.command_line(), "machine": machine, "settings": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(Path(tmp) / "ckpt")
         summary["model_config"] = common.make_checkpoint(ckpt, **V3_LATENT)
         base = dict(checkpoint=ckpt, requests=args.requests, min_prompt=args.min_prompt, max_prompt=args.max_prompt,
                     new_tokens=args.new_tokens, threads=args.threads, http_requests=args.http_requests,
-                    clients=args.clients)
+                    clients=args.clients, device=args.device, dtype=args.dtype)
         runs = {v: [] for v in variants}
         for r in range(args.repeats):
             for v in variants:
@@ -394,16 +412,16 @@ def main(argv=None) -> dict:
     except OSError:
         pass
     common.write_json(args.json_out, summary)
-    if Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
-        write_section(summary)
+    if args.results_md:
+        write_section(summary, Path(args.results_md))
+    elif Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
+        write_section(summary, common.REPO_ROOT / "benchmarks" / "RESULTS.md")
     return summary
 
 
-def write_section(summary: dict) -> None:
-    if "ours_fp8" in summary["generate_batch"]:
-        common.write_results_section(FP8_BEGIN, FP8_END, render_fp8(summary))
-    else:
-        common.write_results_section(BEGIN, END, render(summary))
+def write_section(summary: dict, results_md: Path) -> None:
+    body = render_fp8(summary) if "ours_fp8" in summary["generate_batch"] else render(summary)
+    common.write_section(section_name(summary), body, results_md)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def run(args) -> dict:
     body = render(report)
     print(body)
     if args.results_md:
-        write_section(f"decode-compile-{label}-{args.device}-{args.dtype}", body, Path(args.results_md))
+        common.write_section(f"decode-compile-{label}-{args.device}-{args.dtype}", body, Path(args.results_md))
     print(f"wrote {json_out}")
     return report
 
@@ -338,11 +338,6 @@ def _x(v):
     return "-" if v is None else f"{v:.2f}x"
 
 
-def write_section(name: str, body: str, results_md: Path) -> None:
-    from benchmarks.run import replace_section
-
-    text = results_md.read_text() if results_md.exists() else ""
-    results_md.write_text(replace_section(text, name, body).rstrip() + "\n")
 
 
 def main(argv=None) -> dict:

@@ -15,6 +15,10 @@ Parts, each its own RESULTS.md section (`gpu-suite-...`) and JSON under <out-dir
    1 x 128 / 128 x 128 scales) forward + backward against bf16 F.linear, on V3's projection shapes, median ms and
    the ratio. Backend "auto": torch's scaled_mm on a Hopper GPU, the reference (dequantize + matmul) elsewhere.
 
+4. continuous-batching: benchmarks.continuous_batching on the device (generate_batch, 32 requests of 256 to 2,048
+   tokens, 64 new each, V3's latent width): ours against transformers' DeepseekV3, then ours with the FP8 paged
+   latent (latent_cache_dtype="fp8") against ours: tokens/s, TTFT and latency percentiles, cache bytes per token.
+
 Targets (issue 14): CUDA-graph decode >= 3x the eager peer at batch 1; MTP speculation >= 1.6x at acceptance >= 0.8.
 """
 
@@ -141,6 +145,28 @@ def fp8_gemm_part(args, results: Path, results_md: Path) -> dict:
     return report
 
 
+def continuous_batching_part(args, results: Path, results_md: Path) -> dict | None:
+    from benchmarks import continuous_batching
+    from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, installed_transformers_version
+
+    if not MLA_PAGED_CACHE:
+        common.write_section(f"gpu-suite-continuous-batching-{args.device}", (
+            f"## Continuous batching ({args.device})\n\nNot measured: continuous batching of MLA needs transformers >= "
+            f"{PAGED_CACHE_MIN_VERSION}; {installed_transformers_version()} is installed."), results_md)
+        return None
+
+    load = (["--requests", "4", "--min-prompt", "16", "--max-prompt", "48", "--new-tokens", "4"] if args.smoke else
+            ["--requests", str(args.cb_requests), "--min-prompt", "256", "--max-prompt", "2048", "--new-tokens", "64"])
+    done = {}
+    for variants in (continuous_batching.VARIANTS, continuous_batching.FP8_VARIANTS):
+        name = "_".join(variants)
+        done[name] = continuous_batching.main([
+            *load, "--device", args.device, "--dtype", args.dtype, "--variants", ",".join(variants), "--threads", "1",
+            "--json-out", str(results / f"gpu_suite_cb_{name}_{args.device}_{args.dtype}.json"),
+            "--results-md", str(results_md)])
+    return done
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
@@ -149,7 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--parts", default="decode,mtp,fp8-gemm")
+    p.add_argument("--parts", default="decode,mtp,fp8-gemm,continuous-batching")
+    p.add_argument("--cb-requests", type=int, default=32, help="continuous-batching: requests in the batch")
     p.add_argument("--mtp-model-dir", default=str(common.REPO_ROOT / "runs" / "demo" / "final"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks that every part runs")
     p.add_argument("--out-dir", default=None, help="RESULTS.md and results/ go there (default: benchmarks/)")
@@ -180,6 +207,8 @@ def main(argv=None) -> dict:
         done["mtp"] = mtp_part(args, results, results_md)
     if "fp8-gemm" in parts:
         done["fp8-gemm"] = fp8_gemm_part(args, results, results_md)
+    if "continuous-batching" in parts:
+        done["continuous-batching"] = continuous_batching_part(args, results, results_md)
     print(f"wrote {results_md}")
     return done
 
