@@ -55,9 +55,9 @@ def prompts():
 @torch.no_grad()
 def alone(model, prompt: list[int], max_new_tokens: int = NEW, eos_token_id=None, **generate_kwargs) -> list[int]:
     """generate()'s greedy continuation of one prompt alone, cut after EOS; asserts no near-tie along the way."""
-    out = model.generate(torch.tensor([prompt]), generation_config=greedy(max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_token_id), output_scores=True, return_dict_in_generate=True,
-                         **generate_kwargs)
+    config = greedy(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+    out = model.generate(torch.tensor([prompt], device=model.device), generation_config=config, output_scores=True,
+                         return_dict_in_generate=True, **generate_kwargs)
     top2 = torch.stack(out.scores).float().topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > MARGIN, "near-tie in the fixture: pick another seed"
     tokens = out.sequences[0, len(prompt):].tolist()
@@ -342,6 +342,17 @@ def test_fp8_paged_cache_rows_hold_e4m3_and_two_scales(model, prompts):
     assert caches["fp8"].num_blocks >= 8 and caches[None].num_blocks >= 8
     fp8_bytes, plain_bytes = (caches[d].cache_tensor.numel() / caches[d].num_blocks for d in ("fp8", None))
     assert fp8_bytes / plain_bytes == pytest.approx(row_bytes / (4 * c.latent_cache_dim), rel=0.2)
+
+
+@needs_mla_paged_cache
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_latent_on_cuda_gives_generate_fp8_tokens(prompts):
+    """The same rows on a GPU (torch's e4m3 cast there, byte copies into the paged cache on the device)."""
+    model = tiny_model(seed=0).eval().to("cuda")
+    expected = [fp8_alone(model, p) for p in prompts]
+    results = model.generate_batch(prompts, generation_config=greedy(), latent_cache_dtype="fp8",
+                                   continuous_batching_config=cb_config(**ONE_STEP))
+    assert tokens_of(results) == expected
 
 
 @needs_mla_paged_cache
