@@ -14,8 +14,12 @@ size follows from the allocator's bytes per block, so a `num_blocks` cache takes
 
 Reads dequantize to the compute dtype. As in FP8LatentLayer, the tokens a forward writes are attended by that forward
 in full precision and later forwards read the e4m3 copy. So a request whose prompt is prefilled in one step gets
-exactly generate(latent_cache_dtype="fp8")'s tokens; a prompt prefilled in chunks, or after a shared cached prefix,
-gets those of generate(latent_cache_dtype="fp8", prefill_chunk_size=...) split at the same places.
+exactly generate(latent_cache_dtype="fp8")'s tokens; a prompt prefilled in chunks, after a shared cached prefix, or
+forked (the engine prefills it up to its last token, which each copy runs) gets those of
+generate(latent_cache_dtype="fp8", prefill_chunk_size=...) split at the same places. A request whose cache the engine
+drops under memory pressure and prefills again ("soft reset") is re-run in full precision up to where it stopped, so
+its later tokens can differ from an uninterrupted run by the e4m3 rounding; offloading to CPU memory copies the rows
+as bytes and changes nothing.
 
 transformers' manager builds its PagedAttentionCache itself, and the cache picks its allocators itself; neither takes an
 argument for another class. `use_fp8_latent_cache(manager)` makes one manager build an `FP8PagedLatentCache`, whose
