@@ -5,6 +5,8 @@ against a no-cache reference): prompts of different lengths, prefill split into 
 others decode, EOS and max_new_tokens per request. Decode runs absorbed over the cached latent rows (no kv_b_proj per
 cached token), the cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, and what the engine cannot
 do raises instead of returning empty outputs. transformers' own DeepseekV3 on the same weights gives the same tokens.
+With latent_cache_dtype="fp8" the rows are e4m3 with per-token scales (paged_fp8.py), and each request gets the tokens
+of generate(latent_cache_dtype="fp8") with its prompt split where the engine split it.
 
 transformers < 5.25 has no MLA layout in its paged cache: there the tests skip, and one checks the error.
 """
