@@ -321,6 +321,22 @@ def test_fp8_latent_chunked_prefill_and_shared_prefix_read_the_e4m3_copy(model, 
 
 
 @needs_mla_paged_cache
+@pytest.mark.parametrize("latent_cache_dtype", [None, "fp8"])
+def test_requests_offloaded_under_memory_pressure_keep_their_tokens(model, prompts, expected, expected_fp8,
+                                                                   latent_cache_dtype, monkeypatch):
+    """A cache of 6 pages of 16 tokens cannot hold the 5 requests at once: the engine moves some to CPU memory and
+    back (their rows copied as bytes, e4m3 and scales alike), and every request still gets generate()'s tokens."""
+    from transformers.generation.continuous_batching.offloading_manager import OffloadingManager
+
+    offloads, offload = [], OffloadingManager._offload_to_cpu
+    monkeypatch.setattr(OffloadingManager, "_offload_to_cpu", lambda self, *a: offloads.append(1) or offload(self, *a))
+    results = model.generate_batch(prompts, generation_config=greedy(), latent_cache_dtype=latent_cache_dtype,
+                                   continuous_batching_config=cb_config(**{**ONE_STEP, "num_blocks": 6}))
+    assert offloads, "no request was offloaded: the cache was not under pressure"
+    assert tokens_of(results) == (expected_fp8 if latent_cache_dtype == "fp8" else expected)
+
+
+@needs_mla_paged_cache
 def test_fp8_paged_cache_rows_hold_e4m3_and_two_scales(model, prompts):
     """C + R e4m3 bytes and two fp32 scales per token and layer (584 bytes for V3's 512 + 64, against 2,304 in fp32):
     the cache of the same num_blocks takes that share of the memory."""
