@@ -8,11 +8,13 @@ folder is loaded by `DeepseekV3ForCausalLM.from_pretrained` (peer) and `Deepseek
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -273,6 +275,44 @@ def write_results_section(begin: str, end: str, text: str) -> None:
     else:
         md = md.rstrip("\n") + "\n\n" + text + "\n"
     md_path.write_text(md)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, log_path: Path, env: dict, timeout: float = 600):
+    """Run a server command (`transformers serve`, `python -m modeling_deepseek.serve`) from the repository root until
+    its /health on the loopback `port` answers; yield the process, and stop it on leaving. A server that exits or does
+    not answer within `timeout` seconds raises with the tail of its log."""
+    import urllib.request
+
+    log_path = Path(log_path)
+    with log_path.open("w") as log:
+        server = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"the server exited: {log_path.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no server after {timeout} s: {log_path.read_text()[-3000:]}") from None
+                    time.sleep(0.5)
+            yield server
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def write_section(name: str, body: str, results_md: Path) -> None:

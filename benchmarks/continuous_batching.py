@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,40 +94,20 @@ def generate_batch_worker(spec: dict) -> None:
     })
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_run(spec: dict, folder: str) -> dict:
     """Start the variant's server, send the requests from `clients` threads, stop the server."""
-    import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI
 
-    port = free_port()
+    port = common.free_port()
     serve = (["-m", "modeling_deepseek.serve"] if spec["variant"] == "ours"
              else ["-m", "transformers.cli.transformers", "serve"])
     cmd = [sys.executable, *serve, folder, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
            "--device", "cpu", "--cb-num-blocks", str(num_blocks(spec)), "--cb-block-size", str(PAGE),
            "--cb-max-batch-tokens", str(BATCH_TOKENS), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": str(spec["threads"])}
-    log = open(spec["out"] + ".server.log", "w")
-    server = subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(Path(spec["out"] + ".server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    with common.serving(cmd, port, Path(spec["out"] + ".server.log"), env):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600)
         texts = [" ".join(f"w{i}" for i in p) for p in prompts_for({**spec, "requests": spec["http_requests"]})]
         # one short request first: the server's warm-up is not the load being measured
@@ -144,14 +122,6 @@ def http_run(spec: dict, folder: str) -> dict:
         with ThreadPoolExecutor(spec["clients"]) as pool:
             done = list(pool.map(one, texts))
         wall = time.perf_counter() - start
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
     return {"variant": spec["variant"], "wall_s": wall, "requests": len(done),
             "latency_s": [d[0] for d in done], "completion_tokens": [d[1] for d in done]}
 

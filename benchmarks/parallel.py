@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -146,23 +145,6 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, results_md: Path) -> None:
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    text = results_md.read_text()
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    results_md.write_text(text)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
@@ -189,7 +171,7 @@ def main(argv=None) -> None:
                        cwd=common.REPO_ROOT)
         torchrun = Path(sys.executable).with_name("torchrun")
         subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                        str(free_port()), "-m", "benchmarks.parallel", "--worker", "dist", "--ckpt", ckpt,
+                        str(common.free_port()), "-m", "benchmarks.parallel", "--worker", "dist", "--ckpt", ckpt,
                         "--out", str(dist_out), *sizes], check=True, env=env, cwd=common.REPO_ROOT)
         report = {"machine": machine, "steps": args.steps, "batch": args.batch, "seq": args.seq,
                   "command": "python -m benchmarks.parallel " + " ".join(sizes),
@@ -197,7 +179,7 @@ def main(argv=None) -> None:
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(report, indent=1))
     body = render(report)
-    write_section(body, Path(args.results_md))
+    common.write_section(SECTION, body, Path(args.results_md))
     print(body)
 
 

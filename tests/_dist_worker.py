@@ -124,7 +124,7 @@ def run(args, out: Path):
 
     import modeling_deepseek  # noqa: F401
     from modeling_deepseek import balancing
-    from conftest import random_ids, tiny_model
+    from conftest import random_ids, record_bias_updates, tiny_model
 
     torch.use_deterministic_algorithms(True)
     accelerator, native_type = make_accelerator(args.mode, args.force_fsdp)
@@ -156,26 +156,8 @@ def run(args, out: Path):
     routers = balancing.balancing_routers(lm)
 
     # Count the balancing updates and the (all-reduced) token counts they saw.
-    updates = []
-    original_update = balancing.update_balancing_bias
-
-    reduced = []
-    original_all_reduce = torch.distributed.all_reduce
-
-    def recording_all_reduce(tensor, *a, **k):
-        work = original_all_reduce(tensor, *a, **k)
-        reduced.append(tensor.sum(dim=-1).tolist())  # the token counts every rank applies, one per router
-        return work
-
-    def counting_update(m):
-        updates.append([float(r.pending_load.sum()) for r in balancing.balancing_routers(m)])
-        balancing.dist.all_reduce = recording_all_reduce
-        try:
-            return original_update(m)
-        finally:
-            balancing.dist.all_reduce = original_all_reduce
-
-    balancing.update_balancing_bias = counting_update
+    updates, reduced = [], []
+    unwrap = record_bias_updates(updates, reduced)
 
     record = {"rank": rank, "world": world, "mode": args.mode, "per_rank_batch": per_rank,
               "native_distributed_type": native_type, "distributed_type": str(accelerator.distributed_type),
@@ -199,7 +181,7 @@ def run(args, out: Path):
             all(not r.has_pending_load and float(r.pending_load.abs().sum()) == 0.0 for r in routers)
         )
         record["biases"].append([r.e_score_correction_bias.tolist() for r in routers])
-    balancing.update_balancing_bias = original_update
+    unwrap()
 
     record["bias_updates"] = len(updates)
     record["local_token_counts"] = updates  # per router, before the all-reduce

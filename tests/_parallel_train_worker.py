@@ -72,32 +72,7 @@ def make_trainer(kind: str, model, out_dir: Path, dp_size: int, fp8: bool):
     return trainer
 
 
-SEEN = {"local": [], "reduced": []}
-
-
-def record_bias_updates():
-    """Wrap the balancing update (once per process) to record each router's token count before and after the
-    all-reduce into SEEN."""
-    from modeling_deepseek import balancing
-
-    seen = SEEN
-    update, all_reduce = balancing.update_balancing_bias, balancing.dist.all_reduce
-
-    def recording_all_reduce(tensor, *args, **kwargs):
-        work = all_reduce(tensor, *args, **kwargs)
-        seen["reduced"].append(tensor.sum(dim=-1).tolist())
-        return work
-
-    def counting_update(model):
-        seen["local"].append([float(r.pending_load.sum()) for r in balancing.balancing_routers(model)])
-        balancing.dist.all_reduce = recording_all_reduce
-        try:
-            return update(model)
-        finally:
-            balancing.dist.all_reduce = all_reduce
-
-    balancing.update_balancing_bias = counting_update
-    return lambda: setattr(balancing, "update_balancing_bias", update)  # undoes the wrapping
+SEEN = {"local": [], "reduced": []}  # filled by conftest.record_bias_updates, emptied per layout
 
 
 def losses(trainer) -> list[float]:
@@ -152,7 +127,8 @@ def run_layout(layout: str, ckpt: str, out: Path) -> dict:
     cfg = None if single else distributed_config(parallelism)
     dp_size = 1 if single else cfg.dp_size
     out.mkdir(parents=True, exist_ok=True)
-    SEEN["local"], SEEN["reduced"] = [], []
+    SEEN["local"].clear()
+    SEEN["reduced"].clear()
 
     def load():
         return DeepseekForCausalLM.from_pretrained(ckpt, distributed_config=cfg) if cfg else \
@@ -190,7 +166,7 @@ def run_layout(layout: str, ckpt: str, out: Path) -> dict:
         rec["losses"] = losses(trainer)
         model = trainer.model
     rec["biases"] = [r.e_score_correction_bias.tolist() for r in balancing.balancing_routers(model)]
-    rec["local_counts"], rec["reduced_counts"] = SEEN["local"], SEEN["reduced"]
+    rec["local_counts"], rec["reduced_counts"] = list(SEEN["local"]), list(SEEN["reduced"])
     model.eval()
     with torch.no_grad():
         rec["final_logits"] = model(random_ids(2, SEQ, seed=12)).logits.tolist()
@@ -204,8 +180,10 @@ def main(out: Path, ckpt: str, layouts: list[str]) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
+    from conftest import record_bias_updates
+
     rank = int(os.environ.get("RANK", 0))
-    record_bias_updates()
+    record_bias_updates(SEEN["local"], SEEN["reduced"])
     for layout in layouts:
         rec = run_layout(layout, ckpt, out / layout)
         (out / layout / f"rank{rank}.json").write_text(json.dumps(rec))

@@ -151,6 +151,30 @@ def routers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if getattr(m, "e_score_correction_bias", None) is not None]
 
 
+def record_bias_updates(local: list, reduced: list):
+    """Wrap the balancing update (the 2-rank workers) to append each router's token count before the all-reduce to
+    `local` and after it to `reduced`, one list per update. Returns the function that unwraps it."""
+    from modeling_deepseek import balancing
+
+    update, all_reduce = balancing.update_balancing_bias, balancing.dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        work = all_reduce(tensor, *args, **kwargs)
+        reduced.append(tensor.sum(dim=-1).tolist())
+        return work
+
+    def counting_update(model):
+        local.append([float(r.pending_load.sum()) for r in balancing.balancing_routers(model)])
+        balancing.dist.all_reduce = recording_all_reduce
+        try:
+            return update(model)
+        finally:
+            balancing.dist.all_reduce = all_reduce
+
+    balancing.update_balancing_bias = counting_update
+    return lambda: setattr(balancing, "update_balancing_bias", update)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmarks.common import free_port
 from test_parallel import finish  # wait for a torchrun launch, raising with the ranks' tracebacks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,10 +47,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -76,7 +72,7 @@ def run_worker(out: Path, mode: str, nproc: int, *extra: str) -> list[dict]:
         cmd = [sys.executable, *args]
     else:
         cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), *args]
+               "--master_port", str(free_port()), *args]
     _run(cmd, out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 

@@ -6,17 +6,15 @@ alone. The tokenizer is word-level (one word per token id), so the returned text
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.common import free_port, serving
 from conftest import random_ids, tiny_model
 from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION
 
@@ -40,12 +38,6 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[None, "fp8"], ids=["latent", "fp8-latent"])
 def served(tmp_path_factory, request):
     """The server over a saved folder; with latent_cache_dtype "fp8" in its config.json, the paged latent is e4m3."""
@@ -57,30 +49,10 @@ def served(tmp_path_factory, request):
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    log = (folder / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "modeling_deepseek.serve", str(folder), "--continuous-batching", "--host", "127.0.0.1",
-         "--port", str(port), "--device", "cpu", "--cb-num-blocks", "16", "--cb-block-size", "16"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"the server exited: {(folder / 'server.log').read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, f"no server after 240 s: {(folder / 'server.log').read_text()}"
-                time.sleep(0.5)
+    cmd = [sys.executable, "-m", "modeling_deepseek.serve", str(folder), "--continuous-batching", "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--cb-num-blocks", "16", "--cb-block-size", "16"]
+    with serving(cmd, port, folder / "server.log", env, timeout=240):
         yield folder, port, model
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @needs_mla_paged_cache

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ import pytest
 import torch
 from transformers.distributed import DistributedConfig
 
+from benchmarks.common import free_port
 from conftest import tiny_config, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
 from modeling_deepseek.ledger import parallel_bytes
@@ -59,10 +59,6 @@ needs_empty_tp_plan = pytest.mark.skipif(
            "refuses an empty tp_plan (test_ep_alone_on_an_older_engine_raises checks the error)")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -75,7 +71,7 @@ def _env() -> dict:
 
 def start_torchrun(worker: Path, *args: str) -> subprocess.Popen:
     """2 ranks of `worker` in their own process group (a hang kills torchrun and both ranks)."""
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(worker), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

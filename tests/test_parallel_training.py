@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_ids, tiny_model
+from conftest import random_ids, record_bias_updates, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
 from modeling_deepseek.parallel import EMPTY_TP_PLAN_RELEASE, engine_takes_empty_tp_plan
 from test_parallel import TORCHRUN, finish, start_torchrun
@@ -63,7 +63,7 @@ def runs(tmp_path_factory):
     proc = start_torchrun(WORKER, str(out), str(ckpt), *names)
     # The one-process references, here, while the ranks run.
     worker = _worker_module()
-    restore = worker.record_bias_updates()
+    restore = record_bias_updates(worker.SEEN["local"], worker.SEEN["reduced"])
     single = {}
     try:
         for kind in ("loop", "deepseek", "deepseek+fp8"):

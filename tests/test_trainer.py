@@ -296,12 +296,13 @@ def test_two_ranks_log_means_over_both(tmp_path):
     evaluation matches one process scoring the whole eval set, as Trainer's eval_loss does."""
     import sys
 
-    from test_distributed import TORCHRUN, _free_port, _run
+    from benchmarks.common import free_port
+    from test_distributed import TORCHRUN, _run
 
     if not (TORCHRUN.exists() and torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("needs torchrun next to the interpreter and torch.distributed with gloo")
     worker = Path(__file__).resolve().parent / "_trainer_dist_worker.py"
-    _run([str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    _run([str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
           str(worker), str(tmp_path)], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
