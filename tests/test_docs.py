@@ -130,6 +130,14 @@ def test_pages_found():
     assert BLOCKS, "no python block found in README.md or docs/"
 
 
+def test_readme_links_resolve():
+    """mkdocs --strict checks the links inside docs/; README.md is outside the site, so its links are checked here."""
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (REPO / "README.md").read_text())
+    local = [t for t in targets if "://" not in t]
+    assert local, "no relative link found in README.md"
+    assert [t for t in local if not (REPO / t).exists()] == []
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_markers(page):
     assert parse(page)[1] == []
