@@ -9,6 +9,7 @@
 #   make r1-demo      - the R1 recipe end to end (cold start, GRPO, rejection sampling, SFT, distillation into a
 #                       dense Llama), each stage measured on held-out problems (at most 20 min on 2 CPU cores)
 #   make bench        - run benchmarks (if present)
+#   make docs         - build the documentation site into site/ (mkdocs --strict: a broken link or reference fails)
 #   make clean        - remove build outputs and demo runs (keeps the venvs; `make distclean` removes them too)
 
 SHELL := /bin/bash
@@ -24,7 +25,7 @@ TORCH_VERSION := 2.13.0
 TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 PYTEST_FLAGS ?= -x -q -p no:cacheprovider --timeout=600
 
-.PHONY: venv venv-latest test test-latest demo grpo-demo r1-demo bench clean distclean
+.PHONY: venv venv-latest test test-latest demo grpo-demo r1-demo bench docs clean distclean
 
 venv: $(VENV)/.stamp
 venv-latest: $(VENV_LATEST)/.stamp
@@ -45,14 +46,14 @@ endef
 # Pinned: pip moves every installed package named in the constraints to its exact version (up or down).
 $(VENV)/.stamp: pyproject.toml $(CONSTRAINTS)
 	$(call torch_first,$(VENV))
-	$(PY) -m pip install -c $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install -c $(CONSTRAINTS) -e '.[dev,docs]'
 	@$(PY) -m pip check
 	@touch $@
 
 # Latest: every dependency upgraded to the newest release pyproject.toml allows; torch stays $(TORCH_VERSION).
 $(VENV_LATEST)/.stamp: pyproject.toml
 	$(call torch_first,$(VENV_LATEST))
-	$(PY_LATEST) -m pip install --upgrade --upgrade-strategy eager "torch==$(TORCH_VERSION)" -e '.[dev]'
+	$(PY_LATEST) -m pip install --upgrade --upgrade-strategy eager "torch==$(TORCH_VERSION)" -e '.[dev,docs]'
 	@$(PY_LATEST) -m pip check
 	@touch $@
 
@@ -80,8 +81,11 @@ bench: venv
 		echo "benchmarks/run.py not present; nothing to run"; \
 	fi
 
+docs: venv
+	$(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf build dist *.egg-info runs .venv-stamp $(VENV)/.stamp $(VENV_LATEST)/.stamp .pytest_cache
+	rm -rf site build dist *.egg-info runs .venv-stamp $(VENV)/.stamp $(VENV_LATEST)/.stamp .pytest_cache
 	find . -path ./$(VENV) -prune -o -path ./$(VENV_LATEST) -prune -o -type d -name __pycache__ -prune \
 		-exec rm -rf {} +
 
