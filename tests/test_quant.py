@@ -579,7 +579,8 @@ def test_fp8_checkpoint_on_cuda_keeps_fp8(tmp_path):
     model.save_pretrained(tmp_path / "src")
     quantize_checkpoint(tmp_path / "src", tmp_path / "fp8")
     q = DeepseekForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, device_map="cuda").eval()
-    assert isinstance(q.model.layers[0].self_attn.q_a_proj, DeepseekFP8Linear) and q.model.layers[0].self_attn.q_a_proj.weight.is_cuda
+    q_a_proj = q.model.layers[0].self_attn.q_a_proj
+    assert isinstance(q_a_proj, DeepseekFP8Linear) and q_a_proj.weight.is_cuda
     assert isinstance(q.model.layers[1].mlp.experts, DeepseekFP8Experts)
     dense = DeepseekForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, device_map="cuda",
                                                 fp8_keep_quantized=False).eval()
