@@ -72,7 +72,7 @@ def fresh_copy(base):
 
 
 def make_run(name: str, base, args):
-    from quant.fp8 import FP8TrainingConfig, convert_to_fp8_training
+    from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
 
     model = fresh_copy(base)
     if name == "fp8":
@@ -237,7 +237,7 @@ def main(argv=None):
     probe = data[0]
     for name in RUNS:
         memory[name] = saved_bytes(copy.deepcopy(runs[name]["model"]), probe, runs[name]["ctx"])
-    from quant.fp8 import FP8TrainingConfig, convert_to_fp8_training
+    from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
 
     no_cache = convert_to_fp8_training(fresh_copy(base),
                                        FP8TrainingConfig(backend="reference", cache_fp8_activations=False))

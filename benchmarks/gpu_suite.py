@@ -11,8 +11,8 @@ Parts, each its own RESULTS.md section (`gpu-suite-...`) and JSON under <out-dir
    Shape: the reference shape with DeepSeek-V3's latent width (kv_lora_rank 512, qk_rope_head_dim 64).
 2. mtp: benchmarks.mtp_speedup on --mtp-model-dir (the `make demo` model: MTP speculation needs trained MTP weights;
    without one the section says it was not measured).
-3. fp8-gemm: DeepSeek-V3's block-wise FP8 GEMM (quant.fp8_training.fp8_linear: Fprop, Dgrad and Wgrad in e4m3 with
-   1 x 128 / 128 x 128 scales) forward + backward against bf16 F.linear, on V3's projection shapes, median ms and
+3. fp8-gemm: DeepSeek-V3's block-wise FP8 GEMM (quant.fp8_training_modules.fp8_linear: Fprop, Dgrad and Wgrad in
+   e4m3 with 1 x 128 / 128 x 128 scales) forward + backward against bf16 F.linear, on V3's projection shapes, median ms and
    the ratio. Backend "auto": torch's scaled_mm on a Hopper GPU, the reference (dequantize + matmul) elsewhere.
 
 4. continuous-batching: benchmarks.continuous_batching on the device (generate_batch, 32 requests of 256 to 2,048
@@ -109,8 +109,9 @@ def fp8_gemm_part(args, results: Path, results_md: Path) -> dict:
     import torch.nn.functional as F
 
     from benchmarks.run import replace_section
-    from quant.fp8_gemm import resolve_backend
-    from quant.fp8_training import FP8TrainingConfig, fp8_linear
+    from modeling_deepseek.fp8_gemm import resolve_backend
+    from quant.fp8_training import FP8TrainingConfig
+    from quant.fp8_training_modules import fp8_linear
 
     device = torch.device(args.device)
     config = FP8TrainingConfig(backend="auto")
@@ -134,7 +135,8 @@ def fp8_gemm_part(args, results: Path, results_md: Path) -> dict:
         f"## FP8 block-wise GEMM forward + backward vs bf16 ({args.device}, backend {backend})", "",
         f"Command: `{report['command']}`  ", f"Machine: {common.machine_line(report['machine'])}  ",
         "y = x W^T with Fprop, Dgrad and Wgrad in e4m3 (activations 1 x 128, weights 128 x 128 scales; "
-        "`quant.fp8_training.fp8_linear`, quantization included) against `F.linear` in bf16, forward + backward, "
+        "`quant.fp8_training_modules.fp8_linear`, quantization included) against `F.linear` in bf16, forward + "
+        "backward, "
         f"median of {args.repeats} after a warm-up; TFLOP/s count the three GEMMs.", "",
         common.markdown_table(["GEMM", "M x K -> N", "bf16 ms", "FP8 ms", "FP8 speedup", "bf16 TFLOP/s",
                                "FP8 TFLOP/s"],

@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="push the final model and tokenizer to REPO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8", action="store_true",
-                   help="train in FP8 (DeepSeek-V3's block-wise recipe, quant.fp8.convert_to_fp8_training; on CPU the "
-                        "reference backend, slower than fp32)")
+                   help="train in FP8 (DeepSeek-V3's block-wise recipe, quant.fp8_training.convert_to_fp8_training; on "
+                        "CPU the reference backend, slower than fp32)")
     return p.parse_args(argv)
 
 
@@ -348,7 +348,7 @@ def main(argv=None) -> dict:
     model = DeepseekForCausalLM(config)
     model.config.use_cache = False
     if args.fp8:  # the saved model is an ordinary high-precision checkpoint either way
-        from quant.fp8 import convert_to_fp8_training
+        from quant.fp8_training import convert_to_fp8_training
 
         convert_to_fp8_training(model)
         print(model.fp8_training_report.__str__().splitlines()[0], flush=True)

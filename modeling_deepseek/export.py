@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import DeepseekConfig
-from .fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_tensors
+from .fp8_format import FP8_QUANTIZATION_CONFIG, quantize_state_tensors
 
 
 # Our config fields that the official files do not have.

@@ -4,7 +4,7 @@ transformers' paged cache is one flat byte tensor, cut into pages by one allocat
 `MLACacheAllocator` views a page as one row per token holding the two latents (kv_lora_rank + qk_rope_head_dim values)
 in the model's dtype. `FP8LatentAllocator` keeps everything else of it (pages, blocks, read / write indices, prefix
 sharing, forks that copy whole blocks as bytes) and changes only what a row holds: the same two latents in e4m3, each
-with its token's fp32 scale, quantized exactly as `FP8LatentLayer` does inside generate() (cache.quantize_per_token):
+with its token's fp32 scale, quantized exactly as `FP8LatentLayer` does inside generate() (fp8_format.quantize_per_token):
 
     [ latent e4m3 (C bytes) | rope key e4m3 (R bytes) | pad to 4 | latent scale fp32 | rope key scale fp32 ]
 
@@ -33,7 +33,7 @@ import torch
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.cache_allocators import MLACacheAllocator
 
-from .cache import dequantize_per_token, quantize_per_token
+from .fp8_format import dequantize_per_token, quantize_per_token
 from .compat import build_paged_cache_with
 
 SCALE_BYTES = 4  # one fp32 scale per latent and token

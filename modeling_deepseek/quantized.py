@@ -25,7 +25,7 @@ outside this package but torch, safetensors, transformers and (lazily) bitsandby
    expert's matrix flattened.
 
 2. DeepSeek FP8 checkpoints (`config.quantization_config.quant_method == "fp8"`, weights in e4m3 with a float32
-   `weight_scale_inv` per 128 x 128 block; see quant/fp8.py for the format). transformers' own FineGrainedFP8
+   `weight_scale_inv` per 128 x 128 block; see fp8_format.py for the format). transformers' own FineGrainedFP8
    loader derives the block size from the scale grid (rows // scale_rows), which is wrong for ragged edge blocks
    (a 192-row q_b_proj has row blocks of 128 and 64, not 2 of 96) and raises when the division is not exact
    (DeepSeek-V3's kv_a_proj_with_mqa: 576 rows, 5 row blocks). So `prepare_quantized_load` takes the FP8 config
@@ -36,11 +36,11 @@ outside this package but torch, safetensors, transformers and (lazily) bitsandby
    `fp8_keep_quantized=True` (the default when the model lands on CUDA) instead swaps the Linears for
    `DeepseekFP8Linear` and the routed experts for `DeepseekFP8Experts`, which keep e4m3 weights and run
    block-scaled FP8 GEMMs (1 x 128 activation groups, 128 x 128 weight blocks, `torch.nn.functional.scaled_mm`
-   on Hopper when both dims are multiples of 128) with a dequantize-and-matmul fallback elsewhere
-   (`FP8_GEMM_BACKEND` forces one). The swap happens after transformers has loaded the model in the requested
-   dtype, so loading peaks at the unquantized size; and the activation quantization is eager PyTorch (unfused),
-   which at present costs more than the FP8 GEMM saves (H100, 4096 x 7168 x 2048: FP8 GEMM 0.10 ms, bf16 GEMM
-   0.15 ms, activation quantization 0.47 ms).
+   on Hopper when both dims are multiples of 128) with a dequantize-and-matmul fallback elsewhere;
+   `fp8_gemm_backend="reference"` or `"scaled_mm"` chooses one for every FP8 module (fp8_gemm.py). The swap
+   happens after transformers has loaded the model in the requested dtype, so loading peaks at the unquantized
+   size; and the activation quantization is eager PyTorch (unfused), which at present costs more than the FP8 GEMM
+   saves (H100, 4096 x 7168 x 2048: FP8 GEMM 0.10 ms, bf16 GEMM 0.15 ms, activation quantization 0.47 ms).
 """
 
 from __future__ import annotations
@@ -55,13 +55,9 @@ from torch import nn
 from .bnb_experts import quantize_experts_bnb
 from .compat import avoid_bnb_cpu_avx512_packing, bnb_modules_to_not_convert, optional_hub_file
 from .experts import DeepseekExperts
-from .fp8 import (
-    DeepseekFP8Experts,
-    DeepseekFP8Linear,
-    FP8_BLOCK,
-    _check_scale_shape,
-    dequantize_weight_blockwise,
-)
+from .fp8 import DeepseekFP8Experts, DeepseekFP8Linear
+from .fp8_format import FP8_BLOCK, check_scale_shape, dequantize_weight_blockwise
+from .fp8_gemm import check_backend
 
 # --------------------------------------------------------------------------------------------------------------------
 # from_pretrained hooks
@@ -74,11 +70,12 @@ _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<j>\d+)\.(?P<proj>gate_p
 class QuantizedLoadPlan:
     """What prepare_quantized_load found, for finish_quantized_load: the FP8 checkpoint's files and options."""
 
-    def __init__(self, cls=None, files=None, fp8_config=None, keep_quantized=None):
+    def __init__(self, cls=None, files=None, fp8_config=None, keep_quantized=None, gemm_backend="auto"):
         self.cls = cls
         self.files = files or []
         self.fp8_config = fp8_config
         self.keep_quantized = keep_quantized
+        self.gemm_backend = gemm_backend
 
 
 def _fp8_config_of(config) -> dict | None:
@@ -138,9 +135,12 @@ def prepare_quantized_load(cls, args: tuple, kwargs: dict):
     For a DeepSeek FP8 checkpoint (config.quantization_config.quant_method == "fp8") the FP8 config is taken off the
     config handed to transformers, so that its FineGrainedFP8 loader (wrong grid for ragged blocks, see the module
     docstring) never runs: the e4m3 tensors land in the model as placeholders and `finish_quantized_load` rewrites
-    every one of them from the files. Takes the `fp8_keep_quantized` option (None: keep FP8 when the model is on CUDA).
+    every one of them from the files. Takes the `fp8_keep_quantized` option (None: keep FP8 when the model is on CUDA)
+    and `fp8_gemm_backend`, the backend of the FP8 modules kept ("auto", "reference" or "scaled_mm", fp8_gemm.py).
     """
     keep = kwargs.pop("fp8_keep_quantized", None)
+    backend = kwargs.pop("fp8_gemm_backend", "auto")
+    check_backend(backend, "from_pretrained(fp8_gemm_backend=...)")
     _restore_ignore_patterns(cls)  # in case an earlier load raised between the two hooks
     path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
     if path is None or kwargs.get("state_dict") is not None or kwargs.get("gguf_file") is not None:
@@ -174,7 +174,7 @@ def prepare_quantized_load(cls, args: tuple, kwargs: dict):
     kwargs["config"] = config
     files = _checkpoint_files(str(path), kwargs)
     _check_fp8_scales(files)
-    plan = QuantizedLoadPlan(cls, files, fp8_config, keep)
+    plan = QuantizedLoadPlan(cls, files, fp8_config, keep, backend)
     # The scales are read by finish_quantized_load, not by transformers: keep them out of its "unexpected" report.
     _PENDING_IGNORE[cls] = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _NO_ATTR)
     cls._keys_to_ignore_on_load_unexpected = [*(cls._keys_to_ignore_on_load_unexpected or []), _IGNORE_SCALES]
@@ -202,7 +202,7 @@ def finish_quantized_load(model, info: dict, plan: QuantizedLoadPlan | None):
     """
     if plan is not None:
         _restore_ignore_patterns(plan.cls)
-        load_fp8_weights(model, plan.files, keep_quantized=plan.keep_quantized)
+        load_fp8_weights(model, plan.files, plan.keep_quantized, plan.gemm_backend)
         if info is not None and info.get("unexpected_keys"):
             info["unexpected_keys"] = type(info["unexpected_keys"])(
                 k for k in info["unexpected_keys"] if not k.endswith("weight_scale_inv")
@@ -233,12 +233,14 @@ def _model_key(key: str, names, prefix: str) -> str | None:
 
 
 @torch.no_grad()
-def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | None = None) -> dict:
+def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | None = None,
+                     backend: str = "auto") -> dict:
     """Write every FP8 weight of a DeepSeek-format checkpoint into `model`.
 
     keep_quantized False: dequantize into the existing parameters (in their dtype and device); per-expert keys go
     into the fused expert tensors. True: replace each Linear by a DeepseekFP8Linear and each DeepseekExperts whose
-    experts are all FP8 by a DeepseekFP8Experts, on the device of the module. None: True when the model is on CUDA.
+    experts are all FP8 by a DeepseekFP8Experts, on the device of the module, computing with `backend`. None: True
+    when the model is on CUDA.
     Returns counts of what was done.
     """
     from safetensors import safe_open
@@ -257,7 +259,7 @@ def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | 
                     continue
                 w = f.get_tensor(key)
                 s = f.get_tensor(key.removesuffix("weight") + "weight_scale_inv")
-                _check_scale_shape(w.shape, s, FP8_BLOCK, key)
+                check_scale_shape(w.shape, s, FP8_BLOCK, key)
                 m = _EXPERT_KEY.match(key)
                 if m is not None:
                     experts = _model_key(m["prefix"], expert_names, prefix)
@@ -279,7 +281,7 @@ def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | 
                 if keep_quantized and type(module) is nn.Linear:
                     dev = module.weight.device
                     model.set_submodule(module_name, DeepseekFP8Linear.from_quantized(
-                        w.to(dev), s.to(dev), module.bias))
+                        w.to(dev), s.to(dev), module.bias, backend))
                     stats["fp8_linear"] += 1
                 else:
                     p = params[name]
@@ -295,7 +297,7 @@ def load_fp8_weights(model: nn.Module, files: list[str], keep_quantized: bool | 
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 stacks += [torch.stack([parts[(j, proj)][0] for j in range(E)]).to(dev),
                            torch.stack([parts[(j, proj)][1] for j in range(E)]).to(dev)]
-            model.set_submodule(experts_name, DeepseekFP8Experts(*stacks, act_fn=module.act_fn))
+            model.set_submodule(experts_name, DeepseekFP8Experts(*stacks, act_fn=module.act_fn, backend=backend))
             stats["fp8_experts"] += 1
             continue
         for (j, proj), (w, s) in parts.items():

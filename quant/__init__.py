@@ -1,12 +1,13 @@
 """Quantization utilities for the DeepSeek models (FP8 block-wise weights, bitsandbytes integration).
 
 - `quant.fp8`: DeepSeek-V3's FP8 checkpoint format (e4m3 weights, float32 `weight_scale_inv` per 128 x 128 block):
-  quantize / dequantize a weight, write an FP8 checkpoint from a bf16/fp32 one (`quantize_checkpoint`), and the
-  `FP8Linear` module. `DeepseekForCausalLM.from_pretrained(fp8_folder)` loads such a folder (dequantized on CPU,
-  FP8 GEMMs on CUDA).
-- `quant.fp8.convert_to_fp8_training(model, FP8TrainingConfig(...))`: training in FP8 as DeepSeek-V3 did it, all
-  three GEMMs of every projection and routed-expert group in e4m3 with 1 x 128 / 128 x 128 online scales
-  (quant/fp8_training.py; the GEMM backends, CPU reference and Hopper `scaled_mm`, in quant/fp8_gemm.py).
+  write an FP8 checkpoint from a bf16/fp32 one (`quantize_checkpoint`) and bound its error
+  (`quantization_error_bound`). `DeepseekForCausalLM.from_pretrained(fp8_folder)` loads such a folder (dequantized
+  on CPU, FP8 GEMMs on CUDA, in `DeepseekFP8Linear` / `DeepseekFP8Experts`). The format itself, which the model side
+  needs too, is modeling_deepseek/fp8_format.py; the block-scaled GEMM is modeling_deepseek/fp8_gemm.py.
+- `quant.fp8_training.convert_to_fp8_training(model, FP8TrainingConfig(...))`: training in FP8 as DeepSeek-V3 did
+  it, all three GEMMs of every projection and routed-expert group in e4m3 with 1 x 128 / 128 x 128 online scales
+  (the modules in quant/fp8_training_modules.py); `quant.adamw_bf16_moments.AdamWBF16Moments`, V3's optimizer.
 - bitsandbytes: `DeepseekForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))`
   (or `load_in_8bit=True`) quantizes the Linears (transformers) and the fused routed experts (this package's
   `DeepseekBnbExperts`, modeling_deepseek/bnb_experts.py); router, norms, embedding and lm_head stay full precision.

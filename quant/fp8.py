@@ -43,17 +43,15 @@ activations by e4m3 weights, applying both scales per 128-long slice of the cont
 
 Loading such a folder with `DeepseekForCausalLM.from_pretrained(folder)`: on CPU (or with `fp8_keep_quantized=False`)
 every quantized weight is dequantized on load to the requested dtype, the per-expert `experts.{j}.*_proj` keys
-into the fused expert tensors; on CUDA the weights stay FP8 in `DeepseekFP8Linear` / `DeepseekFP8Experts`, whose
-forward runs block-scaled FP8 GEMMs (`torch.nn.functional.scaled_mm` with BlockWise1x128 x BlockWise128x128 on
-Hopper) and falls back to dequantize-and-matmul elsewhere. The implementation of the model side is
-modeling_deepseek/fp8.py; this module re-exports its functions and adds the checkpoint writer, which streams
-through the same tensor writer (`quantize_state_tensors`) and fused-expert splitter (`split_fused_experts`) as the
-exporter's --fp8 (`python -m modeling_deepseek.export`); the two differ only in the config they write (ours,
-loadable by `from_pretrained`, against the official one).
+into the fused expert tensors; on CUDA the weights stay FP8 in `DeepseekFP8Linear` / `DeepseekFP8Experts`
+(modeling_deepseek/fp8.py), whose forward runs block-scaled FP8 GEMMs (modeling_deepseek/fp8_gemm.py). The format
+itself (quantizers, scale rule, which keys) is modeling_deepseek/fp8_format.py, where the model side can import it.
 
-Training in FP8 (the same tiles, all three GEMMs of every projection, online scales) is quant/fp8_training.py:
-`convert_to_fp8_training(model, FP8TrainingConfig(...))`, re-exported here, like `quantize_blockwise(x, block_size)`
-and `dequantize_blockwise(x_fp8, scale, block_size)`, the one tile quantizer the format and training share.
+This module holds the quantization work: `quantize_checkpoint`, which streams through the same tensor writer
+(`quantize_state_tensors`) and fused-expert splitter (`split_fused_experts`) as the exporter's --fp8
+(`python -m modeling_deepseek.export`; the two differ only in the config they write: ours, loadable by
+`from_pretrained`, against the official one), and `quantization_error_bound`, the bound above. Training in FP8 (the
+same tiles, all three GEMMs of every projection, online scales) is quant/fp8_training.py.
 """
 
 from __future__ import annotations
@@ -68,63 +66,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modeling_deepseek.export import split_fused_experts, write_json_atomic
-from modeling_deepseek.fp8 import (
-    FP8_BLOCK,
-    FP8_DTYPE,
-    FP8_MAX,
-    FP8_QUANTIZATION_CONFIG,
-    DeepseekFP8Experts,
-    DeepseekFP8Linear,
-    dequantize_blockwise,
-    dequantize_weight_blockwise,
-    fp8_block_linear,
-    fp8_block_matmul_reference,
-    quantize_activation_groupwise,
-    quantize_blockwise,
-    quantize_state_tensors,
-    quantize_weight_blockwise,
-    should_quantize,
-    scale_grid_shape,
-)
+from modeling_deepseek.fp8_format import FP8_BLOCK, FP8_QUANTIZATION_CONFIG, quantize_state_tensors
 
-from .fp8_training import (
-    AdamWBF16Moments,
-    Float8TrainingExperts,
-    Float8TrainingLinear,
-    FP8TrainingConfig,
-    FP8TrainingReport,
-    convert_to_fp8_training,
-    fp8_linear,
-)
-
-FP8Linear = DeepseekFP8Linear  # the usual name
-__all__ = [
-    "FP8_BLOCK",
-    "FP8_DTYPE",
-    "FP8_MAX",
-    "FP8_QUANTIZATION_CONFIG",
-    "FP8Linear",
-    "DeepseekFP8Linear",
-    "DeepseekFP8Experts",
-    "quantize_blockwise",
-    "dequantize_blockwise",
-    "quantize_weight_blockwise",
-    "dequantize_weight_blockwise",
-    "quantize_activation_groupwise",
-    "fp8_block_linear",
-    "fp8_block_matmul_reference",
-    "scale_grid_shape",
-    "should_quantize",
-    "quantization_error_bound",
-    "quantize_checkpoint",
-    "convert_to_fp8_training",
-    "FP8TrainingConfig",
-    "FP8TrainingReport",
-    "Float8TrainingLinear",
-    "Float8TrainingExperts",
-    "fp8_linear",
-    "AdamWBF16Moments",
-]
+__all__ = ["quantization_error_bound", "quantize_checkpoint"]
 
 
 def quantization_error_bound(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """FP8 training as DeepSeek-V3 did it (report section 3.3): every Linear and expert GEMM in e4m3, block-scaled.
 
-    from quant.fp8 import convert_to_fp8_training
+    from quant.fp8_training import convert_to_fp8_training
     model = convert_to_fp8_training(model)          # in place; also returns the model
     print(model.fp8_training_report)                # what was converted, what stayed high precision, and why
 
@@ -14,16 +14,17 @@ A Linear y = x W^T runs three GEMMs per step, and all three take e4m3 operands w
     Wgrad   dW = dy^T x    dy and x in 128 x 1 tiles (128 tokens, per channel): the contraction runs over tokens
 
 Every operand is quantized from the high-precision tensor, never from an already quantized copy (Wgrad's x tiles
-are taken from x in the forward, next to Fprop's). Products accumulate in fp32 (quant/fp8_gemm.py). Ragged edges
-are zero-padded, so every projection converts whatever its shape. Master weights, their gradients and everything
-outside the GEMMs keep the model's precision.
+are taken from x in the forward, next to Fprop's). Products accumulate in fp32 (modeling_deepseek/fp8_gemm.py).
+Ragged edges are zero-padded, so every projection converts whatever its shape. Master weights, their gradients and
+everything outside the GEMMs keep the model's precision.
 
 Activations saved for backward are Wgrad's operand only, and with `cache_fp8_activations` (the default) they are
 kept as e4m3 plus scales, 1 byte per entry instead of 4 (fp32) or 2 (bf16); turning it off saves x and quantizes it
 in backward: the same numbers either way (tests/test_fp8_training.py checks the gradients are identical).
 
-The routed experts (`Float8TrainingExperts`) run their grouped path, tokens sorted by expert, with all three GEMMs
-per expert group in FP8 (Wgrad's 128-token tiles start at each expert's first token) and no host synchronisation.
+The modules are in quant/fp8_training_modules.py. The routed experts (`Float8TrainingExperts`) run their grouped
+path, tokens sorted by expert, with all three GEMMs per expert group in FP8 (Wgrad's 128-token tiles start at each
+expert's first token) and no host synchronisation.
 
 What stays in high precision, as in V3: the embedding, the output head (`lm_head`, which MTP's shared head reuses),
 the MoE router and its bias (not Linears), every norm, attention's core (scores, softmax, weighted sum: inside
@@ -41,7 +42,7 @@ to train after that happened (a clear error on the first training forward) inste
 recipe. Under `torch.autocast` the FP8 GEMMs output the autocast dtype.
 
 The optimizer side of V3's recipe, fp32 master weights and gradients with bf16 AdamW moments, is
-`AdamWBF16Moments` (any model; pass it to Trainer with `optimizers=(opt, None)`).
+`quant.adamw_bf16_moments.AdamWBF16Moments` (any model; pass it to Trainer with `optimizers=(opt, None)`).
 
 `recipe="tensorwise"` / `"rowwise"` hand the Linears over to torchao's float8 training (when installed), with the
 same high-precision islands, for comparison.
@@ -50,27 +51,20 @@ same high-precision islands, for comparison.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from modeling_deepseek.experts import DeepseekExperts, run_experts_loop, tokens_per_expert
-from modeling_deepseek.fp8 import quantize_blockwise
+from modeling_deepseek.attention import DeepseekAttention
+from modeling_deepseek.bnb_experts import DeepseekBnbExperts
+from modeling_deepseek.experts import DeepseekExperts
+from modeling_deepseek.fp8 import DeepseekFP8Experts, DeepseekFP8Linear
+from modeling_deepseek.fp8_gemm import check_backend, scaled_mm_available
+from modeling_deepseek.layers import DeepseekRMSNorm
+from modeling_deepseek.routing import DeepseekTopkRouter
 
-from .fp8_gemm import (
-    BACKENDS,
-    BLOCK,
-    TILE,
-    _grouped_mm,
-    blockwise_mm,
-    cuda_backend_available,
-    dequantize_blockwise,
-    dequantize_token_tiles,
-    grouped_wgrad,
-    quantize_token_tiles,
-    resolve_backend,
-)
+from .fp8_training_modules import Float8TrainingExperts, Float8TrainingLinear
 
 RECIPES = ("blockwise", "tensorwise", "rowwise")
 
@@ -83,7 +77,8 @@ class FP8TrainingConfig:
                                 "rowwise" hand over to torchao's recipes (needs torchao)
     round_scales_to_power_of_2  round every scale up to a power of two (V3 for some activations, V3.1 everywhere)
     cache_fp8_activations       keep the tensors saved for backward in e4m3 with their scales (else high precision)
-    backend                     "auto" (cuda on a Hopper GPU, else reference), "reference" or "cuda"
+    backend                     "auto" (scaled_mm on a Hopper GPU, else reference), "reference" or "scaled_mm"
+                                (modeling_deepseek/fp8_gemm.py)
     convert_experts             also run the routed experts' grouped GEMMs in FP8
     """
 
@@ -96,8 +91,7 @@ class FP8TrainingConfig:
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ValueError(f"FP8TrainingConfig: unknown recipe {self.recipe!r}; choose one of {RECIPES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"FP8TrainingConfig: unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        check_backend(self.backend, "FP8TrainingConfig")
 
 
 @dataclass
@@ -116,194 +110,6 @@ class FP8TrainingReport:
         return "\n".join(lines)
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def _backend(config: FP8TrainingConfig, x: torch.Tensor) -> str:
-    backend = resolve_backend(config.backend, x.device)
-    if backend == "cuda" and not (x.is_cuda and cuda_backend_available(x.device)):
-        raise RuntimeError(f"FP8 backend 'cuda' needs tensors on a Hopper GPU, got a {x.device} tensor")
-    return backend
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The three GEMMs of a Linear
-
-
-class _FP8Linear(torch.autograd.Function):
-    """y [M, N] = x [M, K] @ w [N, K]^T with Fprop, Dgrad and Wgrad all in block-scaled e4m3."""
-
-    @staticmethod
-    def forward(ctx, x_MK, w_NK, config: FP8TrainingConfig, out_dtype: torch.dtype):
-        backend, p2 = _backend(config, x_MK), config.round_scales_to_power_of_2
-        xq, xs = quantize_blockwise(x_MK, TILE, p2)
-        wq, ws = quantize_blockwise(w_NK, BLOCK, p2)
-        y_MN = blockwise_mm(xq, xs, wq, ws, BLOCK, out_dtype, backend)
-        if config.cache_fp8_activations:  # Wgrad's operand, from the high-precision x: 128 tokens per tile
-            ctx.save_for_backward(*quantize_blockwise(x_MK.t(), TILE, p2), wq, ws)
-        else:
-            ctx.save_for_backward(x_MK, wq, ws)
-        ctx.config, ctx.backend, ctx.dtypes = config, backend, (x_MK.dtype, w_NK.dtype)
-        return y_MN
-
-    @staticmethod
-    def backward(ctx, dy_MN):
-        config, backend, (x_dtype, w_dtype) = ctx.config, ctx.backend, ctx.dtypes
-        p2 = config.round_scales_to_power_of_2
-        if config.cache_fp8_activations:
-            xtq, xts, wq, ws = ctx.saved_tensors
-        else:
-            x_MK, wq, ws = ctx.saved_tensors
-            xtq, xts = quantize_blockwise(x_MK.t(), TILE, p2)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:  # Dgrad: dy in 1 x 128 tiles along N, W^T's blocks are W's transposed
-            dyq, dys = quantize_blockwise(dy_MN, TILE, p2)
-            dx = blockwise_mm(dyq, dys, wq.t().contiguous(), ws.t(), BLOCK, x_dtype, backend)
-        if ctx.needs_input_grad[1]:  # Wgrad: dy^T and x^T in 1 x 128 tiles along the tokens
-            dytq, dyts = quantize_blockwise(dy_MN.t(), TILE, p2)
-            dw = blockwise_mm(dytq, dyts, xtq, xts, TILE, w_dtype, backend)
-        return dx, dw, None, None
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: FP8TrainingConfig):
-    """F.linear with the FP8 training recipe (any leading dims; the bias is added in high precision)."""
-    out_dtype = _out_dtype(x)
-    lead, K = x.shape[:-1], x.shape[-1]
-    with torch.autocast(x.device.type, enabled=False):
-        y = _FP8Linear.apply(x.reshape(-1, K), weight, config, out_dtype)
-    y = y.view(*lead, weight.shape[0])
-    return y if bias is None else y + bias.to(y.dtype)
-
-
-class Float8TrainingLinear(nn.Linear):
-    """An nn.Linear whose forward and backward GEMMs run in block-scaled FP8 (same `weight` / `bias` Parameters)."""
-
-    fp8_config: FP8TrainingConfig
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, config: FP8TrainingConfig) -> "Float8TrainingLinear":
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        new.weight, new.bias = linear.weight, linear.bias  # the same Parameter objects
-        new.fp8_config = config
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.fp8_config)
-
-    def extra_repr(self) -> str:
-        c = self.fp8_config
-        return (f"{super().extra_repr()}, fp8 training 1x128 x 128x128, pow2_scales={c.round_scales_to_power_of_2}, "
-                f"cache_fp8_activations={c.cache_fp8_activations}, backend={c.backend}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The three GEMMs of the routed experts, per expert group
-
-
-class _FP8GroupedMM(torch.autograd.Function):
-    """y [S, N] with y_s = x_s @ w[e(s)]^T for rows sorted by expert (group e ends at offsets_E[e]), all three GEMMs
-    on e4m3 operands. torch has no block-scaled grouped GEMM: the dequantized tiles go through grouped_mm."""
-
-    @staticmethod
-    def forward(ctx, x_SK, w_ENK, offsets_E, config: FP8TrainingConfig, out_dtype: torch.dtype):
-        p2 = config.round_scales_to_power_of_2
-        cd = _grouped_compute_dtype(x_SK)
-        wq, ws = quantize_blockwise(w_ENK, BLOCK, p2)
-        x = dequantize_blockwise(*quantize_blockwise(x_SK, TILE, p2), TILE, cd)
-        y_SN = _grouped_mm(x, dequantize_blockwise(wq, ws, BLOCK, cd).transpose(1, 2), offs=offsets_E)
-        if config.cache_fp8_activations:
-            ctx.save_for_backward(*quantize_token_tiles(x_SK, offsets_E, p2), wq, ws, offsets_E)
-        else:
-            ctx.save_for_backward(x_SK, wq, ws, offsets_E)
-        ctx.config, ctx.dtypes = config, (x_SK.dtype, w_ENK.dtype)
-        return y_SN.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, dy_SN):
-        config, (x_dtype, w_dtype) = ctx.config, ctx.dtypes
-        p2 = config.round_scales_to_power_of_2
-        if config.cache_fp8_activations:
-            xq, xs, tile_S, wq, ws, offsets_E = ctx.saved_tensors
-        else:
-            x_SK, wq, ws, offsets_E = ctx.saved_tensors
-            xq, xs, tile_S = quantize_token_tiles(x_SK, offsets_E, p2)
-        cd = _grouped_compute_dtype(dy_SN)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:  # Dgrad per group: dy in 1 x 128 tiles along N, the weights' blocks
-            dy = dequantize_blockwise(*quantize_blockwise(dy_SN, TILE, p2), TILE, cd)
-            dx = _grouped_mm(dy, dequantize_blockwise(wq, ws, BLOCK, cd), offs=offsets_E).to(x_dtype)
-        if ctx.needs_input_grad[1]:  # Wgrad per group: 128-token tiles starting at each group's first token
-            dyq, dys, dy_tile_S = quantize_token_tiles(dy_SN, offsets_E, p2)
-            dy = dequantize_token_tiles(dyq, dys, dy_tile_S).to(cd)
-            dw = grouped_wgrad(dy, dequantize_token_tiles(xq, xs, tile_S).to(cd), offsets_E).to(w_dtype)
-        return dx, dw, None, None, None
-
-
-def _grouped_compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.bfloat16 if x.is_cuda else torch.float32  # CUDA's grouped_mm takes bf16; the CPU reference fp32
-
-
-class Float8TrainingExperts(DeepseekExperts):
-    """DeepseekExperts (same `gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I] Parameters) whose grouped path runs
-    all three GEMMs of each expert group in FP8; the per-expert loop (odd shapes) uses `fp8_linear` per expert."""
-
-    fp8_config: FP8TrainingConfig
-
-    @classmethod
-    def from_experts(cls, experts: DeepseekExperts, config: FP8TrainingConfig) -> "Float8TrainingExperts":
-        new = cls.__new__(cls)
-        new.__dict__.update(experts.__dict__)  # every attribute, the same Parameter objects under the same names
-        for registry in ("_parameters", "_buffers", "_modules"):
-            setattr(new, registry, dict(getattr(experts, registry)))
-        new.fp8_config = config
-        return new
-
-    def _use_loop(self) -> bool:
-        impl = getattr(self, "implementation", None) or getattr(getattr(self, "config", None),
-                                                               "_experts_implementation", None)
-        return impl in ("loop", "eager")
-
-    def _grouped_ok(self, x: torch.Tensor) -> bool:
-        """grouped_mm needs 16-byte aligned rows of D, 2I and I in the compute dtype."""
-        size = torch.finfo(_grouped_compute_dtype(x)).bits // 8
-        return all((width * size) % 16 == 0 for width in (self.hidden_dim, self.intermediate_dim))
-
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                load_E: torch.Tensor | None = None) -> torch.Tensor:
-        """`load_E` (an older caller's per-expert counts) is not used: counts that leave padding out (the MoE
-        layer's balancing counts) would misplace the segments, so they are always counted here, over every pair."""
-        if self._use_loop() or not self._grouped_ok(x_TD):
-            return self.forward_loop(x_TD, expert_ids_TK, weights_TK)
-        T, K = expert_ids_TK.shape
-        cfg, out_dtype = self.fp8_config, _out_dtype(x_TD)
-        order_S = expert_ids_TK.reshape(-1).argsort(stable=True)  # each expert's rows become one segment
-        offsets_E = tokens_per_expert(expert_ids_TK, self.num_experts).cumsum(0).to(torch.int32)  # segment ends
-        with torch.autocast(x_TD.device.type, enabled=False):
-            gate_up_S2I = _FP8GroupedMM.apply(x_TD[order_S // K], self.gate_up_proj, offsets_E, cfg, out_dtype)
-            gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
-            h_SI = (self.act_fn(gate_SI) * up_SI).contiguous()
-            y_SD = _FP8GroupedMM.apply(h_SI, self.down_proj, offsets_E, cfg, out_dtype)
-        y_SD = y_SD * weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
-        y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, K, -1)
-        return y_TKD.sum(dim=1).to(out_dtype)
-
-    def forward_loop(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        cfg = self.fp8_config
-
-        def expert(e, x_ND):
-            gate, up = fp8_linear(x_ND, self.gate_up_proj[e], None, cfg).chunk(2, dim=-1)
-            return fp8_linear(self.act_fn(gate) * up, self.down_proj[e], None, cfg)
-
-        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert)
-
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, fp8 training grouped 1x128 x 128x128"
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Conversion
 
@@ -317,13 +123,11 @@ _HIGH_PRECISION_LINEARS = {
 
 def _refuse_quantized(model: nn.Module) -> None:
     """A model already holding bitsandbytes or FP8 inference weights, or non-floating weights, cannot train in FP8."""
-    from modeling_deepseek.bnb_experts import DeepseekBnbExperts
-    from modeling_deepseek.fp8 import DeepseekFP8Experts, DeepseekFP8Linear
-
+    bnb = sys.modules.get("bitsandbytes")  # a model holding its layers has imported it
+    bnb_classes = (DeepseekBnbExperts, *((bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()))
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     for name, module in model.named_modules():
-        kind = type(module).__module__.split(".")[0]
-        if kind == "bitsandbytes" or isinstance(module, DeepseekBnbExperts):
+        if isinstance(module, bnb_classes):
             raise ValueError(f"convert_to_fp8_training: module {name!r} holds bitsandbytes weights "
                              f"({type(module).__name__}); FP8 training needs the full-precision model "
                              "(load it without quantization_config)")
@@ -355,8 +159,8 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
     precision. Converting a converted model changes nothing.
     """
     config = config or FP8TrainingConfig()
-    if config.backend == "cuda" and not cuda_backend_available():
-        raise RuntimeError("convert_to_fp8_training: backend='cuda' needs a Hopper GPU (sm90) and torch's "
+    if config.backend == "scaled_mm" and not scaled_mm_available():
+        raise RuntimeError("convert_to_fp8_training: backend='scaled_mm' needs a Hopper GPU (sm90) and torch's "
                            "F.scaled_mm; none is available here. Use backend='auto' or 'reference'.")
     _refuse_quantized(model)
     in_place = _loaded_sharded(model)
@@ -376,11 +180,11 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
             continue
         if isinstance(module, nn.Embedding):
             report.kept[name] = "embedding"
-        elif type(module).__name__.endswith("RMSNorm") or isinstance(module, (nn.LayerNorm,)):
+        elif isinstance(module, (DeepseekRMSNorm, nn.LayerNorm)):
             report.kept[name] = "norm"
-        elif type(module).__name__ == "DeepseekTopkRouter":
+        elif isinstance(module, DeepseekTopkRouter):
             report.kept[name] = "MoE router and its e_score_correction_bias"
-        elif type(module).__name__ == "DeepseekAttention":
+        elif isinstance(module, DeepseekAttention):
             report.kept[name] = "attention core (scores, softmax, weighted sum); its projections are listed apart"
         elif isinstance(module, (nn.Linear, DeepseekExperts)):
             if isinstance(module, nn.Linear) and (reason := _high_precision_reason(name, module, heads)):
@@ -471,6 +275,7 @@ def _guard_against_replacement(model: nn.Module) -> None:
     def check(module, args, kwargs):
         if not module.training:
             return None
+        # By name: torchao's Float8Linear is not part of its public API.
         replaced = [name for name, m in module.named_modules()
                     if type(m).__name__ == "Float8Linear" and type(m).__module__.startswith("torchao")]
         if replaced and module.fp8_training_report.recipe == "blockwise":
@@ -484,52 +289,3 @@ def _guard_against_replacement(model: nn.Module) -> None:
         return None
 
     model._fp8_training_guard = model.register_forward_pre_hook(check, with_kwargs=True)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The optimizer: fp32 master weights, bf16 moments (V3)
-
-
-class AdamWBF16Moments(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias-corrected moments) whose two moments are stored in bf16, as DeepSeek-V3
-    trains: master weights and gradients stay fp32, the moments take half the memory. Each update is computed in
-    fp32 and only the stored moments are rounded. torch's AdamW cannot do this (it keeps moments in the parameter's
-    dtype and refuses mixed dtypes). Loading a state dict casts the moments back to bf16."""
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            (beta1, beta2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                state["step"] += 1
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                t = state["step"]
-                denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-                p.mul_(1 - lr * wd)
-                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - beta1**t))
-        return loss
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        for state in self.state.values():  # torch casts floating state to the parameter's dtype on load
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(torch.bfloat16)

@@ -35,7 +35,8 @@ GLOBAL_BATCH, SEQ = 4, 16
 def run(mode: str, steps: int, lr: float, out: Path) -> None:
     from conftest import random_ids, tiny_model
     from modeling_deepseek.balancing import balancing_routers
-    from quant.fp8 import FP8TrainingConfig, Float8TrainingLinear, convert_to_fp8_training
+    from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
+    from quant.fp8_training_modules import Float8TrainingLinear
 
     out.mkdir(parents=True, exist_ok=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if mode != "single" else (0, 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from modeling_deepseek.fp8 import quantize_weight_blockwise
+from modeling_deepseek.fp8_format import quantize_weight_blockwise
 from safetensors import safe_open
 from safetensors.torch import load_file
 

@@ -1,4 +1,5 @@
-"""FP8 training (quant/fp8_training.py, quant/fp8_gemm.py; the tile math in modeling_deepseek/fp8.py).
+"""FP8 training (quant/fp8_training.py, quant/fp8_training_modules.py, quant/adamw_bf16_moments.py; the tile math in
+modeling_deepseek/fp8_format.py, the GEMM backends in modeling_deepseek/fp8_gemm.py).
 
 Operands get per-row and per-column magnitudes spread over four decades, so that a scale taken over the wrong tile
 (a 128 x 1 tile where 1 x 128 belongs, or the other way round) crushes the small entries and the signal-to-noise
@@ -21,21 +22,15 @@ from torch import nn
 
 from conftest import random_ids, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
-from modeling_deepseek.fp8 import DeepseekFP8Linear, FP8_DTYPE
-from quant.fp8 import (
-    AdamWBF16Moments,
-    FP8TrainingConfig,
-    Float8TrainingExperts,
-    Float8TrainingLinear,
-    convert_to_fp8_training,
-    dequantize_blockwise,
-    fp8_linear,
-    quantize_blockwise,
-)
-from quant.fp8_gemm import cuda_backend_available, quantize_token_tiles
+from modeling_deepseek.fp8 import DeepseekFP8Linear
+from modeling_deepseek.fp8_format import FP8_DTYPE, dequantize_blockwise, quantize_blockwise, quantize_token_tiles
+from modeling_deepseek.fp8_gemm import scaled_mm_available
+from quant.adamw_bf16_moments import AdamWBF16Moments
+from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
+from quant.fp8_training_modules import Float8TrainingExperts, Float8TrainingLinear, fp8_linear
 
 REF = FP8TrainingConfig(backend="reference")
-needs_hopper = pytest.mark.skipif(not cuda_backend_available(), reason="the CUDA FP8 backend needs a Hopper GPU")
+needs_hopper = pytest.mark.skipif(not scaled_mm_available(), reason="the scaled_mm FP8 backend needs a Hopper GPU")
 
 
 def snr_db(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -343,11 +338,13 @@ def test_bad_input_gets_a_clear_error_naming_the_module():
         convert_to_fp8_training(model)
     with pytest.raises(ValueError, match="unknown recipe"):
         FP8TrainingConfig(recipe="mxfp8")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="unknown FP8 GEMM backend 'triton'"):
         FP8TrainingConfig(backend="triton")
-    if not cuda_backend_available():
-        with pytest.raises(RuntimeError, match="backend='cuda' needs a Hopper GPU"):
-            convert_to_fp8_training(tiny_model(), FP8TrainingConfig(backend="cuda"))
+    with pytest.raises(ValueError, match="FP8TrainingConfig: unknown FP8 GEMM backend 'cuda'"):
+        FP8TrainingConfig(backend="cuda")
+    if not scaled_mm_available():
+        with pytest.raises(RuntimeError, match="backend='scaled_mm' needs a Hopper GPU"):
+            convert_to_fp8_training(tiny_model(), FP8TrainingConfig(backend="scaled_mm"))
     bnb = pytest.importorskip("bitsandbytes")
     model = tiny_model()
     model.model.layers[0].mlp.down_proj = bnb.nn.Linear8bitLt(96, 64, bias=False, has_fp16_weights=False)
@@ -640,7 +637,7 @@ def test_cuda_backend_quantizes_identically_and_matches_the_reference():
         q_cpu, s_cpu = quantize_blockwise(t.detach(), block)
         q_gpu, s_gpu = quantize_blockwise(t.detach().cuda(), block)
         assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8)) and torch.equal(s_gpu.cpu(), s_cpu)
-    cuda = FP8TrainingConfig(backend="cuda")
+    cuda = FP8TrainingConfig(backend="scaled_mm")
     for M, K, N in ((300, 384, 256), (77, 200, 136)):  # aligned and ragged
         x, w, dy = _linear_case(M=M, K=K, N=N)
         ref = _grads(lambda a, b: fp8_linear(a, b, None, REF), x, w, dy)

@@ -382,14 +382,14 @@ def test_fp8_latent_cache_logits_close_and_tokens_equal(how):
 
 
 def test_e4m3_dequantization_is_torchs_cast_times_the_scale():
-    """The CPU fast path of cache.dequantize_per_token (a table of byte pairs) gives torch's e4m3 cast bit for bit:
+    """The CPU fast path of fp8_format.dequantize_per_token (a table of byte pairs) gives torch's e4m3 cast bit for bit:
     every one of the 65,536 pairs, NaN codes included, and strided rows of several shapes, as e4m3 or as bytes."""
-    from modeling_deepseek.cache import FP8, dequantize_per_token, quantize_per_token
+    from modeling_deepseek.fp8_format import FP8_DTYPE, dequantize_per_token, quantize_per_token
 
     pairs = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.uint8).view(-1, 2)
     ones = torch.ones(pairs.shape[0], 1)
     assert torch.equal(dequantize_per_token(pairs, ones, torch.float32).view(torch.int32),
-                       pairs.view(FP8).float().view(torch.int32))
+                       pairs.view(FP8_DTYPE).float().view(torch.int32))
     q, scale = quantize_per_token(torch.randn(3, 1, 40, 24))
     for rows in (q, q[:, :, 5:], q[..., :10], q[..., 1:4]):  # odd widths take torch's cast
         got = dequantize_per_token(rows, scale[:, :, -rows.shape[2]:], torch.bfloat16)

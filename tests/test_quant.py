@@ -1,5 +1,6 @@
-"""Quantization: DeepSeek's FP8 block format (quant/fp8.py) and bitsandbytes 4-bit / 8-bit loading with the fused
-routed experts quantized too (modeling_deepseek/quantized.py, bnb_experts.py, fp8.py).
+"""Quantization: DeepSeek's FP8 block format (modeling_deepseek/fp8_format.py, the checkpoint writer in quant/fp8.py),
+the FP8 inference modules and their GEMM backends (fp8.py, fp8_gemm.py), and bitsandbytes 4-bit / 8-bit loading with
+the fused routed experts quantized too (modeling_deepseek/quantized.py, bnb_experts.py).
 
 Tiny models throughout. The FP8 checkpoint model has hidden 160 and moe_intermediate 96, so that many weights have
 ragged 128 x 128 edge blocks (160 = 128 + 32, 96 < 128, q_b_proj 192 = 128 + 64, eh_proj 160 x 320).
@@ -21,20 +22,16 @@ from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM, DeepseekModel
 from modeling_deepseek.experts import DeepseekExperts
 from modeling_deepseek.routing import DeepseekTopkRouter
 from quant import memory_report
-from quant.fp8 import (
+from quant.fp8 import quantization_error_bound, quantize_checkpoint
+from modeling_deepseek.bnb_experts import DeepseekBnbExperts
+from modeling_deepseek.fp8 import DeepseekFP8Experts, DeepseekFP8Linear, fp8_block_linear
+from modeling_deepseek.fp8_format import (
     FP8_QUANTIZATION_CONFIG,
-    DeepseekFP8Experts,
-    FP8Linear,
     dequantize_weight_blockwise,
-    fp8_block_matmul_reference,
-    quantization_error_bound,
-    quantize_checkpoint,
     quantize_weight_blockwise,
     should_quantize,
 )
-from modeling_deepseek import fp8 as fp8_kernels
-from modeling_deepseek.bnb_experts import DeepseekBnbExperts
-from modeling_deepseek.fp8 import _scaled_mm_supported
+from modeling_deepseek.fp8_gemm import scaled_mm_available
 
 try:
     import bitsandbytes as bnb
@@ -130,7 +127,7 @@ def test_fp8_all_zero_block_and_scale_shape_check():
 def test_fp8_linear_cpu_fallback_and_reference_gemm():
     torch.manual_seed(0)
     lin = nn.Linear(300, 200, bias=True)
-    fp8 = FP8Linear.from_linear(lin)
+    fp8 = DeepseekFP8Linear.from_linear(lin)
     assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale_inv.shape == (2, 3)
     x = torch.randn(4, 7, 300)
     with torch.no_grad():
@@ -139,11 +136,18 @@ def test_fp8_linear_cpu_fallback_and_reference_gemm():
         torch.testing.assert_close(y, F.linear(x, fp8.dequantized_weight(), lin.bias))
         assert rel_rms(y, lin(x)) < 0.04
         # what a block-scaled FP8 GEMM computes (1 x 128 activation groups too) stays within FP8 error of it
-        ref = fp8_block_matmul_reference(x, fp8.weight, fp8.weight_scale_inv) + lin.bias
+        ref = fp8_block_linear(x, fp8.weight, fp8.weight_scale_inv, lin.bias, backend="reference")
         assert rel_rms(ref, y) < 0.05
+        fp8.backend = "reference"
+        torch.testing.assert_close(fp8(x), ref)
     for dtype in (torch.bfloat16, torch.float16):
         assert fp8(x.to(dtype)).dtype == dtype
-    assert not _scaled_mm_supported(x, fp8.weight, 128)
+    assert not scaled_mm_available(x.device)
+    fp8.backend = "scaled_mm"
+    with pytest.raises(RuntimeError, match="'scaled_mm' needs tensors on a Hopper GPU"):
+        fp8(x)
+    with pytest.raises(ValueError, match="DeepseekFP8Linear: unknown FP8 GEMM backend 'cuda'"):
+        DeepseekFP8Linear.from_linear(lin, backend="cuda")
 
 
 def test_should_quantize_mirrors_deepseek_choice():
@@ -282,9 +286,9 @@ def test_fp8_checkpoint_kept_quantized_on_cpu_matches_dequantized(fp8_checkpoint
     _, _, dst, _ = fp8_checkpoint
     dense = DeepseekForCausalLM.from_pretrained(dst).eval()
     kept = DeepseekForCausalLM.from_pretrained(dst, fp8_keep_quantized=True).eval()
-    assert isinstance(kept.model.layers[0].self_attn.q_b_proj, FP8Linear)
+    assert isinstance(kept.model.layers[0].self_attn.q_b_proj, DeepseekFP8Linear)
     assert isinstance(kept.model.layers[1].mlp.experts, DeepseekFP8Experts)
-    assert isinstance(kept.model.layers[1].mlp.shared_experts.up_proj, FP8Linear)
+    assert isinstance(kept.model.layers[1].mlp.shared_experts.up_proj, DeepseekFP8Linear)
     assert type(kept.lm_head) is nn.Linear and kept.lm_head.weight.dtype == torch.float32
     assert isinstance(kept.model.layers[1].mlp.gate, DeepseekTopkRouter)
     assert kept.fp8_load_stats["fp8_experts"] == 2
@@ -292,6 +296,14 @@ def test_fp8_checkpoint_kept_quantized_on_cpu_matches_dequantized(fp8_checkpoint
     ids = random_ids(2, 16, vocab=VOCAB)
     with torch.no_grad():
         torch.testing.assert_close(kept(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    # the load option chooses every FP8 module's GEMM backend; the fp32 simulation stays within FP8 error
+    simulated = DeepseekForCausalLM.from_pretrained(dst, fp8_keep_quantized=True, fp8_gemm_backend="reference").eval()
+    backends = {m.backend for m in simulated.modules() if isinstance(m, (DeepseekFP8Linear, DeepseekFP8Experts))}
+    assert backends == {"reference"}
+    with torch.no_grad():
+        assert rel_rms(simulated(ids).logits, dense(ids).logits) < 0.1
+    with pytest.raises(ValueError, match=r"fp8_gemm_backend=.*unknown FP8 GEMM backend 'triton'"):
+        DeepseekForCausalLM.from_pretrained(dst, fp8_gemm_backend="triton")
 
 
 def test_fp8_checkpoint_missing_scale_raises_naming_the_key(fp8_checkpoint, tmp_path):
@@ -544,20 +556,19 @@ def test_plain_loading_is_unchanged(float_checkpoint):
 def test_fp8_linear_block_scaled_gemm_cuda():
     torch.manual_seed(0)
     lin = nn.Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16)
-    fp8 = FP8Linear.from_linear(lin)
+    fp8 = DeepseekFP8Linear.from_linear(lin)
     assert fp8.weight.is_cuda
     for tokens in (1, 2, 7, 16, 17, 33, 300):
         x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             y = fp8(x)
-            ref = fp8_block_matmul_reference(x, fp8.weight, fp8.weight_scale_inv)
+            ref = fp8_block_linear(x, fp8.weight, fp8.weight_scale_inv, backend="reference")
         assert y.dtype == torch.bfloat16 and y.shape == (tokens, 384)
         assert rel_rms(y, ref) < 0.01  # the GEMM computes what the reference says, up to bf16 output rounding
         assert rel_rms(y, lin(x)) < 0.06
     # ragged shapes take the dequantize-and-matmul fallback
-    odd = FP8Linear.from_linear(nn.Linear(160, 96, bias=True, device="cuda", dtype=torch.bfloat16))
+    odd = DeepseekFP8Linear.from_linear(nn.Linear(160, 96, bias=True, device="cuda", dtype=torch.bfloat16))
     x = torch.randn(5, 160, device="cuda", dtype=torch.bfloat16)
-    assert not _scaled_mm_supported(x, odd.weight, 128)
     torch.testing.assert_close(odd(x), F.linear(x, odd.dequantized_weight(torch.bfloat16), odd.bias))
 
 
@@ -568,7 +579,8 @@ def test_fp8_checkpoint_on_cuda_keeps_fp8(tmp_path):
     model.save_pretrained(tmp_path / "src")
     quantize_checkpoint(tmp_path / "src", tmp_path / "fp8")
     q = DeepseekForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, device_map="cuda").eval()
-    assert isinstance(q.model.layers[0].self_attn.q_a_proj, FP8Linear) and q.model.layers[0].self_attn.q_a_proj.weight.is_cuda
+    q_a_proj = q.model.layers[0].self_attn.q_a_proj
+    assert isinstance(q_a_proj, DeepseekFP8Linear) and q_a_proj.weight.is_cuda
     assert isinstance(q.model.layers[1].mlp.experts, DeepseekFP8Experts)
     dense = DeepseekForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, device_map="cuda",
                                                 fp8_keep_quantized=False).eval()
@@ -579,11 +591,11 @@ def test_fp8_checkpoint_on_cuda_keeps_fp8(tmp_path):
         got = out.logits.float()
         same_weights = dense(ids).logits.float()  # differs by the 1 x 128 activation quantization and bf16 only
         want = model.cuda()(ids).logits.float()
-        fp8_kernels.FP8_GEMM_BACKEND = "reference"  # the same FP8 arithmetic, simulated in fp32
-        try:
-            simulated_out = q(ids, labels=ids)
-        finally:
-            fp8_kernels.FP8_GEMM_BACKEND = "auto"
+    # the same FP8 arithmetic, simulated in fp32
+    reference = DeepseekForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, device_map="cuda",
+                                                    fp8_gemm_backend="reference").eval()
+    with torch.no_grad():
+        simulated_out = reference(ids, labels=ids)
     simulated = simulated_out.logits.float()
     same_routing = torch.equal(out.expert_load, simulated_out.expert_load)
     print(f"\nFP8 on CUDA, logits relative rms: vs fp32 simulation of the same FP8 GEMMs {rel_rms(got, simulated):.4g} "
@@ -604,16 +616,13 @@ def test_fp8_experts_cuda_match_simulation():
     config = small_config(hidden=256, moe_intermediate=128)
     experts = _experts_module(config).cuda()
     fp8 = DeepseekFP8Experts.from_experts(experts)
+    reference = DeepseekFP8Experts.from_experts(experts, backend="reference")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 8, (64, 2), device="cuda")
     w = torch.rand(64, 2, device="cuda")
     with torch.no_grad():
         got = fp8(x, ids, w)
-        fp8_kernels.FP8_GEMM_BACKEND = "reference"
-        try:
-            simulated = fp8(x, ids, w)
-        finally:
-            fp8_kernels.FP8_GEMM_BACKEND = "auto"
+        simulated = reference(x, ids, w)
         exact = experts(x.float(), ids, w)
     assert got.dtype == torch.bfloat16
     assert rel_rms(got, simulated) < 0.02
