@@ -14,8 +14,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
                           AutoModelForTokenClassification)
 
 from .configuration import DeepseekConfig
-from .modeling import (DeepseekCausalLMOutput, DeepseekForCausalLM, DeepseekForSequenceClassification,
-                       DeepseekForTokenClassification, DeepseekModel, DeepseekPreTrainedModel)
+from .heads import DeepseekForSequenceClassification, DeepseekForTokenClassification
+from .modeling import DeepseekCausalLMOutput, DeepseekForCausalLM, DeepseekModel, DeepseekPreTrainedModel
 from .balancing import update_balancing_bias, max_violation
 
 

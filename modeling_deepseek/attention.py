@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .compat import CPU_FLASH_ATTENTION
 from .layers import DeepseekRMSNorm
 from .parallel import local_shard, replicated_input
-from .paged import is_paged_cache, paged_attention
+from .continuous_batching import is_paged_cache, paged_attention
 from .rope import apply_rope, softmax_scale
 
 
@@ -192,7 +192,7 @@ class DeepseekAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin, self.config.rope_interleave)
         k_rope_B1TR = apply_rope(k_rope_B1TR, cos, sin, self.config.rope_interleave)
 
-        if is_paged_cache(cache):  # continuous batching: many requests packed in one row (paged.py)
+        if is_paged_cache(cache):  # continuous batching: many requests packed in one row (continuous_batching.py)
             out_BTHV = paged_attention(self, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs)
             return self.o_proj(out_BTHV.reshape(B, T, -1)), None
         if cache is not None:  # the cache sees only the compressed pair

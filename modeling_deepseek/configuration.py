@@ -16,6 +16,7 @@ Invalid combinations raise a ValueError that names the field, at construction ti
 from __future__ import annotations
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 # model_type of the official / transformers configs that this config reads unchanged.
 OFFICIAL_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
@@ -25,6 +26,16 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 # RoPE variants the model implements (transformers' ROPE_INIT_FUNCTIONS computes the frequencies; "dynamic" NTK
 # recomputes them for inputs longer than max_position_embeddings, with transformers' dynamic_rope_update).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+MLA_IMPLS = ("auto", "absorbed", "expanded")  # attention.py: which MLA path runs
+LATENT_CACHE_DTYPES = (None, "fp8")  # None: the model dtype
+
+
+def check_latent_cache_dtype(value: str | None) -> str | None:
+    """`value` if it is a latent cache dtype, else ValueError naming the field. The config validates its own field with
+    it, and generate() / generate_batch() the same setting given as an argument or on a generation config."""
+    if value not in LATENT_CACHE_DTYPES:
+        raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {value!r}")
+    return value
 
 
 class DeepseekConfig(PreTrainedConfig):
@@ -208,34 +219,47 @@ class DeepseekConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------------------------------------------------
     def validate_deepseek(self) -> None:
-        """Raise ValueError naming the offending field for every combination the model cannot build."""
-
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
+        """Raise ValueError naming the offending field for every value the model cannot use. Every field is checked on
+        every config, a dense one (no MoE layer, no MTP module) included: its routing fields go unused there, but the
+        config is saved and shared, and the serving knobs apply to any model."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
-            positive(name)
+            _positive_int(self, name)
         if not isinstance(self.kv_lora_rank, int) or self.kv_lora_rank <= 0:
-            raise ValueError(f"`kv_lora_rank` must be a positive integer (the cached latent width), got {self.kv_lora_rank!r}")
+            raise ValueError(
+                f"`kv_lora_rank` must be a positive integer (the cached latent width), got {self.kv_lora_rank!r}")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ValueError(f"`q_lora_rank` must be a positive integer or null, got {self.q_lora_rank!r}")
         if not isinstance(self.qk_rope_head_dim, int) or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
-            raise ValueError(f"`qk_rope_head_dim` must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
+            raise ValueError(
+                f"`qk_rope_head_dim` must be a positive even integer (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"`rope_scaling` type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must name one of transformers' activations, got {self.hidden_act!r}")
+        for name in ("rms_norm_eps", "routed_scaling_factor"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a number > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.attention_dropout, (int, float)) or not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}")
         if self.num_nextn_predict_layers is None or self.num_nextn_predict_layers < 0:
             raise ValueError(f"`num_nextn_predict_layers` must be >= 0, got {self.num_nextn_predict_layers!r}")
         if self.first_k_dense_replace < 0:
             raise ValueError(f"`first_k_dense_replace` must be >= 0, got {self.first_k_dense_replace!r}")
-        if self.first_k_dense_replace >= self.num_hidden_layers and self.num_nextn_predict_layers == 0:
-            return  # a dense model: the routing fields are never used
+        self._validate_routing()
+        self._validate_training_knobs()
+        if self.mla_impl not in MLA_IMPLS:
+            raise ValueError(f"`mla_impl` must be one of {MLA_IMPLS}, got {self.mla_impl!r}")
+        check_latent_cache_dtype(self.latent_cache_dtype)
+        chunk = self.prefill_chunk_tokens
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"`prefill_chunk_tokens` must be a positive integer or null, got {chunk!r}")
+
+    def _validate_routing(self) -> None:
         for name in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
                      "moe_layer_freq"):
-            positive(name)
+            _positive_int(self, name)
         if self.n_shared_experts is None or self.n_shared_experts < 0:
             raise ValueError(f"`n_shared_experts` must be >= 0, got {self.n_shared_experts!r}")
         if self.topk_method not in TOPK_METHODS:
@@ -260,16 +284,15 @@ class DeepseekConfig(PreTrainedConfig):
             )
         if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
             raise ValueError("`noaux_tc` scores a group by its top-2 experts: `n_routed_experts / n_group` must be >= 2")
-        if self.mla_impl not in ("auto", "absorbed", "expanded"):
-            raise ValueError(f"`mla_impl` must be 'auto', 'absorbed' or 'expanded', got {self.mla_impl!r}")
-        if self.latent_cache_dtype not in (None, "fp8"):
-            raise ValueError(f"`latent_cache_dtype` must be null or 'fp8', got {self.latent_cache_dtype!r}")
-        chunk = self.prefill_chunk_tokens
-        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-            raise ValueError(f"`prefill_chunk_tokens` must be a positive integer or null, got {chunk!r}")
+
+    def _validate_training_knobs(self) -> None:
         for name in ("bias_update_speed", "seq_balance_alpha", "mtp_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")
+            _non_negative(self, name)
+        if self.mtp_loss_weight_late is not None:
+            _non_negative(self, "mtp_loss_weight_late")
+        fraction = self.mtp_late_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+            raise ValueError(f"`mtp_late_fraction` must be in [0, 1] (a fraction of max_steps), got {fraction!r}")
 
     # ------------------------------------------------------------------------------------------------------------
     def is_moe_layer(self, layer_idx: int) -> bool:
@@ -280,6 +303,18 @@ class DeepseekConfig(PreTrainedConfig):
     def latent_cache_dim(self) -> int:
         """Values cached per token per layer: the compressed KV latent plus the shared RoPE key (576 for V3)."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+def _positive_int(config: DeepseekConfig, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def _non_negative(config: DeepseekConfig, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
 
 
 # save_pretrained of a config (and of our models) writes auto_map["AutoConfig"] and copies this file (remote code).

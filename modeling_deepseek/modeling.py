@@ -1,4 +1,5 @@
-"""DeepseekModel and DeepseekForCausalLM: the decoder stack, the LM head, MTP and the training-signal bookkeeping.
+"""The PreTrainedModel classes and their forwards: DeepseekModel (the decoder stack and the MTP modules) and
+DeepseekForCausalLM (the LM head, the training objective).
 
 The layout follows transformers' DeepSeek classes (and so the official checkpoint keys):
 
@@ -10,69 +11,46 @@ The layout follows transformers' DeepSeek classes (and so the official checkpoin
 The loss with labels is   CE_main + mtp_loss_weight * mean_k CE_k + sum over MoE layers of the sequence-wise balance
 loss, and the output carries each part on its own together with the per-layer expert load and MaxVio.
 
+What the classes take from elsewhere: the loading and saving policy (loading.py), generation and continuous
+batching (generation.py), the attention masks of a forward (masks.py). The task heads are in heads.py.
+
 The routed experts are dispatched through transformers' experts interface (experts.py, `@use_experts_implementation`):
 `config.experts_implementation` / `model.set_experts_implementation("eager" | "grouped_mm")` choose the kernel.
 (transformers decides whether a model may switch by finding that decorator's name in the model's own module.)
 """
 
-import copy
-import re
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.utils import logging
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .attention import DeepseekAttention, prefix_causal_applies
-from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
-from .cache import DeepseekLatentCache, DeepseekStaticLatentCache
+from .attention import DeepseekAttention
+from .balancing import bias_update_enabled, max_violation, record_loads, track
+from .cache import DeepseekLatentCache
 from .compat import (CACHE_NAME, OutputRecorder, can_return_tuple, cache_kwargs, capture_outputs,
                      merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
-from .speculative import check_generation_config, mtp_generate
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
 from .experts import DeepseekExperts
-from .fp8 import DeepseekFP8Experts, DeepseekFP8Linear
+from .generation import DeepseekGenerationMixin
 from .layers import DeepseekRMSNorm
+from .loading import DeepseekLoadingMixin
+from .masks import causal_mask, check_attention_mask, padding_free_tokens
 from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
-from .parallel import check_parallel_layout
-from .paged import (
-    check_continuous_batching,
-    cpu_batching_defaults,
-    is_paged_cache,
-    latent_cache_dtype_of,
-    raise_failed_requests,
-)
 from .moe import DeepseekMoE
-from .quantized import finish_quantized_load, prepare_quantized_load
 from .rope import DeepseekRotaryEmbedding
 from .routing import DeepseekTopkRouter
-
-
-logger = logging.get_logger(__name__)
 
 
 # Official per-expert keys <-> the fused expert tensors, on load and on save (transformers' own DeepseekV3 mapping).
 # Registered here rather than in __init__ so that it also runs when this file is loaded as remote code.
 register_deepseek_v3_conversion(DeepseekConfig.model_type)
-
-
-@dataclass
-class MTPGenerateOutput(GenerateDecoderOnlyOutput):
-    """generate(use_mtp=True, return_dict_in_generate=True): the sequences plus how the drafts fared."""
-
-    mtp_acceptance_rate: float | None = None
-    mtp_drafted: int | None = None
-    mtp_accepted: int | None = None
 
 
 @dataclass
@@ -92,7 +70,7 @@ class DeepseekCausalLMOutput(MoeCausalLMOutputWithPast):
     mtp_logits: tuple[torch.Tensor, ...] | None = None
 
 
-class DeepseekPreTrainedModel(PreTrainedModel):
+class DeepseekPreTrainedModel(DeepseekLoadingMixin, PreTrainedModel):
     config_class = DeepseekConfig
     config: DeepseekConfig
     base_model_prefix = "model"
@@ -137,107 +115,6 @@ class DeepseekPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
-    @classmethod
-    def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
-        """transformers' loader, made strict: a checkpoint that holds some of the model's weights but lacks others
-        raises (a truncated or mismatched file), instead of initialising the gap randomly.
-
-        What transformers treats as legitimate loads with a warning: a checkpoint that holds none of the model's
-        weights (`state_dict={}`, every weight initialised on purpose), and a new task head (lm_head, score) over a
-        checkpoint saved from another class (a base model, or a causal LM under a classification head).
-        Known-optional weights are exempt: the MTP modules (transformers' DeepseekV3 drops them on save; they are then
-        trained from scratch) and a tied lm_head. Pass `allow_missing_weights=True` to accept any gap.
-
-        Hub kernels are off unless asked for (`use_kernels=True`): transformers would otherwise swap the activations
-        for kernels downloaded at load on CUDA. This model's fast paths (absorbed MLA, grouped experts) are its own,
-        loading needs no network, and what runs is what the parity tests checked.
-        """
-        kwargs.setdefault("use_kernels", False)
-        want_info = kwargs.pop("output_loading_info", False)
-        if kwargs.get("distributed_config") is not None:
-            config = kwargs.get("config")
-            if not isinstance(config, PreTrainedConfig):
-                where = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-                         if k in kwargs}
-                config = cls.config_class.from_pretrained(
-                    args[0] if args else kwargs["pretrained_model_name_or_path"], **where)
-            check_parallel_layout(config, kwargs["distributed_config"])
-        # FP8 checkpoints (dequantized, or kept FP8 on CUDA) and bitsandbytes-quantized experts: see quantized.py
-        args, kwargs, quant_plan = prepare_quantized_load(cls, args, kwargs)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        model = finish_quantized_load(model, info, quant_plan)
-        for router in balancing_routers(model):  # non-persistent, so never loaded: start from zero
-            router.pending_load.zero_()
-            router.has_pending_load = False
-        missing = [k for k in info.get("missing_keys", []) if not model._is_optional_weight(k)]
-        if missing and not set(model.state_dict()) - set(info.get("missing_keys", [])):
-            warnings.warn(
-                f"{cls.__name__}.from_pretrained: the checkpoint holds none of the model's weights; all were "
-                "initialised (a checkpoint holding only some of them raises)", stacklevel=2,
-            )
-            missing = []
-        new_head = model._new_head_weights(missing)
-        if new_head:
-            missing = [k for k in missing if k not in new_head]
-            warnings.warn(
-                f"{cls.__name__}.from_pretrained: the checkpoint was saved from "
-                f"{', '.join(model.config.architectures)}, which has no {', '.join(sorted(new_head))}: initialised "
-                "randomly; train the head before using it",
-                stacklevel=2,
-            )
-        if missing and not allow_missing_weights:
-            shown = ", ".join(sorted(missing)[:20])
-            raise OSError(
-                f"{cls.__name__}.from_pretrained: the checkpoint is missing {len(missing)} weight(s) the model needs: "
-                f"{shown}{' ...' if len(missing) > 20 else ''}. Pass allow_missing_weights=True to initialise them."
-            )
-        return (model, info) if want_info else model
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """transformers' choice, except that its grouped_mm kernel needs 16-byte aligned rows (hidden, 2 x expert and
-        expert widths multiples of 8 elements): other shapes use the eager experts, or raise when grouped_mm was asked
-        for by name."""
-        implementation = super().get_correct_experts_implementation(requested_experts)
-        c = self.config
-        widths = (c.hidden_size, c.moe_intermediate_size)
-        if implementation == "grouped_mm" and any(w % 8 for w in widths):
-            if requested_experts == "grouped_mm":
-                raise ValueError(f"experts_implementation='grouped_mm' needs hidden_size and moe_intermediate_size "
-                                 f"to be multiples of 8 (16-byte aligned rows), got {widths}; use 'eager'")
-            implementation = "eager"
-        return implementation
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save_pretrained; refuses a model whose weights were kept in FP8 at load
-        (`fp8_keep_quantized`), which it would write in no layout any loader reads."""
-        kept = [name for name, m in self.named_modules() if isinstance(m, (DeepseekFP8Linear, DeepseekFP8Experts))]
-        if kept:
-            raise ValueError(
-                f"save_pretrained: {len(kept)} module(s) hold FP8 inference weights (e.g. {kept[0]}), loaded with "
-                "fp8_keep_quantized. Save the FP8 checkpoint you loaded from as it is, or load it with "
-                "fp8_keep_quantized=False to save in high precision (and `python -m modeling_deepseek.export --fp8` "
-                "to write DeepSeek's FP8 layout again)."
-            )
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def _new_head_weights(self, missing: list[str]) -> list[str]:
-        """The missing weights outside the base model (a task head), when the checkpoint was saved for another task
-        (a base model under any head, a causal LM under a classification head ...): that head is new, not truncated.
-        A checkpoint of the same task (DeepseekV3ForCausalLM for DeepseekForCausalLM) must bring its head."""
-        def task(name: str) -> str:
-            return name[name.rfind("For"):] if "For" in name else "Model"
-
-        saved_from = self.config.architectures or []
-        if not saved_from or self.base_model is self or task(type(self).__name__) in map(task, saved_from):
-            return []
-        return [k for k in missing if not k.startswith(f"{self.base_model_prefix}.")]
-
-    def _is_optional_weight(self, key: str) -> bool:
-        match = re.search(r"layers\.(\d+)\.", key)
-        if match and int(match.group(1)) >= self.config.num_hidden_layers:
-            return True  # an MTP module
-        return key.endswith("lm_head.weight") and self.config.tie_word_embeddings
-
     def moe_layers(self, include_mtp: bool = True) -> list[DeepseekMoE]:
         decoder = self.get_decoder()
         layers = decoder.layers if include_mtp else decoder.layers[: self.config.num_hidden_layers]
@@ -261,27 +138,9 @@ class DeepseekModel(DeepseekPreTrainedModel):
         self.post_init()
 
     def mask_and_rope(self, inputs_embeds, attention_mask, cache, position_ids):
-        """What every block of one forward shares: the attention mask and the RoPE angles."""
-        T = inputs_embeds.shape[1]
-        if is_paged_cache(cache):  # continuous batching: attention runs request by request, no mask (paged.py)
-            return None, self.rotary_emb(inputs_embeds, position_ids)
-        static = cache is not None and cache.is_compileable  # attends over its whole buffer, under a mask
-        past = cache.get_seq_length() if T > 1 and cache is not None and not static else 0  # decode: skipped
-        if not static and prefix_causal_applies(T, past + T, inputs_embeds.device, self.config._attn_implementation) and (
-                attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))):  # CPU only
-            causal_mask = None  # a prefill chunk without padding: attention runs prefix + causal, no [T, S] mask
-        else:
-            causal_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                # With no mask, attention takes the queries for the last T of the S keys; a static cache's S is its
-                # whole buffer, so its mask is always built.
-                allow_is_causal_skip=not static,
-                **cache_kwargs(cache),
-            )
-        return causal_mask, self.rotary_emb(inputs_embeds, position_ids)
+        """What every block of one forward shares: the attention mask (masks.py) and the RoPE angles."""
+        return (causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids),
+                self.rotary_emb(inputs_embeds, position_ids))
 
     @property
     def mtp_layers(self) -> nn.ModuleList:
@@ -383,29 +242,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         return outputs
 
 
-def check_attention_mask(attention_mask: torch.Tensor | None, inputs: torch.Tensor) -> None:
-    """A padding mask [B, S], or a 4-D mask [B or 1, 1 or heads, T, S] that every attention path applies as given
-    (bool: True may attend; float: added to the scores). Any other shape raises here, naming it."""
-    if attention_mask is None or attention_mask.dim() == 2:
-        return
-    B, T = inputs.shape[:2]
-    shape = tuple(attention_mask.shape)
-    if attention_mask.dim() != 4 or shape[0] not in (1, B) or shape[2] != T or shape[3] < T:
-        raise ValueError(
-            f"attention_mask of shape {shape} is neither a padding mask [batch, keys] nor a 4-D mask "
-            f"[batch, 1, queries, keys] for {B} sequence(s) of {T} token(s) (keys >= queries: past tokens first)"
-        )
-
-
-def padding_free_tokens(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
-    """[B, T] bool, False at the padding positions of the T current tokens (2-D masks only; None: no padding known).
-    A decode step's single token is never padding, so nothing is built for it."""
-    if attention_mask is None or attention_mask.dim() != 2 or T == 1:
-        return None
-    return attention_mask[:, -T:].bool()
-
-
-class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
+class DeepseekForCausalLM(DeepseekPreTrainedModel, DeepseekGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # Distributed engine (the base model's plans are on the config): the head is split over the vocabulary and its
     # logits gathered, so every rank sees whole logits (the loss, MTP's drafts and generation need them).
@@ -556,246 +393,12 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         last call. `loss` / Trainer's eval_loss is the total objective; lm_loss is what compares with other models."""
         return self._pop_metrics("eval")
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Serving
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """transformers' generate over the latent cache, plus `use_mtp=True`: self-speculative decoding with the MTP
-        module (speculative.py).
-
-        The cache is a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype),
-        handed to transformers' generate like a user's cache. `cache_implementation="static"` makes it a
-        DeepseekStaticLatentCache of `max_cache_len` slots (default: what this call needs), which a compiled forward
-        decodes over without recompiling (transformers' `compile_config` path included). The per-head caches
-        (cache_implementation "offloaded_static", "quantized", "offloaded", ...) cannot hold the latent and are
-        refused. MTP speculation works at any batch size and with left padding; the acceptance rate is logged, kept
-        on `self.last_mtp_stats`, and returned on the output with return_dict_in_generate=True.
-        """
-        base = generation_config if generation_config is not None else self.generation_config
-        latent_cache_dtype = kwargs.pop("latent_cache_dtype", latent_cache_dtype_of(self, base))
-        if latent_cache_dtype not in (None, "fp8"):
-            raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {latent_cache_dtype!r}")
-        implementation = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
-        if implementation not in (None, "dynamic", "static"):
-            raise ValueError(
-                f"generate(cache_implementation={implementation!r}) is not supported: DeepSeek's MLA caches one "
-                f"{self.config.latent_cache_dim}-wide latent per token (DeepseekLatentCache), which the per-head "
-                "offloaded / quantized caches cannot hold. Leave cache_implementation unset, or use 'static'."
-            )
-        kwargs.pop("cache_implementation", None)
-        max_cache_len = kwargs.pop("max_cache_len", getattr(base, "max_cache_len", None))
-        if getattr(base, "cache_implementation", None) is not None or getattr(base, "max_cache_len", None) is not None:
-            base = copy.deepcopy(base)  # ours to apply: transformers would build its own per-head cache from them
-            base.cache_implementation = base.max_cache_len = None
-            generation_config = base
-        static = implementation == "static"
-        use_mtp = kwargs.pop("use_mtp", None)
-        draft_tokens = kwargs.pop("mtp_draft_tokens", None)
-        kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
-        if use_mtp is None:
-            use_mtp = bool(getattr(base, "use_mtp", False))
-        fp8 = latent_cache_dtype == "fp8"
-        if not use_mtp:
-            if generation_config is not None and getattr(generation_config, "use_mtp", False):
-                generation_config = copy.deepcopy(generation_config)
-                generation_config.use_mtp = False
-            # Either name is ours to accept; transformers gets the one its release wants.
-            user_cache = pop_cache_argument(kwargs.pop("cache", None), kwargs)
-            if static and user_cache is not None:
-                raise ValueError("pass either cache_implementation='static' or a `cache`, not both")
-            if user_cache is None and kwargs.get("use_cache", getattr(base, "use_cache", True)) is not False:
-                user_cache = (self._static_latent_cache(inputs, base, kwargs, max_cache_len, fp8) if static
-                              else DeepseekLatentCache(fp8=fp8))
-            if user_cache is not None:
-                kwargs[CACHE_NAME] = user_cache
-            return super().generate(inputs, generation_config=generation_config, **kwargs)
-
-        gc = copy.deepcopy(base)
-        gc.use_mtp = False
-        model_kwargs = gc.update(**kwargs)
-        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
-        if input_ids is None:
-            raise ValueError("generate(use_mtp=True) needs input_ids (the MTP module embeds each next token); "
-                             "inputs_embeds alone is not supported")
-        attention_mask = model_kwargs.pop("attention_mask", None)
-        streamer = model_kwargs.pop("streamer", None)
-        model_kwargs.pop("tokenizer", None)  # generate() takes it for stop_strings, which speculation refuses below
-        check_generation_config(gc)
-        for ignored in ("logits_processor", "stopping_criteria", "past_key_values", "cache", "use_cache"):
-            if model_kwargs.pop(ignored, None) not in (None, True, [], ()):
-                raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
-        if model_kwargs:
-            raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
-        caches = None
-        if static:  # every step appends k + 1 slots, rejected drafts staying behind as holes
-            k = self.config.num_nextn_predict_layers if draft_tokens is None else draft_tokens
-            N = self.config.num_hidden_layers
-            caches = tuple(self._static_latent_cache(input_ids, gc, {}, max_cache_len, fp8, slots_per_token=k + 1,
-                                                     layers=layers) for layers in (range(N), [N]))
-        sequences, stats = mtp_generate(
-            self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=fp8, draft_tokens=draft_tokens,
-            caches=caches,
-        )
-        self.last_mtp_stats = stats
-        logger.info(f"MTP speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.1%})")
-        if gc.return_dict_in_generate:
-            return MTPGenerateOutput(
-                sequences=sequences, mtp_acceptance_rate=stats.acceptance_rate,
-                mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
-            )
-        return sequences
-
-    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
-        """transformers' continuous-batching manager (the engine behind generate_batch, `transformers serve
-        --continuous-batching` and TRL's continuous-batching rollouts) over its paged latent cache (paged.py).
-
-        With config.latent_cache_dtype = "fp8" (or a generation config's `latent_cache_dtype`) the paged cache holds
-        the latent in e4m3 with per-token scales (paged_fp8.py): half the bytes per token of bf16.
-        Refuses up front what that engine cannot run (transformers < 5.25, use_mtp, beam search, min_new_tokens and
-        the repetition penalties, which it would leave out), and a kept manager (persistent_manager=True) asked for
-        another latent cache dtype than it was built with.
-        On CPU, an unsized cache is sized for the workload (or 32k tokens) with 512-token batches, instead of
-        transformers' 60% of the RAM. The generation config is copied: transformers writes eos_token_id = -1 into
-        one without an EOS."""
-        gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        check_continuous_batching(self, gc)
-        if self.device.type == "cpu":
-            from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-            page = (continuous_batching_config or ContinuousBatchingConfig()).page_size
-            continuous_batching_config = cpu_batching_defaults(continuous_batching_config, workload_hints, page)
-        manager = super().init_continuous_batching(
-            generation_config=gc, continuous_batching_config=continuous_batching_config,
-            workload_hints=workload_hints)
-        latent_cache_dtype = latent_cache_dtype_of(self, gc)
-        if not hasattr(manager, "latent_cache_dtype"):  # a new manager, its cache not built yet
-            manager.latent_cache_dtype = latent_cache_dtype
-            if latent_cache_dtype == "fp8":
-                from .paged_fp8 import use_fp8_latent_cache
-
-                use_fp8_latent_cache(manager)
-        elif manager.latent_cache_dtype != latent_cache_dtype:
-            kept, asked = (dtype or "the model dtype" for dtype in (manager.latent_cache_dtype, latent_cache_dtype))
-            raise ValueError(f"the kept continuous-batching manager stores the latent as {kept}, this call asks for "
-                             f"{asked}: call model.destroy_cached_continuous_batching_manager() first")
-        return manager
-
-    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, **kwargs):
-        """transformers' generate_batch (continuous batching over the paged latent cache: absorbed decode, each
-        request on its own), except that nothing fails quietly: an unsupported option raises before the loop starts,
-        an unknown keyword raises, and a request that failed inside the loop raises instead of coming back empty.
-        `latent_cache_dtype="fp8"` stores the paged latent in e4m3 (as config.latent_cache_dtype does).
-        Returns {request_id: GenerationOutput} in input order, like transformers'."""
-        if kwargs.pop("use_mtp", False):
-            gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-            gc.use_mtp = True
-            check_continuous_batching(self, gc)
-        if "latent_cache_dtype" in kwargs:  # the manager reads it from the generation config
-            generation_config = copy.deepcopy(generation_config if generation_config is not None
-                                              else self.generation_config)
-            generation_config.latent_cache_dtype = kwargs.pop("latent_cache_dtype")
-        known = {"max_new_tokens", "record_timestamps", "progress_bar", "persistent_manager", "warmup"}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"generate_batch got unsupported arguments {unknown}; it takes {sorted(known)} (other "
-                             "generation settings go in generation_config)")
-        results = super().generate_batch(inputs, generation_config=generation_config,
-                                         continuous_batching_config=continuous_batching_config, **kwargs)
-        gc = generation_config if generation_config is not None else self.generation_config
-        raise_failed_requests(results, len(inputs) * (getattr(gc, "num_return_sequences", None) or 1))
-        return results
-
-    def _static_latent_cache(self, inputs, generation_config, kwargs, max_cache_len, fp8, slots_per_token=1,
-                             layers=None) -> DeepseekStaticLatentCache:
-        """The DeepseekStaticLatentCache of one generate call, allocated now (a compiled prefill could not mark it
-        static). Sized for the prompt plus `slots_per_token` slots per new token (the last token never goes through a
-        forward), or to `max_cache_len`, which must hold that; without max_cache_len never smaller than the previous
-        call's, so that a compiled step sees the same shapes again."""
-        gc = copy.deepcopy(generation_config)
-        gc.update(**kwargs)
-        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
-        embeds = kwargs.get("inputs_embeds")
-        prompt_BP = ids if ids is not None else embeds[..., 0]
-        B, P = prompt_BP.shape
-        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - (P if ids is not None else 0)
-        needed = P + slots_per_token * max_new - 1
-        if max_cache_len is not None and needed > max_cache_len:
-            what = (f"the prompt ({P} tokens) is longer than" if P > max_cache_len else
-                    f"the prompt ({P} tokens) + max_new_tokens ({max_new}"
-                    + (f", {slots_per_token} slots each under MTP speculation" if slots_per_token > 1 else "")
-                    + f") need {needed} slots, more than")
-            raise ValueError(f"cache_implementation='static': {what} max_cache_len={max_cache_len}")
-        if max_cache_len is None:
-            max_cache_len = max(needed, getattr(self, "_static_cache_len", 0))
-            self._static_cache_len = max_cache_len
-        cache = DeepseekStaticLatentCache(self.config, max_cache_len, fp8=fp8)
-        batch = B * max(gc.num_beams or 1, gc.num_return_sequences or 1)
-        cache.early_initialization(batch, self.dtype, prompt_BP.device,
-                                   range(self.config.num_hidden_layers) if layers is None else layers)
-        return cache
-
-    def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
-        """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a
-        chunk size: activation memory stays bounded by the chunk, whatever the prompt length."""
-        chunk = self.config.prefill_chunk_tokens
-        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
-        if (chunk is None or ids is None or ids.shape[-1] <= chunk or "prefill_chunk_size" in kwargs
-                or getattr(generation_config, "prefill_chunk_size", None) is not None
-                or kwargs.get("use_cache", getattr(generation_config, "use_cache", True)) is False):
-            return {}
-        return {"prefill_chunk_size": chunk}
-
-
-def without_mtp(config: DeepseekConfig) -> DeepseekConfig:
-    """The config of a task head's backbone: a classifier predicts no next tokens, so no MTP module is built (a causal
-    LM checkpoint's MTP weights are then left unused on load, as its lm_head is)."""
-    if not config.num_nextn_predict_layers:
-        return config
-    config = copy.deepcopy(config)
-    config.num_nextn_predict_layers = 0
-    return config
-
-
-# The task heads take their forward (and loss) from transformers' generic heads. Their __init__ is ours: the generic
-# one builds the backbone with AutoModel.from_config, which fails where this file runs as remote code (the config
-# class transformers loads there is not the one this file imports); these build DeepseekModel directly.
-class DeepseekForSequenceClassification(GenericForSequenceClassification, DeepseekPreTrainedModel):
-    """transformers' generic sequence-classification head over DeepseekModel (without MTP modules): `score` reads the
-    last non-padding token (config.pad_token_id) of each sequence. With num_labels=1 it is a reward model (TRL's
-    RewardTrainer, a GRPO reward function). The sequence-wise balance loss is not added to the task loss."""
-
-    def __init__(self, config: DeepseekConfig):
-        config = without_mtp(config)
-        DeepseekPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = DeepseekModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
-
-
-class DeepseekForTokenClassification(GenericForTokenClassification, DeepseekPreTrainedModel):
-    """transformers' generic token-classification head over DeepseekModel (without MTP modules): dropout
-    (config.classifier_dropout, 0.1 when unset, as transformers' generic head), then `score` per token."""
-
-    def __init__(self, config: DeepseekConfig):
-        config = without_mtp(config)
-        DeepseekPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = DeepseekModel(config)
-        dropout = getattr(config, "classifier_dropout", None)
-        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
-        self.score = nn.Linear(config.hidden_size, config.num_labels,
-                               bias=getattr(config, "token_classification_bias", True))
-        self.post_init()
-
 
 # save_pretrained writes `auto_map` into config.json and copies this file and the files it imports next to the
 # weights, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where this package is not
 # installed. With the package imported and trust_remote_code unset, transformers still picks the registered classes.
 DeepseekModel.register_for_auto_class("AutoModel")
 DeepseekForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-DeepseekForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
-DeepseekForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 
 
-__all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput",
-           "DeepseekForSequenceClassification", "DeepseekForTokenClassification"]
+__all__ = ["DeepseekPreTrainedModel", "DeepseekModel", "DeepseekForCausalLM", "DeepseekCausalLMOutput"]

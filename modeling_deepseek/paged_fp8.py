@@ -24,7 +24,7 @@ as bytes and changes nothing.
 transformers' manager builds its PagedAttentionCache itself, and the cache picks its allocators itself; neither takes an
 argument for another class. `use_fp8_latent_cache(manager)` makes one manager build an `FP8PagedLatentCache`, whose
 MLA allocator is an FP8LatentAllocator (compat.build_paged_cache_with). Needs transformers >= 5.25 (MLACacheAllocator):
-import this module only after paged.check_continuous_batching.
+import this module only after continuous_batching.check_continuous_batching.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     python -m modeling_deepseek.serve PATH [--continuous-batching] [--port 8000] [--host localhost] [--device cpu]
 
 takes every option of `transformers serve` (see `--help`: --cb-num-blocks, --cb-max-batch-tokens, --dtype, ...).
-With --continuous-batching, requests join one running batch as they arrive, over the paged latent cache (paged.py);
-without it, each request runs `generate()`. Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health.
+With --continuous-batching, requests join one running batch as they arrive, over the paged latent cache
+(continuous_batching.py); without it, each request runs `generate()`. Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
 `transformers serve PATH` itself refuses our folders: it looks the model class up among transformers' own
 (compat.transformers_serve). Needs fastapi, uvicorn and openai (the `serve` extra); nothing here is imported by

@@ -22,6 +22,9 @@ start. The MTP module keeps its own latent cache whose slots line up one-to-one 
 
 The MTP module at position i reads the main model's final (normed) hidden state at i and the embedding of token i+1, so
 it runs once per step over the same k+1 slots, after the main model has decided which tokens they hold.
+
+generate(use_mtp=True) (generation.py) only dispatches here: `mtp_arguments` checks the call (every generation option
+this loop does not implement raises, naming it) and `mtp_generate` runs the loop.
 """
 
 from __future__ import annotations
@@ -95,6 +98,44 @@ def check_generation_config(gc) -> None:
         raise ValueError(f"generate(use_mtp=True) does not support `{name}={value!r}`; drop it or use use_mtp=False")
 
 
+@dataclass
+class MTPCall:
+    """The arguments of one generate(use_mtp=True) call that the speculative loop reads, checked."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    streamer: object | None
+    draft_tokens: int  # k: drafts per step
+
+
+def mtp_arguments(model, inputs, generation_config, kwargs: dict, draft_tokens: int | None) -> MTPCall:
+    """generate(use_mtp=True)'s arguments, checked before anything is allocated. The generation settings among
+    `kwargs` go into `generation_config` (the caller's own copy); any argument the loop does not implement raises,
+    naming it, rather than being ignored."""
+    model_kwargs = generation_config.update(**kwargs)
+    input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+    if input_ids is None:
+        raise ValueError("generate(use_mtp=True) needs input_ids (the MTP module embeds each next token); "
+                         "inputs_embeds alone is not supported")
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    streamer = model_kwargs.pop("streamer", None)
+    model_kwargs.pop("tokenizer", None)  # generate() takes it for stop_strings, which check_generation_config refuses
+    check_generation_config(generation_config)
+    for ignored in ("logits_processor", "stopping_criteria", "past_key_values", "cache", "use_cache"):
+        if model_kwargs.pop(ignored, None) not in (None, True, [], ()):
+            raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
+    if model_kwargs:
+        raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
+    if model.config.num_nextn_predict_layers < 1:
+        raise ValueError("generate(use_mtp=True) needs an MTP module: config.num_nextn_predict_layers is 0")
+    k = model.config.num_nextn_predict_layers if draft_tokens is None else draft_tokens
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`mtp_draft_tokens` must be a positive integer, got {k!r}")
+    if streamer is not None and input_ids.shape[0] > 1:
+        raise ValueError("generate(use_mtp=True, streamer=...) streams one sequence: pass a batch of size 1")
+    return MTPCall(input_ids, attention_mask, streamer, k)
+
+
 class _Sampler:
     """Turns logits into tokens and the probabilities speculative sampling compares."""
 
@@ -126,19 +167,12 @@ def slot_mask(valid_BS: torch.Tensor, T: int, dtype: torch.dtype, width: int | N
 
 
 @torch.no_grad()
-def mtp_generate(model, input_ids, attention_mask, generation_config, streamer=None, fp8_cache=False,
-                 draft_tokens=None, caches=None):
-    """Returns (sequences [B, P + new], MTPStats). `model` is a DeepseekForCausalLM with at least one MTP module.
+def mtp_generate(model, call: MTPCall, generation_config, fp8_cache=False, caches=None):
+    """Returns (sequences [B, P + new], MTPStats). `model` is a DeepseekForCausalLM with at least one MTP module;
+    `call` comes from mtp_arguments, `generation_config` is the one it filled.
     `caches`: the (main, MTP) caches to fill, e.g. static ones; default two fresh DeepseekLatentCaches."""
     gc = generation_config
-    check_generation_config(gc)
-    if model.config.num_nextn_predict_layers < 1:
-        raise ValueError("generate(use_mtp=True) needs an MTP module: config.num_nextn_predict_layers is 0")
-    k = model.config.num_nextn_predict_layers if draft_tokens is None else draft_tokens
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"`mtp_draft_tokens` must be a positive integer, got {k!r}")
-    if streamer is not None and input_ids.shape[0] > 1:
-        raise ValueError("generate(use_mtp=True, streamer=...) streams one sequence: pass a batch of size 1")
+    input_ids, attention_mask, streamer, k = call.input_ids, call.attention_mask, call.streamer, call.draft_tokens
     decoder = model.model
     mtp: DeepseekMTPLayer = decoder.mtp_layers[0]
     B, P = input_ids.shape

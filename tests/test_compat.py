@@ -360,7 +360,7 @@ def test_output_capturing_records_once_per_forward(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Continuous batching and transformers serve (paged.py, serve.py)
+# Continuous batching and transformers serve (continuous_batching.py, serve.py)
 
 
 def test_paged_cache_class_and_mla_allocator():
@@ -373,7 +373,8 @@ def test_paged_cache_class_and_mla_allocator():
         pytest.skip(f"transformers {compat.installed_transformers_version()} has no MLACacheAllocator")
     update = inspect.signature(PagedAttentionCache.update).parameters
     assert list(update) == ["self", "key_states", "value_states", "layer_idx", "kwargs"], (
-        f"PagedAttentionCache.update changed its signature to {list(update)}: paged.paged_attention calls it")
+        f"PagedAttentionCache.update changed its signature to {list(update)}: "
+        "continuous_batching.paged_attention calls it")
 
 
 @pytest.mark.skipif(not compat.MLA_PAGED_CACHE, reason="the FP8 paged latent needs transformers' MLACacheAllocator")

@@ -40,6 +40,56 @@ def test_invalid_config_raises_naming_the_field(overrides, field):
     assert field in str(excinfo.value)
 
 
+# A dense config: no MoE layer (first_k_dense_replace covers every layer) and no MTP module.
+DENSE = dict(first_k_dense_replace=3, num_nextn_predict_layers=0)
+DENSE_INVALID = [
+    (dict(mla_impl="fused"), "mla_impl"),
+    (dict(latent_cache_dtype="int8"), "latent_cache_dtype"),
+    (dict(prefill_chunk_tokens=0), "prefill_chunk_tokens"),
+    (dict(prefill_chunk_tokens=512.0), "prefill_chunk_tokens"),
+    (dict(bias_update_speed=-0.1), "bias_update_speed"),
+    (dict(seq_balance_alpha=-0.1), "seq_balance_alpha"),
+    (dict(mtp_loss_weight=-0.1), "mtp_loss_weight"),
+    (dict(mtp_loss_weight_late=-0.1), "mtp_loss_weight_late"),
+    (dict(mtp_late_fraction=1.5), "mtp_late_fraction"),
+    (dict(n_routed_experts=9, n_group=2), "n_routed_experts"),
+    (dict(topk_method="best_of_n"), "topk_method"),
+    (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+    (dict(hidden_act="swishy"), "hidden_act"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(routed_scaling_factor=-1.0), "routed_scaling_factor"),
+    (dict(attention_dropout=1.0), "attention_dropout"),
+]
+
+
+def test_dense_tiny_config_builds():
+    cfg = tiny_config(**DENSE)
+    assert not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+
+
+@pytest.mark.parametrize("overrides, field", DENSE_INVALID,
+                         ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+def test_invalid_field_on_a_dense_config_raises_naming_it(overrides, field):
+    """Every field is validated on a dense config too, where no routing code would ever read it."""
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        tiny_config(**DENSE, **overrides)
+
+
+def test_latent_cache_dtype_argument_follows_the_config_rule():
+    """generate()'s latent_cache_dtype, as an argument or on a generation config, is checked by the config's rule."""
+    from transformers import GenerationConfig
+
+    from conftest import random_ids, tiny_model
+
+    model, ids = tiny_model(seed=0).eval(), random_ids(1, 4)
+    with pytest.raises(ValueError, match="`latent_cache_dtype` must be None or 'fp8', got 'int4'"):
+        model.generate(ids, max_new_tokens=1, latent_cache_dtype="int4")
+    gc = GenerationConfig(max_new_tokens=1, do_sample=False)
+    gc.latent_cache_dtype = "int4"
+    with pytest.raises(ValueError, match="`latent_cache_dtype` must be None or 'fp8', got 'int4'"):
+        model.generate(ids, generation_config=gc)
+
+
 def test_num_experts_per_tok_limit_is_exact():
     # 8 experts, 4 groups of 2, keep 2 groups -> exactly 4 experts reachable: 4 is fine, 5 is not.
     tiny_config(n_group=4, topk_group=2, num_experts_per_tok=4)

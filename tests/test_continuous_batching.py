@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from conftest import hf_v3_model, random_ids, save_and_load_ours, set_mla_impl, tiny_model
-from modeling_deepseek import paged
+from modeling_deepseek import continuous_batching
 from modeling_deepseek.attention import DeepseekAttention
 from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION
 
@@ -119,7 +119,7 @@ def test_decode_is_absorbed_and_batched_prefill_chunks_expanded(model, prompts, 
     """With mla_impl="auto": decode tokens of several requests go through one padded absorbed call; prefill chunks
     (queries after a cached prefix among them) through the expanded path; kv_b_proj never sees a decode step."""
     calls = {"batched_decode": [], "expanded": []}
-    batched, expanded = paged._batched_decode, DeepseekAttention.expanded_attention
+    batched, expanded = continuous_batching._batched_decode, DeepseekAttention.expanded_attention
 
     def spy_batched(attn, q_nope, *args):
         calls["batched_decode"].append(len(args[-2]))
@@ -129,7 +129,7 @@ def test_decode_is_absorbed_and_batched_prefill_chunks_expanded(model, prompts, 
         calls["expanded"].append((q_nope.shape[2], latent.shape[2]))
         return expanded(self, q_nope, q_rope, latent, *args, **kwargs)
 
-    monkeypatch.setattr(paged, "_batched_decode", spy_batched)
+    monkeypatch.setattr(continuous_batching, "_batched_decode", spy_batched)
     monkeypatch.setattr(DeepseekAttention, "expanded_attention", spy_expanded)
     results = model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
     assert tokens_of(results) == expected
@@ -397,7 +397,7 @@ def test_a_failure_inside_the_loop_raises(model, prompts, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("kaput in attention")
 
-    monkeypatch.setattr(paged, "paged_attention", broken)
+    monkeypatch.setattr(continuous_batching, "paged_attention", broken)
     monkeypatch.setattr("modeling_deepseek.attention.paged_attention", broken)
     with pytest.raises(RuntimeError, match="request.*failed.*kaput in attention"):
         model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
@@ -438,11 +438,11 @@ def test_what_the_engine_cannot_do_raises_before_it_starts(how, match, prompts):
 def test_cpu_defaults_size_the_cache_for_the_workload_and_copy_the_generation_config(model):
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
-    sized = paged.cpu_batching_defaults(None, WorkloadHints(max_prompt_length=100, max_generated_length=28,
+    sized = continuous_batching.cpu_batching_defaults(None, WorkloadHints(max_prompt_length=100, max_generated_length=28,
                                                             num_requests=4), page_size=64)
-    assert (sized.num_blocks, sized.max_batch_tokens) == (4 * 3, paged.CPU_MAX_BATCH_TOKENS)
+    assert (sized.num_blocks, sized.max_batch_tokens) == (4 * 3, continuous_batching.CPU_MAX_BATCH_TOKENS)
     mine = ContinuousBatchingConfig(num_blocks=7, max_batch_tokens=64)
-    assert paged.cpu_batching_defaults(mine, None, 16).num_blocks == 7 and mine.max_batch_tokens == 64
+    assert continuous_batching.cpu_batching_defaults(mine, None, 16).num_blocks == 7 and mine.max_batch_tokens == 64
     gc = greedy()
     model.generate_batch([[5, 6, 7]], generation_config=gc, continuous_batching_config=cb_config())
     assert gc.eos_token_id is None  # transformers writes -1 into the config it is given

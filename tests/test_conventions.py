@@ -397,6 +397,10 @@ def test_heads_are_ours_generic_and_registered_with_the_auto_classes(tmp_path):
         model = auto.from_config(config)
         assert type(model) is ours and type(model.model) is DeepseekModel
         assert len(model.model.layers) == N_LAYERS and model.config.num_nextn_predict_layers == 0  # no MTP module
+        # transformers allows the switch only where the class's own module (heads.py) names the experts decorator
+        for kernel in ("grouped_mm", "eager"):
+            model.set_experts_implementation(kernel)
+            assert model.config._experts_implementation == kernel
         model.save_pretrained(tmp_path / ours.__name__)
         again = auto.from_pretrained(tmp_path / ours.__name__)
         assert type(again) is ours and torch.equal(again.score.weight, model.score.weight)

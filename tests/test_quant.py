@@ -306,6 +306,15 @@ def test_fp8_checkpoint_kept_quantized_on_cpu_matches_dequantized(fp8_checkpoint
         DeepseekForCausalLM.from_pretrained(dst, fp8_gemm_backend="triton")
 
 
+def test_save_pretrained_refuses_weights_kept_in_fp8(fp8_checkpoint, tmp_path):
+    """No loader reads what save_pretrained would write from FP8 inference modules: it raises, naming the way out."""
+    _, _, dst, _ = fp8_checkpoint
+    kept = DeepseekForCausalLM.from_pretrained(dst, fp8_keep_quantized=True)
+    with pytest.raises(ValueError, match="FP8 inference weights.*fp8_keep_quantized=False"):
+        kept.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_fp8_checkpoint_missing_scale_raises_naming_the_key(fp8_checkpoint, tmp_path):
     _, _, dst, _ = fp8_checkpoint
     for f in dst.iterdir():

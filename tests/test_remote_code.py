@@ -26,7 +26,8 @@ import modeling_deepseek
 from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM, DeepseekModel
 
 PKG = Path(modeling_deepseek.__file__).resolve().parent
-ENTRY_FILES = ("configuration.py", "modeling.py")  # the files defining the auto classes
+ENTRY_FILES = ("configuration.py", "modeling.py")  # the files defining the causal LM's auto classes
+HEAD_FILES = ("heads.py",)  # the entry point of the task heads' remote code
 
 
 def imported_code_files(entry_files=ENTRY_FILES) -> set[str]:
@@ -92,8 +93,8 @@ def model():
 def test_code_uses_only_flat_relative_imports():
     """Inside the copied files: relative imports of sibling modules only (level 1, no sub-packages), no absolute import
     of our package, no import of the package __init__ (which is not copied and not needed)."""
-    files = imported_code_files()
-    assert "__init__.py" not in files and {"attention.py", "balancing.py", "experts.py"} <= files
+    files = imported_code_files(ENTRY_FILES + HEAD_FILES)
+    assert "__init__.py" not in files and {"attention.py", "balancing.py", "experts.py", "heads.py"} <= files
     for name in files:
         for node in ast.walk(ast.parse((PKG / name).read_text())):
             if isinstance(node, ast.ImportFrom):
@@ -233,7 +234,8 @@ def test_fresh_process_loads_a_classification_head_as_remote_code(tmp_path):
     head = DeepseekForSequenceClassification(tiny_config(pad_token_id=0, num_labels=2)).eval()
     head.save_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"] == (
-        "modeling.DeepseekForSequenceClassification")
+        "heads.DeepseekForSequenceClassification")
+    assert {p.name for p in folder.glob("*.py")} >= {"heads.py", "modeling.py", "configuration.py"}
     ids = random_ids(2, 12)
     proc = run_child(folder, work, ids, auto="AutoModelForSequenceClassification")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]

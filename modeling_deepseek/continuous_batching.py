@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, PagedAttentionCache, installed_transformers_version
+from .configuration import check_latent_cache_dtype
 
 # CPU defaults when the caller sizes nothing (transformers' default takes 60% of the RAM for the cache on CPU and
 # 8192-token batches, whose [batch tokens x cached tokens] mask alone can outgrow the cache).
@@ -113,9 +114,7 @@ def check_continuous_batching(model, generation_config) -> None:
             f"(MLACacheAllocator); transformers {installed_transformers_version()} is installed. Use generate(), or "
             "upgrade transformers."
         )
-    latent_cache_dtype = latent_cache_dtype_of(model, generation_config)
-    if latent_cache_dtype not in (None, "fp8"):
-        raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {latent_cache_dtype!r}")
+    check_latent_cache_dtype(latent_cache_dtype_of(model, generation_config))
     if generation_config is not None and getattr(generation_config, "use_mtp", False):
         raise ValueError(
             "Continuous batching with use_mtp=True is not supported: transformers' continuous-batching engine has no "

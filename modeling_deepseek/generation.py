@@ -1,0 +1,231 @@
+"""Generation for DeepseekForCausalLM: `generate` over the latent cache, MTP speculation, continuous batching.
+
+`DeepseekGenerationMixin` is transformers' GenerationMixin with what MLA and the MTP module change:
+
+- generate() hands transformers a latent cache of ours, like a user's cache: a DeepseekLatentCache (FP8 with
+  `latent_cache_dtype="fp8"` or config.latent_cache_dtype), or with `cache_implementation="static"` a
+  DeepseekStaticLatentCache sized for the call, which a compiled forward decodes over without recompiling. The
+  per-head caches transformers would build from a cache_implementation cannot hold the latent and are refused.
+- prompts longer than config.prefill_chunk_tokens are prefilled in chunks, so activation memory stays bounded.
+- `use_mtp=True` dispatches to the self-speculative loop of speculative.py, which checks its own arguments.
+- init_continuous_batching / generate_batch run transformers' continuous-batching engine over its paged cache
+  (continuous_batching.py), refusing up front what that engine would do wrong or drop.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationMixin
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
+
+from .cache import DeepseekLatentCache, DeepseekStaticLatentCache
+from .compat import CACHE_NAME, pop_cache_argument
+from .configuration import check_latent_cache_dtype
+from .continuous_batching import (
+    check_continuous_batching,
+    cpu_batching_defaults,
+    latent_cache_dtype_of,
+    raise_failed_requests,
+)
+from .speculative import mtp_arguments, mtp_generate
+
+logger = logging.get_logger(__name__)
+
+# Generation-config fields that generate() applies itself: transformers would build a per-head cache from the first
+# two, and the speculative loop is ours to run.
+OWN_GENERATION_FIELDS = {"cache_implementation": None, "max_cache_len": None, "use_mtp": False}
+
+
+@dataclass
+class MTPGenerateOutput(GenerateDecoderOnlyOutput):
+    """generate(use_mtp=True, return_dict_in_generate=True): the sequences plus how the drafts fared."""
+
+    mtp_acceptance_rate: float | None = None
+    mtp_drafted: int | None = None
+    mtp_accepted: int | None = None
+
+
+class DeepseekGenerationMixin(GenerationMixin):
+    """What DeepseekForCausalLM generates with; see the module docstring."""
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' generate over the latent cache, plus `use_mtp=True`: self-speculative decoding with the MTP
+        module (speculative.py).
+
+        The cache is a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype),
+        handed to transformers' generate like a user's cache. `cache_implementation="static"` makes it a
+        DeepseekStaticLatentCache of `max_cache_len` slots (default: what this call needs), which a compiled forward
+        decodes over without recompiling (transformers' `compile_config` path included). The per-head caches
+        (cache_implementation "offloaded_static", "quantized", "offloaded", ...) cannot hold the latent and are
+        refused. MTP speculation works at any batch size and with left padding; the acceptance rate is logged, kept
+        on `self.last_mtp_stats`, and returned on the output with return_dict_in_generate=True.
+        """
+        base = generation_config if generation_config is not None else self.generation_config
+        fp8 = check_latent_cache_dtype(kwargs.pop("latent_cache_dtype", latent_cache_dtype_of(self, base))) == "fp8"
+        implementation = kwargs.pop("cache_implementation", getattr(base, "cache_implementation", None))
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"generate(cache_implementation={implementation!r}) is not supported: DeepSeek's MLA caches one "
+                f"{self.config.latent_cache_dim}-wide latent per token (DeepseekLatentCache), which the per-head "
+                "offloaded / quantized caches cannot hold. Leave cache_implementation unset, or use 'static'."
+            )
+        static = implementation == "static"
+        max_cache_len = kwargs.pop("max_cache_len", getattr(base, "max_cache_len", None))
+        use_mtp = kwargs.pop("use_mtp", None)
+        if use_mtp is None:
+            use_mtp = bool(getattr(base, "use_mtp", False))
+        draft_tokens = kwargs.pop("mtp_draft_tokens", None)
+        kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
+        # The one copy: made when a field of ours must be cleared (see OWN_GENERATION_FIELDS) or, under MTP, because
+        # speculation writes the call's settings into it.
+        if use_mtp or any(getattr(base, name, off) != off for name, off in OWN_GENERATION_FIELDS.items()):
+            base = copy.deepcopy(base)
+            for name, off in OWN_GENERATION_FIELDS.items():
+                if hasattr(base, name):
+                    setattr(base, name, off)
+            generation_config = base
+        if use_mtp:
+            return self._mtp_generate(inputs, base, kwargs, static, max_cache_len, fp8, draft_tokens)
+        # Either name is ours to accept; transformers gets the one its release wants.
+        user_cache = pop_cache_argument(kwargs.pop("cache", None), kwargs)
+        if static and user_cache is not None:
+            raise ValueError("pass either cache_implementation='static' or a `cache`, not both")
+        if user_cache is None and kwargs.get("use_cache", getattr(base, "use_cache", True)) is not False:
+            user_cache = (self._static_latent_cache(inputs, base, kwargs, max_cache_len, fp8) if static
+                          else DeepseekLatentCache(fp8=fp8))
+        if user_cache is not None:
+            kwargs[CACHE_NAME] = user_cache
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _mtp_generate(self, inputs, generation_config, kwargs, static, max_cache_len, fp8, draft_tokens):
+        """generate(use_mtp=True): speculative.py checks the arguments and runs the loop; `generation_config` is this
+        call's own copy."""
+        call = mtp_arguments(self, inputs, generation_config, kwargs, draft_tokens)
+        caches = None
+        if static:  # every step appends k + 1 slots, rejected drafts staying behind as holes
+            N = self.config.num_hidden_layers
+            caches = tuple(self._static_latent_cache(call.input_ids, generation_config, {}, max_cache_len, fp8,
+                                                     slots_per_token=call.draft_tokens + 1, layers=layers)
+                           for layers in (range(N), [N]))
+        sequences, stats = mtp_generate(self, call, generation_config, fp8_cache=fp8, caches=caches)
+        self.last_mtp_stats = stats
+        logger.info(f"MTP speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.1%})")
+        if generation_config.return_dict_in_generate:
+            return MTPGenerateOutput(
+                sequences=sequences, mtp_acceptance_rate=stats.acceptance_rate,
+                mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
+            )
+        return sequences
+
+    def _static_latent_cache(self, inputs, generation_config, kwargs, max_cache_len, fp8, slots_per_token=1,
+                             layers=None) -> DeepseekStaticLatentCache:
+        """The DeepseekStaticLatentCache of one generate call, allocated now (a compiled prefill could not mark it
+        static). Sized for the prompt plus `slots_per_token` slots per new token (the last token never goes through a
+        forward), or to `max_cache_len`, which must hold that; without max_cache_len never smaller than the previous
+        call's, so that a compiled step sees the same shapes again. `kwargs` are the call's generation arguments,
+        which win over `generation_config`."""
+        def setting(name):
+            return kwargs.get(name, getattr(generation_config, name, None))
+
+        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        prompt_BP = ids if ids is not None else embeds[..., 0]
+        B, P = prompt_BP.shape
+        max_new = setting("max_new_tokens")
+        if max_new is None:
+            max_new = setting("max_length") - (P if ids is not None else 0)
+        needed = P + slots_per_token * max_new - 1
+        if max_cache_len is not None and needed > max_cache_len:
+            what = (f"the prompt ({P} tokens) is longer than" if P > max_cache_len else
+                    f"the prompt ({P} tokens) + max_new_tokens ({max_new}"
+                    + (f", {slots_per_token} slots each under MTP speculation" if slots_per_token > 1 else "")
+                    + f") need {needed} slots, more than")
+            raise ValueError(f"cache_implementation='static': {what} max_cache_len={max_cache_len}")
+        if max_cache_len is None:
+            max_cache_len = max(needed, getattr(self, "_static_cache_len", 0))
+            self._static_cache_len = max_cache_len
+        cache = DeepseekStaticLatentCache(self.config, max_cache_len, fp8=fp8)
+        batch = B * max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
+        cache.early_initialization(batch, self.dtype, prompt_BP.device,
+                                   range(self.config.num_hidden_layers) if layers is None else layers)
+        return cache
+
+    def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
+        """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a
+        chunk size: activation memory stays bounded by the chunk, whatever the prompt length."""
+        chunk = self.config.prefill_chunk_tokens
+        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
+        if (chunk is None or ids is None or ids.shape[-1] <= chunk or "prefill_chunk_size" in kwargs
+                or getattr(generation_config, "prefill_chunk_size", None) is not None
+                or kwargs.get("use_cache", getattr(generation_config, "use_cache", True)) is False):
+            return {}
+        return {"prefill_chunk_size": chunk}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Continuous batching
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        """transformers' continuous-batching manager (the engine behind generate_batch, `transformers serve
+        --continuous-batching` and TRL's continuous-batching rollouts) over its paged latent cache
+        (continuous_batching.py).
+
+        With config.latent_cache_dtype = "fp8" (or a generation config's `latent_cache_dtype`) the paged cache holds
+        the latent in e4m3 with per-token scales (paged_fp8.py): half the bytes per token of bf16.
+        Refuses up front what that engine cannot run (transformers < 5.25, use_mtp, beam search, min_new_tokens and
+        the repetition penalties, which it would leave out), and a kept manager (persistent_manager=True) asked for
+        another latent cache dtype than it was built with.
+        On CPU, an unsized cache is sized for the workload (or 32k tokens) with 512-token batches, instead of
+        transformers' 60% of the RAM. The generation config is copied: transformers writes eos_token_id = -1 into
+        one without an EOS."""
+        gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        check_continuous_batching(self, gc)
+        if self.device.type == "cpu":
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            page = (continuous_batching_config or ContinuousBatchingConfig()).page_size
+            continuous_batching_config = cpu_batching_defaults(continuous_batching_config, workload_hints, page)
+        manager = super().init_continuous_batching(
+            generation_config=gc, continuous_batching_config=continuous_batching_config,
+            workload_hints=workload_hints)
+        latent_cache_dtype = latent_cache_dtype_of(self, gc)
+        if not hasattr(manager, "latent_cache_dtype"):  # a new manager, its cache not built yet
+            manager.latent_cache_dtype = latent_cache_dtype
+            if latent_cache_dtype == "fp8":
+                from .paged_fp8 import use_fp8_latent_cache
+
+                use_fp8_latent_cache(manager)
+        elif manager.latent_cache_dtype != latent_cache_dtype:
+            kept, asked = (dtype or "the model dtype" for dtype in (manager.latent_cache_dtype, latent_cache_dtype))
+            raise ValueError(f"the kept continuous-batching manager stores the latent as {kept}, this call asks for "
+                             f"{asked}: call model.destroy_cached_continuous_batching_manager() first")
+        return manager
+
+    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, **kwargs):
+        """transformers' generate_batch (continuous batching over the paged latent cache: absorbed decode, each
+        request on its own), except that nothing fails quietly: an unsupported option raises before the loop starts,
+        an unknown keyword raises, and a request that failed inside the loop raises instead of coming back empty.
+        `latent_cache_dtype="fp8"` stores the paged latent in e4m3 (as config.latent_cache_dtype does).
+        Returns {request_id: GenerationOutput} in input order, like transformers'."""
+        gc = generation_config if generation_config is not None else self.generation_config
+        # Settings given as arguments go on a copy of the generation config, where the manager reads them.
+        overrides = {"use_mtp": True} if kwargs.pop("use_mtp", False) else {}
+        if "latent_cache_dtype" in kwargs:
+            overrides["latent_cache_dtype"] = kwargs.pop("latent_cache_dtype")
+        if overrides:
+            generation_config = gc = copy.deepcopy(gc)
+            for name, value in overrides.items():
+                setattr(gc, name, value)
+        if "use_mtp" in overrides:
+            check_continuous_batching(self, gc)  # refuses it, before any other complaint
+        known = {"max_new_tokens", "record_timestamps", "progress_bar", "persistent_manager", "warmup"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"generate_batch got unsupported arguments {unknown}; it takes {sorted(known)} (other "
+                             "generation settings go in generation_config)")
+        results = super().generate_batch(inputs, generation_config=generation_config,
+                                         continuous_batching_config=continuous_batching_config, **kwargs)
+        raise_failed_requests(results, len(inputs) * (getattr(gc, "num_return_sequences", None) or 1))
+        return results
