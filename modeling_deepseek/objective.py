@@ -15,8 +15,9 @@ One forward's objective is
   own mean would count once per micro-batch and per rank). TRL's GRPO divides its extra terms by the accumulation
   steps instead: f = 1 / steps.
 
-Each part is reported as this forward's own mean (`lm_loss`, `mtp_loss`, `balance_loss`), whatever f is: that is what
-compares across runs and what the trainers log. `main_loss` is f * CE_main, transformers' `loss` convention.
+The MTP and balance losses are reported as this forward's own means, whatever f is: that is what compares across
+runs and what the trainers log. `main_loss` is f * CE_main, transformers' `loss` convention; divided by
+`step_fraction` it is the forward's own mean CE again (the `lm_loss` that trainers.callbacks logs).
 
 The routing statistics are the tokens each expert received in this forward (`expert_load`) and MaxVio, the most
 loaded expert's excess over the mean (0: perfect balance), averaged over the main model's MoE layers.
@@ -71,9 +72,8 @@ def mean_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> to
 class Objective:
     """One forward's objective and its parts (None: that part was not computed; all None: no labels)."""
 
-    loss: torch.Tensor | None = None  # f * the sum of the parts below: what backward runs on
-    main_loss: torch.Tensor | None = None  # f * lm_loss
-    lm_loss: torch.Tensor | None = None  # mean next-token CE
+    loss: torch.Tensor | None = None  # f * (CE_main + mtp_loss_weight * mtp_loss + balance_loss): what backward runs on
+    main_loss: torch.Tensor | None = None  # f * the mean next-token CE
     mtp_loss: torch.Tensor | None = None  # mean over depths of the MTP CE (unweighted)
     balance_loss: torch.Tensor | None = None  # sequence-wise balance loss, summed over the MoE layers
     mtp_logits: tuple[torch.Tensor, ...] | None = None  # [B, T, V] per depth
@@ -102,7 +102,7 @@ def training_objective(
     the next sequence is not scored. `fraction` is f (`step_fraction`)."""
     cfg = lm.config
     parts_to_add = []
-    main_loss = lm_loss = mtp_loss = balance_loss = mtp_logits = None
+    main_loss = mtp_loss = balance_loss = mtp_logits = None
     if logits_BTV is not None:
         lm_loss = mean_cross_entropy(logits_BTV, shift_labels_BT)
         main_loss = fraction * lm_loss
@@ -128,7 +128,7 @@ def training_objective(
             "gradient checkpointing (use_reentrant=True) runs the layers without gradients. Use "
             "use_reentrant=False (transformers' default) to train it.", stacklevel=3)
     loss = fraction * sum(parts_to_add) if parts_to_add else None
-    return Objective(loss, main_loss, lm_loss, mtp_loss, balance_loss, mtp_logits)
+    return Objective(loss, main_loss, mtp_loss, balance_loss, mtp_logits)
 
 
 def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
