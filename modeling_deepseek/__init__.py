@@ -16,7 +16,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 from .configuration import DeepseekConfig
 from .heads import DeepseekForSequenceClassification, DeepseekForTokenClassification
 from .modeling import DeepseekCausalLMOutput, DeepseekForCausalLM, DeepseekModel, DeepseekPreTrainedModel
-from .balancing import update_balancing_bias, max_violation
+from .balancing import update_balancing_bias
+from .objective import max_violation
 
 
 def _register() -> None:

@@ -121,11 +121,6 @@ def update_balancing_bias(model: nn.Module) -> None:
         router.forwards_since_update = 0
 
 
-def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
-    """MaxVio per layer: max_i load_i / mean load - 1 (0 is perfect balance)."""
-    return load_LE.amax(dim=-1) / load_LE.mean(dim=-1).clamp_min(1e-9) - 1
-
-
 def _owns(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
     ids = _optimizer_param_ids.get(optimizer)
     n_params = sum(len(g["params"]) for g in optimizer.param_groups)

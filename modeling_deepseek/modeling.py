@@ -9,21 +9,21 @@ The layout follows transformers' DeepSeek classes (and so the official checkpoin
     model.norm, lm_head
 
 The loss with labels is   CE_main + mtp_loss_weight * mean_k CE_k + sum over MoE layers of the sequence-wise balance
-loss, and the output carries each part on its own together with the per-layer expert load and MaxVio.
+loss (objective.py computes it, for GRPO too), and the output carries each part on its own together with the per-layer
+expert load and MaxVio.
 
 What the classes take from elsewhere: the loading and saving policy (loading.py), generation and continuous
-batching (generation.py), the attention masks of a forward (masks.py). The task heads are in heads.py.
+batching (generation.py), the attention masks of a forward (masks.py), the objective (objective.py). The task heads
+are in heads.py.
 
 The routed experts are dispatched through transformers' experts interface (experts.py, `@use_experts_implementation`):
 `config.experts_implementation` / `model.set_experts_implementation("eager" | "grouped_mm")` choose the kernel.
 (transformers decides whether a model may switch by finding that decorator's name in the model's own module.)
 """
 
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .attention import DeepseekAttention
-from .balancing import bias_update_enabled, max_violation, record_loads, track
+from .balancing import bias_update_enabled, record_loads, track
 from .cache import DeepseekLatentCache
 from .compat import (CACHE_NAME, OutputRecorder, can_return_tuple, cache_kwargs, capture_outputs,
                      merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
@@ -42,8 +42,9 @@ from .generation import DeepseekGenerationMixin
 from .layers import DeepseekRMSNorm
 from .loading import DeepseekLoadingMixin
 from .masks import causal_mask, check_attention_mask, padding_free_tokens
-from .mtp import DeepseekMTPLayer, mtp_inputs, mtp_labels
+from .mtp import DeepseekMTPLayer, mtp_inputs
 from .moe import DeepseekMoE
+from .objective import Objective, routing_statistics, shifted_labels, step_fraction, training_objective
 from .rope import DeepseekRotaryEmbedding
 from .routing import DeepseekTopkRouter
 
@@ -254,6 +255,9 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, DeepseekGenerationMixin):
         self.model = DeepseekModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The MTP loss weight of the current training step when a schedule sets one (trainers.callbacks: V3 lowers
+        # it late in training); None: config.mtp_loss_weight. Runtime state, so config.json keeps the user's weight.
+        self.scheduled_mtp_loss_weight: float | None = None
         self.post_init()
 
     @can_return_tuple
@@ -292,106 +296,35 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, DeepseekGenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        loss = main_loss = mtp_loss = balance_loss = mtp_logits = None
-        if shift_labels is None and labels is not None:
-            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        objective = Objective()  # no labels: no loss
+        shift_labels = shifted_labels(labels, shift_labels)
         if shift_labels is not None:
-            shift_labels = shift_labels.contiguous()
-            loss_kwargs = {"vocab_size": self.config.vocab_size, "num_items_in_batch": num_items_in_batch}
-            main_loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, **loss_kwargs)
-            loss = main_loss
-            if self.config.num_nextn_predict_layers > 0:
-                packed = position_ids  # the caller's position ids mark where packed sequences start
-                if position_ids is None:
-                    position_ids = torch.arange(shift_labels.shape[1], device=shift_labels.device).unsqueeze(0)
-                hs = self.model.run_mtp(hidden_states, inputs_embeds, position_ids, attention_mask)
-                mtp_logits = tuple(self.lm_head(h) for h in hs)
-                depth_losses = []
-                for k, lg in enumerate(mtp_logits, start=1):
-                    targets_k = mtp_labels(shift_labels, k, position_ids=packed)
-                    ce_k = self.loss_function(logits=lg, labels=None, shift_labels=targets_k, **loss_kwargs)
-                    if num_items_in_batch is not None:
-                        # Under gradient accumulation CE is a share of the step's sum (sum / num_items_in_batch);
-                        # the reported MTP loss is this forward's own mean, like main_loss without accumulation.
-                        ce_k = ce_k * num_items_in_batch / (targets_k != -100).sum().clamp_min(1)
-                    depth_losses.append(ce_k)
-                mtp_loss = torch.stack(depth_losses).mean()
-                mtp_share = mtp_loss
-                if num_items_in_batch is not None:
-                    mtp_share = mtp_loss * (shift_labels != -100).sum().clamp_min(1) / num_items_in_batch
-                loss = loss + self.config.mtp_loss_weight * mtp_share
-            balance_terms = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
-            if balance_terms:
-                balance_loss = torch.stack(balance_terms).sum()
-                balance_share = balance_loss
-                if num_items_in_batch is not None:
-                    # Like the MTP term: this forward's share of the step. Trainer sums the micro-batches' losses
-                    # (gradient accumulation) and multiplies by the data-parallel size; a plain mean would count
-                    # once per micro-batch and per rank.
-                    balance_share = balance_loss * (shift_labels != -100).sum().clamp_min(1) / num_items_in_batch
-                loss = loss + balance_share
-            elif self.training and torch.is_grad_enabled() and self.config.seq_balance_alpha > 0 and self.moe_layers():
-                warnings.warn(
-                    "seq_balance_alpha > 0 but no MoE layer produced the sequence-wise balance loss: reentrant "
-                    "gradient checkpointing (use_reentrant=True) runs the layers without gradients. Use "
-                    "use_reentrant=False (transformers' default) to train it.", stacklevel=2)
+            mtp_loss_weight = self.config.mtp_loss_weight
+            if self.scheduled_mtp_loss_weight is not None:
+                mtp_loss_weight = self.scheduled_mtp_loss_weight
+            objective = training_objective(
+                self, hidden_states, inputs_embeds, shift_labels, logits_BTV=logits, mtp_loss_weight=mtp_loss_weight,
+                position_ids=position_ids, attention_mask=attention_mask,
+                fraction=step_fraction(shift_labels, num_items_in_batch))
+        # A forward without labels reports its routing in training only (eval and generation never need it).
+        routing = routing_statistics(self) if self.training or shift_labels is not None else None
+        expert_load, max_vio = (routing.expert_load_LE, routing.max_violation) if routing else (None, None)
 
-        expert_load = max_vio = None
-        loads = [m.last_load_E for m in self.moe_layers() if m.last_load_E is not None] if (
-            self.training or shift_labels is not None
-        ) else []
-        if loads:
-            expert_load = torch.stack(loads)
-            main_loads = expert_load[: len(self.moe_layers(include_mtp=False))]
-            max_vio = max_violation(main_loads).mean() if len(main_loads) else None
-        if shift_labels is not None:
-            # Under gradient accumulation main_loss is this forward's share of the step's sum; report its own mean.
-            lm_loss = main_loss if num_items_in_batch is None else (
-                main_loss * num_items_in_batch / (shift_labels != -100).sum().clamp_min(1))
-            if self.training and torch.is_grad_enabled():
-                self._accumulate_metrics("train", lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss,
-                                         maxvio=max_vio)
-            elif not self.training:
-                self._accumulate_metrics("eval", lm_loss=lm_loss, mtp_loss=mtp_loss)
-
-        output = DeepseekCausalLMOutput(
-            loss=loss,
-            aux_loss=balance_loss,
+        return DeepseekCausalLMOutput(
+            loss=objective.loss,
+            aux_loss=objective.balance_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
-            main_loss=main_loss,
-            mtp_loss=mtp_loss,
-            balance_loss=balance_loss,
+            main_loss=objective.main_loss,
+            mtp_loss=objective.mtp_loss,
+            balance_loss=objective.balance_loss,
             expert_load=expert_load,
             max_violation=max_vio,
-            mtp_logits=mtp_logits,
+            mtp_logits=objective.mtp_logits,
             **cache_kwargs(getattr(outputs, CACHE_NAME)),
         )
-        return output
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Training and evaluation metrics, read by trainers.callbacks.DeepseekTrainerCallback at every log / evaluation
-    def _accumulate_metrics(self, split: str, **values) -> None:
-        sums = self.__dict__.setdefault("_metric_sums", {}).setdefault(split, {})
-        for name, value in values.items():
-            if value is not None:  # detached device tensors: no host sync per step
-                total, count = sums.get(name, (0.0, 0))
-                sums[name] = (total + value.detach().float(), count + 1)
-
-    def _pop_metrics(self, split: str) -> dict[str, float]:
-        sums = self.__dict__.get("_metric_sums", {}).pop(split, {})
-        return {name: float(total) / count for name, (total, count) in sums.items() if count}
-
-    def pop_train_metrics(self) -> dict[str, float]:
-        """Means of the LM loss, MTP loss, balance loss and MaxVio over the training forwards since the last call."""
-        return self._pop_metrics("train")
-
-    def pop_eval_metrics(self) -> dict[str, float]:
-        """Means of the LM loss (next-token CE alone) and the MTP loss over the eval forwards with labels since the
-        last call. `loss` / Trainer's eval_loss is the total objective; lm_loss is what compares with other models."""
-        return self._pop_metrics("eval")
 
 
 # save_pretrained writes `auto_map` into config.json and copies this file and the files it imports next to the

@@ -153,12 +153,33 @@ def test_router_aux_loss_coef_maps_onto_the_sequence_balance_loss(tmp_path):
     assert "aux_loss" not in train_logs(off)[-1]
 
 
-def test_mtp_rollouts_and_mtp_loss(tmp_path):
+def test_mtp_rollouts_and_mtp_loss(tmp_path, monkeypatch):
+    """The MTP loss trains the MTP module; it and MaxVio are the model's own objective and routing statistics
+    (modeling_deepseek/objective.py, as in DeepseekForCausalLM.forward), logged as their means over the step."""
+    import trainers.grpo as grpo
+
+    seen = {"mtp_loss": [], "moe/maxvio": []}
+    objective, statistics = grpo.training_objective, grpo.routing_statistics
+
+    def recording_objective(*args, **kwargs):
+        parts = objective(*args, **kwargs)
+        seen["mtp_loss"].append(parts.mtp_loss.item())
+        return parts
+
+    def recording_statistics(lm):
+        routing = statistics(lm)
+        seen["moe/maxvio"].append(routing.max_violation.item())
+        return routing
+
+    monkeypatch.setattr(grpo, "training_objective", recording_objective)
+    monkeypatch.setattr(grpo, "routing_statistics", recording_statistics)
     model = tiny_lm()
     mtp_before = {n: p.clone() for n, p in model.named_parameters() if ".layers.3." in n}
     trainer = trainer_for(tmp_path, model=model, use_mtp=True, mtp_loss_weight=0.3, max_steps=1)
     logs = train_logs(trainer)
     assert 0.0 <= logs[-1]["mtp/acceptance_rate"] <= 1.0 and logs[-1]["mtp_loss"] > 0
+    for name, values in seen.items():
+        assert values and logs[-1][name] == pytest.approx(sum(values) / len(values)), name
     assert "sampling/sampling_logp_difference/mean" not in logs[-1]  # speculative rollouts carry no logprobs
     changed = [n for n, p in model.named_parameters() if n in mtp_before and not torch.equal(p, mtp_before[n])]
     assert changed, "the MTP loss must train the MTP module"

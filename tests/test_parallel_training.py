@@ -163,16 +163,3 @@ def test_trainer_tensor_parallel_on_cpu_is_refused_by_accelerate(runs):
     expert parallelism on CPU. This fails when accelerate starts accepting CPU ranks: then run the Trainer layouts."""
     for rec in runs["deepseek-tp"]:
         assert "ParallelismConfig is only compatible" in rec["refused"] and "MULTI_CPU" in rec["refused"]
-
-
-def test_loss_shares_add_up_to_the_whole_batch():
-    """What data-parallel ranks and gradient-accumulation micro-batches rely on: with Trainer's num_items_in_batch (the
-    step's token count), the losses of the parts of a batch sum to the loss of the whole batch, main CE, MTP and the
-    sequence-wise balance loss alike (the balance loss once counted in full per part: 2 parts gave it twice)."""
-    model = tiny_model(seed=0, train=True, seq_balance_alpha=0.01)
-    ids = random_ids(4, 16, seed=3)
-    whole = model(ids, labels=ids)
-    assert whole.balance_loss is not None and whole.balance_loss > 0
-    n = torch.tensor(float(4 * 15))  # labels shifted inside: 15 scored tokens per sequence
-    parts = [model(ids[i:i + 2], labels=ids[i:i + 2], num_items_in_batch=n).loss for i in (0, 2)]
-    assert torch.allclose(sum(parts), whole.loss, atol=1e-6), (sum(parts).item(), whole.loss.item())

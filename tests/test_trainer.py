@@ -218,15 +218,24 @@ def test_trainer_on_bf16_model_keeps_fp32_bias(tmp_path):
     assert all(r.pending_load.dtype == torch.float32 for r in routers(model))
 
 
-def test_mtp_weight_schedule(tmp_path):
-    model = tiny_model(train=True, mtp_loss_weight_late=0.1, mtp_late_fraction=0.5)
-    assert model.config.mtp_loss_weight == pytest.approx(0.3)
-    trainer = DeepseekTrainer(model=model, args=train_args(tmp_path, max_steps=4), train_dataset=lm_dataset(16))
+@pytest.mark.parametrize("early", [0.3, 0.0])
+def test_mtp_weight_schedule(tmp_path, early):
+    """V3's schedule: the early weight until mtp_late_fraction of the steps, then the late one, as state on the model:
+    the loss trains with it, and a checkpoint saved after the switch still holds the user's weights in config.json.
+    An early weight of 0.0 switches like any other."""
+    model = tiny_model(train=True, mtp_loss_weight=early, mtp_loss_weight_late=0.1, mtp_late_fraction=0.5)
+    args = train_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=4)
+    trainer = DeepseekTrainer(model=model, args=args, train_dataset=lm_dataset(16))
     trainer.train()
-    weights = [h["mtp_loss_weight"] for h in train_logs(trainer)]
+    logs = train_logs(trainer)
     # Steps 1-2 start at global_step 0-1 (< 0.5 * 4): early weight; steps 3-4: late weight.
-    assert weights == pytest.approx([0.3, 0.3, 0.1, 0.1])
-    assert model.config.mtp_loss_weight == pytest.approx(0.1)
+    assert [h["mtp_loss_weight"] for h in logs] == pytest.approx([early, early, 0.1, 0.1])
+    for h in logs:  # one optimizer step per log, no accumulation: the parts add up to the loss with that weight
+        assert h["loss"] == pytest.approx(h["lm_loss"] + h["mtp_loss_weight"] * h["mtp_loss"] + h["balance_loss"],
+                                          abs=1e-4), h
+    assert model.config.mtp_loss_weight == early and model.scheduled_mtp_loss_weight == pytest.approx(0.1)
+    saved = json.loads((tmp_path / "checkpoint-4" / "config.json").read_text())
+    assert (saved["mtp_loss_weight"], saved["mtp_loss_weight_late"]) == (early, 0.1)
 
 
 def _by_hand(model, ds, batch: int) -> tuple[float, float]:
@@ -239,7 +248,6 @@ def _by_hand(model, ds, batch: int) -> tuple[float, float]:
             out = model(ids, labels=ids)
             lm.append(out.main_loss.item())
             mtp.append(out.mtp_loss.item())
-    model.pop_eval_metrics()  # these forwards were ours, not an evaluation's
     return sum(lm) / len(lm), sum(mtp) / len(mtp)
 
 
@@ -251,16 +259,15 @@ def test_eval_logs_lm_loss_and_perplexity(tmp_path):
     model = tiny_model(train=True)
     w = model.config.mtp_loss_weight
     eval_ds = lm_dataset(4, seed=7)
-    _by_hand(model, lm_dataset(2, seed=9), 2)  # an eval forward before training ...
-    model.eval()
-    with torch.no_grad():  # ... and one left unread: neither may leak into the first evaluation
-        ids = random_ids(2, SEQ, seed=9)
-        model(ids, labels=ids)
-    model.train()
     # label_names given: the model-side finding of label names is tested on its own below
     args = train_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2,
                       label_names=["labels"])
     trainer = DeepseekTrainer(model=model, args=args, train_dataset=lm_dataset(8), eval_dataset=eval_ds)
+    _by_hand(model, lm_dataset(2, seed=9), 2)  # eval forwards of our own, seen by the trainer's hook, ...
+    model.train()
+    with torch.no_grad():  # ... and a training-mode one: none may leak into the first evaluation or train log
+        ids = random_ids(2, SEQ, seed=9)
+        model(ids, labels=ids)
     trainer.train()
 
     for h in train_logs(trainer):  # one optimizer step per log, no accumulation: the parts add up to the loss
@@ -282,11 +289,14 @@ def test_eval_logs_lm_loss_and_perplexity(tmp_path):
     assert {k: logged[k] for k in ("eval_lm_loss", "eval_mtp_loss", "eval_perplexity")} == {
         k: metrics[k] for k in ("eval_lm_loss", "eval_mtp_loss", "eval_perplexity")}
 
-    # Several eval sets: each evaluation's numbers under its own prefix, from its own forwards only.
+    # Several eval sets: each evaluation's numbers under its own prefix, from its own forwards only (not from our
+    # own forwards, nor from a predict(), which logs nothing).
     other = lm_dataset(2, seed=11)
+    other_lm = _by_hand(model, other, 2)[0]
+    trainer.predict(lm_dataset(2, seed=13))
     per_set = trainer.evaluate(eval_dataset={"a": eval_ds, "b": other})
     assert per_set["eval_a_lm_loss"] == pytest.approx(lm, abs=1e-5)
-    assert per_set["eval_b_lm_loss"] == pytest.approx(_by_hand(model, other, 2)[0], abs=1e-5)
+    assert per_set["eval_b_lm_loss"] == pytest.approx(other_lm, abs=1e-5)
     assert per_set["eval_b_perplexity"] == pytest.approx(math.exp(per_set["eval_b_lm_loss"]), rel=1e-12)
 
 

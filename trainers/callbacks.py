@@ -10,8 +10,16 @@ themselves). It does nothing for models without a DeepSeek causal LM inside, so 
   (`eval_loss` is the total objective, CE + mtp_loss_weight * MTP, not comparable across models), so they land in
   the dict `trainer.evaluate()` returns, in `state.log_history` and in every reporting integration;
 - applies the MTP loss-weight schedule of DeepSeek-V3 (config.mtp_loss_weight until mtp_late_fraction of max_steps,
-  then config.mtp_loss_weight_late) at the start of every optimizer step;
+  then config.mtp_loss_weight_late) at the start of every optimizer step, through the model's
+  `scheduled_mtp_loss_weight`: the config, and so every saved config.json, keeps the weights the user set;
 - warns when trl's SFTTrainer replaced the model's forward (its fused LM head trains the main CE only).
+
+How the parts are collected: a forward hook on each DeepSeek causal LM (registered when the Trainer is built, or at
+the latest when training begins) reads every forward's output, whose parts modeling_deepseek/objective.py computed.
+Training forwards (training mode, gradients on) add to the train means. An eval-mode forward is held until
+Trainer's `on_prediction_step` confirms it was an evaluation batch, so forwards of one's own between evaluations
+never count. With gradient accumulation the model's loss is a share of the step's; the logged parts are each
+forward's own means (objective.step_fraction).
 
 With several processes (DDP / FSDP), each rank averages over its own forwards and the callback then averages over the
 ranks (an all-reduce in on_log, which Trainer calls on every process at the same points), like Trainer's own loss.
@@ -28,18 +36,21 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 from transformers import TrainerCallback
 
 from modeling_deepseek.compat import forward_replaced_by_trl
+from modeling_deepseek.objective import shifted_labels, step_fraction
 
 
 def deepseek_modules(model):
-    """The Deepseek causal LMs inside `model` (which may be wrapped by PEFT, DDP or FSDP)."""
+    """The Deepseek causal LMs inside `model` (which may be wrapped by PEFT, DDP or FSDP). Recognised by what the
+    callback uses rather than by class: a model loaded as remote code has a class of its own."""
     if model is None:
         return []
-    return [m for m in model.modules() if hasattr(m, "pop_train_metrics") and hasattr(m, "config")]
+    return [m for m in model.modules() if hasattr(m, "scheduled_mtp_loss_weight") and hasattr(m, "config")]
 
 
 def _eval_prefix(logs: dict) -> str | None:
@@ -71,10 +82,88 @@ def _add_to_log(state, logs: dict, metrics: dict) -> None:
         state.log_history[-1].update(metrics)
 
 
+def forward_parts(output, kwargs: dict, split: str) -> dict:
+    """The parts of one forward's objective to log, as this forward's own means: the output's main_loss is its
+    share of the optimizer step under gradient accumulation (`num_items_in_batch`), so it is scaled back."""
+    targets_BT = shifted_labels(kwargs.get("labels"), kwargs.get("shift_labels"))
+    lm_loss = output.main_loss / step_fraction(targets_BT, kwargs.get("num_items_in_batch"))
+    if split == "eval":
+        return {"lm_loss": lm_loss, "mtp_loss": output.mtp_loss}
+    return {"lm_loss": lm_loss, "mtp_loss": output.mtp_loss, "balance_loss": output.balance_loss,
+            "maxvio": output.max_violation}
+
+
+class ForwardMetrics:
+    """Means of the objective's parts over the forwards of the models it watches, per split ("train", "eval")."""
+
+    def __init__(self):
+        self._sums: dict[str, dict] = {"train": {}, "eval": {}}
+        self._unconfirmed_eval: dict = {}
+        self._watched: weakref.WeakSet = weakref.WeakSet()
+
+    def watch(self, lm) -> None:
+        if lm not in self._watched:
+            self._watched.add(lm)
+            lm.register_forward_hook(_RecordingHook(self), with_kwargs=True)
+
+    def record(self, lm, kwargs: dict, output) -> None:
+        has_loss = getattr(output, "main_loss", None) is not None  # (labels given, and not a return_dict=False tuple)
+        if not lm.training:
+            self._unconfirmed_eval = forward_parts(output, kwargs, "eval") if has_loss else {}
+        elif has_loss and torch.is_grad_enabled():  # (not a no-grad forward in training mode: a reference model's)
+            self._add("train", forward_parts(output, kwargs, "train"))
+
+    def confirm_eval(self) -> None:
+        """The last eval-mode forward was an evaluation batch: count it."""
+        self._add("eval", self._unconfirmed_eval)
+        self._unconfirmed_eval = {}
+
+    def pop(self, split: str) -> dict[str, float]:
+        """The means since the last pop, and a fresh start."""
+        sums, self._sums[split] = self._sums[split], {}
+        return {name: float(total) / count for name, (total, count) in sums.items()}
+
+    def _add(self, split: str, values: dict) -> None:
+        sums = self._sums[split]
+        for name, value in values.items():
+            if value is not None:  # detached device tensors: no host sync per step
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + value.detach().float(), count + 1)
+
+
+class _RecordingHook:
+    """The forward hook of ForwardMetrics. It holds the metrics weakly, so that a finished Trainer's callback is not
+    kept alive by the model it trained, and a copied or pickled model (a reference model) records nothing."""
+
+    def __init__(self, metrics: ForwardMetrics | None = None):
+        self._metrics = None if metrics is None else weakref.ref(metrics)
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        metrics = None if self._metrics is None else self._metrics()
+        if metrics is not None:
+            metrics.record(module, kwargs, output)
+
+    def __reduce__(self):
+        return _RecordingHook, ()
+
+
 class DeepseekTrainerCallback(TrainerCallback):
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def __init__(self):
+        self.metrics = ForwardMetrics()
+
+    def watch(self, model) -> None:
+        """Record the forwards of the DeepSeek causal LMs inside `model` (Trainer's own events call it; a trainer
+        that adds this callback after it was built calls it itself, before anything runs)."""
         for lm in deepseek_modules(model):
-            lm.pop_eval_metrics()  # eval-mode forwards outside the Trainer (a manual eval) are not this run's
+            self.metrics.watch(lm)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self.watch(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.watch(model)
+        self.metrics.pop("train")  # training-mode forwards of one's own before train() are not this run's
+        for lm in deepseek_modules(model):
             cfg = lm.config
             if forward_replaced_by_trl(lm) and (cfg.num_nextn_predict_layers > 0 or cfg.seq_balance_alpha > 0):
                 warnings.warn(
@@ -88,15 +177,15 @@ class DeepseekTrainerCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         for lm in deepseek_modules(model):
             cfg = lm.config
-            if getattr(cfg, "mtp_loss_weight_late", None) is None or not state.max_steps:
-                continue
-            late = state.global_step >= cfg.mtp_late_fraction * state.max_steps
-            if late and not getattr(lm, "_mtp_weight_early", None):
-                lm._mtp_weight_early = cfg.mtp_loss_weight
-                cfg.mtp_loss_weight = cfg.mtp_loss_weight_late
-            elif not late and getattr(lm, "_mtp_weight_early", None) is not None:
-                cfg.mtp_loss_weight = lm._mtp_weight_early
-                lm._mtp_weight_early = None
+            if getattr(cfg, "mtp_loss_weight_late", None) is not None and state.max_steps:
+                late = state.global_step >= cfg.mtp_late_fraction * state.max_steps
+                lm.scheduled_mtp_loss_weight = cfg.mtp_loss_weight_late if late else cfg.mtp_loss_weight
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.metrics.confirm_eval()
+
+    def on_predict(self, args, state, control, **kwargs):
+        self.metrics.pop("eval")  # predict() logs nothing: its forwards must not reach the next evaluation's numbers
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         lms = deepseek_modules(model)
@@ -105,17 +194,15 @@ class DeepseekTrainerCallback(TrainerCallback):
         prefix = _eval_prefix(logs)
         metrics = {}
         if prefix is not None:
-            for lm in lms:
-                metrics.update({f"{prefix}_{k}": v for k, v in lm.pop_eval_metrics().items()})
-            metrics = _mean_over_processes(metrics, args)
+            metrics = _mean_over_processes({f"{prefix}_{k}": v for k, v in self.metrics.pop("eval").items()}, args)
             if f"{prefix}_lm_loss" in metrics:
                 lm_loss = metrics[f"{prefix}_lm_loss"]
                 metrics[f"{prefix}_perplexity"] = math.exp(lm_loss) if lm_loss < 700 else math.inf
         elif "loss" in logs:
+            metrics = self.metrics.pop("train")
             for lm in lms:
-                metrics.update(lm.pop_train_metrics())
-                if getattr(lm.config, "mtp_loss_weight_late", None) is not None:
-                    metrics["mtp_loss_weight"] = lm.config.mtp_loss_weight
+                if lm.scheduled_mtp_loss_weight is not None:
+                    metrics["mtp_loss_weight"] = lm.scheduled_mtp_loss_weight
             metrics = _mean_over_processes(metrics, args)
         if metrics:
             _add_to_log(state, logs, metrics)

@@ -17,13 +17,15 @@ what happens around that loop:
   old-policy and reference forwards run without gradients or in eval mode and count nothing. Per-layer MaxVio of
   the loss forwards is logged (`moe/maxvio`, `moe/maxvio/layer_<l>`, `moe/min_load/layer_<l>`).
 - Losses. TRL scores the policy with a fused LM head over the backbone (trl.trainer.utils.add_fused_lm_head),
-  which bypasses DeepseekForCausalLM.forward, so this trainer adds what that forward would have added, from the
-  backbone output it captures (a forward hook on our own DeepseekModel):
+  which bypasses DeepseekForCausalLM.forward, so this trainer adds what that forward would have added, with the
+  same function (modeling_deepseek/objective.py), from the backbone output it captures (a forward hook on our own
+  DeepseekModel):
     * the sequence-wise balance loss. TRL's MoE option `router_aux_loss_coef` is mapped onto it (TRL's own path
       would compute Mixtral's loss from the router logits): unset, the model's `seq_balance_alpha` applies as in
       pre-training; set, it replaces alpha (0 turns it off). Logged as `aux_loss` (unweighted), like TRL.
     * optionally (`mtp_loss_weight` > 0; off by default) the MTP loss on the completion tokens, so that the MTP
-      module keeps up with the policy and speculative rollouts keep their acceptance rate. Logged as `mtp_loss`.
+      module keeps up with the policy and speculative rollouts keep their acceptance rate (the MTP module's own
+      balance loss with it). Logged as `mtp_loss`.
 
 Reward functions that raise are reported with their name, the sample index and the exception.
 
@@ -46,14 +48,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import trl
 from torch import nn
 from transformers import GenerationConfig
 
 from modeling_deepseek import DeepseekForCausalLM
-from modeling_deepseek.balancing import max_violation
-from modeling_deepseek.mtp import mtp_labels
+from modeling_deepseek.objective import (IGNORE_INDEX, relative_load, routing_statistics, shifted_labels,
+                                         training_objective)
 
 from .callbacks import DeepseekTrainerCallback
 from .rewards import code_reward
@@ -270,28 +271,34 @@ class GRPOTrainer(trl.GRPOTrainer):
         K = completion_ids.shape[1]
         mask_BK = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         metrics = self._ds_metrics[mode]
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
-        moe_layers = self.deepseek.moe_layers(include_mtp=False)
-        loads = [m.last_load_E for m in moe_layers if m.last_load_E is not None]
-        if loads:
-            load_LE = torch.stack(loads).float()
-            vio_L = max_violation(load_LE)
-            metrics["moe/maxvio"].append(vio_L.mean().item())
-            for layer, (vio, load_E) in enumerate(zip(vio_L.tolist(), load_LE)):
+        # Read before the MTP modules run: the main model's routing in the loss forward.
+        routing = routing_statistics(self.deepseek)
+        if routing is not None:
+            metrics["moe/maxvio"].append(routing.max_violation.item())
+            main_load_LE = routing.expert_load_LE[: routing.main_layers]
+            for layer, (vio, min_load) in enumerate(zip(routing.max_violation_L.tolist(),
+                                                        relative_load(main_load_LE).amin(dim=-1).tolist())):
                 metrics[f"moe/maxvio/layer_{layer}"].append(vio)
-                metrics[f"moe/min_load/layer_{layer}"].append((load_E.min() / load_E.mean().clamp_min(1e-9)).item())
+                metrics[f"moe/min_load/layer_{layer}"].append(min_load)
 
-        terms = [m.last_balance_loss for m in moe_layers if m.last_balance_loss is not None]
-        if terms and self.balance_alpha > 0:
-            balance = torch.stack(terms).sum()
-            loss = loss + balance / accumulation
-            metrics["aux_loss"].append(balance.item() / self.balance_alpha)
-
-        if self.mtp_loss_weight > 0 and self.model.training:
-            mtp = self._mtp_loss(kwargs, out, completion_ids, mask_BK)
-            loss = loss + self.mtp_loss_weight * mtp / accumulation
-            metrics["mtp_loss"].append(mtp.item())
+        # TRL's loss is the policy's; the DeepSeek terms come from the model's objective, on the completion tokens,
+        # each divided by the accumulation steps as TRL divides its own.
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        with_mtp = self.mtp_loss_weight > 0 and self.model.training
+        input_ids = kwargs["input_ids"]
+        targets_BT = torch.full_like(input_ids, IGNORE_INDEX)
+        targets_BT[:, input_ids.shape[1] - K:] = completion_ids.masked_fill(mask_BK == 0, IGNORE_INDEX)
+        extra = training_objective(
+            self.deepseek, out.last_hidden_state, self.deepseek.model.embed_tokens(input_ids) if with_mtp else None,
+            shifted_labels(targets_BT), mtp_loss_weight=self.mtp_loss_weight,
+            attention_mask=kwargs.get("attention_mask"), fraction=1.0 / accumulation, with_mtp=with_mtp)
+        if extra.loss is not None:
+            loss = loss + extra.loss
+        if extra.balance_loss is not None:
+            metrics["aux_loss"].append(extra.balance_loss.item() / self.balance_alpha)
+        if extra.mtp_loss is not None:
+            metrics["mtp_loss"].append(extra.mtp_loss.item())
 
         # How far the rollout's log-probabilities are from the training forward's (TRL logs this for vLLM).
         sampled = inputs.get("sampling_per_token_logps")
@@ -307,21 +314,6 @@ class GRPOTrainer(trl.GRPOTrainer):
                 metrics["sampling/sampling_logp_difference/mean"].append(delta.mean().item())
                 metrics["sampling/sampling_logp_difference/max"].append(delta.max().item())
         return loss
-
-    def _mtp_loss(self, kwargs, out, completion_ids, mask_BK) -> torch.Tensor:
-        """Mean over depths of the MTP cross-entropy, scored on the completion tokens only."""
-        backbone, lm = self.deepseek.model, self.deepseek
-        input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
-        T, K = input_ids.shape[1], completion_ids.shape[1]
-        targets_BT = torch.full_like(input_ids, -100)
-        targets_BT[:, T - K:] = completion_ids.masked_fill(mask_BK == 0, -100)
-        shift_labels = F.pad(targets_BT, (0, 1), value=-100)[:, 1:]  # position i is scored on token i + 1
-        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
-        hs = backbone.run_mtp(out.last_hidden_state, backbone.embed_tokens(input_ids), position_ids, attention_mask)
-        losses = [F.cross_entropy(lm.lm_head(h).float().flatten(0, 1), mtp_labels(shift_labels, k).flatten(),
-                                  ignore_index=-100)
-                  for k, h in enumerate(hs, start=1)]
-        return torch.stack(losses).mean()
 
     @contextlib.contextmanager
     def _captured_backbone(self):

@@ -21,8 +21,12 @@ class DeepseekTrainerMixin(AtomicCheckpointMixin):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not any(isinstance(cb, DeepseekTrainerCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(DeepseekTrainerCallback())
+        callback = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, DeepseekTrainerCallback)), None)
+        if callback is None:
+            callback = DeepseekTrainerCallback()
+            self.add_callback(callback)
+        # Trainer's on_init_end has passed: watch the model now, before an evaluate() that may come first.
+        callback.watch(self.model)
 
 
 class DeepseekTrainer(DeepseekTrainerMixin, Trainer):
