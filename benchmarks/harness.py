@@ -218,6 +218,11 @@ def section_head(title: str, report: dict, machine_note: str = "") -> list[str]:
             f"Machine: {machine_line(report['machine'])}{machine_note}  "]
 
 
+def config_line(config: dict) -> str:
+    """A config's fields as `name=value, ...` (a section's model line)."""
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
 def fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"
