@@ -82,7 +82,7 @@ def mtp_part(args, results: Path, results_md: Path) -> dict | None:
                   "--batch", "0"] if args.smoke else
                  ["--num-prompts", "8", "--max-new-tokens", "128", "--draft-tokens", "1,2,3", "--batch", "4"])
         report = mtp_speedup.main(argv)
-        body = mtp_speedup.render_section(report, results, results_md.parent)
+        body = mtp_speedup.render_section(report)
     harness.write_section(name, body, results_md)
     return report
 

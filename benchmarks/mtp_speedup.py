@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import harness
-from benchmarks.harness import REPO_ROOT, RESULTS_DIR, RESULTS_MD
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR
 from benchmarks.measure import clock
 from benchmarks.models import DTYPES
 
@@ -306,11 +306,11 @@ def render_table(report) -> str:
     return out
 
 
-def render_section(report, results_dir: Path = RESULTS_DIR, md_dir: Path = RESULTS_MD.parent) -> str:
-    """This benchmark's RESULTS.md section from its report; `results_dir` holds the report's side files, `md_dir`
-    is the folder of the RESULTS.md that links to them."""
+def render_section(report) -> str:
+    """This benchmark's RESULTS.md section from its report."""
     s = report["settings"]
-    return "\n".join(harness.section_head(f"MTP self-speculative decoding speedup ({s['device']}, {s['dtype']})", report) + [
+    head = harness.section_head(f"MTP self-speculative decoding speedup ({s['device']}, {s['dtype']})", report)
+    return "\n".join(head + [
         f"Model: `{report['model_dir']}` ({harness.config_line(report['model'])}). Prompts: the first {s['prompt_tokens']} "
         f"tokens of {len(report['prompts'])} stdlib files ({', '.join(report['prompts'])}); greedy, "
         f"max_new_tokens {s['max_new_tokens']}, best of {s['repeats']} per prompt, plain and MTP interleaved; "

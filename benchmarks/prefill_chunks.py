@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness, models
-from benchmarks.harness import RESULTS_DIR, RESULTS_MD
+from benchmarks.harness import RESULTS_DIR
 from benchmarks.measure import PeakMemory
 from benchmarks.models import DTYPES
 
@@ -98,11 +98,11 @@ def render_table(report) -> str:
     return harness.markdown_table(headers, rows)
 
 
-def render_section(report, results_dir: Path = RESULTS_DIR, md_dir: Path = RESULTS_MD.parent) -> str:
-    """This benchmark's RESULTS.md section from its report; `results_dir` holds the report's side files, `md_dir`
-    is the folder of the RESULTS.md that links to them."""
+def render_section(report) -> str:
+    """This benchmark's RESULTS.md section from its report."""
     s = report["settings"]
-    return "\n".join(harness.section_head(f"Long-prompt prefill: chunked by default vs one shot (cpu, {s['dtype']})", report) + [
+    head = harness.section_head(f"Long-prompt prefill: chunked by default vs one shot (cpu, {s['dtype']})", report)
+    return "\n".join(head + [
         f"Model: ours only, DeepseekV3Config({harness.config_line(report['config'])}). `generate(prompt, max_new_tokens=1)` "
         f"in a fresh process per variant and context, best of {s['repeats']}; chunked = "
         f"`config.prefill_chunk_tokens={s['chunk']}` (the default), one shot = `prefill_chunk_tokens=None`; peak = "

@@ -126,6 +126,13 @@ def plot_decode(reports: list[dict], path: Path, proposed: dict | None = None) -
     plt.close(fig)
 
 
+def _section(kind: str, report: dict, results_dir: Path) -> str:
+    """A benchmark's section; serving's and training's link the profile tables found in `results_dir`."""
+    if kind in ("serving", "training"):
+        return RENDERERS[kind](report, results_dir, RESULTS_MD.parent)
+    return RENDERERS[kind](report)
+
+
 def _result_files(folder: Path | None = None) -> dict[str, list[Path]]:
     """Every result JSON of `folder` (default results/), per benchmark: CPU before CUDA, fp32 before bf16."""
     folder = folder or RESULTS_DIR
@@ -156,15 +163,14 @@ def render(args, ran: dict[str, int]) -> None:
     for kind in BENCHMARKS:
         for path in files[kind]:
             name = path.stem.replace("_", "-")
-            text = replace_section(text, name, RENDERERS[kind](json.loads(path.read_text()), RESULTS_DIR,
-                                                              RESULTS_MD.parent))
+            text = replace_section(text, name, _section(kind, json.loads(path.read_text()), RESULTS_DIR))
     # Earlier runs kept for comparison: each subfolder of results/ with a LABEL.txt (what code they measured).
     for folder in sorted((p for p in RESULTS_DIR.iterdir() if (p / "LABEL.txt").is_file()), key=lambda p: p.name):
         label = (folder / "LABEL.txt").read_text().strip()
         sub = _result_files(folder)
         for kind in BENCHMARKS:
             for path in sub[kind]:
-                body = RENDERERS[kind](json.loads(path.read_text()), folder, RESULTS_MD.parent)
+                body = _section(kind, json.loads(path.read_text()), folder)
                 body = body.replace("## ", f"## {folder.name}: ", 1) + f"\n\nCode measured: {label}"
                 text = replace_section(text, f"{folder.name}-" + path.stem.replace("_", "-"), body)
     if not files["mtp"]:

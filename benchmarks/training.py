@@ -242,7 +242,8 @@ def render_section(report, results_dir: Path = RESULTS_DIR, md_dir: Path = RESUL
     """This benchmark's RESULTS.md section from its report; `results_dir` holds the report's side files, `md_dir`
     is the folder of the RESULTS.md that links to them."""
     s = report["settings"]
-    return "\n".join(harness.section_head(f"Training: forward + backward + AdamW step ({s['device']}, {s['dtype']})", report) + [
+    head = harness.section_head(f"Training: forward + backward + AdamW step ({s['device']}, {s['dtype']})", report)
+    return "\n".join(head + [
         f"Model: DeepseekV3Config({harness.config_line(report['config'])}), batch {s['batch']} x seq "
         f"{s['seq']}, {s['optimizer']} lr {s['lr']}, {s['steps']} timed steps per model after {s['warmup']} warm-up "
         f"steps, models interleaved step by step; {s['threads']} torch threads. Peer: "
