@@ -132,10 +132,10 @@ def main(argv=None) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         models.make_checkpoint(Path(tmp) / "ckpt", seed=args.seed, **json.loads(args.config_overrides))
-        models, optims = {}, {}
+        built, optims = {}, {}
         for name in names:
-            models[name], report["models"][name] = build(name, Path(tmp) / "ckpt", dtype, args.device)
-            optims[name] = OPTIMIZERS[args.optim](models[name].parameters(), args.lr)
+            built[name], report["models"][name] = build(name, Path(tmp) / "ckpt", dtype, args.device)
+            optims[name] = OPTIMIZERS[args.optim](built[name].parameters(), args.lr)
     vocab = report["config"]["vocab_size"]
     report["flops"] = flop_bound(report["config"], args.seq)
     g = torch.Generator().manual_seed(args.seed)
@@ -143,12 +143,12 @@ def main(argv=None) -> dict:
                for _ in range(args.warmup + args.steps)]
     times = {n: [] for n in names}
     losses = {n: [] for n in names}
-    bias_before = {n: _bias_snapshot(models[n]) for n in names}
+    bias_before = {n: _bias_snapshot(built[n]) for n in names}
     for i, ids in enumerate(batches):
         step_s = {}
         for name in names:
             t0 = clock(args.device)
-            out = train_step(models[name], optims[name], ids)
+            out = train_step(built[name], optims[name], ids)
             step_s[name] = clock(args.device) - t0
             if i >= args.warmup:
                 times[name].append(step_s[name])
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
         for name in names:
             with profile(activities=acts, record_shapes=True) as prof:
                 for ids in batches[-3:]:
-                    train_step(models[name], optims[name], ids)
+                    train_step(built[name], optims[name], ids)
                 torch.cuda.synchronize() if args.device == "cuda" else None
             table = prof.key_averages(group_by_input_shape=True).table(
                 sort_by=sort, row_limit=30, max_name_column_width=40, max_shapes_column_width=60)
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
         r = report["models"][name]
         r.update(step_s=times[name], tokens_per_s=tokens / min(times[name]),
                  tokens_per_s_median=tokens / median(times[name]), first_loss=losses[name][0],
-                 last_loss=losses[name][-1], bias_moved=_bias_moved(bias_before[name], models[name]))
+                 last_loss=losses[name][-1], bias_moved=_bias_moved(bias_before[name], built[name]))
     if "peer" in names:
         for name in names:
             if name != "peer":
