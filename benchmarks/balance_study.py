@@ -1,7 +1,7 @@
 """Load-balance study: auxiliary-loss-free balancing vs a conventional auxiliary loss vs no balancing.
 
-    python benchmarks/balance_study.py                 # the full study (~10 min on 2 CPU cores)
-    python benchmarks/balance_study.py --steps 20 --out /tmp/bs   # a smoke run
+    python -m benchmarks.balance_study                              # the full study (~10 min on 2 CPU cores)
+    python -m benchmarks.balance_study --steps 20 --out /tmp/bs     # a smoke run
 
 The same small DeepSeek-V3-shaped model (vocab 2048, hidden 128, 4 layers of which 3 MoE, 16 routed experts top-4 in
 4 groups with topk_group 2, 1 shared expert, one MTP module) is trained from the same initialisation on the same
@@ -27,43 +27,35 @@ over steps for one layer, one panel per arm), <out>/balance_maxvio.png (MaxVio o
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
+from benchmarks.harness import RESULTS_DIR
+from benchmarks.models import REFERENCE_SHAPE
 
-from benchmarks import common  # noqa: E402  (also sets the quiet-logging environment)
-from benchmarks.common import REPO_ROOT as REPO  # noqa: E402
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
+# The reference shape's routing (16 experts top-4 in 4 groups, topk_group 2, one shared expert, one dense layer) in a
+# smaller body, with one MTP module, so that four arms of a few hundred steps fit in minutes on two cores.
 MODEL = dict(
+    REFERENCE_SHAPE,
     vocab_size=2048,
     hidden_size=128,
     intermediate_size=384,
     moe_intermediate_size=64,
     num_hidden_layers=4,
-    first_k_dense_replace=1,
     num_attention_heads=4,
     q_lora_rank=64,
     kv_lora_rank=64,
     qk_nope_head_dim=32,
     qk_rope_head_dim=16,
     v_head_dim=32,
-    n_routed_experts=16,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    n_shared_experts=1,
     num_nextn_predict_layers=1,
     max_position_embeddings=512,
     bos_token_id=0,
@@ -94,7 +86,8 @@ def parse_args():
                         "and steps took 0.5-14 s instead of 0.3 s)")
     p.add_argument("--arms", default="all", help="comma-separated arm letters (A,A',B,C) or 'all'")
     p.add_argument("--heatmap-layer", type=int, default=None, help="MoE layer index (default: the last main one)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(RESULTS_DIR),
+                   help="folder of the outputs; the default (benchmarks/results) also rewrites the RESULTS.md section")
     return p.parse_args()
 
 
@@ -193,15 +186,14 @@ def run_arm(name, knobs, train_ids, batches, eval_ids, args, position):
     }
 
 
-def summarise(results, args, info, mach, command, total_s) -> str:
+def summarise(results, args, info, report, total_s, figures: str = "") -> str:
+    """The study's section: the table, per-layer MaxVio and the figures, whose paths start with `figures` (the
+    folder of the PNGs relative to the markdown file)."""
     tail = max(1, args.steps // 10)
-    lines = [
-        "# Load-balance study: aux-loss-free vs auxiliary loss vs none",
+    lines = harness.section_head("Load balance: aux-loss-free vs auxiliary loss vs none (cpu, fp32)", report,
+                                 " (other jobs shared the machine, so the times are indicative only)") + [
         "",
-        f"- command: `{command}`",
-        f"- machine: {common.machine_line(mach)} (other jobs shared the machine, so the times are indicative only)",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; total wall time "
-        f"{total_s / 60:.1f} min",
+        f"- total wall time {total_s / 60:.1f} min",
         f"- model: vocab {MODEL['vocab_size']}, hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers "
         f"({MODEL['num_hidden_layers'] - MODEL['first_k_dense_replace']} MoE), {MODEL['n_routed_experts']} routed "
         f"experts top-{MODEL['num_experts_per_tok']}, n_group {MODEL['n_group']} topk_group {MODEL['topk_group']}, "
@@ -241,9 +233,13 @@ def summarise(results, args, info, mach, command, total_s) -> str:
         "reported next to it. Arm B's alpha = 0.01 is 100x V3's complementary alpha, so that the auxiliary loss is the "
         "main balancer. One seed per arm: differences of a few hundredths in eval loss are within run-to-run noise.",
         "",
-        "Figures: `balance_load_heatmap.png` (per-expert share of the routed tokens over training steps, layer "
-        f"{MODEL['first_k_dense_replace'] + results[0]['heatmap_layer']}, one panel per arm) and `balance_maxvio.png` "
-        "(global-batch MaxVio per training step, averaged over MoE layers).",
+        f"Figures: `{figures}balance_load_heatmap.png` (per-expert share of the routed tokens over training steps, "
+        f"layer {MODEL['first_k_dense_replace'] + results[0]['heatmap_layer']}, one panel per arm) and "
+        f"`{figures}balance_maxvio.png` (global-batch MaxVio per training step, averaged over MoE layers).",
+        "",
+        f"![per-expert load over steps]({figures}balance_load_heatmap.png)",
+        "",
+        f"![MaxVio over steps]({figures}balance_maxvio.png)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -287,17 +283,10 @@ def plot(results, out: Path, layer: int) -> None:
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.setup(threads=args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    import modeling_deepseek  # noqa: F401
-
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
-    mach = common.machine_info()
+    report = harness.report_head("balance_study")
     t0 = time.perf_counter()
     print(f"building the corpus and tokenizer ({args.files} stdlib files) ...", file=sys.stderr)
     train_ids, batches, eval_ids, info = build_data(args)
@@ -313,13 +302,14 @@ def main():
         r["heatmap_layer"] = layer
     total = time.perf_counter() - t0
 
-    table = summarise(results, args, info, mach, command, total)
+    table = summarise(results, args, info, report, total)
     print(table)
     (out / "balance_study.md").write_text(table)
     plot(results, out, layer)
     (out / "balance_study.json").write_text(json.dumps(
-        {"args": vars(args), "machine": mach, "data": info, "model": MODEL, "command": command,
-         "total_seconds": total, "results": results}))
+        {"args": vars(args), **report, "data": info, "model": MODEL, "total_seconds": total, "results": results}))
+    if out.resolve() == RESULTS_DIR.resolve():
+        harness.write_section("balance-study", summarise(results, args, info, report, total, figures="results/"))
 
 
 if __name__ == "__main__":

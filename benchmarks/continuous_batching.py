@@ -32,11 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import REFERENCE_SHAPE  # noqa: E402
+from benchmarks import grpo, harness, models
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR, RESULTS_MD
+from benchmarks.measure import median, percentile
+from benchmarks.models import DTYPES, REFERENCE_SHAPE
 
 V3_LATENT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
 VARIANTS = ("peer", "ours")
@@ -62,14 +61,13 @@ def num_blocks(spec) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # workers
-def generate_batch_worker(spec: dict) -> None:
-    import torch
+def generate_batch_worker(spec: dict) -> dict:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    torch.set_num_threads(spec["threads"])
-    load = common.load_peer if spec["variant"] == "peer" else common.load_ours
-    model = load(spec["checkpoint"], common.DTYPES[spec["dtype"]], spec["device"])
+    harness.setup(threads=spec["threads"])
+    load = models.load_peer if spec["variant"] == "peer" else models.load_ours
+    model = load(spec["checkpoint"], DTYPES[spec["dtype"]], spec["device"])
     fp8 = {"latent_cache_dtype": "fp8"} if spec["variant"] == "ours_fp8" else {}
     prompts = prompts_for(spec)
     gc = GenerationConfig(do_sample=False, max_new_tokens=spec["new_tokens"], eos_token_id=-1, pad_token_id=0)
@@ -85,29 +83,31 @@ def generate_batch_worker(spec: dict) -> None:
     model.destroy_cached_continuous_batching_manager()
     results = list(out.values())
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
-    common.write_json(spec["out"], {
+    return {
         "variant": spec["variant"], "wall_s": wall, "generated": sum(len(r.generated_tokens) for r in results),
         "ttft_s": [r.timestamps[0] - r.created_time for r in results],
         "latency_s": [r.timestamps[-1] - r.created_time for r in results],
         "tokens": [r.generated_tokens for r in results], "cache_bytes_per_token": per_token,
         "allocator": sorted(type(a).__name__ for a in cache.cache_allocators.values()),
-    })
+    }
 
 
-def http_run(spec: dict, folder: str) -> dict:
-    """Start the variant's server, send the requests from `clients` threads, stop the server."""
+def http_worker(spec: dict) -> dict:
+    """Start the variant's server on spec["folder"], send the requests from `clients` threads, stop the server."""
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI
 
-    port = common.free_port()
+    harness.setup()
+    folder = spec["folder"]
+    port = harness.free_port()
     serve = (["-m", "modeling_deepseek.serve"] if spec["variant"] == "ours"
              else ["-m", "transformers.cli.transformers", "serve"])
     cmd = [sys.executable, *serve, folder, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
            "--device", "cpu", "--cb-num-blocks", str(num_blocks(spec)), "--cb-block-size", str(PAGE),
            "--cb-max-batch-tokens", str(BATCH_TOKENS), "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": str(spec["threads"])}
-    with common.serving(cmd, port, Path(spec["out"] + ".server.log"), env):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": str(spec["threads"])}
+    with harness.serving(cmd, port, Path(spec["server_log"]), env):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600)
         texts = [" ".join(f"w{i}" for i in p) for p in prompts_for({**spec, "requests": spec["http_requests"]})]
         # one short request first: the server's warm-up is not the load being measured
@@ -129,26 +129,19 @@ def http_run(spec: dict, folder: str) -> dict:
 def save_served_folder(checkpoint: str, folder: str, variant: str) -> None:
     import shutil
 
-    from benchmarks.grpo import word_tokenizer
-
     shutil.copytree(checkpoint, folder)
     if variant == "ours":  # our config.json, so that the folder names our class
-        model = common.load_ours(checkpoint, __import__("torch").float32, "cpu")
+        model = models.load_ours(checkpoint, DTYPES["fp32"], "cpu")
         model.save_pretrained(folder)
-    word_tokenizer(REFERENCE_SHAPE["vocab_size"]).save_pretrained(folder)
+    grpo.word_tokenizer(REFERENCE_SHAPE["vocab_size"]).save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 def summarize(runs: dict) -> dict:
     best = {v: min(runs[v], key=lambda r: r["wall_s"]) for v in runs}
     return {v: {"tok_s": r["generated"] / r["wall_s"], "wall_s": r["wall_s"], "generated": r["generated"],
-                "ttft_p50": pct(r["ttft_s"], 0.5), "ttft_p95": pct(r["ttft_s"], 0.95),
-                "latency_p50": pct(r["latency_s"], 0.5), "latency_p95": pct(r["latency_s"], 0.95),
+                "ttft_p50": percentile(r["ttft_s"], 0.5), "ttft_p95": percentile(r["ttft_s"], 0.95),
+                "latency_p50": percentile(r["latency_s"], 0.5), "latency_p95": percentile(r["latency_s"], 0.95),
                 "cache_bytes_per_token": r["cache_bytes_per_token"], "allocator": r["allocator"],
                 "all_walls": [x["wall_s"] for x in runs[v]]} for v, r in best.items()}
 
@@ -171,15 +164,15 @@ def render(b: dict) -> str:
     device, dtype = run_of(st)
     H, nope, v, rope = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"],
                         cfg["qk_rope_head_dim"])
-    itemsize = common.DTYPES[dtype].itemsize
+    itemsize = DTYPES[dtype].itemsize
     rebuilt = H * (nope + v + nope + rope) * itemsize  # K/V the peer builds per cached token and layer, every step
     ratio = g["ours"]["tok_s"] / g["peer"]["tok_s"]
     rows = [[name, g[k]["tok_s"], g[k]["wall_s"], g[k]["ttft_p50"], g[k]["ttft_p95"], g[k]["latency_p50"],
              g[k]["latency_p95"], f"{g[k]['cache_bytes_per_token']:,.0f}"]
             for k, name in (("peer", "transformers' DeepseekV3ForCausalLM"), ("ours", "DeepseekForCausalLM"))]
-    lines = [f"## Continuous batching: generate_batch, the OpenAI server, GRPO rollouts ({device}, {dtype})", "",
-             f"Command: `{b['command']}`  ", f"Machine: {common.machine_line(b['machine'])}; load avg at end "
-             f"{b.get('load_avg_at_end')} (the machine was shared with other jobs throughout)  ",
+    lines = harness.section_head(
+        f"Continuous batching: generate_batch, the OpenAI server, GRPO rollouts ({device}, {dtype})", b,
+        f"; load avg at end {b.get('load_avg_at_end')} (the machine was shared with other jobs throughout)") + [
              f"Model (both, one checkpoint): the reference shape with DeepSeek-V3's latent width (kv_lora_rank "
              f"{cfg['kv_lora_rank']}, qk_rope_head_dim {cfg['qk_rope_head_dim']}: {cfg['kv_lora_rank'] + rope} cached "
              f"values per token and layer), {cfg['num_hidden_layers']} layers, {H} heads, random weights, {dtype}; sdpa "
@@ -189,7 +182,7 @@ def render(b: dict) -> str:
              f"`generate_batch` call; ContinuousBatchingConfig(page_size={PAGE}, max_batch_tokens={BATCH_TOKENS}, "
              "num_blocks = the workload, no block sharing) for both; each model in a fresh process with "
              f"{st['threads']} torch threads; best of {st['repeats']} round(s).", "",
-             common.markdown_table(["model", "generated tok/s", "wall s", "TTFT p50 s", "TTFT p95 s",
+             harness.markdown_table(["model", "generated tok/s", "wall s", "TTFT p50 s", "TTFT p95 s",
                                     "latency p50 s", "latency p95 s", "paged cache B/token"], rows), "",
              f"Target: ours >= 2x the peer's generated tokens/s; measured **{ratio:.2f}x** "
              f"({'met' if ratio >= 2 else 'MISSED'}). Both engines store the same latent row per token and layer "
@@ -207,7 +200,7 @@ def render(b: dict) -> str:
         st = scaled["settings"]
         lines += [f"The server and GRPO parts below come from a scaled-down run (fewer and shorter requests, to fit "
                   f"the session's time on these shared cores): `{scaled['command']}`; machine: "
-                  f"{common.machine_line(scaled['machine'])}. Its own generate_batch, {st['requests']} requests of "
+                  f"{harness.machine_line(scaled['machine'])}. Its own generate_batch, {st['requests']} requests of "
                   f"{st['min_prompt']} to {st['max_prompt']} tokens, {st['new_tokens']} new: ours "
                   f"{scaled['generate_batch']['ours']['tok_s']:.2f} tok/s, peer "
                   f"{scaled['generate_batch']['peer']['tok_s']:.2f} "
@@ -220,7 +213,7 @@ def render(b: dict) -> str:
                   f"--continuous-batching` (peer), the same --cb-* sizes, on a loopback port; {st['clients']} client "
                   f"threads of the `openai` client send {st['http_requests']} completions (prompts as above, "
                   f"max_tokens {st['new_tokens']}, temperature 0), after one warm-up request.", "",
-                  common.markdown_table(["server", "requests/s", "wall s", "latency p50 s", "latency p95 s",
+                  harness.markdown_table(["server", "requests/s", "wall s", "latency p50 s", "latency p95 s",
                                          "completion tokens"],
                                         [[k, h[k]["requests_s"], h[k]["wall_s"], h[k]["latency_p50"],
                                           h[k]["latency_p95"], h[k]["completion_tokens"]] for k in VARIANTS]), "",
@@ -231,7 +224,7 @@ def render(b: dict) -> str:
                   "`benchmarks.grpo`'s worker, trainers.GRPOTrainer + DeepseekForCausalLM on the reference shape: 8 "
                   f"completions per step (2 prompts x 4) of {st['grpo_new_tokens']} tokens after "
                   f"{st['grpo_prompt_len']}-token prompts; median of 2 steps after 1 warm-up step.", "",
-                  common.markdown_table(["rollouts", "step s", "rollout s", "rest s"],
+                  harness.markdown_table(["rollouts", "step s", "rollout s", "rest s"],
                                         [[k, r[k]["step_s"], r[k]["generate_s"], r[k]["step_s"] - r[k]["generate_s"]]
                                          for k in ("ours", "ours+cb")]), "",
                   f"Step speedup of continuous-batching rollouts over the package's own: "
@@ -252,17 +245,16 @@ def render_fp8(b: dict) -> str:
              g[k]["latency_p95"], f"{g[k]['cache_bytes_per_token']:,.0f}", ", ".join(g[k]["allocator"])]
             for k, name in (("ours", f"ours, {dtype} latent"), ("ours_fp8", 'ours, latent_cache_dtype="fp8"'))]
     per_layer = g["ours_fp8"]["cache_bytes_per_token"] / cfg["num_hidden_layers"]
-    return "\n".join([
-        f"## Continuous batching with the FP8 paged latent ({device}, {dtype} model)", "",
-        f"Command: `{b['command']}`  ", f"Machine: {common.machine_line(b['machine'])}; load avg at end "
-        f"{b.get('load_avg_at_end')}  ",
+    return "\n".join(harness.section_head(
+        f"Continuous batching with the FP8 paged latent ({device}, {dtype} model)", b,
+        f"; load avg at end {b.get('load_avg_at_end')}") + [
         f"Model: as in the section above (one random checkpoint at the reference shape with V3's latent width, "
         f"{cfg['num_hidden_layers']} layers, {dtype}, sdpa); the same load: {st['requests']} requests, prompts of "
         f"{st['min_prompt']} to {st['max_prompt']} tokens, {st['new_tokens']} new tokens each, greedy, one "
         f"`generate_batch` call, ContinuousBatchingConfig(page_size={PAGE}, max_batch_tokens={BATCH_TOKENS}, "
         f"num_blocks = the workload, no block sharing); each variant in a fresh process with {st['threads']} torch "
         f"threads; best of {st['repeats']} round(s).", "",
-        common.markdown_table(["variant", "generated tok/s", "wall s", "TTFT p50 s", "TTFT p95 s", "latency p50 s",
+        harness.markdown_table(["variant", "generated tok/s", "wall s", "TTFT p50 s", "TTFT p95 s", "latency p50 s",
                                "latency p95 s", "paged cache B/token", "allocator"], rows), "",
         f"The FP8 row holds {latent} e4m3 values and two fp32 scales per token and layer ({per_layer:,.0f} B; "
         f"{latent * 2:,} B in bf16, {latent * 4:,} B in fp32): "
@@ -292,14 +284,13 @@ def main(argv=None) -> dict:
     p.add_argument("--grpo-prompt-len", type=int, default=512)
     p.add_argument("--grpo-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=sorted(common.DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--json-out", default=None, help="default: benchmarks/results/continuous_batching_DEVICE_DTYPE"
                    ".json (_fp8_latent.json with the FP8 variants)")
     p.add_argument("--results-md", default=None, help="the markdown file the section goes to (default: "
                    "benchmarks/RESULTS.md when --json-out is in benchmarks/results/)")
     p.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from --json-out")
     p.add_argument("--scaled-json", default=None, help="with --render-only: the server and GRPO parts from this run")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     variants = tuple(args.variants.split(","))
     if variants not in (VARIANTS, FP8_VARIANTS):
@@ -308,30 +299,21 @@ def main(argv=None) -> dict:
         p.error("--http-requests and --grpo compare with the peer: run them with the default --variants")
     if args.json_out is None:
         name = f"continuous_batching_{args.device}_{args.dtype}" + ("_fp8_latent" if variants == FP8_VARIANTS else "")
-        args.json_out = str(common.RESULTS_DIR / f"{name}.json")
+        args.json_out = str(RESULTS_DIR / f"{name}.json")
     if args.render_only:
         summary = json.loads(Path(args.json_out).read_text())
         if args.scaled_json:
             summary["scaled"] = json.loads(Path(args.scaled_json).read_text())
-        write_section(summary, Path(args.results_md or common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
-        return {}
-    if args.worker:
-        spec = json.loads(args.worker)
-        common.quiet()
-        if spec["kind"] == "http":
-            common.write_json(spec["out"], http_run(spec, spec["folder"]))
-        else:
-            generate_batch_worker(spec)
+        write_section(summary, Path(args.results_md or RESULTS_MD))
         return {}
 
-    __import__("torch").set_num_threads(args.threads)  # what the machine line reports; the workers set their own
     if args.device == "cuda" and (args.http_requests or args.grpo):
         p.error("--http-requests and --grpo run on the CPU only")
-    machine = common.machine_info(args.device)
-    summary = {"command": common.command_line(), "machine": machine, "settings": vars(args)}
+    harness.setup(args.device, args.threads)  # the threads the machine line reports; the workers set their own
+    summary = {**harness.report_head("continuous_batching", args.device), "settings": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(Path(tmp) / "ckpt")
-        summary["model_config"] = common.make_checkpoint(ckpt, **V3_LATENT)
+        summary["model_config"] = models.make_checkpoint(ckpt, **V3_LATENT)
         base = dict(checkpoint=ckpt, requests=args.requests, min_prompt=args.min_prompt, max_prompt=args.max_prompt,
                     new_tokens=args.new_tokens, threads=args.threads, http_requests=args.http_requests,
                     clients=args.clients, device=args.device, dtype=args.dtype)
@@ -339,8 +321,8 @@ def main(argv=None) -> dict:
         for r in range(args.repeats):
             for v in variants:
                 print(f"generate_batch {v} round {r} ...", flush=True)
-                spec = dict(base, kind="generate_batch", variant=v, out=str(Path(tmp) / f"gb_{v}_{r}.json"))
-                runs[v].append(common.run_worker("benchmarks.continuous_batching", spec, timeout=7200))
+                spec = dict(base, variant=v, label=f"generate_batch {v} round {r}")
+                runs[v].append(harness.run_worker(generate_batch_worker, spec, timeout=7200))
         summary["generate_batch"] = summarize(runs)
         reference, other = variants  # same tokens: the second variant's against the first's
         summary["generate_batch"]["same_tokens"] = runs[reference][0]["tokens"] == runs[other][0]["tokens"]
@@ -355,11 +337,12 @@ def main(argv=None) -> dict:
                 folder = str(Path(tmp) / f"served_{v}")
                 save_served_folder(ckpt, folder, v)
                 print(f"http {v} ...", flush=True)
-                spec = dict(base, kind="http", variant=v, folder=folder, out=str(Path(tmp) / f"http_{v}.json"))
-                r = common.run_worker("benchmarks.continuous_batching", spec, timeout=7200)
+                spec = dict(base, variant=v, folder=folder, server_log=str(Path(tmp) / f"http_{v}.server.log"),
+                            label=f"http {v}")
+                r = harness.run_worker(http_worker, spec, timeout=7200)
                 summary["http"][v] = {"requests_s": r["requests"] / r["wall_s"], "wall_s": r["wall_s"],
-                                      "latency_p50": pct(r["latency_s"], 0.5),
-                                      "latency_p95": pct(r["latency_s"], 0.95),
+                                      "latency_p50": percentile(r["latency_s"], 0.5),
+                                      "latency_p95": percentile(r["latency_s"], 0.95),
                                       "completion_tokens": sum(r["completion_tokens"])}
             print(summary["http"])
 
@@ -368,30 +351,30 @@ def main(argv=None) -> dict:
             for v, cb in (("ours", False), ("ours+cb", True)):
                 print(f"grpo {v} ...", flush=True)
                 spec = dict(variant="ours", continuous_batching=cb, checkpoint=str(Path(tmp) / "grpo_ckpt"),
-                            out=str(Path(tmp) / f"grpo_{v}.json"), vocab_size=REFERENCE_SHAPE["vocab_size"],
+                            output_dir=str(Path(tmp) / f"grpo_{v}"), label=f"grpo {v}", vocab_size=REFERENCE_SHAPE["vocab_size"],
                             prompt_len=args.grpo_prompt_len, new_tokens=args.grpo_new_tokens, batch=8, num_generations=4, steps=2, warmup=1,
                             threads=args.threads)
                 if not Path(spec["checkpoint"]).exists():
-                    common.make_checkpoint(spec["checkpoint"])
-                r = common.run_worker("benchmarks.grpo", spec, timeout=7200)
-                summary["grpo"][v] = {"step_s": common.median(r["step_s"]), "generate_s": common.median(r["generate_s"]),
+                    models.make_checkpoint(spec["checkpoint"])
+                r = harness.run_worker(grpo.worker, spec, timeout=7200)
+                summary["grpo"][v] = {"step_s": median(r["step_s"]), "generate_s": median(r["generate_s"]),
                                       "all_step_s": r["step_s"]}
             print(summary["grpo"])
     try:
         summary["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
-    common.write_json(args.json_out, summary)
+    harness.write_json(args.json_out, summary)
     if args.results_md:
         write_section(summary, Path(args.results_md))
-    elif Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
-        write_section(summary, common.REPO_ROOT / "benchmarks" / "RESULTS.md")
+    elif Path(args.json_out).resolve().parent == RESULTS_DIR.resolve():
+        write_section(summary, RESULTS_MD)
     return summary
 
 
 def write_section(summary: dict, results_md: Path) -> None:
     body = render_fp8(summary) if "ours_fp8" in summary["generate_batch"] else render(summary)
-    common.write_section(section_name(summary), body, results_md)
+    harness.write_section(section_name(summary), body, results_md)
 
 
 if __name__ == "__main__":

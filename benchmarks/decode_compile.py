@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness, models
+from benchmarks.harness import RESULTS_DIR, RESULTS_MD
+from benchmarks.measure import clock, median
+from benchmarks.models import DTYPES
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import DTYPES, RESULTS_DIR, clock, median  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 VARIANTS = ("peer_eager", "peer_compiled", "ours_eager", "ours_static", "ours_compiled")
 # conftest.py's tiny model (the test suite's), in transformers' DeepseekV3 field names
@@ -112,20 +110,19 @@ def _graph_count() -> int:
 
 
 def timing_worker(spec: dict) -> dict:
-    common.quiet()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    harness.setup(threads=spec["threads"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
     ctx, n, batch = spec["context"], spec["new_tokens"], spec["batch"]
-    models = {"peer": common.load_peer(spec["ckpt"], dtype, device), "ours": common.load_ours(spec["ckpt"], dtype, device)}
-    vocab = models["ours"].config.vocab_size
+    loaded = {"peer": models.load_peer(spec["ckpt"], dtype, device),
+              "ours": models.load_ours(spec["ckpt"], dtype, device)}
+    vocab = loaded["ours"].config.vocab_size
     g = torch.Generator().manual_seed(spec["seed"] + ctx)
     ids = torch.randint(3, vocab, (batch, ctx), generator=g).to(device)
     cache_len = ctx + n + 1
     variants = spec["variants"]
     kws = {v: generate_kwargs(v, cache_len, spec["compile_mode"], spec.get("compile_backend", "inductor"))
            for v in variants}
-    model_of = {v: models[v.split("_")[0]] for v in variants}
+    model_of = {v: loaded[v.split("_")[0]] for v in variants}
     result = {"context": ctx, "new_tokens": n, "batch": batch, "cache_len": cache_len, "variants": {}}
     tokens = {}
     with torch.inference_mode():
@@ -148,7 +145,6 @@ def timing_worker(spec: dict) -> dict:
         if spec.get("profile"):
             result["profiles"] = {v: _profile(model_of[v], ids, kws[v], n, device) for v in variants
                                   if v in ("ours_eager", "ours_compiled", "peer_eager")}
-    common.write_json(spec["out"], result)
     return result
 
 
@@ -185,7 +181,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--shape", default="reference", choices=["reference", "tiny"],
-                   help="reference: benchmarks.common.REFERENCE_SHAPE; tiny: the test suite's model")
+                   help="reference: benchmarks.models.REFERENCE_SHAPE; tiny: the test suite's model")
     p.add_argument("--config-overrides", default="{}", help="JSON of DeepseekV3Config fields over the shape")
     p.add_argument("--contexts", default="128,2048,4096")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -201,9 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true")
     p.add_argument("--label", default=None, help="section name suffix in RESULTS.md (default: from --shape)")
     p.add_argument("--json-out", default=None)
-    p.add_argument("--results-md", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"),
+    p.add_argument("--results-md", default=str(RESULTS_MD),
                    help="RESULTS.md whose section this run replaces ('' to skip)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -213,27 +208,24 @@ def run(args) -> dict:
     overrides = dict(TINY_SHAPE if args.shape == "tiny" else {}, **json.loads(args.config_overrides))
     contexts = [int(c) for c in args.contexts.split(",") if c]
     report = {
-        "benchmark": "decode_compile", "label": label,
-        "command": common.command_line(),
-        "machine": common.machine_info(args.device),
+        **harness.report_head("decode_compile", args.device), "label": label,
         "settings": {"device": args.device, "dtype": args.dtype, "contexts": contexts, "new_tokens": args.new_tokens,
                      "batch": args.batch, "repeats": args.repeats, "compile_mode": args.compile_mode,
                      "compile_backend": args.compile_backend,
                      "threads": args.threads or torch.get_num_threads(), "variants": args.variants.split(",")},
-        "config": dict(common.REFERENCE_SHAPE, **overrides),
+        "config": dict(models.REFERENCE_SHAPE, **overrides),
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="bench_decode_compile_") as tmp:
         ckpt = Path(tmp) / "ckpt"
-        common.make_checkpoint(ckpt, seed=args.seed, **overrides)
+        models.make_checkpoint(ckpt, seed=args.seed, **overrides)
         for ctx in contexts:
             spec = {"ckpt": str(ckpt), "device": args.device, "dtype": args.dtype, "context": ctx,
                     "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "seed": args.seed,
                     "threads": args.threads, "variants": report["settings"]["variants"],
                     "compile_mode": args.compile_mode, "compile_backend": args.compile_backend,
-                    "profile": args.profile and ctx == max(contexts),
-                    "label": f"decode_compile@{ctx}", "out": str(Path(tmp) / f"ctx{ctx}.json")}
-            res = common.run_worker("benchmarks.decode_compile", spec)
+                    "profile": args.profile and ctx == max(contexts), "label": f"decode_compile@{ctx}"}
+            res = harness.run_worker(timing_worker, spec)
             for name, table in (res.pop("profiles", None) or {}).items():
                 path = json_out.with_name(json_out.stem + f"_profile_{name}_ctx{ctx}.txt")
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,11 +235,11 @@ def run(args) -> dict:
             print(f"ctx {ctx}: " + "  ".join(f"{v} {r['step_s_median'] * 1e3:.2f} ms" for v, r in
                                              res["variants"].items()), flush=True)
     report["summary"] = summarize(report)
-    common.write_json(json_out, report)
+    harness.write_json(json_out, report)
     body = render(report)
     print(body)
     if args.results_md:
-        common.write_section(f"decode-compile-{label}-{args.device}-{args.dtype}", body, Path(args.results_md))
+        harness.write_section(f"decode-compile-{label}-{args.device}-{args.dtype}", body, Path(args.results_md))
     print(f"wrote {json_out}")
     return report
 
@@ -279,13 +271,11 @@ def summarize(report) -> dict:
 
 
 def render(report) -> str:
-    s, m = report["settings"], report["machine"]
+    s = report["settings"]
     variants = s["variants"]
-    lines = [f"## Compiled static decode through generate(): ours vs transformers' DeepseekV3 ({report['label']} "
-             f"shape; {s['device']}, {s['dtype']})", "",
-             f"Command: `{report['command']}`  ", f"Machine: {common.machine_line(m)}  ",
-             f"Model (both): DeepseekV3Config({', '.join(f'{k}={v}' for k, v in report['config'].items())}), random "
-             "weights.  ",
+    lines = harness.section_head(f"Compiled static decode through generate(): ours vs transformers' DeepseekV3 "
+                                 f"({report['label']} shape; {s['device']}, {s['dtype']})", report) + [
+             f"Model (both): DeepseekV3Config({harness.config_line(report['config'])}), random weights.  ",
              f"Batch {s['batch']}; decode step = interval between consecutive tokens inside generate() (a clock-reading "
              f"logits processor), median over the {s['new_tokens']} steps of each of {s['repeats']} interleaved "
              "rounds; compiled = "
@@ -303,8 +293,8 @@ def render(report) -> str:
             _x(row["ours_compiled_over_ours_eager"]), _x(row["ours_compiled_over_peer_compiled"]),
             _x(row["peer_compiled_over_peer_eager"]),
             f"{_x(row['speed_ours_eager_vs_peer_eager'])} / {_x(row['speed_ours_compiled_vs_peer_eager'])}"])
-    lines += [common.markdown_table(headers, rows), ""]
-    lines += [common.markdown_table(["context"] + [f"{v} tok/s" for v in variants], [
+    lines += [harness.markdown_table(headers, rows), ""]
+    lines += [harness.markdown_table(["context"] + [f"{v} tok/s" for v in variants], [
         [row["context"]] + [s["batch"] * 1e3 / row["step_ms"][v] if v in row["step_ms"] else None for v in variants]
         for row in report["summary"]["rows"]]), ""]
     if any("ours_cudagraphs" in row["step_ms"] for row in report["summary"]["rows"]):
@@ -323,7 +313,7 @@ def render(report) -> str:
         f"{run['context']}: {[v for v, r in run['variants'].items() if not r['tokens_equal_ours_eager']]}"
         for run in report["runs"])) + ".")
     if report["summary"]["targets"]:
-        lines += ["", common.markdown_table(
+        lines += ["", harness.markdown_table(
             ["target (issue 14)", "context", "needed", "measured", ""],
             [[t["what"], t["context"], f"{t['target']:.2f}", f"{t['measured']:.2f}", "met" if t["met"] else "MISSED"]
              for t in report["summary"]["targets"]])]
@@ -338,18 +328,9 @@ def _x(v):
     return "-" if v is None else f"{v:.2f}x"
 
 
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.worker:
-        timing_worker(json.loads(args.worker))
-        return {}
-    common.quiet()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
-    if args.threads:  # the workers' setting, reported in the machine line too
-        torch.set_num_threads(args.threads)
+    harness.setup(args.device, args.threads)  # the workers' threads, reported in the machine line too
     return run(args)
 
 

@@ -25,18 +25,15 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR, RESULTS_MD
+from benchmarks.measure import median
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import RESULTS_DIR, median  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 RUNS = ("fp32", "bf16", "fp8")
 GAP_TARGET = 0.0025  # V3: relative loss error below 0.25%
@@ -159,9 +156,9 @@ def render(report) -> str:
     mib = {k: v / 2**20 for k, v in mem.items()}
     t = report["median_step_s"]
     met = all(g["max_abs_after_skip"] <= report["target_gap"] for g in gap.values())
-    lines = [
-        "## FP8 training (DeepSeek-V3 block-wise recipe) vs fp32 and bf16 (cpu, reference backend)", "",
-        f"Command: `{report['command']}`  ", f"Machine: {common.machine_line(report['machine'])}", "",
+    lines = harness.section_head("FP8 training (DeepSeek-V3 block-wise recipe) vs fp32 and bf16 (cpu, reference "
+                                 "backend)", report) + [
+        "",
         f"`small` config (hub_configs/small), Python stdlib corpus (vocab {s['vocab']}), {s['steps']} AdamW steps of "
         f"{s['batch']} x {s['seq']} tokens, lr {s['lr']} (warmup + cosine), grad clip 1.0, one initialisation and "
         "one data order for all three runs; MTP and the aux-loss-free bias update on in every run (largest bias "
@@ -189,20 +186,9 @@ def render(report) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, results_md: Path) -> None:
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    results_md.write_text(text)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(common.REPO_ROOT / "hub_configs" / "small"))
+    p.add_argument("--config", default=str(REPO_ROOT / "hub_configs" / "small"))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
@@ -215,7 +201,7 @@ def main(argv=None):
                    help="the gap statistics leave out the first steps, where the loss falls fastest")
     p.add_argument("--json-out", default=str(RESULTS_DIR / "fp8_training.json"))
     p.add_argument("--plot-out", default=str(RESULTS_DIR / "fp8_training_loss.png"))
-    p.add_argument("--results-md", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"),
+    p.add_argument("--results-md", default=str(RESULTS_MD),
                    help="whose fp8-training section is (re)written; '' to leave it alone")
     p.add_argument("--render-only", action="store_true", help="only rebuild the section and the plot from --json-out")
     args = p.parse_args(argv)
@@ -223,10 +209,9 @@ def main(argv=None):
         report = json.loads(Path(args.json_out).read_text())
         plot(report, Path(args.plot_out))
         if args.results_md:
-            write_section(render(report), Path(args.results_md))
+            harness.write_section(SECTION, render(report), args.results_md)
         return report
-    torch.set_num_threads(args.threads)
-    common.quiet()
+    harness.setup(threads=args.threads)
 
     tokenizer, data = build_data(args)
     base = build_model(args, tokenizer)
@@ -263,8 +248,7 @@ def main(argv=None):
     report = {
         "settings": {**vars(args), "corpus": "Python stdlib sources", "fp8_backend": "reference",
                      "vocab": len(tokenizer)},
-        "machine": common.machine_info("cpu"),
-        "command": common.command_line(),
+        **harness.report_head("fp8_training"),
         "loss": {n: runs[n]["loss"] for n in RUNS},
         "ema_loss": smooth,
         "relative_gap": rel,
@@ -278,10 +262,10 @@ def main(argv=None):
         "target_gap": GAP_TARGET,
     }
     report["step_time_vs_fp32"] = {n: report["median_step_s"][n] / report["median_step_s"]["fp32"] for n in RUNS}
-    common.write_json(args.json_out, report)
+    harness.write_json(args.json_out, report)
     plot(report, Path(args.plot_out))
     if args.results_md:
-        write_section(render(report), Path(args.results_md))
+        harness.write_section(SECTION, render(report), args.results_md)
     print(json.dumps({k: report[k] for k in ("gap_summary", "final_ema_loss", "median_step_s", "step_time_vs_fp32",
                                              "saved_for_backward_bytes")}, indent=2))
     return report

@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import continuous_batching, decode_compile, harness, mtp_speedup
+from benchmarks.harness import REPO_ROOT
+from benchmarks.measure import clock, median
 
-from benchmarks import common, decode_compile  # noqa: E402
-from benchmarks.common import clock, median  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 V3_LATENT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
 # (name, tokens M, in K, out N) of DeepSeek-V3's projections; experts at 256 tokens each (a balanced 4K-token batch:
@@ -71,9 +68,6 @@ def decode_part(args, batch: int, results: Path, results_md: Path) -> dict:
 
 
 def mtp_part(args, results: Path, results_md: Path) -> dict | None:
-    from benchmarks import mtp_speedup
-    from benchmarks.run import render_mtp, replace_section
-
     model_dir = Path(args.mtp_model_dir)
     name = f"gpu-suite-mtp-{args.device}"
     if not (model_dir / "config.json").is_file():
@@ -88,8 +82,8 @@ def mtp_part(args, results: Path, results_md: Path) -> dict | None:
                   "--batch", "0"] if args.smoke else
                  ["--num-prompts", "8", "--max-new-tokens", "128", "--draft-tokens", "1,2,3", "--batch", "4"])
         report = mtp_speedup.main(argv)
-        body = render_mtp(report)
-    results_md.write_text(replace_section(results_md.read_text() if results_md.exists() else "", name, body))
+        body = mtp_speedup.render_section(report)
+    harness.write_section(name, body, results_md)
     return report
 
 
@@ -108,7 +102,6 @@ def time_fwd_bwd(fn, x, w, dy, repeats: int, device: str) -> float:
 def fp8_gemm_part(args, results: Path, results_md: Path) -> dict:
     import torch.nn.functional as F
 
-    from benchmarks.run import replace_section
     from modeling_deepseek.fp8_gemm import resolve_backend
     from quant.fp8_training import FP8TrainingConfig
     from quant.fp8_training_modules import fp8_linear
@@ -128,31 +121,28 @@ def fp8_gemm_part(args, results: Path, results_md: Path) -> dict:
         rows.append({"gemm": name, "M": M, "K": K, "N": N, "bf16_ms": bf16 * 1e3, "fp8_ms": fp8 * 1e3,
                      "fp8_speedup": bf16 / fp8, "bf16_tflops": flops / bf16 / 1e12, "fp8_tflops": flops / fp8 / 1e12})
         print(f"{name}: bf16 {bf16 * 1e3:.3f} ms, fp8 {fp8 * 1e3:.3f} ms", flush=True)
-    report = {"benchmark": "gpu_suite_fp8_gemm", "command": common.command_line(),
-              "machine": common.machine_info(args.device), "backend": backend, "repeats": args.repeats, "rows": rows}
-    common.write_json(results / f"gpu_suite_fp8_gemm_{args.device}.json", report)
-    body = "\n".join([
-        f"## FP8 block-wise GEMM forward + backward vs bf16 ({args.device}, backend {backend})", "",
-        f"Command: `{report['command']}`  ", f"Machine: {common.machine_line(report['machine'])}  ",
+    report = {**harness.report_head("gpu_suite_fp8_gemm", args.device), "backend": backend, "repeats": args.repeats,
+              "rows": rows}
+    harness.write_json(results / f"gpu_suite_fp8_gemm_{args.device}.json", report)
+    body = "\n".join(harness.section_head(
+        f"FP8 block-wise GEMM forward + backward vs bf16 ({args.device}, backend {backend})", report) + [
         "y = x W^T with Fprop, Dgrad and Wgrad in e4m3 (activations 1 x 128, weights 128 x 128 scales; "
         "`quant.fp8_training_modules.fp8_linear`, quantization included) against `F.linear` in bf16, forward + "
         "backward, "
         f"median of {args.repeats} after a warm-up; TFLOP/s count the three GEMMs.", "",
-        common.markdown_table(["GEMM", "M x K -> N", "bf16 ms", "FP8 ms", "FP8 speedup", "bf16 TFLOP/s",
+        harness.markdown_table(["GEMM", "M x K -> N", "bf16 ms", "FP8 ms", "FP8 speedup", "bf16 TFLOP/s",
                                "FP8 TFLOP/s"],
                               [[r["gemm"], f"{r['M']} x {r['K']} -> {r['N']}", r["bf16_ms"], r["fp8_ms"],
                                 f"{r['fp8_speedup']:.2f}x", r["bf16_tflops"], r["fp8_tflops"]] for r in rows])])
-    name = f"gpu-suite-fp8-gemm-{args.device}"
-    results_md.write_text(replace_section(results_md.read_text() if results_md.exists() else "", name, body))
+    harness.write_section(f"gpu-suite-fp8-gemm-{args.device}", body, results_md)
     return report
 
 
 def continuous_batching_part(args, results: Path, results_md: Path) -> dict | None:
-    from benchmarks import continuous_batching
     from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, installed_transformers_version
 
     if not MLA_PAGED_CACHE:
-        common.write_section(f"gpu-suite-continuous-batching-{args.device}", (
+        harness.write_section(f"gpu-suite-continuous-batching-{args.device}", (
             f"## Continuous batching ({args.device})\n\nNot measured: continuous batching of MLA needs transformers >= "
             f"{PAGED_CACHE_MIN_VERSION}; {installed_transformers_version()} is installed."), results_md)
         return None
@@ -179,7 +169,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,32")
     p.add_argument("--parts", default="decode,mtp,fp8-gemm,continuous-batching")
     p.add_argument("--cb-requests", type=int, default=32, help="continuous-batching: requests in the batch")
-    p.add_argument("--mtp-model-dir", default=str(common.REPO_ROOT / "runs" / "demo" / "final"))
+    p.add_argument("--mtp-model-dir", default=str(REPO_ROOT / "runs" / "demo" / "final"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks that every part runs")
     p.add_argument("--out-dir", default=None, help="RESULTS.md and results/ go there (default: benchmarks/)")
     return p.parse_args(argv)
@@ -187,10 +177,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.quiet()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device (use --smoke --device cpu for a dry run)")
-    out = Path(args.out_dir) if args.out_dir else common.REPO_ROOT / "benchmarks"
+    harness.setup(args.device)
+    out = Path(args.out_dir) if args.out_dir else REPO_ROOT / "benchmarks"
     results, results_md = out / "results", out / "RESULTS.md"
     results.mkdir(parents=True, exist_ok=True)
     parts = [p for p in args.parts.split(",") if p]

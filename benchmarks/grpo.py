@@ -9,7 +9,7 @@ Three runs of the same GRPO configuration, each in a fresh process:
     trl+ours     trl.GRPOTrainer     + modeling_deepseek.DeepseekForCausalLM   (the model's own generate)
     ours         trainers.GRPOTrainer + modeling_deepseek.DeepseekForCausalLM   (the package's rollout path)
 
-Both models load one random checkpoint in transformers' DeepseekV3 format (benchmarks.common.make_checkpoint, the
+Both models load one random checkpoint in transformers' DeepseekV3 format (benchmarks.models.make_checkpoint, the
 reference shape). Prompts are random words of a word-level tokenizer built in code whose vocabulary is the model's;
 every completion is generated to full length (min_new_tokens = max_completion_length), so the three runs do the
 same work token for token. Timed: the wall time of each optimizer step (after warm-up steps) and, inside it, the
@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import REFERENCE_SHAPE  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import RESULTS_DIR
+from benchmarks.measure import median
+from benchmarks.models import REFERENCE_SHAPE, load_ours, load_peer, make_checkpoint
 
 VARIANTS = ("peer", "trl+ours", "ours")
 
@@ -46,13 +44,12 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
-def worker(spec: dict) -> None:
+def worker(spec: dict) -> dict:
     import random
 
     import torch
 
-    torch.set_num_threads(spec["threads"])
-    common.quiet()
+    harness.setup(threads=spec["threads"])
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -65,9 +62,9 @@ def worker(spec: dict) -> None:
                for _ in range(64)]
     data = Dataset.from_list([{"prompt": p} for p in prompts])
     if spec["variant"] == "peer":
-        model = common.load_peer(spec["checkpoint"], torch.float32, "cpu")
+        model = load_peer(spec["checkpoint"], torch.float32, "cpu")
     else:
-        model = common.load_ours(spec["checkpoint"], torch.float32, "cpu")
+        model = load_ours(spec["checkpoint"], torch.float32, "cpu")
     model.train()
     trainer_cls, config_cls = ((ours_grpo.GRPOTrainer, ours_grpo.GRPOConfig) if spec["variant"] == "ours"
                                else (trl.GRPOTrainer, trl.GRPOConfig))
@@ -77,7 +74,7 @@ def worker(spec: dict) -> None:
     cb = bool(spec.get("continuous_batching"))
     full_length = {"eos_token_id": -1} if cb else {"min_new_tokens": spec["new_tokens"]}
     args = config_cls(
-        output_dir=spec["out"] + ".trainer", max_steps=steps, learning_rate=1e-5, logging_steps=1,
+        output_dir=spec["output_dir"], max_steps=steps, learning_rate=1e-5, logging_steps=1,
         per_device_train_batch_size=spec["batch"], num_generations=spec["num_generations"],
         max_completion_length=spec["new_tokens"], generation_kwargs=full_length,
         use_transformers_continuous_batching=cb,
@@ -116,23 +113,22 @@ def worker(spec: dict) -> None:
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     w = spec["warmup"]
-    common.write_json(spec["out"], {
+    return {
         "variant": spec["variant"], "step_s": clock.times[w:], "generate_s": gen_seconds[w:],
         "completion_lengths": lengths, "trainer": type(trainer).__module__ + "." + type(trainer).__name__,
         "model": type(model).__name__,
-    })
+    }
 
 
-RESULTS_MD = common.REPO_ROOT / "benchmarks" / "RESULTS.md"
-LEARNING_JSON = common.RESULTS_DIR / "grpo_arithmetic_metrics.json"  # examples/grpo_arithmetic.py's metrics.json
+LEARNING_JSON = RESULTS_DIR / "grpo_arithmetic_metrics.json"  # examples/grpo_arithmetic.py's metrics.json
 LEARNING_PNG = "results/grpo_arithmetic_curves.png"
-LEARNING_NOTE = common.RESULTS_DIR / "grpo_arithmetic_note.md"  # hand-written findings about the learning run
-BEGIN, END = "<!-- BEGIN grpo -->", "<!-- END grpo -->"
+LEARNING_NOTE = RESULTS_DIR / "grpo_arithmetic_note.md"  # hand-written findings about the learning run
+SECTION = "grpo"
 
 
 def render(bench: dict | None, learning: dict | None) -> str:
     """The GRPO section of RESULTS.md: the learning run of the example, then the step-time comparison."""
-    lines = [BEGIN, "## GRPO: learning to reason on CPU, and step time vs trl.GRPOTrainer", ""]
+    lines = ["## GRPO: learning to reason on CPU, and step time vs trl.GRPOTrainer", ""]
     if learning:
         b, a = learning["before"], learning["after"]
         lines += [
@@ -146,7 +142,7 @@ def render(bench: dict | None, learning: dict | None) -> str:
             f"{learning['args']['eval_samples']} samples per problem at temperature 0.6 (R1's pass@1 setting; GRPO "
             "samples at 1.0); greedy = one greedy decode.",
             "",
-            common.markdown_table(
+            harness.markdown_table(
                 ["", "pass@1 (T=0.6)", "greedy", "format", "worked out (share)", "right when worked out",
                  "completion tokens"],
                 [[label, f"{m['sampled_accuracy']:.1%}", f"{m['greedy_accuracy']:.1%}",
@@ -175,15 +171,15 @@ def render(bench: dict | None, learning: dict | None) -> str:
         st = bench["settings"]
         lines += [
             "### GRPO step time, side by side", "",
-            f"Command: `{bench['command']}`  ", f"Machine: {common.machine_line(m)}  ",
-            f"Model: the reference shape (`benchmarks.common.REFERENCE_SHAPE`), random weights in one checkpoint "
+            f"Command: `{bench['command']}`  ", f"Machine: {harness.machine_line(m)}  ",
+            f"Model: the reference shape (`benchmarks.models.REFERENCE_SHAPE`), random weights in one checkpoint "
             f"loaded by both models; fp32. GRPO: {st['batch']} completions per step ({st['batch'] // st['num_generations']}"
             f" prompts x {st['num_generations']}), prompts of {st['prompt_len']} tokens, completions of "
             f"{st['new_tokens']} tokens (min_new_tokens = max_completion_length, so every run does the same work), "
             f"beta 0, loss dapo; median of {st['steps']} steps after {st['warmup']} warm-up step(s); each variant in "
             f"its own process with {st['threads']} torch thread(s), one after the other, on a machine shared with "
             "other jobs (the load average above).", "",
-            common.markdown_table(["trainer + model", "step s", "rollout (generate) s", "rest s", "step speedup",
+            harness.markdown_table(["trainer + model", "step s", "rollout (generate) s", "rest s", "step speedup",
                                    "rollout speedup"], rows), "",
             f"Target: ours >= 1.5x the peer per step; measured **{bench['speedup_step_vs_peer']:.2f}x** "
             f"({'met' if bench['speedup_step_vs_peer'] >= 1.5 else 'MISSED'}). trl.GRPOTrainer on our model gets "
@@ -196,12 +192,7 @@ def render(bench: dict | None, learning: dict | None) -> str:
             "rest of the step (old-policy/loss forward, "
             "backward, optimizer) is the same work in all three; its spread is this shared machine's noise.", "",
         ]
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    common.write_results_section(BEGIN, END, text)
 
 
 def main(argv=None) -> dict:
@@ -214,34 +205,31 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 avoids OpenMP spin contention on a shared host)")
-    p.add_argument("--json-out", default=str(common.RESULTS_DIR / "grpo_cpu_fp32.json"))
+    p.add_argument("--json-out", default=str(RESULTS_DIR / "grpo_cpu_fp32.json"))
     p.add_argument("--render-only", action="store_true",
                    help="rewrite the GRPO section of RESULTS.md from --json-out and the example's metrics")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        worker(json.loads(args.worker))
-        return {}
     if args.render_only:
         bench = json.loads(Path(args.json_out).read_text()) if Path(args.json_out).exists() else None
         learning = json.loads(LEARNING_JSON.read_text()) if LEARNING_JSON.exists() else None
-        write_section(render(bench, learning))
+        harness.write_section(SECTION, render(bench, learning))
         return {}
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        config = common.make_checkpoint(Path(tmp) / "ckpt")
+        config = make_checkpoint(Path(tmp) / "ckpt")
         for variant in VARIANTS:
-            spec = dict(variant=variant, checkpoint=str(Path(tmp) / "ckpt"), out=str(Path(tmp) / f"{variant}.json"),
+            spec = dict(variant=variant, checkpoint=str(Path(tmp) / "ckpt"), output_dir=str(Path(tmp) / variant),
+                        label=variant,
                         vocab_size=REFERENCE_SHAPE["vocab_size"], prompt_len=args.prompt_len,
                         new_tokens=args.new_tokens, batch=args.batch, num_generations=args.num_generations,
                         steps=args.steps, warmup=args.warmup, threads=args.threads)
             print(f"running {variant} ...", flush=True)
-            results[variant] = common.run_worker("benchmarks.grpo", spec, timeout=3600)
-    per_step = {v: common.median(r["step_s"]) for v, r in results.items()}
-    per_gen = {v: common.median(r["generate_s"]) for v, r in results.items()}
+            results[variant] = harness.run_worker(worker, spec, timeout=3600)
+    per_step = {v: median(r["step_s"]) for v, r in results.items()}
+    per_gen = {v: median(r["generate_s"]) for v, r in results.items()}
     summary = {
-        "command": common.command_line(), "machine": common.machine_info("cpu"), "settings": vars(args),
+        **harness.report_head("grpo"), "settings": vars(args),
         "model_config": config, "results": results,
         "median_step_s": per_step, "median_generate_s": per_gen,
         "speedup_step_vs_peer": per_step["peer"] / per_step["ours"],
@@ -249,13 +237,13 @@ def main(argv=None) -> dict:
         "speedup_generate_vs_peer": per_gen["peer"] / per_gen["ours"],
         "speedup_generate_trl_ours_vs_peer": per_gen["peer"] / per_gen["trl+ours"],
     }
-    common.write_json(args.json_out, summary)
+    harness.write_json(args.json_out, summary)
     for v in VARIANTS:
         print(f"{v:9s} step {per_step[v]:.2f} s  generate {per_gen[v]:.2f} s  rest {per_step[v] - per_gen[v]:.2f} s")
     print(f"step speedup vs peer: ours {summary['speedup_step_vs_peer']:.2f}x, trl+ours "
           f"{summary['speedup_step_trl_ours_vs_peer']:.2f}x")
-    if Path(args.json_out).resolve().parent == common.RESULTS_DIR.resolve():
-        write_section(render(summary, json.loads(LEARNING_JSON.read_text()) if LEARNING_JSON.exists() else None))
+    if Path(args.json_out).resolve().parent == RESULTS_DIR.resolve():
+        harness.write_section(SECTION, render(summary, json.loads(LEARNING_JSON.read_text()) if LEARNING_JSON.exists() else None))
     return summary
 
 

@@ -22,13 +22,12 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR
+from benchmarks.measure import clock
+from benchmarks.models import DTYPES
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import DTYPES, REPO_ROOT, RESULTS_DIR, clock  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 TARGET_SPEEDUP, TARGET_ACCEPTANCE = 1.6, 0.8
 MISSING_MODEL_EXIT = 2
@@ -170,9 +169,7 @@ def main(argv=None) -> dict:
         print(f"mtp_speedup: no trained model at {model_dir} (run `make demo` first, or pass --model-dir)",
               file=sys.stderr)
         sys.exit(MISSING_MODEL_EXIT)
-    common.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.setup(args.device, args.threads)
     from transformers import AutoTokenizer
 
     from modeling_deepseek import DeepseekForCausalLM
@@ -188,9 +185,7 @@ def main(argv=None) -> dict:
     prompts = stdlib_prompts(tokenizer, args.num_prompts, args.prompt_tokens)
     json_out = Path(args.json_out or RESULTS_DIR / f"mtp_speedup_{args.device}.json")
     report = {
-        "benchmark": "mtp_speedup",
-        "command": common.command_line(),
-        "machine": common.machine_info(args.device),
+        **harness.report_head("mtp_speedup", args.device),
         "model_dir": str(model_dir),
         "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                          "n_routed_experts", "num_experts_per_tok", "vocab_size",
@@ -261,7 +256,7 @@ def main(argv=None) -> dict:
                                 f"(k={b1['draft_tokens']})",
                         "speedup": b1["speedup"], "acceptance": b1["acceptance_rate"],
                         "met": b1["speedup"] >= TARGET_SPEEDUP and b1["acceptance_rate"] >= TARGET_ACCEPTANCE}
-    common.write_json(json_out, report)
+    harness.write_json(json_out, report)
     print(render_table(report))
     print(f"wrote {json_out}")
     return report
@@ -289,7 +284,7 @@ def render_table(report) -> str:
     rows = [[r["name"], r["plain_tok_s"], r["mtp_tok_s"], f"{r['speedup']:.2f}x", f"{r['acceptance_rate']:.3f}",
              r.get("tokens_per_step"), str(r["new_tokens"]), "yes" if r["identical"] else f"NO ({r['identical_count']})"]
             for r in report["rows"]]
-    out = common.markdown_table(headers, rows)
+    out = harness.markdown_table(headers, rows)
     t = report.get("target")
     if t:
         out += (f"\n\ntarget: {t['what']}: measured {t['speedup']:.2f}x at {t['acceptance']:.3f} -> "
@@ -306,9 +301,35 @@ def render_table(report) -> str:
         out += ("\n\nStep breakdown (batch 1, all prompts; a separate pass timed with forward hooks, not the runs of the table above; "
                 "ms per main-model forward). Bound: the speedup if verifying k+1 tokens cost no more than a plain step, "
                 "i.e. tokens per step x plain ms / (plain ms + MTP block ms + the extra lm_head ms of the drafts):\n\n"
-                + common.markdown_table(["decoding", "ms per step", "new tokens per step"] + [f"{n} ms" for n in names]
+                + harness.markdown_table(["decoding", "ms per step", "new tokens per step"] + [f"{n} ms" for n in names]
                                         + ["speedup (this pass)", "bound: free verification"], rows))
     return out
+
+
+def render_section(report) -> str:
+    """This benchmark's RESULTS.md section from its report."""
+    s = report["settings"]
+    head = harness.section_head(f"MTP self-speculative decoding speedup ({s['device']}, {s['dtype']})", report)
+    return "\n".join(head + [
+        f"Model: `{report['model_dir']}` ({harness.config_line(report['model'])}). Prompts: the first {s['prompt_tokens']} "
+        f"tokens of {len(report['prompts'])} stdlib files ({', '.join(report['prompts'])}); greedy, "
+        f"max_new_tokens {s['max_new_tokens']}, best of {s['repeats']} per prompt, plain and MTP interleaved; "
+        f"MTP drafts per step k = {s.get('draft_tokens', [1])} (`generate(use_mtp=True, mtp_draft_tokens=k)`; k=1 is "
+        "the trained depth, larger k chain the MTP module on its own output); "
+        f"{s['threads']} torch threads.",
+        "",
+        render_table(report),
+    ])
+
+
+def render_missing(model_dir: str) -> str:
+    """The section while no trained model exists (the benchmark exits with status 2)."""
+    return "\n".join([
+        "## MTP self-speculative decoding speedup",
+        "",
+        f"Not measured: no trained model at `{model_dir}` when `python -m benchmarks.run` ran (the benchmark exits "
+        "with status 2). Train the demo model (`make demo`), then run `python -m benchmarks.mtp_speedup`.",
+    ])
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ checkpoint and the same DistributedConfig.
     python -m benchmarks.parallel [--steps 8] [--batch 4] [--seq 128]
 
 The driver saves one random checkpoint (the peer's format, no MTP module: both models do the same work), runs the
-one-process reference (`--worker single`, 1 torch thread: one core) and one torchrun launch of 2 ranks (`--worker dist`, 1 thread
-each: two cores) that measures every layout in turn, then writes benchmarks/results/parallel.json and
-the section of benchmarks/RESULTS.md between <!-- BEGIN parallel --> and <!-- END parallel -->.
+one-process reference (`single_worker`, 1 torch thread: one core) and one torchrun launch of 2 ranks (`dist_worker`,
+1 thread each: two cores) that measures every layout in turn, then writes benchmarks/results/parallel.json and the
+section of benchmarks/RESULTS.md between <!-- BEGIN parallel --> and <!-- END parallel -->.
 
 A step is forward + backward + AdamW step on a global batch of `batch` x `seq` tokens: under tp / ep both ranks take
 the whole batch (they share it), under fsdp each rank takes half. Models alternate step by step; the median of the
@@ -17,21 +17,16 @@ timed steps is reported (after 2 warm-up steps). Bytes per rank are the paramete
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
+from benchmarks.harness import RESULTS_DIR, RESULTS_MD
+from benchmarks.measure import median
+from benchmarks.models import make_checkpoint
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import RESULTS_DIR, median  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 SECTION = "parallel"
 LAYOUTS = {
@@ -58,19 +53,19 @@ def local_bytes(model) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
 
 
-def measure(path: str, layout: str | None, args) -> dict:
+def measure(path: str, layout: str | None, spec: dict) -> dict:
     """Both models under one layout, steps interleaved; per model the median step time and the bytes held."""
     dp = torch.distributed.get_world_size() if layout == "fsdp" else 1
     rank = torch.distributed.get_rank() if layout == "fsdp" else 0
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 4096, (args.steps + 2, args.batch, args.seq), generator=gen)
-    per = args.batch // dp
+    ids = torch.randint(0, 4096, (spec["steps"] + 2, spec["batch"], spec["seq"]), generator=gen)
+    per = spec["batch"] // dp
     runs = {}
     for kind in ("peer", "ours"):
         model = load(kind, path, layout).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
         runs[kind] = {"model": model, "opt": opt, "times": [], "bytes": local_bytes(model), "losses": []}
-    for step in range(args.steps + 2):
+    for step in range(spec["steps"] + 2):
         batch = ids[step, rank * per:(rank + 1) * per]
         for kind, run in runs.items():
             if torch.distributed.is_initialized():
@@ -89,34 +84,29 @@ def measure(path: str, layout: str | None, args) -> dict:
             for kind, run in runs.items()}
 
 
-def worker(args) -> None:
-    common.quiet()
-    if args.worker == "single":
-        torch.set_num_threads(1)
-        result = {"single": measure(args.ckpt, None, args)}
-    else:
-        torch.set_num_threads(1)
-        import torch.distributed as dist
+def single_worker(spec: dict) -> dict:
+    """Both models in this one process, one torch thread."""
+    harness.setup(threads=1)
+    return {"single": measure(spec["ckpt"], None, spec)}
 
-        dist.init_process_group("gloo")
-        result = {layout: measure(args.ckpt, layout, args) for layout in LAYOUTS}
-        if dist.get_rank() != 0:
-            return
-    Path(args.out).write_text(json.dumps(result))
+
+def dist_worker(spec: dict) -> dict | None:
+    """One rank of the torchrun launch (gloo, one torch thread): every layout in turn; rank 0 returns them."""
+    import torch.distributed as dist
+
+    harness.setup(threads=1)
+    dist.init_process_group("gloo")
+    result = {layout: measure(spec["ckpt"], layout, spec) for layout in LAYOUTS}
+    return result if dist.get_rank() == 0 else None
 
 
 def render(report: dict) -> str:
-    m = report["machine"]
     single = report["single"]["single"]
-    lines = [
-        "## Distributed engine: 2 CPU ranks, tp / ep / fsdp vs one process, ours vs transformers' DeepseekV3",
+    lines = harness.section_head(
+        "Distributed engine: 2 CPU ranks, tp / ep / fsdp vs one process, ours vs transformers' DeepseekV3", report,
+        " (cores shared with other agents)") + [
         "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {m['nproc']} CPU cores ({m['cpu_model']}), no GPU; torch {m['torch']}, transformers "
-        f"{m['transformers']}, Python {m['python']}; git {m['git']}; {m['date_utc']}, load avg at start "
-        f"{m.get('load_avg_at_start')} (cores shared with other agents)",
-        "",
-        f"Model: the reference shape (benchmarks/common.py REFERENCE_SHAPE, fp32, no MTP module in either model), "
+        f"Model: the reference shape (benchmarks.models.REFERENCE_SHAPE, fp32, no MTP module in either model), "
         f"forward + backward + AdamW on {report['batch']} x {report['seq']} tokens per step, median of "
         f"{report['steps']} timed steps after 2 warm-ups, the two models alternating step by step. One process: 1 "
         "torch thread (one core; with 2 threads the busy machine's contention dominated). 2 ranks: torchrun + gloo, 1 thread each; under tp / ep both ranks take "
@@ -150,36 +140,20 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--worker", choices=["single", "dist"])
-    p.add_argument("--ckpt")
-    p.add_argument("--out")
     p.add_argument("--json-out", default=str(RESULTS_DIR / "parallel.json"))
-    p.add_argument("--results-md", default=str(common.REPO_ROOT / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--results-md", default=str(RESULTS_MD))
     args = p.parse_args(argv)
-    if args.worker:
-        return worker(args)
 
-    machine = common.machine_info("cpu")
-    sizes = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(common.REPO_ROOT))
+    report = {**harness.report_head("parallel"), "steps": args.steps, "batch": args.batch, "seq": args.seq}
     with tempfile.TemporaryDirectory() as tmp:
-        common.make_checkpoint(Path(tmp) / "ckpt")
-        ckpt = str(Path(tmp) / "ckpt")
-        single_out, dist_out = Path(tmp) / "single.json", Path(tmp) / "dist.json"
-        subprocess.run([sys.executable, "-m", "benchmarks.parallel", "--worker", "single", "--ckpt", ckpt,
-                        "--out", str(single_out), *sizes], check=True, env=env,
-                       cwd=common.REPO_ROOT)
-        torchrun = Path(sys.executable).with_name("torchrun")
-        subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                        str(common.free_port()), "-m", "benchmarks.parallel", "--worker", "dist", "--ckpt", ckpt,
-                        "--out", str(dist_out), *sizes], check=True, env=env, cwd=common.REPO_ROOT)
-        report = {"machine": machine, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-                  "command": "python -m benchmarks.parallel " + " ".join(sizes),
-                  "single": json.loads(single_out.read_text()), "dist": json.loads(dist_out.read_text())}
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(report, indent=1))
+        make_checkpoint(Path(tmp) / "ckpt")
+        spec = {"ckpt": str(Path(tmp) / "ckpt"), "steps": args.steps, "batch": args.batch, "seq": args.seq}
+        one_thread = {"OMP_NUM_THREADS": "1"}
+        report["single"] = harness.run_worker(single_worker, dict(spec, label="one process"), env=one_thread)
+        report["dist"] = harness.run_worker(dist_worker, dict(spec, label="2 ranks"), nproc=2, env=one_thread)
+    harness.write_json(args.json_out, report)
     body = render(report)
-    common.write_section(SECTION, body, Path(args.results_md))
+    harness.write_section(SECTION, body, args.results_md)
     print(body)
 
 

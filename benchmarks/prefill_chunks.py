@@ -17,27 +17,23 @@ Reported per context: peak memory added by the generate call (RSS high-water mar
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness, models
+from benchmarks.harness import RESULTS_DIR
+from benchmarks.measure import PeakMemory
+from benchmarks.models import DTYPES
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import DTYPES, RESULTS_DIR, PeakMemory  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 VARIANTS = ("one_shot", "chunked")
 
 
 def worker(spec: dict) -> dict:
-    common.quiet()
-    torch.manual_seed(0)
-    model = common.load_ours(spec["ckpt"], DTYPES[spec["dtype"]], "cpu")
+    harness.setup(seed=0)
+    model = models.load_ours(spec["ckpt"], DTYPES[spec["dtype"]], "cpu")
     model.config.prefill_chunk_tokens = spec["chunk"] if spec["variant"] == "chunked" else None
     vocab = model.config.vocab_size
     model.generate(torch.randint(3, vocab, (1, 64)), max_new_tokens=1, do_sample=False)  # warm-up
@@ -60,37 +56,31 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="default: benchmarks/results/prefill_chunks_cpu_<dtype>.json")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        common.write_json(spec["out"], worker(spec))
-        return {}
     contexts = [int(c) for c in args.contexts.split(",")]
     json_out = Path(args.json_out or RESULTS_DIR / f"prefill_chunks_cpu_{args.dtype}.json")
-    report = {"benchmark": "prefill_chunks", "command": common.command_line(), "machine": common.machine_info("cpu"),
+    report = {**harness.report_head("prefill_chunks"),
               "settings": {"contexts": contexts, "chunk": args.chunk, "dtype": args.dtype, "repeats": args.repeats,
                            "threads": torch.get_num_threads()},
-              "config": dict(common.REFERENCE_SHAPE, max_position_embeddings=max(contexts) + 64), "rows": []}
+              "config": dict(models.REFERENCE_SHAPE, max_position_embeddings=max(contexts) + 64), "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench_prefill_") as tmp:
         ckpt = Path(tmp) / "ckpt"
-        common.make_checkpoint(ckpt, seed=args.seed, max_position_embeddings=max(contexts) + 64)
+        models.make_checkpoint(ckpt, seed=args.seed, max_position_embeddings=max(contexts) + 64)
         for ctx in contexts:
             row = {"context": ctx}
             for variant in VARIANTS:
                 spec = {"ckpt": str(ckpt), "dtype": args.dtype, "context": ctx, "chunk": args.chunk,
-                        "variant": variant, "repeats": args.repeats, "out": str(Path(tmp) / f"{variant}_{ctx}.json"),
-                        "label": f"{variant} @ {ctx}"}
-                row[variant] = common.run_worker("benchmarks.prefill_chunks", spec)
+                        "variant": variant, "repeats": args.repeats, "label": f"{variant} @ {ctx}"}
+                row[variant] = harness.run_worker(worker, spec)
                 print(f"ctx {ctx:6d} {variant:9s} {row[variant]['seconds']:.2f} s, peak "
                       f"+{row[variant]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
             row["same_next_token"] = row["one_shot"]["next_token"] == row["chunked"]["next_token"]
             report["rows"].append(row)
-    common.write_json(json_out, report)
+    harness.write_json(json_out, report)
     print(render_table(report))
     print(f"wrote {json_out}")
     return report
@@ -105,7 +95,21 @@ def render_table(report) -> str:
         rows.append([str(r["context"]), one["peak_bytes"] / 2**20, ch["peak_bytes"] / 2**20,
                      f"{ch['peak_bytes'] / one['peak_bytes']:.2f}", one["seconds"], ch["seconds"],
                      f"{ch['seconds'] / one['seconds']:.2f}", "yes" if r["same_next_token"] else "NO"])
-    return common.markdown_table(headers, rows)
+    return harness.markdown_table(headers, rows)
+
+
+def render_section(report) -> str:
+    """This benchmark's RESULTS.md section from its report."""
+    s = report["settings"]
+    head = harness.section_head(f"Long-prompt prefill: chunked by default vs one shot (cpu, {s['dtype']})", report)
+    return "\n".join(head + [
+        f"Model: ours only, DeepseekV3Config({harness.config_line(report['config'])}). `generate(prompt, max_new_tokens=1)` "
+        f"in a fresh process per variant and context, best of {s['repeats']}; chunked = "
+        f"`config.prefill_chunk_tokens={s['chunk']}` (the default), one shot = `prefill_chunk_tokens=None`; peak = "
+        "RSS high-water mark added by the call.",
+        "",
+        render_table(report),
+    ])
 
 
 if __name__ == "__main__":

@@ -21,15 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import mtp_speedup, prefill_chunks, serving, training
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR, RESULTS_MD, replace_section
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import REPO_ROOT, RESULTS_DIR  # noqa: E402
-
-RESULTS_MD = REPO_ROOT / "benchmarks" / "RESULTS.md"
 PLOT = RESULTS_DIR / "decode_tokens_per_s.png"
 BENCHMARKS = ("serving", "training", "mtp", "prefill")
+RENDERERS = {"serving": serving.render_section, "training": training.render_section,
+             "mtp": mtp_speedup.render_section, "prefill": prefill_chunks.render_section}
 
 HEADER = """# Benchmark results
 
@@ -84,124 +82,7 @@ def commands(args) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# rendering
-def _machine(report) -> str:
-    return common.machine_line(report["machine"])
-
-
-def _header(title: str, report) -> list[str]:
-    """A section's first lines: its title, then the command and the machine that produced its JSON."""
-    return [f"## {title}", "", f"Command: `{report['command']}`  ", f"Machine: {_machine(report)}  "]
-
-
-def _config_line(cfg: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in cfg.items())
-
-
-def render_serving(report, results_dir: Path | None = None) -> str:
-    from benchmarks.serving import render_table
-
-    s = report["settings"]
-    eq = report.get("equivalence", {})
-    lines = _header(f"Serving: decode and prefill vs transformers' DeepseekV3 ({s['device']}, {s['dtype']})", report) + [
-        f"Model (both): DeepseekV3Config({_config_line(report['config'])}), rope default, random weights "
-        "(the peer's initialisation, router biases uniform in [-0.02, 0.02]).  ",
-        f"Peer: {report['peer_impl']['attn_implementation']} attention, {report['peer_impl']['experts_implementation']} "
-        "experts, `DynamicCache(config=...)`. Ours: `mla_impl=\"auto\"` (absorbed MLA for decode, expanded for "
-        "prefill), `DeepseekLatentCache()` in the model dtype, or `DeepseekLatentCache(fp8=True)`.  ",
-        f"Batch 1; decode = {s['new_tokens']} greedy single-token forwards after the prefill; best of "
-        f"{s['repeats']} interleaved rounds (medians in the JSON); {s.get('threads')} torch threads.",
-        "",
-        render_table(report),
-        "",
-    ]
-    if eq:
-        lines.append(
-            f"Greedy equivalence (fp32, each model's own `generate`, {eq['prompt_tokens']}-token random prompt, "
-            f"{eq['new_tokens']} new tokens): **{'identical' if eq['identical'] else 'DIFFERENT'}**; max |logit "
-            f"difference| over the whole sequence {eq['max_abs_logit_diff_full_forward']:.2e}.")
-    med = [r for r in report["summary"]["rows"] if "ours_decode_ratio_median" in r]
-    if med:
-        lines.append("Median-based ratios (ours/peer decode; prefill): " + "; ".join(
-            f"{r['context']}: {r['ours_decode_ratio_median']:.2f}x, {r['ours_prefill_ratio_median']:.2f}x" for r in med)
-            + ".")
-    lines += [
-        "",
-        "Memory: peak RSS added during the prefill, and during the decode on top of the prefilled cache (CPU: "
-        "VmHWM reset through /proc/self/clear_refs, one fresh process per variant; CUDA: max_memory_allocated). "
-        "Cache bytes/token count what is stored (ours' growing buffers may hold up to 2x that, see "
-        "`cache_alloc_bytes_per_token` in the JSON). FP8 accuracy is teacher-forced on the model-dtype cache's greedy "
-        "tokens, prefill logits included.",
-    ]
-    profiles = sorted((results_dir or RESULTS_DIR).glob(f"serving_{s['device']}_{s['dtype']}_profile_*.txt"))
-    if profiles:
-        lines += ["", "torch.profiler tables (largest context, written by `--profile`): " + ", ".join(
-            f"[{p.stem.split('_profile_')[1]}]({p.relative_to(RESULTS_MD.parent).as_posix()})" for p in profiles) + "."]
-    return "\n".join(lines)
-
-
-def render_training(report, results_dir: Path | None = None) -> str:
-    from benchmarks.training import render_table
-
-    s = report["settings"]
-    return "\n".join(_header(f"Training: forward + backward + AdamW step ({s['device']}, {s['dtype']})", report) + [
-        f"Model: DeepseekV3Config({_config_line(report['config'])}), batch {s['batch']} x seq "
-        f"{s['seq']}, {s['optimizer']} lr {s['lr']}, {s['steps']} timed steps per model after {s['warmup']} warm-up "
-        f"steps, models interleaved step by step; {s['threads']} torch threads. Peer: "
-        f"`DeepseekV3ForCausalLM.from_pretrained(..., experts_implementation=\"grouped_mm\")` (the value its config "
-        "reports is in the table), CE loss only. Ours: MTP depth 1 (loss CE + 0.3 MTP CE), sequence-wise balance loss, "
-        "bias update after each optimizer step; `ours_nomtp` drops the MTP module (the peer's amount of work).",
-        "",
-        render_table(report),
-        "",
-        "Parameters: " + ", ".join(f"{n} {r['parameters'] / 1e6:.2f}M" for n, r in report["models"].items()) + ".",
-    ] + ([
-        "",
-        "torch.profiler tables (three steps each, written by `--profile`): " + ", ".join(
-            f"[{n}]({((results_dir or RESULTS_DIR) / r['profile_file']).relative_to(RESULTS_MD.parent).as_posix()})"
-            for n, r in report["models"].items() if r.get("profile_file")) + "."
-    ] if any(r.get("profile_file") for r in report["models"].values()) else []))
-
-
-def render_mtp(report, results_dir: Path | None = None) -> str:
-    from benchmarks.mtp_speedup import render_table
-
-    s = report["settings"]
-    return "\n".join(_header(f"MTP self-speculative decoding speedup ({s['device']}, {s['dtype']})", report) + [
-        f"Model: `{report['model_dir']}` ({_config_line(report['model'])}). Prompts: the first {s['prompt_tokens']} "
-        f"tokens of {len(report['prompts'])} stdlib files ({', '.join(report['prompts'])}); greedy, "
-        f"max_new_tokens {s['max_new_tokens']}, best of {s['repeats']} per prompt, plain and MTP interleaved; "
-        f"MTP drafts per step k = {s.get('draft_tokens', [1])} (`generate(use_mtp=True, mtp_draft_tokens=k)`; k=1 is "
-        "the trained depth, larger k chain the MTP module on its own output); "
-        f"{s['threads']} torch threads.",
-        "",
-        render_table(report),
-    ])
-
-
-def render_prefill(report, results_dir: Path | None = None) -> str:
-    from benchmarks.prefill_chunks import render_table
-
-    s = report["settings"]
-    return "\n".join(_header(f"Long-prompt prefill: chunked by default vs one shot (cpu, {s['dtype']})", report) + [
-        f"Model: ours only, DeepseekV3Config({_config_line(report['config'])}). `generate(prompt, max_new_tokens=1)` "
-        f"in a fresh process per variant and context, best of {s['repeats']}; chunked = "
-        f"`config.prefill_chunk_tokens={s['chunk']}` (the default), one shot = `prefill_chunk_tokens=None`; peak = "
-        "RSS high-water mark added by the call.",
-        "",
-        render_table(report),
-    ])
-
-
-def render_missing_mtp(model_dir: str) -> str:
-    return "\n".join([
-        "## MTP self-speculative decoding speedup",
-        "",
-        f"Not measured: no trained model at `{model_dir}` when `python -m benchmarks.run` ran (the benchmark exits "
-        "with status 2). Train the demo model (`make demo`), then run `python -m benchmarks.mtp_speedup`.",
-    ])
-
-
+# rendering: each benchmark renders its own section (render_section); this module adds the plot and the earlier runs
 def plot_decode(reports: list[dict], path: Path, proposed: dict | None = None) -> None:
     """Decode tokens/s against context, log-log, one panel per serving result (device, dtype); earlier runs of ours
     (`proposed`, keyed by (device, dtype): results/before/) are added to the matching panel as a gray line."""
@@ -245,12 +126,11 @@ def plot_decode(reports: list[dict], path: Path, proposed: dict | None = None) -
     plt.close(fig)
 
 
-def replace_section(text: str, name: str, body: str) -> str:
-    block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n<!-- END {name} -->"
-    pattern = re.compile(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", re.S)
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text)
-    return text.rstrip() + "\n\n" + block + "\n"
+def _section(kind: str, report: dict, results_dir: Path) -> str:
+    """A benchmark's section; serving's and training's link the profile tables found in `results_dir`."""
+    if kind in ("serving", "training"):
+        return RENDERERS[kind](report, results_dir, RESULTS_MD.parent)
+    return RENDERERS[kind](report)
 
 
 def _result_files(folder: Path | None = None) -> dict[str, list[Path]]:
@@ -280,23 +160,21 @@ def render(args, ran: dict[str, int]) -> None:
         text = replace_section(text, "plot", "\n".join([
             "## Decode tokens/s against context (all serving runs below)", "",
             f"![decode tokens/s vs context]({PLOT.relative_to(RESULTS_MD.parent).as_posix()})"]))
-    renderers = {"serving": render_serving, "training": render_training, "mtp": render_mtp,
-                 "prefill": render_prefill}
     for kind in BENCHMARKS:
         for path in files[kind]:
             name = path.stem.replace("_", "-")
-            text = replace_section(text, name, renderers[kind](json.loads(path.read_text())))
+            text = replace_section(text, name, _section(kind, json.loads(path.read_text()), RESULTS_DIR))
     # Earlier runs kept for comparison: each subfolder of results/ with a LABEL.txt (what code they measured).
     for folder in sorted((p for p in RESULTS_DIR.iterdir() if (p / "LABEL.txt").is_file()), key=lambda p: p.name):
         label = (folder / "LABEL.txt").read_text().strip()
         sub = _result_files(folder)
         for kind in BENCHMARKS:
             for path in sub[kind]:
-                body = renderers[kind](json.loads(path.read_text()), results_dir=folder)
+                body = _section(kind, json.loads(path.read_text()), folder)
                 body = body.replace("## ", f"## {folder.name}: ", 1) + f"\n\nCode measured: {label}"
                 text = replace_section(text, f"{folder.name}-" + path.stem.replace("_", "-"), body)
     if not files["mtp"]:
-        text = replace_section(text, "mtp", render_missing_mtp(_rel(Path(args.model_dir))))
+        text = replace_section(text, "mtp", mtp_speedup.render_missing(_rel(Path(args.model_dir))))
     elif "<!-- BEGIN mtp -->" in text:  # results exist now: drop the "not measured" note
         text = re.sub(r"\n*<!-- BEGIN mtp -->.*?<!-- END mtp -->\n?", "\n", text, flags=re.S)
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.serving --device cpu --dtype fp32 --contexts 128,1024,2048,4096 --new-tokens 32
 
-Both models load the same random checkpoint (benchmarks.common.make_checkpoint, the issue's 3-layer 512-wide
+Both models load the same random checkpoint (benchmarks.models.make_checkpoint, the issue's 3-layer 512-wide
 shape). Variants, batch 1:
 
     peer      transformers' DeepseekV3ForCausalLM with DynamicCache(config=...): it caches the latent but re-expands
@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness, models
+from benchmarks.harness import RESULTS_DIR, RESULTS_MD
+from benchmarks.measure import PeakMemory, clock, median
+from benchmarks.models import DTYPES
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import DTYPES, RESULTS_DIR, PeakMemory, clock, median  # noqa: E402
-
-import torch  # noqa: E402
-from modeling_deepseek.compat import cache_kwargs  # noqa: E402
+import torch
+from modeling_deepseek.compat import cache_kwargs
 
 VARIANTS = ("peer", "ours", "ours_fp8")
 # The issue's targets: decode ratio (ours / peer) by context, and prefill ratio by context.
@@ -53,8 +51,8 @@ PREFILL_TARGETS = {1024: 1.0, 4096: 1.0}
 def _load(spec):
     dtype = DTYPES[spec["dtype"]]
     if spec["model"] == "peer":
-        return common.load_peer(spec["ckpt"], dtype, spec["device"])
-    return common.load_ours(spec["ckpt"], dtype, spec["device"])
+        return models.load_peer(spec["ckpt"], dtype, spec["device"])
+    return models.load_ours(spec["ckpt"], dtype, spec["device"])
 
 
 def _new_cache(spec, model):
@@ -106,18 +104,11 @@ def _cache_bytes(spec, cache) -> tuple[float, float]:
     return cache.nbytes_per_token(), cache.nbytes_allocated_per_token()
 
 
-def _setup(spec):
-    common.quiet()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
-
-
 def trace_worker(spec: dict) -> dict:
     """One variant at one context, alone in a fresh process: peak memory of one prefill + decode, cache bytes per
     token, the greedy tokens and logits (saved for the cross-variant comparisons) and, for FP8, the comparison with
     the model-dtype cache teacher-forced on its tokens."""
-    _setup(spec)
+    harness.setup(threads=spec["threads"], seed=spec["seed"])
     device, ctx, n = spec["device"], spec["context"], spec["new_tokens"]
     model = _load(spec)
     vocab = model.config.vocab_size
@@ -158,7 +149,6 @@ def trace_worker(spec: dict) -> dict:
         }
     if spec.get("profile"):
         result["profile"] = _profile(spec, model, prompt)
-    common.write_json(spec["out"], result)
     return result
 
 
@@ -166,25 +156,25 @@ def timing_worker(spec: dict) -> dict:
     """All variants at one context in one process, timed in interleaved rounds (peer, ours, ours_fp8, peer, ...), so
     that load from other processes on the machine hits every variant alike. Each round: a fresh cache, a timed
     prefill, then N timed greedy decode steps."""
-    _setup(spec)
+    harness.setup(threads=spec["threads"], seed=spec["seed"])
     device, ctx, n = spec["device"], spec["context"], spec["new_tokens"]
-    models = {}
+    loaded = {}
     for v in spec["variants"]:
         key = "peer" if v == "peer" else "ours"
-        if key not in models:
-            models[key] = _load(dict(spec, model=key))
+        if key not in loaded:
+            loaded[key] = _load(dict(spec, model=key))
     times = {v: {"prefill_s": [], "decode_s": []} for v in spec["variants"]}
     with torch.inference_mode():
         for v in spec["variants"]:
             vs = dict(spec, model=v)
-            model = models["peer" if v == "peer" else "ours"]
+            model = loaded["peer" if v == "peer" else "ours"]
             warm = _new_cache(vs, model)
             _decode(model, warm, _prefill(model, _prompt(vs, 32, model.config.vocab_size), warm), 4)
-        prompt = _prompt(spec, ctx, models[next(iter(models))].config.vocab_size)
+        prompt = _prompt(spec, ctx, loaded[next(iter(loaded))].config.vocab_size)
         for _ in range(spec["repeats"]):
             for v in spec["variants"]:
                 vs = dict(spec, model=v)
-                model = models["peer" if v == "peer" else "ours"]
+                model = loaded["peer" if v == "peer" else "ours"]
                 cache = _new_cache(vs, model)
                 t0 = clock(device)
                 first = _prefill(model, prompt, cache)
@@ -201,7 +191,6 @@ def timing_worker(spec: dict) -> dict:
             prefill_tok_s=ctx / min(t["prefill_s"]), decode_tok_s=n / min(t["decode_s"]),
             prefill_tok_s_median=ctx / median(t["prefill_s"]), decode_tok_s_median=n / median(t["decode_s"]),
         )
-    common.write_json(spec["out"], result)
     return result
 
 
@@ -236,8 +225,8 @@ def _profile(spec, model, prompt, steps: int = 8) -> dict:
 # main side
 def equivalence_check(ckpt, device: str, prompt_len: int = 32, new_tokens: int = 32) -> dict:
     """fp32, the models' own generate(): greedy outputs of ours and the peer on a short random prompt."""
-    peer = common.load_peer(ckpt, torch.float32, device)
-    ours = common.load_ours(ckpt, torch.float32, device)
+    peer = models.load_peer(ckpt, torch.float32, device)
+    ours = models.load_ours(ckpt, torch.float32, device)
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(3, peer.config.vocab_size, (1, prompt_len), generator=g).to(device)
     with torch.inference_mode():
@@ -276,35 +265,26 @@ def parse_args(argv=None):
                         '\'{"kv_lora_rank": 512, "qk_rope_head_dim": 64}\' for DeepSeek-V3\'s latent width')
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of ours and the peer at the largest context")
     p.add_argument("--json-out", default=None, help="default: benchmarks/results/serving_<device>_<dtype>.json")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        (timing_worker if spec["kind"] == "timing" else trace_worker)(spec)
-        return {}
-    common.quiet()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
+    harness.setup(args.device)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     variants = [v for v in args.variants.split(",") if v]
     json_out = Path(args.json_out or RESULTS_DIR / f"serving_{args.device}_{args.dtype}.json")
     report = {
-        "benchmark": "serving",
-        "command": common.command_line(),
-        "machine": common.machine_info(args.device),
+        **harness.report_head("serving", args.device),
         "settings": {"device": args.device, "dtype": args.dtype, "contexts": contexts, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "batch": 1, "seed": args.seed,
                      "threads": args.threads or torch.get_num_threads(), "variants": variants},
-        "config": dict(common.REFERENCE_SHAPE, **json.loads(args.config_overrides)),
+        "config": dict(models.REFERENCE_SHAPE, **json.loads(args.config_overrides)),
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
         ckpt = Path(tmp) / "ckpt"
-        common.make_checkpoint(ckpt, seed=args.seed, **json.loads(args.config_overrides))
+        models.make_checkpoint(ckpt, seed=args.seed, **json.loads(args.config_overrides))
         report["peer_impl"] = {"attn_implementation": "sdpa (default)", "experts_implementation": "grouped_mm (default)"}
         eq = equivalence_check(ckpt, args.device)
         report["equivalence"] = eq
@@ -313,19 +293,17 @@ def main(argv=None) -> dict:
         for ctx in contexts:
             base = {"ckpt": str(ckpt), "dtype": args.dtype, "device": args.device, "context": ctx,
                     "new_tokens": args.new_tokens, "seed": args.seed, "threads": args.threads}
-            spec = dict(base, kind="timing", label=f"timing@{ctx}", variants=variants, repeats=args.repeats,
-                        out=str(Path(tmp) / f"timing_{ctx}.json"))
-            timing = common.run_worker("benchmarks.serving", spec)
+            spec = dict(base, label=f"timing@{ctx}", variants=variants, repeats=args.repeats)
+            timing = harness.run_worker(timing_worker, spec)
             traces = {}
             for variant in variants:
-                spec = dict(base, kind="trace", label=f"{variant}@{ctx}", model=variant,
-                            out=str(Path(tmp) / f"{variant}_{ctx}.json"),
+                spec = dict(base, label=f"{variant}@{ctx}", model=variant,
                             save_trace=str(Path(tmp) / f"trace_{variant}_{ctx}.json"),
                             profile=bool(args.profile and ctx == max(contexts) and variant != "ours_fp8"))
                 if variant == "ours_fp8" and "ours" in traces:  # teacher-forced on the model-dtype cache's tokens
                     spec["forced_trace"] = traces["ours"]
                     spec["compare_logits"] = traces["ours"] + ".pt"
-                res = common.run_worker("benchmarks.serving", spec)
+                res = harness.run_worker(trace_worker, spec)
                 traces[variant] = spec["save_trace"]
                 res.update(timing["variants"][variant], threads=timing["threads"])
                 report["runs"].append(res)
@@ -338,7 +316,7 @@ def main(argv=None) -> dict:
     for name, text in _profiles(report).items():
         path = json_out.with_name(json_out.stem + f"_profile_{name}.txt")
         path.write_text(text)
-    common.write_json(json_out, report)
+    harness.write_json(json_out, report)
     print(render_table(report))
     print(f"wrote {json_out}")
     return report
@@ -398,7 +376,7 @@ def render_table(report) -> str:
         rows.append([r["context"], r.get("peer_decode_tok_s"), r.get("ours_decode_tok_s"),
                      _x(r.get("ours_decode_ratio")), r.get("ours_fp8_decode_tok_s"), _x(r.get("ours_fp8_decode_ratio")),
                      r.get("peer_prefill_tok_s"), r.get("ours_prefill_tok_s"), _x(r.get("ours_prefill_ratio"))])
-    out = [common.markdown_table(headers, rows), ""]
+    out = [harness.markdown_table(headers, rows), ""]
     headers = ["context", "cache B/token peer / ours / ours FP8", "prefill peak +MiB peer / ours / FP8",
                "decode peak +MiB peer / ours / FP8", "FP8 vs ours: max (mean) abs logit diff",
                "FP8 argmax agreement", "ours vs peer greedy: matching (identical prefix)"]
@@ -406,22 +384,64 @@ def render_table(report) -> str:
     for r in s["rows"]:
         f = r.get("fp8_vs_ours") or {}
         g = r.get("ours_vs_peer_greedy")
-        trio = lambda key: " / ".join(common.fmt(r.get(f"{v}_{key}"), 1) for v in VARIANTS)  # noqa: E731
+        trio = lambda key: " / ".join(harness.fmt(r.get(f"{v}_{key}"), 1) for v in VARIANTS)  # noqa: E731
         rows.append([r["context"], trio("cache_bytes_per_token"), trio("peak_prefill_mib"), trio("peak_decode_mib"),
                      f"{f['max_abs_logit_diff']:.3g} ({f['mean_abs_logit_diff']:.2g}); max abs logit "
                      f"{f['max_abs_logit']:.3g}" if f else "-",
                      f"{f['argmax_agreement']:.1%} of {f['steps']}" if f else "-",
                      f"{g['matching_fraction']:.1%} ({g['identical_prefix']} of {g['tokens']})" if g else "-"])
-    out += [common.markdown_table(headers, rows), ""]
+    out += [harness.markdown_table(headers, rows), ""]
     if s["targets"]:
         rows = [[t["what"], f">= {t['target']:.1f}x", _x(t["measured"]), "met" if t["met"] else "MISSED"]
                 for t in s["targets"]]
-        out.append(common.markdown_table(["target", "needed", "measured", ""], rows))
+        out.append(harness.markdown_table(["target", "needed", "measured", ""], rows))
     return "\n".join(out)
 
 
 def _x(v):
     return None if v is None else f"{v:.2f}x"
+
+
+def render_section(report, results_dir: Path = RESULTS_DIR, md_dir: Path = RESULTS_MD.parent) -> str:
+    """This benchmark's RESULTS.md section from its report; `results_dir` holds the report's side files, `md_dir`
+    is the folder of the RESULTS.md that links to them."""
+    s = report["settings"]
+    eq = report.get("equivalence", {})
+    lines = harness.section_head(f"Serving: decode and prefill vs transformers' DeepseekV3 ({s['device']}, {s['dtype']})", report) + [
+        f"Model (both): DeepseekV3Config({harness.config_line(report['config'])}), rope default, random weights "
+        "(the peer's initialisation, router biases uniform in [-0.02, 0.02]).  ",
+        f"Peer: {report['peer_impl']['attn_implementation']} attention, {report['peer_impl']['experts_implementation']} "
+        "experts, `DynamicCache(config=...)`. Ours: `mla_impl=\"auto\"` (absorbed MLA for decode, expanded for "
+        "prefill), `DeepseekLatentCache()` in the model dtype, or `DeepseekLatentCache(fp8=True)`.  ",
+        f"Batch 1; decode = {s['new_tokens']} greedy single-token forwards after the prefill; best of "
+        f"{s['repeats']} interleaved rounds (medians in the JSON); {s.get('threads')} torch threads.",
+        "",
+        render_table(report),
+        "",
+    ]
+    if eq:
+        lines.append(
+            f"Greedy equivalence (fp32, each model's own `generate`, {eq['prompt_tokens']}-token random prompt, "
+            f"{eq['new_tokens']} new tokens): **{'identical' if eq['identical'] else 'DIFFERENT'}**; max |logit "
+            f"difference| over the whole sequence {eq['max_abs_logit_diff_full_forward']:.2e}.")
+    med = [r for r in report["summary"]["rows"] if "ours_decode_ratio_median" in r]
+    if med:
+        lines.append("Median-based ratios (ours/peer decode; prefill): " + "; ".join(
+            f"{r['context']}: {r['ours_decode_ratio_median']:.2f}x, {r['ours_prefill_ratio_median']:.2f}x" for r in med)
+            + ".")
+    lines += [
+        "",
+        "Memory: peak RSS added during the prefill, and during the decode on top of the prefilled cache (CPU: "
+        "VmHWM reset through /proc/self/clear_refs, one fresh process per variant; CUDA: max_memory_allocated). "
+        "Cache bytes/token count what is stored (ours' growing buffers may hold up to 2x that, see "
+        "`cache_alloc_bytes_per_token` in the JSON). FP8 accuracy is teacher-forced on the model-dtype cache's greedy "
+        "tokens, prefill logits included.",
+    ]
+    profiles = sorted(results_dir.glob(f"serving_{s['device']}_{s['dtype']}_profile_*.txt"))
+    if profiles:
+        lines += ["", "torch.profiler tables (largest context, written by `--profile`): " + ", ".join(
+            f"[{p.stem.split('_profile_')[1]}]({p.relative_to(md_dir).as_posix()})" for p in profiles) + "."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness, models
+from benchmarks.harness import RESULTS_DIR, RESULTS_MD
+from benchmarks.measure import clock, median
+from benchmarks.models import DTYPES
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import DTYPES, RESULTS_DIR, clock, median  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 MODELS = ("peer", "ours", "ours_nomtp")
 TARGET = 1.0  # ours (full training signal) / peer tokens per second
@@ -68,12 +66,12 @@ def build(name: str, ckpt, dtype, device):
         model, info = build(name.removesuffix("_compiled"), ckpt, dtype, device)
         return torch.compile(model), dict(info, compiled="torch.compile (inductor)")
     if name == "peer":
-        model = common.load_peer(ckpt, dtype, device, experts_implementation="grouped_mm")
+        model = models.load_peer(ckpt, dtype, device, experts_implementation="grouped_mm")
         info = {"experts_implementation": model.config._experts_implementation,
                 "attn_implementation": model.config._attn_implementation}
     else:
         mtp = 1 if name == "ours" else 0
-        model = common.load_ours(ckpt, dtype, device, num_nextn_predict_layers=mtp, seq_balance_alpha=1e-4,
+        model = models.load_ours(ckpt, dtype, device, num_nextn_predict_layers=mtp, seq_balance_alpha=1e-4,
                                  use_bias_update=True, bias_update_speed=1e-3, mtp_loss_weight=0.3,
                                  allow_missing_weights=True)  # the MTP module is new: initialised, not loaded
         info = {"experts_implementation": model.config._experts_implementation,
@@ -118,32 +116,26 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
+    harness.setup(args.device, args.threads)
     dtype = DTYPES[args.dtype]
     names = [m for m in args.models.split(",") if m]
     json_out = Path(args.json_out or RESULTS_DIR / f"training_{args.device}_{args.dtype}.json")
     report = {
-        "benchmark": "training",
-        "command": common.command_line(),
-        "machine": common.machine_info(args.device),
+        **harness.report_head("training", args.device),
         "settings": {"device": args.device, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
                      "batch": args.batch, "seq": args.seq, "lr": args.lr, "optimizer": {
                          "adamw_fused": "torch.optim.AdamW(fused=True) (Trainer's default optim adamw_torch_fused)",
                          "adamw": "torch.optim.AdamW (torch's default implementation)"}[args.optim],
                      "threads": torch.get_num_threads(), "seed": args.seed},
-        "config": dict(common.REFERENCE_SHAPE, **json.loads(args.config_overrides)),
+        "config": dict(models.REFERENCE_SHAPE, **json.loads(args.config_overrides)),
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
-        common.make_checkpoint(Path(tmp) / "ckpt", seed=args.seed, **json.loads(args.config_overrides))
-        models, optims = {}, {}
+        models.make_checkpoint(Path(tmp) / "ckpt", seed=args.seed, **json.loads(args.config_overrides))
+        built, optims = {}, {}
         for name in names:
-            models[name], report["models"][name] = build(name, Path(tmp) / "ckpt", dtype, args.device)
-            optims[name] = OPTIMIZERS[args.optim](models[name].parameters(), args.lr)
+            built[name], report["models"][name] = build(name, Path(tmp) / "ckpt", dtype, args.device)
+            optims[name] = OPTIMIZERS[args.optim](built[name].parameters(), args.lr)
     vocab = report["config"]["vocab_size"]
     report["flops"] = flop_bound(report["config"], args.seq)
     g = torch.Generator().manual_seed(args.seed)
@@ -151,12 +143,12 @@ def main(argv=None) -> dict:
                for _ in range(args.warmup + args.steps)]
     times = {n: [] for n in names}
     losses = {n: [] for n in names}
-    bias_before = {n: _bias_snapshot(models[n]) for n in names}
+    bias_before = {n: _bias_snapshot(built[n]) for n in names}
     for i, ids in enumerate(batches):
         step_s = {}
         for name in names:
             t0 = clock(args.device)
-            out = train_step(models[name], optims[name], ids)
+            out = train_step(built[name], optims[name], ids)
             step_s[name] = clock(args.device) - t0
             if i >= args.warmup:
                 times[name].append(step_s[name])
@@ -173,7 +165,7 @@ def main(argv=None) -> dict:
         for name in names:
             with profile(activities=acts, record_shapes=True) as prof:
                 for ids in batches[-3:]:
-                    train_step(models[name], optims[name], ids)
+                    train_step(built[name], optims[name], ids)
                 torch.cuda.synchronize() if args.device == "cuda" else None
             table = prof.key_averages(group_by_input_shape=True).table(
                 sort_by=sort, row_limit=30, max_name_column_width=40, max_shapes_column_width=60)
@@ -187,7 +179,7 @@ def main(argv=None) -> dict:
         r = report["models"][name]
         r.update(step_s=times[name], tokens_per_s=tokens / min(times[name]),
                  tokens_per_s_median=tokens / median(times[name]), first_loss=losses[name][0],
-                 last_loss=losses[name][-1], bias_moved=_bias_moved(bias_before[name], models[name]))
+                 last_loss=losses[name][-1], bias_moved=_bias_moved(bias_before[name], built[name]))
     if "peer" in names:
         for name in names:
             if name != "peer":
@@ -199,7 +191,7 @@ def main(argv=None) -> dict:
             ratio = report["models"]["ours"]["ratio_vs_peer"]
             report["target"] = {"what": "training tokens/s ours (MTP + balancing) / peer", "target": TARGET,
                                 "measured": ratio, "met": ratio >= TARGET, "flop_bound": report["flops"]["bound"]}
-    common.write_json(json_out, report)
+    harness.write_json(json_out, report)
     print(render_table(report))
     print(f"wrote {json_out}")
     return report
@@ -226,7 +218,7 @@ def render_table(report) -> str:
         rows.append([name, r["experts_implementation"], str(mtp), bal, r["tokens_per_s"], r["tokens_per_s_median"],
                      ratio, f"{r['first_loss']['loss']:.3f} -> {r['last_loss']['loss']:.3f}",
                      "yes" if r["bias_moved"] else "no"])
-    out = common.markdown_table(headers, rows)
+    out = harness.markdown_table(headers, rows)
     compiled = [(n, r) for n, r in report["models"].items() if n.endswith("_compiled")
                 and n.removesuffix("_compiled") in report["models"]]
     if compiled:
@@ -244,6 +236,30 @@ def render_table(report) -> str:
                 f"{f['peer_train_flops_per_token'] / 1e6:,.1f}M, ours with MTP {f['ours_train_flops_per_token'] / 1e6:,.1f}M "
                 f"-> at an equal FLOP rate ours runs at {f['bound']:.2f}x the peer's tokens/s")
     return out
+
+
+def render_section(report, results_dir: Path = RESULTS_DIR, md_dir: Path = RESULTS_MD.parent) -> str:
+    """This benchmark's RESULTS.md section from its report; `results_dir` holds the report's side files, `md_dir`
+    is the folder of the RESULTS.md that links to them."""
+    s = report["settings"]
+    head = harness.section_head(f"Training: forward + backward + AdamW step ({s['device']}, {s['dtype']})", report)
+    return "\n".join(head + [
+        f"Model: DeepseekV3Config({harness.config_line(report['config'])}), batch {s['batch']} x seq "
+        f"{s['seq']}, {s['optimizer']} lr {s['lr']}, {s['steps']} timed steps per model after {s['warmup']} warm-up "
+        f"steps, models interleaved step by step; {s['threads']} torch threads. Peer: "
+        f"`DeepseekV3ForCausalLM.from_pretrained(..., experts_implementation=\"grouped_mm\")` (the value its config "
+        "reports is in the table), CE loss only. Ours: MTP depth 1 (loss CE + 0.3 MTP CE), sequence-wise balance loss, "
+        "bias update after each optimizer step; `ours_nomtp` drops the MTP module (the peer's amount of work).",
+        "",
+        render_table(report),
+        "",
+        "Parameters: " + ", ".join(f"{n} {r['parameters'] / 1e6:.2f}M" for n, r in report["models"].items()) + ".",
+    ] + ([
+        "",
+        "torch.profiler tables (three steps each, written by `--profile`): " + ", ".join(
+            f"[{n}]({(results_dir / r['profile_file']).relative_to(md_dir).as_posix()})"
+            for n, r in report["models"].items() if r.get("profile_file")) + "."
+    ] if any(r.get("profile_file") for r in report["models"].values()) else []))
 
 
 if __name__ == "__main__":

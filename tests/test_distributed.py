@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchmarks.common import free_port
+from benchmarks.harness import free_port
 from test_parallel import finish  # wait for a torchrun launch, raising with the ranks' tracebacks
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.common import free_port, serving
+from benchmarks.harness import free_port, serving
 from conftest import random_ids, tiny_model
 from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION
 

@@ -33,7 +33,7 @@ import pytest
 import torch
 from transformers.distributed import DistributedConfig
 
-from benchmarks.common import free_port
+from benchmarks.harness import free_port
 from conftest import tiny_config, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
 from modeling_deepseek.ledger import parallel_bytes

@@ -306,7 +306,7 @@ def test_two_ranks_log_means_over_both(tmp_path):
     evaluation matches one process scoring the whole eval set, as Trainer's eval_loss does."""
     import sys
 
-    from benchmarks.common import free_port
+    from benchmarks.harness import free_port
     from test_distributed import TORCHRUN, _run
 
     if not (TORCHRUN.exists() and torch.distributed.is_available() and torch.distributed.is_gloo_available()):
