@@ -34,9 +34,10 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from .attention import DeepseekAttention, prefix_causal_applies
 from .balancing import balancing_routers, bias_update_enabled, max_violation, record_loads, track
-from .cache import DeepseekLatentCache, DeepseekStaticLatentCache
-from .compat import (CACHE_NAME, OutputRecorder, can_return_tuple, cache_kwargs, capture_outputs,
-                     merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
+from .cache import (DeepseekLatentCache, DeepseekStaticLatentCache, latent_cache_for_generate,
+                    static_latent_cache_for_generate, uses_static_cache)
+from .compat import (CACHE_NAME, BuildsGenerationCache, OutputRecorder, can_return_tuple, cache_kwargs,
+                     capture_outputs, merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
 from .speculative import check_generation_config, mtp_generate
 from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
@@ -308,7 +309,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         cache = pop_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
-        if cache is not None and getattr(cache, "is_compileable", False) and not isinstance(cache, DeepseekLatentCache):
+        if getattr(cache, "is_compileable", False) and not isinstance(cache, DeepseekStaticLatentCache):
             raise ValueError(
                 f"{type(cache).__name__} is not supported: MLA caches a {self.config.latent_cache_dim}-wide latent per "
                 "token, not per-head keys and values; use the default (DeepseekLatentCache), DeepseekStaticLatentCache "
@@ -329,7 +330,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
             moe.last_load_E = moe.last_balance_loss = None
         if use_cache and cache is None:
-            cache = DeepseekLatentCache(fp8=cfg.latent_cache_dtype == "fp8")
+            cache = DeepseekLatentCache(config=cfg)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
@@ -405,7 +406,7 @@ def padding_free_tokens(attention_mask: torch.Tensor | None, T: int) -> torch.Te
     return attention_mask[:, -T:].bool()
 
 
-class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
+class DeepseekForCausalLM(BuildsGenerationCache, DeepseekPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # Distributed engine (the base model's plans are on the config): the head is split over the vocabulary and its
     # logits gathered, so every rank sees whole logits (the loss, MTP's drafts and generation need them).
@@ -562,56 +563,36 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         """transformers' generate over the latent cache, plus `use_mtp=True`: self-speculative decoding with the MTP
         module (speculative.py).
 
-        The cache is a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype),
-        handed to transformers' generate like a user's cache. `cache_implementation="static"` makes it a
-        DeepseekStaticLatentCache of `max_cache_len` slots (default: what this call needs), which a compiled forward
-        decodes over without recompiling (transformers' `compile_config` path included). The per-head caches
-        (cache_implementation "offloaded_static", "quantized", "offloaded", ...) cannot hold the latent and are
-        refused. MTP speculation works at any batch size and with left padding; the acceptance rate is logged, kept
-        on `self.last_mtp_stats`, and returned on the output with return_dict_in_generate=True.
+        It starts from a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype), a
+        DynamicCache holding the latent, where transformers would build its per-head one. `cache_implementation=
+        "static"` (an argument, the generation config or generation_config.json) makes it a DeepseekStaticLatentCache
+        of `max_cache_len` slots (default: what this call needs), a StaticCache which a compiled forward decodes over
+        without recompiling (transformers' `compile_config` path included). The per-head caches (cache_implementation
+        "offloaded_static", "quantized", "offloaded", ...) cannot hold the latent and are refused. MTP speculation
+        works at any batch size and with left padding; the acceptance rate is logged, kept on `self.last_mtp_stats`,
+        and returned on the output with return_dict_in_generate=True.
         """
         base = generation_config if generation_config is not None else self.generation_config
         latent_cache_dtype = kwargs.pop("latent_cache_dtype", latent_cache_dtype_of(self, base))
         if latent_cache_dtype not in (None, "fp8"):
             raise ValueError(f"`latent_cache_dtype` must be None or 'fp8', got {latent_cache_dtype!r}")
-        implementation = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
-        if implementation not in (None, "dynamic", "static"):
-            raise ValueError(
-                f"generate(cache_implementation={implementation!r}) is not supported: DeepSeek's MLA caches one "
-                f"{self.config.latent_cache_dim}-wide latent per token (DeepseekLatentCache), which the per-head "
-                "offloaded / quantized caches cannot hold. Leave cache_implementation unset, or use 'static'."
-            )
-        kwargs.pop("cache_implementation", None)
-        max_cache_len = kwargs.pop("max_cache_len", getattr(base, "max_cache_len", None))
-        if getattr(base, "cache_implementation", None) is not None or getattr(base, "max_cache_len", None) is not None:
-            base = copy.deepcopy(base)  # ours to apply: transformers would build its own per-head cache from them
-            base.cache_implementation = base.max_cache_len = None
-            generation_config = base
-        static = implementation == "static"
         use_mtp = kwargs.pop("use_mtp", None)
         draft_tokens = kwargs.pop("mtp_draft_tokens", None)
         kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
-        fp8 = latent_cache_dtype == "fp8"
-        if not use_mtp:
-            if generation_config is not None and getattr(generation_config, "use_mtp", False):
-                generation_config = copy.deepcopy(generation_config)
-                generation_config.use_mtp = False
-            # Either name is ours to accept; transformers gets the one its release wants.
-            user_cache = pop_cache_argument(kwargs.pop("cache", None), kwargs)
-            if static and user_cache is not None:
-                raise ValueError("pass either cache_implementation='static' or a `cache`, not both")
-            if user_cache is None and kwargs.get("use_cache", getattr(base, "use_cache", True)) is not False:
-                user_cache = (self._static_latent_cache(inputs, base, kwargs, max_cache_len, fp8) if static
-                              else DeepseekLatentCache(fp8=fp8))
-            if user_cache is not None:
-                kwargs[CACHE_NAME] = user_cache
-            return super().generate(inputs, generation_config=generation_config, **kwargs)
-
+        # This call's settings in one copy of the generation config: `generation_cache` reads the cache's there.
         gc = copy.deepcopy(base)
         gc.use_mtp = False
+        gc.latent_cache_dtype = latent_cache_dtype
         model_kwargs = gc.update(**kwargs)
+        if not use_mtp:
+            # Either name is ours to accept; transformers gets the one its release wants.
+            user_cache = pop_cache_argument(model_kwargs.pop("cache", None), model_kwargs)
+            if user_cache is not None:
+                model_kwargs[CACHE_NAME] = user_cache
+            return super().generate(inputs, generation_config=gc, **model_kwargs)
+
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("generate(use_mtp=True) needs input_ids (the MTP module embeds each next token); "
@@ -625,12 +606,14 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 raise ValueError(f"generate(use_mtp=True) does not take `{ignored}`")
         if model_kwargs:
             raise ValueError(f"generate(use_mtp=True) got unexpected arguments: {sorted(model_kwargs)}")
-        caches = None
-        if static:  # every step appends k + 1 slots, rejected drafts staying behind as holes
+        caches, fp8 = None, latent_cache_dtype == "fp8"
+        if uses_static_cache(gc, self.config):  # every step appends k + 1 slots, rejected drafts staying as holes
             k = self.config.num_nextn_predict_layers if draft_tokens is None else draft_tokens
-            N = self.config.num_hidden_layers
-            caches = tuple(self._static_latent_cache(input_ids, gc, {}, max_cache_len, fp8, slots_per_token=k + 1,
-                                                     layers=layers) for layers in (range(N), [N]))
+            (B, P), N = input_ids.shape, self.config.num_hidden_layers
+            new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - P
+            caches = tuple(static_latent_cache_for_generate(self, gc, B, P + (k + 1) * new - 1, fp8, prompt_length=P,
+                                                            slots_per_token=k + 1, layers=layers)
+                           for layers in (range(N), [N]))
         sequences, stats = mtp_generate(
             self, input_ids, attention_mask, gc, streamer=streamer, fp8_cache=fp8, draft_tokens=draft_tokens,
             caches=caches,
@@ -643,6 +626,12 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
             )
         return sequences
+
+    def generation_cache(self, generation_config, batch_size, max_cache_length):
+        """The cache transformers' generate() starts from (compat.BuildsGenerationCache): a latent cache, never its
+        per-head DynamicCache / StaticCache."""
+        fp8 = latent_cache_dtype_of(self, generation_config) == "fp8"
+        return latent_cache_for_generate(self, generation_config, batch_size, max_cache_length, fp8)
 
     def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
         """transformers' continuous-batching manager (the engine behind generate_batch, `transformers serve
@@ -703,35 +692,6 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         gc = generation_config if generation_config is not None else self.generation_config
         raise_failed_requests(results, len(inputs) * (getattr(gc, "num_return_sequences", None) or 1))
         return results
-
-    def _static_latent_cache(self, inputs, generation_config, kwargs, max_cache_len, fp8, slots_per_token=1,
-                             layers=None) -> DeepseekStaticLatentCache:
-        """The DeepseekStaticLatentCache of one generate call, allocated now (a compiled prefill could not mark it
-        static). Sized for the prompt plus `slots_per_token` slots per new token (the last token never goes through a
-        forward), or to `max_cache_len`, which must hold that; without max_cache_len never smaller than the previous
-        call's, so that a compiled step sees the same shapes again."""
-        gc = copy.deepcopy(generation_config)
-        gc.update(**kwargs)
-        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
-        embeds = kwargs.get("inputs_embeds")
-        prompt_BP = ids if ids is not None else embeds[..., 0]
-        B, P = prompt_BP.shape
-        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - (P if ids is not None else 0)
-        needed = P + slots_per_token * max_new - 1
-        if max_cache_len is not None and needed > max_cache_len:
-            what = (f"the prompt ({P} tokens) is longer than" if P > max_cache_len else
-                    f"the prompt ({P} tokens) + max_new_tokens ({max_new}"
-                    + (f", {slots_per_token} slots each under MTP speculation" if slots_per_token > 1 else "")
-                    + f") need {needed} slots, more than")
-            raise ValueError(f"cache_implementation='static': {what} max_cache_len={max_cache_len}")
-        if max_cache_len is None:
-            max_cache_len = max(needed, getattr(self, "_static_cache_len", 0))
-            self._static_cache_len = max_cache_len
-        cache = DeepseekStaticLatentCache(self.config, max_cache_len, fp8=fp8)
-        batch = B * max(gc.num_beams or 1, gc.num_return_sequences or 1)
-        cache.early_initialization(batch, self.dtype, prompt_BP.device,
-                                   range(self.config.num_hidden_layers) if layers is None else layers)
-        return cache
 
     def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
         """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a
