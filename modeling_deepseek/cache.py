@@ -1,9 +1,12 @@
 """The MLA cache: per token and layer, only the latent (kv_lora_rank) and the shared RoPE key (qk_rope_head_dim).
 
-A transformers `Cache`, so `generate`, cropping for speculation, beam reordering and cache round trips work as
-usual. Each layer keeps keys = latent [B, 1, S, C] and values = rope key [B, 1, S, R]: one "head" shared by every
-query head, nothing per head is ever stored. Two layer kinds, both built on transformers' public `CacheLayerMixin`
-and owning all of their state (so nothing here depends on how `DynamicLayer` keeps its own):
+transformers' own cache types with latent layers inside: `DeepseekLatentCache` is a `DynamicCache`, what generate()
+and a forward with use_cache=True start from; `DeepseekStaticLatentCache` a `StaticCache`, what generate builds for
+cache_implementation="static" (an argument, the generation config or generation_config.json). generate, its compiled
+path, cropping for speculation, beam reordering and cache round trips work as usual. Each layer keeps keys = latent
+[B, 1, S, C] and values = rope key [B, 1, S, R]: one "head" shared by every query head, nothing per head is ever
+stored. Two layer kinds, both built on transformers' public `CacheLayerMixin` and owning all of their state (so
+nothing here depends on how `DynamicLayer` keeps its own):
 
 - `LatentLayer`: bf16/fp32, appended into a buffer that doubles when full, so a decode step writes one token
   instead of re-copying the whole cache (plain `torch.cat` makes a long generation quadratic in memory traffic).
@@ -15,13 +18,13 @@ and owning all of their state (so nothing here depends on how `DynamicLayer` kee
 `DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., latent_cache_dtype="fp8")` or
 `config.latent_cache_dtype = "fp8"` does the same inside generate.
 
-`DeepseekStaticLatentCache(config, max_cache_len)` is the fixed-size kind, for `torch.compile` and CUDA graphs
-(`generate(..., cache_implementation="static")` builds one): every layer preallocates `[B, 1, max_cache_len, C]` and
-`[B, 1, max_cache_len, R]` (e4m3 plus scales with fp8=True) at fixed addresses, writes the new tokens in place at the
-positions held in a tensor, and hands attention the whole buffer: the mask (transformers' `create_causal_mask`, sized
-by `get_mask_sizes`) hides the slots not yet written. No shape, address or Python int changes from one decode step to
-the next, so a compiled step never recompiles and a captured CUDA graph replays. transformers' own StaticCache sizes
-per-head keys and values from the config and cannot hold this latent pair.
+`DeepseekStaticLatentCache(config, max_cache_len)` is the fixed-size kind, for `torch.compile` and CUDA graphs: every
+layer preallocates `[B, 1, max_cache_len, C]` and `[B, 1, max_cache_len, R]` (e4m3 plus scales with fp8=True) at
+fixed addresses, writes the new tokens in place at the positions held in a tensor, and hands attention the whole
+buffer: the mask (transformers' `create_causal_mask`, sized by `get_mask_sizes`) hides the slots not yet written. No
+shape, address or Python int changes from one decode step to the next, so a compiled step never recompiles and a
+captured CUDA graph replays. transformers' generate would build its per-head caches, which cannot hold the latent
+pair; the model has it build these (`latent_cache_for_generate`, through compat.BuildsGenerationCache).
 """
 
 from __future__ import annotations
@@ -330,13 +333,6 @@ class LatentCacheMixin:
         return self._per_token(LatentLayer.nbytes_allocated)
 
 
-def _wants_fp8(config, fp8: bool | None) -> bool:
-    """`fp8` where given, else the config's `latent_cache_dtype` (no config: the model dtype)."""
-    if fp8 is not None:
-        return fp8
-    return config is not None and config.latent_cache_dtype == "fp8"
-
-
 class DeepseekLatentCache(LatentCacheMixin, DynamicCache):
     """transformers' DynamicCache over latent layers, created lazily per layer index (main layers and MTP layers
     alike): what generate() and a forward with use_cache=True start from.
@@ -347,7 +343,7 @@ class DeepseekLatentCache(LatentCacheMixin, DynamicCache):
 
     def __init__(self, config=None, fp8: bool | None = None, offloading: bool = False,
                  offload_only_non_sliding: bool = False):
-        self.fp8 = _wants_fp8(config, fp8)
+        self.fp8 = fp8 if fp8 is not None else config is not None and config.latent_cache_dtype == "fp8"
         # DynamicCache's own __init__ builds per-head layers from the config; the latent layers are replicated per
         # layer index instead, on the first write to it.
         Cache.__init__(self, layer_class_to_replicate=FP8LatentLayer if self.fp8 else LatentLayer,
@@ -373,7 +369,7 @@ class DeepseekStaticLatentCache(LatentCacheMixin, StaticCache):
             raise ValueError(f"max_cache_len must be a positive integer, got {max_cache_len!r}")
         if offloading:
             raise ValueError("a static latent cache cannot be offloaded: its buffers keep fixed addresses")
-        self.fp8 = _wants_fp8(config, fp8)
+        self.fp8 = fp8 if fp8 is not None else config.latent_cache_dtype == "fp8"
         self.max_cache_len = max_cache_len
         self.latent_widths = (config.kv_lora_rank, config.qk_rope_head_dim)
         layer = StaticFP8LatentLayer if self.fp8 else StaticLatentLayer
@@ -391,37 +387,23 @@ class DeepseekStaticLatentCache(LatentCacheMixin, StaticCache):
                                                    torch.empty(batch_size, 1, 0, R, dtype=dtype, device=device))
 
 
-def static_cache_len(needed: int, max_cache_len: int | None = None, previous: int = 0,
-                     prompt_length: int | None = None, slots_per_token: int = 1) -> int:
-    """The length of a generate call's static cache, which writes `needed` slots (the prompt's tokens and
-    `slots_per_token` per new token, except for the last new token, which never goes through a forward).
-
-    A requested `max_cache_len` must hold them (a clear error here instead of a failed write mid-generation);
-    otherwise never shorter than the `previous` call's cache, so that a compiled step sees the same shapes again.
-    """
-    if max_cache_len is None:
-        return max(needed, previous)
-    if needed > max_cache_len:
-        if prompt_length is not None and prompt_length > max_cache_len:
-            what = f"the prompt ({prompt_length} tokens) is longer than"
-        else:
-            each = f" ({slots_per_token} slots per token under MTP speculation)" if slots_per_token > 1 else ""
-            prompt = f" ({prompt_length} tokens)" if prompt_length is not None else ""
-            what = f"the prompt{prompt} and max_new_tokens{each} need {needed} slots, more than"
-        raise ValueError(f"cache_implementation='static': {what} max_cache_len={max_cache_len}")
-    return max_cache_len
-
-
 def static_latent_cache_for_generate(model, generation_config, batch_size: int, needed: int, fp8: bool,
                                      prompt_length: int | None = None, slots_per_token: int = 1,
                                      layers=None) -> DeepseekStaticLatentCache:
-    """The DeepseekStaticLatentCache of one generate call of `model` (sized by `static_cache_len` from the generation
-    config's `max_cache_len`), its `layers` (default: the decoder layers) allocated now for the `batch_size` prompts
-    times their beams / returned sequences: a compiled prefill could not mark them static."""
-    length = static_cache_len(needed, generation_config.max_cache_len, getattr(model, "_static_cache_len", 0),
-                              prompt_length, slots_per_token)
-    if generation_config.max_cache_len is None:
-        model._static_cache_len = length
+    """The DeepseekStaticLatentCache of one generate call of `model`, which writes `needed` slots (the prompt's tokens
+    and `slots_per_token` per new token but the last, which never goes through a forward). The generation config's
+    `max_cache_len` must hold them (a clear error now, not a failed write mid-generation); without it, never shorter
+    than the previous call's, so that a compiled step sees the same shapes again. Its `layers` (default: the decoder
+    layers) are allocated now, for the `batch_size` prompts times their beams / returned sequences: a compiled
+    prefill could not mark them static."""
+    length = generation_config.max_cache_len
+    if length is None:
+        length = model._static_cache_len = max(needed, getattr(model, "_static_cache_len", 0))
+    elif needed > length:
+        each = f" ({slots_per_token} slots per token under MTP speculation)" if slots_per_token > 1 else ""
+        what = (f"the prompt ({prompt_length} tokens) is longer than" if (prompt_length or 0) > length else
+                f"the prompt and max_new_tokens{each} need {needed} slots, more than")
+        raise ValueError(f"cache_implementation='static': {what} max_cache_len={length}")
     layers = range(model.config.num_hidden_layers) if layers is None else layers
     cache = DeepseekStaticLatentCache(model.config, length, fp8=fp8, num_layers=max(layers) + 1)
     rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
