@@ -581,7 +581,8 @@ class DeepseekForCausalLM(BuildsGenerationCache, DeepseekPreTrainedModel, Genera
         kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
-        # This call's settings in one copy of the generation config: `generation_cache` reads the cache's there.
+        # One copy of the generation config, this call's settings in it: the cache generate() starts from is read
+        # off it (generation_cache: latent_cache_dtype, cache_implementation, max_cache_len).
         gc = copy.deepcopy(base)
         gc.use_mtp = False
         gc.latent_cache_dtype = latent_cache_dtype
