@@ -1,9 +1,12 @@
 """The MLA cache: per token and layer, only the latent (kv_lora_rank) and the shared RoPE key (qk_rope_head_dim).
 
-A transformers `Cache`, so `generate`, cropping for speculation, beam reordering and cache round trips work as
-usual. Each layer keeps keys = latent [B, 1, S, C] and values = rope key [B, 1, S, R]: one "head" shared by every
-query head, nothing per head is ever stored. Two layer kinds, both built on transformers' public `CacheLayerMixin`
-and owning all of their state (so nothing here depends on how `DynamicLayer` keeps its own):
+transformers' own cache types with latent layers inside: `DeepseekLatentCache` is a `DynamicCache`, what generate()
+and a forward with use_cache=True start from; `DeepseekStaticLatentCache` a `StaticCache`, what generate builds for
+cache_implementation="static" (an argument, the generation config or generation_config.json). generate, its compiled
+path, cropping for speculation, beam reordering and cache round trips work as usual. Each layer keeps keys = latent
+[B, 1, S, C] and values = rope key [B, 1, S, R]: one "head" shared by every query head, nothing per head is ever
+stored. Two layer kinds, both built on transformers' public `CacheLayerMixin` and owning all of their state (so
+nothing here depends on how `DynamicLayer` keeps its own):
 
 - `LatentLayer`: bf16/fp32, appended into a buffer that doubles when full, so a decode step writes one token
   instead of re-copying the whole cache (plain `torch.cat` makes a long generation quadratic in memory traffic).
@@ -15,19 +18,19 @@ and owning all of their state (so nothing here depends on how `DynamicLayer` kee
 `DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., latent_cache_dtype="fp8")` or
 `config.latent_cache_dtype = "fp8"` does the same inside generate.
 
-`DeepseekStaticLatentCache(config, max_cache_len)` is the fixed-size kind, for `torch.compile` and CUDA graphs
-(`generate(..., cache_implementation="static")` builds one): every layer preallocates `[B, 1, max_cache_len, C]` and
-`[B, 1, max_cache_len, R]` (e4m3 plus scales with fp8=True) at fixed addresses, writes the new tokens in place at the
-positions held in a tensor, and hands attention the whole buffer: the mask (transformers' `create_causal_mask`, sized
-by `get_mask_sizes`) hides the slots not yet written. No shape, address or Python int changes from one decode step to
-the next, so a compiled step never recompiles and a captured CUDA graph replays. transformers' own StaticCache sizes
-per-head keys and values from the config and cannot hold this latent pair.
+`DeepseekStaticLatentCache(config, max_cache_len)` is the fixed-size kind, for `torch.compile` and CUDA graphs: every
+layer preallocates `[B, 1, max_cache_len, C]` and `[B, 1, max_cache_len, R]` (e4m3 plus scales with fp8=True) at
+fixed addresses, writes the new tokens in place at the positions held in a tensor, and hands attention the whole
+buffer: the mask (transformers' `create_causal_mask`, sized by `get_mask_sizes`) hides the slots not yet written. No
+shape, address or Python int changes from one decode step to the next, so a compiled step never recompiles and a
+captured CUDA graph replays. transformers' generate would build its per-head caches, which cannot hold the latent
+pair; the model has it build these (`latent_cache_for_generate`, through compat.BuildsGenerationCache).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
 from .compat import mark_static_address
 from .fp8_format import FP8_DTYPE as FP8, dequantize_per_token, quantize_per_token
@@ -281,14 +284,10 @@ class StaticFP8LatentLayer(StaticLatentLayer, FP8LatentLayer):
     """The static buffers of FP8LatentLayer's streams (e4m3 values, fp32 per-token scales)."""
 
 
-class DeepseekLatentCache(Cache):
-    """A Cache of latent layers, created lazily per layer index (main layers and MTP layers alike)."""
+class LatentCacheMixin:
+    """What both latent caches add to transformers' Cache: which layers they hold (`fp8`) and what those cost."""
 
-    def __init__(self, fp8: bool = False, **kwargs):
-        self.fp8 = fp8
-        if "layers" not in kwargs:
-            kwargs["layer_class_to_replicate"] = FP8LatentLayer if fp8 else LatentLayer
-        super().__init__(**kwargs)
+    fp8: bool
 
     def _per_token(self, layer_bytes) -> float:
         layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
@@ -304,22 +303,49 @@ class DeepseekLatentCache(Cache):
         return self._per_token(LatentLayer.nbytes_allocated)
 
 
-class DeepseekStaticLatentCache(DeepseekLatentCache):
-    """A fixed-size latent cache for compiled decoding: one StaticLatentLayer (StaticFP8LatentLayer with fp8=True)
-    per decoder layer and MTP module, each allocated on its first write or all at once by `early_initialization`.
+class DeepseekLatentCache(LatentCacheMixin, DynamicCache):
+    """transformers' DynamicCache over latent layers, created lazily per layer index (main layers and MTP layers
+    alike): what generate() and a forward with use_cache=True start from.
+
+    Takes what transformers passes to a DynamicCache: `config` (its `latent_cache_dtype` picks the FP8 layers unless
+    `fp8` says otherwise) and `offloading` (each layer's tokens go to the CPU between its uses; CUDA only).
+    """
+
+    def __init__(self, config=None, fp8: bool | None = None, offloading: bool = False,
+                 offload_only_non_sliding: bool = False):
+        self.fp8 = fp8 if fp8 is not None else config is not None and config.latent_cache_dtype == "fp8"
+        # DynamicCache's own __init__ builds per-head layers from the config; the latent layers are replicated per
+        # layer index instead, on the first write to it.
+        Cache.__init__(self, layer_class_to_replicate=FP8LatentLayer if self.fp8 else LatentLayer,
+                       offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
+
+
+class DeepseekStaticLatentCache(LatentCacheMixin, StaticCache):
+    """transformers' StaticCache over fixed-size latent layers, for compiled decoding: one StaticLatentLayer
+    (StaticFP8LatentLayer with fp8=True, or config.latent_cache_dtype = "fp8") per decoder layer, each allocated on
+    its first write or all at once by `early_initialization`. What generate(cache_implementation="static") builds.
 
         cache = DeepseekStaticLatentCache(model.config, max_cache_len=4096)
         model(ids, cache=cache, use_cache=True)      # prefill, then one token per call, compiled or not
+
+    `num_layers`: how many layer indices it holds (default config.num_hidden_layers, as transformers' StaticCache);
+    MTP speculation's own cache holds the MTP modules' indices too. `offloading` is refused: the buffers keep their
+    addresses on their device for the life of the cache.
     """
 
-    def __init__(self, config, max_cache_len: int, fp8: bool = False, **kwargs):
+    def __init__(self, config, max_cache_len: int, fp8: bool | None = None, num_layers: int | None = None,
+                 offloading: bool = False):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive integer, got {max_cache_len!r}")
+        if offloading:
+            raise ValueError("a static latent cache cannot be offloaded: its buffers keep fixed addresses")
+        self.fp8 = fp8 if fp8 is not None else config.latent_cache_dtype == "fp8"
         self.max_cache_len = max_cache_len
         self.latent_widths = (config.kv_lora_rank, config.qk_rope_head_dim)
-        layer = StaticFP8LatentLayer if fp8 else StaticLatentLayer
-        n = config.num_hidden_layers + config.num_nextn_predict_layers
-        super().__init__(fp8=fp8, layers=[layer(max_cache_len) for _ in range(n)], **kwargs)
+        layer = StaticFP8LatentLayer if self.fp8 else StaticLatentLayer
+        n = config.num_hidden_layers if num_layers is None else num_layers
+        # StaticCache's own __init__ builds per-head layers from the config; these hold the latent pair.
+        Cache.__init__(self, layers=[layer(max_cache_len) for _ in range(n)])
 
     def early_initialization(self, batch_size: int, dtype: torch.dtype, device, layers=None) -> None:
         """Allocate the buffers of `layers` (indices; default: all) now rather than on their first write: needed when
@@ -329,3 +355,52 @@ class DeepseekStaticLatentCache(DeepseekLatentCache):
             if not self.layers[i].is_initialized:
                 self.layers[i].lazy_initialization(torch.empty(batch_size, 1, 0, C, dtype=dtype, device=device),
                                                    torch.empty(batch_size, 1, 0, R, dtype=dtype, device=device))
+
+
+def static_latent_cache_for_generate(model, generation_config, batch_size: int, needed: int, fp8: bool,
+                                     prompt_length: int | None = None, slots_per_token: int = 1,
+                                     layers=None) -> DeepseekStaticLatentCache:
+    """The DeepseekStaticLatentCache of one generate call of `model`, which writes `needed` slots (the prompt's tokens
+    and `slots_per_token` per new token but the last, which never goes through a forward). The generation config's
+    `max_cache_len` must hold them (a clear error now, not a failed write mid-generation); without it, never shorter
+    than the previous call's, so that a compiled step sees the same shapes again. Its `layers` (default: the decoder
+    layers) are allocated now, for the `batch_size` prompts times their beams / returned sequences: a compiled
+    prefill could not mark them static."""
+    length = generation_config.max_cache_len
+    if length is None:
+        length = model._static_cache_len = max(needed, getattr(model, "_static_cache_len", 0))
+    elif needed > length:
+        each = f" ({slots_per_token} slots per token under MTP speculation)" if slots_per_token > 1 else ""
+        what = (f"the prompt ({prompt_length} tokens) is longer than" if (prompt_length or 0) > length else
+                f"the prompt and max_new_tokens{each} need {needed} slots, more than")
+        raise ValueError(f"cache_implementation='static': {what} max_cache_len={length}")
+    layers = range(model.config.num_hidden_layers) if layers is None else layers
+    cache = DeepseekStaticLatentCache(model.config, length, fp8=fp8, num_layers=max(layers) + 1)
+    rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+    cache.early_initialization(rows, model.dtype, model.device, layers)
+    return cache
+
+
+def uses_static_cache(generation_config, config) -> bool:
+    """Whether a generation asks for the static latent cache (cache_implementation="static"); None and "dynamic"
+    mean the DeepseekLatentCache. The others (offloaded, quantized) hold per-head keys and values and raise."""
+    implementation = generation_config.cache_implementation
+    if implementation not in (None, "dynamic", "static"):
+        raise ValueError(
+            f"generate(cache_implementation={implementation!r}) is not supported: DeepSeek's MLA caches one "
+            f"{config.latent_cache_dim}-wide latent per token (DeepseekLatentCache), which the per-head "
+            "offloaded / quantized caches cannot hold. Leave cache_implementation unset, or use 'static'."
+        )
+    return implementation == "static"
+
+
+def latent_cache_for_generate(model, generation_config, batch_size: int, max_cache_length: int,
+                              fp8: bool) -> DeepseekLatentCache | DeepseekStaticLatentCache:
+    """The cache transformers' generate() starts `model` from, in place of its own DynamicCache / StaticCache (which
+    hold per-head keys and values): a DeepseekLatentCache, or with cache_implementation="static" a
+    DeepseekStaticLatentCache for the `max_cache_length` slots generate computed for the call."""
+    if not uses_static_cache(generation_config, model.config):
+        return DeepseekLatentCache(config=model.config, fp8=fp8)
+    new = generation_config.max_new_tokens
+    return static_latent_cache_for_generate(model, generation_config, batch_size, max_cache_length, fp8,
+                                            prompt_length=None if new is None else max_cache_length + 1 - new)

@@ -63,6 +63,25 @@ def pop_cache_argument(cache, kwargs: dict):
     return cache if cache is not None else legacy
 
 
+class BuildsGenerationCache:
+    """Mixin for a model whose generate() starts from its own cache classes, built by its `generation_cache(
+    generation_config, batch_size, max_cache_length)`, instead of transformers' per-head DynamicCache / StaticCache.
+
+    transformers' generate() builds its cache in the private `GenerationMixin._prepare_cache_for_generation(
+    generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)` (5.23-5.25), naming those classes
+    itself: no public hook lets a model choose. Building the cache before generate() and passing it in is no way
+    round: transformers refuses a cache together with a `cache_implementation`, which a model's generation config
+    (or generation_config.json) may hold. A cache the caller passes, or use_cache=False, takes transformers' path."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = self.generation_cache(generation_config, batch_size, max_cache_length)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
+
+
 # torch's CPU flash-attention kernel returns the log-sum-exp next to the output, which lets two attention calls over
 # disjoint key sets be merged exactly (chunked prefill, attention.prefix_causal_sdpa). No public op returns it.
 CPU_FLASH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

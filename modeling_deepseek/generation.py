@@ -2,10 +2,11 @@
 
 `DeepseekGenerationMixin` is transformers' GenerationMixin with what MLA and the MTP module change:
 
-- generate() hands transformers a latent cache of ours, like a user's cache: a DeepseekLatentCache (FP8 with
+- generate() starts from a latent cache of ours where transformers would build its per-head one
+  (compat.BuildsGenerationCache asks `generation_cache`): a DeepseekLatentCache (a DynamicCache; FP8 with
   `latent_cache_dtype="fp8"` or config.latent_cache_dtype), or with `cache_implementation="static"` a
-  DeepseekStaticLatentCache sized for the call, which a compiled forward decodes over without recompiling. The
-  per-head caches transformers would build from a cache_implementation cannot hold the latent and are refused.
+  DeepseekStaticLatentCache (a StaticCache) sized for the call, which a compiled forward decodes over without
+  recompiling. The per-head caches of the other cache_implementations cannot hold the latent and are refused.
 - prompts longer than config.prefill_chunk_tokens are prefilled in chunks, so activation memory stays bounded.
 - `use_mtp=True` dispatches to the self-speculative loop of speculative.py, which checks its own arguments.
 - init_continuous_batching / generate_batch run transformers' continuous-batching engine over its paged cache
@@ -22,8 +23,8 @@ from transformers import GenerationMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .cache import DeepseekLatentCache, DeepseekStaticLatentCache
-from .compat import CACHE_NAME, pop_cache_argument
+from .cache import latent_cache_for_generate, static_latent_cache_for_generate, uses_static_cache
+from .compat import CACHE_NAME, BuildsGenerationCache, pop_cache_argument
 from .configuration import check_latent_cache_dtype
 from .continuous_batching import (
     check_continuous_batching,
@@ -35,11 +36,6 @@ from .speculative import mtp_arguments, mtp_generate
 
 logger = logging.get_logger(__name__)
 
-# Generation-config fields that generate() applies itself: transformers would build a per-head cache from the first
-# two, and the speculative loop is ours to run.
-OWN_GENERATION_FIELDS = {"cache_implementation": None, "max_cache_len": None, "use_mtp": False}
-
-
 @dataclass
 class MTPGenerateOutput(GenerateDecoderOnlyOutput):
     """generate(use_mtp=True, return_dict_in_generate=True): the sequences plus how the drafts fared."""
@@ -49,67 +45,63 @@ class MTPGenerateOutput(GenerateDecoderOnlyOutput):
     mtp_accepted: int | None = None
 
 
-class DeepseekGenerationMixin(GenerationMixin):
+class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
     """What DeepseekForCausalLM generates with; see the module docstring."""
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """transformers' generate over the latent cache, plus `use_mtp=True`: self-speculative decoding with the MTP
         module (speculative.py).
 
-        The cache is a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype),
-        handed to transformers' generate like a user's cache. `cache_implementation="static"` makes it a
-        DeepseekStaticLatentCache of `max_cache_len` slots (default: what this call needs), which a compiled forward
-        decodes over without recompiling (transformers' `compile_config` path included). The per-head caches
-        (cache_implementation "offloaded_static", "quantized", "offloaded", ...) cannot hold the latent and are
-        refused. MTP speculation works at any batch size and with left padding; the acceptance rate is logged, kept
-        on `self.last_mtp_stats`, and returned on the output with return_dict_in_generate=True.
+        It starts from a DeepseekLatentCache (FP8 with `latent_cache_dtype="fp8"` or config.latent_cache_dtype), a
+        DynamicCache holding the latent, where transformers would build its per-head one. `cache_implementation=
+        "static"` (an argument, the generation config or generation_config.json) makes it a DeepseekStaticLatentCache
+        of `max_cache_len` slots (default: what this call needs), a StaticCache which a compiled forward decodes over
+        without recompiling (transformers' `compile_config` path included). The per-head caches (cache_implementation
+        "offloaded_static", "quantized", "offloaded", ...) cannot hold the latent and are refused. MTP speculation
+        works at any batch size and with left padding; the acceptance rate is logged, kept on `self.last_mtp_stats`,
+        and returned on the output with return_dict_in_generate=True.
         """
         base = generation_config if generation_config is not None else self.generation_config
-        fp8 = check_latent_cache_dtype(kwargs.pop("latent_cache_dtype", latent_cache_dtype_of(self, base))) == "fp8"
-        implementation = kwargs.pop("cache_implementation", getattr(base, "cache_implementation", None))
-        if implementation not in (None, "dynamic", "static"):
-            raise ValueError(
-                f"generate(cache_implementation={implementation!r}) is not supported: DeepSeek's MLA caches one "
-                f"{self.config.latent_cache_dim}-wide latent per token (DeepseekLatentCache), which the per-head "
-                "offloaded / quantized caches cannot hold. Leave cache_implementation unset, or use 'static'."
-            )
-        static = implementation == "static"
-        max_cache_len = kwargs.pop("max_cache_len", getattr(base, "max_cache_len", None))
+        latent_cache_dtype = check_latent_cache_dtype(
+            kwargs.pop("latent_cache_dtype", latent_cache_dtype_of(self, base)))
         use_mtp = kwargs.pop("use_mtp", None)
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
         draft_tokens = kwargs.pop("mtp_draft_tokens", None)
         kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
-        # The one copy: made when a field of ours must be cleared (see OWN_GENERATION_FIELDS) or, under MTP, because
-        # speculation writes the call's settings into it.
-        if use_mtp or any(getattr(base, name, off) != off for name, off in OWN_GENERATION_FIELDS.items()):
-            base = copy.deepcopy(base)
-            for name, off in OWN_GENERATION_FIELDS.items():
-                if hasattr(base, name):
-                    setattr(base, name, off)
-            generation_config = base
+        # The one copy of the generation config, with this call's settings in it: generation_cache() reads the cache
+        # to start from off it (latent_cache_dtype, cache_implementation, max_cache_len).
+        gc = copy.deepcopy(base)
+        gc.use_mtp = False
+        gc.latent_cache_dtype = latent_cache_dtype
         if use_mtp:
-            return self._mtp_generate(inputs, base, kwargs, static, max_cache_len, fp8, draft_tokens)
+            return self._mtp_generate(inputs, gc, kwargs, draft_tokens)
+        model_kwargs = gc.update(**kwargs)
         # Either name is ours to accept; transformers gets the one its release wants.
-        user_cache = pop_cache_argument(kwargs.pop("cache", None), kwargs)
-        if static and user_cache is not None:
-            raise ValueError("pass either cache_implementation='static' or a `cache`, not both")
-        if user_cache is None and kwargs.get("use_cache", getattr(base, "use_cache", True)) is not False:
-            user_cache = (self._static_latent_cache(inputs, base, kwargs, max_cache_len, fp8) if static
-                          else DeepseekLatentCache(fp8=fp8))
+        user_cache = pop_cache_argument(model_kwargs.pop("cache", None), model_kwargs)
         if user_cache is not None:
-            kwargs[CACHE_NAME] = user_cache
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+            model_kwargs[CACHE_NAME] = user_cache
+        return super().generate(inputs, generation_config=gc, **model_kwargs)
 
-    def _mtp_generate(self, inputs, generation_config, kwargs, static, max_cache_len, fp8, draft_tokens):
+    def generation_cache(self, generation_config, batch_size, max_cache_length):
+        """The cache transformers' generate() starts from (compat.BuildsGenerationCache): a latent cache, never its
+        per-head DynamicCache / StaticCache."""
+        fp8 = latent_cache_dtype_of(self, generation_config) == "fp8"
+        return latent_cache_for_generate(self, generation_config, batch_size, max_cache_length, fp8)
+
+    def _mtp_generate(self, inputs, generation_config, kwargs, draft_tokens):
         """generate(use_mtp=True): speculative.py checks the arguments and runs the loop; `generation_config` is this
         call's own copy."""
         call = mtp_arguments(self, inputs, generation_config, kwargs, draft_tokens)
-        caches = None
-        if static:  # every step appends k + 1 slots, rejected drafts staying behind as holes
-            N = self.config.num_hidden_layers
-            caches = tuple(self._static_latent_cache(call.input_ids, generation_config, {}, max_cache_len, fp8,
-                                                     slots_per_token=call.draft_tokens + 1, layers=layers)
+        caches, fp8 = None, generation_config.latent_cache_dtype == "fp8"
+        if uses_static_cache(generation_config, self.config):  # each step appends k + 1 slots, rejected drafts as holes
+            (B, P), N = call.input_ids.shape, self.config.num_hidden_layers
+            new = generation_config.max_new_tokens
+            if new is None:
+                new = generation_config.max_length - P
+            k = call.draft_tokens
+            caches = tuple(static_latent_cache_for_generate(self, generation_config, B, P + (k + 1) * new - 1, fp8,
+                                                            prompt_length=P, slots_per_token=k + 1, layers=layers)
                            for layers in (range(N), [N]))
         sequences, stats = mtp_generate(self, call, generation_config, fp8_cache=fp8, caches=caches)
         self.last_mtp_stats = stats
@@ -120,39 +112,6 @@ class DeepseekGenerationMixin(GenerationMixin):
                 mtp_drafted=stats.drafted, mtp_accepted=stats.accepted,
             )
         return sequences
-
-    def _static_latent_cache(self, inputs, generation_config, kwargs, max_cache_len, fp8, slots_per_token=1,
-                             layers=None) -> DeepseekStaticLatentCache:
-        """The DeepseekStaticLatentCache of one generate call, allocated now (a compiled prefill could not mark it
-        static). Sized for the prompt plus `slots_per_token` slots per new token (the last token never goes through a
-        forward), or to `max_cache_len`, which must hold that; without max_cache_len never smaller than the previous
-        call's, so that a compiled step sees the same shapes again. `kwargs` are the call's generation arguments,
-        which win over `generation_config`."""
-        def setting(name):
-            return kwargs.get(name, getattr(generation_config, name, None))
-
-        ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
-        embeds = kwargs.get("inputs_embeds")
-        prompt_BP = ids if ids is not None else embeds[..., 0]
-        B, P = prompt_BP.shape
-        max_new = setting("max_new_tokens")
-        if max_new is None:
-            max_new = setting("max_length") - (P if ids is not None else 0)
-        needed = P + slots_per_token * max_new - 1
-        if max_cache_len is not None and needed > max_cache_len:
-            what = (f"the prompt ({P} tokens) is longer than" if P > max_cache_len else
-                    f"the prompt ({P} tokens) + max_new_tokens ({max_new}"
-                    + (f", {slots_per_token} slots each under MTP speculation" if slots_per_token > 1 else "")
-                    + f") need {needed} slots, more than")
-            raise ValueError(f"cache_implementation='static': {what} max_cache_len={max_cache_len}")
-        if max_cache_len is None:
-            max_cache_len = max(needed, getattr(self, "_static_cache_len", 0))
-            self._static_cache_len = max_cache_len
-        cache = DeepseekStaticLatentCache(self.config, max_cache_len, fp8=fp8)
-        batch = B * max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
-        cache.early_initialization(batch, self.dtype, prompt_BP.device,
-                                   range(self.config.num_hidden_layers) if layers is None else layers)
-        return cache
 
     def _long_prompt_chunking(self, inputs, generation_config, kwargs) -> dict:
         """{"prefill_chunk_size": config.prefill_chunk_tokens} when the prompt is longer than that and nobody chose a

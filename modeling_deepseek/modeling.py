@@ -32,7 +32,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from .attention import DeepseekAttention
 from .balancing import bias_update_enabled, record_loads, track
-from .cache import DeepseekLatentCache
+from .cache import DeepseekLatentCache, DeepseekStaticLatentCache
 from .compat import (CACHE_NAME, OutputRecorder, can_return_tuple, cache_kwargs, capture_outputs,
                      merge_with_config_defaults, pop_cache_argument, register_deepseek_v3_conversion)
 from .configuration import DeepseekConfig
@@ -168,7 +168,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         cache = pop_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
-        if cache is not None and getattr(cache, "is_compileable", False) and not isinstance(cache, DeepseekLatentCache):
+        if getattr(cache, "is_compileable", False) and not isinstance(cache, DeepseekStaticLatentCache):
             raise ValueError(
                 f"{type(cache).__name__} is not supported: MLA caches a {self.config.latent_cache_dim}-wide latent per "
                 "token, not per-head keys and values; use the default (DeepseekLatentCache), DeepseekStaticLatentCache "
@@ -189,7 +189,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
             moe.last_load_E = moe.last_balance_loss = None
         if use_cache and cache is None:
-            cache = DeepseekLatentCache(fp8=cfg.latent_cache_dtype == "fp8")
+            cache = DeepseekLatentCache(config=cfg)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past

@@ -50,7 +50,8 @@ from .mtp import DeepseekMTPLayer
 _IMPLEMENTED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p", "eos_token_id",
     "pad_token_id", "bos_token_id", "prefill_chunk_size", "return_dict_in_generate", "use_cache",
-    "cache_implementation", "use_mtp", "transformers_version", "disable_compile", "compile_config",
+    "cache_implementation", "max_cache_len", "latent_cache_dtype", "use_mtp", "transformers_version",
+    "disable_compile", "compile_config",
 }
 # Values that switch an option off, which callers such as TRL set explicitly: accepted like the defaults.
 _NO_OP = {"repetition_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,

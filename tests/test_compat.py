@@ -283,6 +283,28 @@ def test_compile_on_any_device_makes_generate_compile_on_cpu(model):
         "generate() no longer compiles on CPU with CompileConfig._compile_all_devices (compat.compile_on_any_device)")
 
 
+def test_generate_builds_its_cache_in_prepare_cache_for_generation(model, monkeypatch):
+    """compat.BuildsGenerationCache: transformers' generate() builds the cache it starts from in the private
+    GenerationMixin._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+    max_cache_length), and decodes over the cache that method leaves in model_kwargs."""
+    from transformers import GenerationMixin
+
+    from modeling_deepseek.cache import DeepseekLatentCache
+
+    method = getattr(GenerationMixin, "_prepare_cache_for_generation", None)
+    assert method is not None, "GenerationMixin._prepare_cache_for_generation is gone (compat.BuildsGenerationCache)"
+    params = ["self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length"]
+    assert list(inspect.signature(method).parameters) == params, (
+        f"GenerationMixin._prepare_cache_for_generation now takes {list(inspect.signature(method).parameters)} "
+        f"(compat.BuildsGenerationCache expects {params})")
+    built, asked = DeepseekLatentCache(), []
+    monkeypatch.setattr(model, "generation_cache", lambda *args: asked.append(args[1:]) or built)
+    out = model.generate(random_ids(2, 5), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert asked == [(2, 5 + 3 - 1)], f"generate() asked for {asked}: (batch size, slots) expected"
+    assert out.past_key_values is built, (
+        "generate() did not decode over the cache _prepare_cache_for_generation left in model_kwargs")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # trl's GRPOTrainer (trainers/grpo.py overrides two of its private methods and reads its attributes)
 

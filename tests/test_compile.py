@@ -12,12 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import CompileConfig
+from transformers import CompileConfig, DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from conftest import random_ids, tiny_model
 from modeling_deepseek.cache import DeepseekStaticLatentCache
 from modeling_deepseek.compat import compile_on_any_device
-from test_generation import GREEDY, assert_well_separated, left_padded, reference_greedy
+from test_generation import (ALL_OUTPUTS, GREEDY, assert_same_generate_outputs, assert_well_separated, left_padded,
+                             reference_greedy)
 
 NEW, CACHE_LEN = 10, 24  # max_cache_len fixed across calls: the same shapes every time
 
@@ -144,6 +146,69 @@ def test_generate_compile_config_compiles_the_decode_step(model, batch, referenc
     finally:
         vars(model).pop("_compiled_call", None)
         torch._dynamo.reset()
+
+
+def test_generate_compile_model_forward_fullgraph(model):
+    """As transformers' test_generate_compile_model_forward_fullgraph: with eager decoding the default cache is a
+    DynamicCache and nothing compiles; with cache_implementation="static" and a fullgraph, static-shape compile_config
+    generate() compiles its forward, the cache is compileable, two batches of the same shape compile once, and the
+    outputs are eager's."""
+    import copy
+
+    m = copy.deepcopy(model)
+    ids = random_ids(4, 7, seed=21)
+    batches = (ids[:2], ids[2:])
+    backend = counting_backend()
+    config = compile_on_any_device(CompileConfig(backend=backend, fullgraph=True, dynamic=False, mode=None))
+    kwargs = dict(use_cache=True, max_new_tokens=5, return_dict_in_generate=True, output_scores=True,
+                  compile_config=config, **GREEDY)
+    torch._dynamo.reset()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            eager = [m.generate(x, **kwargs) for x in batches]
+        for out in eager:
+            assert isinstance(out.past_key_values, DynamicCache) and not out.past_key_values.is_compileable
+        assert not hasattr(m, "_compiled_call"), "generate compiled over the default (dynamic) cache"
+        compiled = [m.generate(batches[0], cache_implementation="static", **kwargs)]
+        graphs = backend.counter.frame_count
+        compiled.append(m.generate(batches[1], cache_implementation="static", **kwargs))
+        assert hasattr(m, "_compiled_call") and graphs >= 1, "generate did not compile"
+        assert backend.counter.frame_count == graphs, "the second batch recompiled"
+        for out, reference in zip(compiled, eager, strict=True):
+            assert not isinstance(out.past_key_values, DynamicCache) and out.past_key_values.is_compileable
+            assert torch.equal(out.sequences, reference.sequences)
+            torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_generate_compilation_all_outputs(model):
+    """As transformers' test_generate_compilation_all_outputs: a model whose generation config holds a compile_config
+    and cache_implementation="static" compiles generate()'s forward, and every optional output (scores, logits,
+    attentions, hidden states) comes back for every new token, equal to the default cache's eager outputs."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.set_attn_implementation("eager")
+    ids = random_ids(2, 7, seed=22)  # no padding: hidden states at padded positions are meaningless, and differ
+    kwargs = dict(num_beams=1, max_new_tokens=NEW, min_new_tokens=NEW, use_cache=True, **ALL_OUTPUTS, **GREEDY)
+    eager = m.generate(ids, **kwargs)
+    backend = counting_backend()
+    m.generation_config.compile_config = compile_on_any_device(CompileConfig(backend=backend, mode=None))
+    m.generation_config.cache_implementation = "static"
+    torch._dynamo.reset()
+    try:
+        out = m.generate(ids, **kwargs)
+        assert hasattr(m, "_compiled_call") and backend.counter.frame_count >= 1, "generate did not compile"
+    finally:
+        torch._dynamo.reset()
+    assert isinstance(out, GenerateDecoderOnlyOutput)
+    assert out.sequences.shape[1] == ids.shape[1] + NEW
+    layers = m.config.num_hidden_layers
+    assert len(out.scores) == len(out.logits) == len(out.attentions) == len(out.hidden_states) == NEW
+    assert all(len(step) == layers for step in out.attentions)
+    assert all(len(step) == layers + 1 for step in out.hidden_states)  # the embeddings, then every layer
+    assert_same_generate_outputs(out, eager)
 
 
 def test_compiled_training_step_matches_eager(tmp_path):

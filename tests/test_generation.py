@@ -27,7 +27,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import DeepseekV3ForCausalLM, pipeline
+from transformers import DeepseekV3ForCausalLM, DynamicCache, StaticCache, pipeline
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import hf_v3_model, max_diff, random_ids, save_and_load_ours, set_mla_impl, tiny_model
@@ -575,6 +575,106 @@ def test_static_cache_through_the_generation_config(model, prompt, reference):
     assert torch.equal(out.sequences, reference)
     assert out.past_key_values.max_cache_len == 32
     assert gc.cache_implementation == "static"  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_with_static_cache(dtype):
+    """As transformers' GenerationTesterMixin.test_generate_with_static_cache: generate(cache_implementation="static")
+    leaves a StaticCache with one layer per decoder layer, each holding the prompt and every new token but the last
+    (MLA's pair, [B, 1, slots, C] latents and [B, 1, slots, R] rope keys, in place of per-head keys and values), and
+    gives the default cache's tokens and scores."""
+    m = tiny_model(seed=0).to(dtype).eval()  # a fresh model: no earlier call's cache length to reuse
+    ids, mask = left_padded(2, pads=(0, 3))
+    new = 20
+    kwargs = dict(attention_mask=mask, max_new_tokens=new, return_dict_in_generate=True, output_scores=True,
+                  use_cache=True, **GREEDY)
+    static = m.generate(ids, cache_implementation="static", **kwargs)
+    cache = static.past_key_values
+    assert isinstance(cache, StaticCache) and isinstance(cache, DeepseekStaticLatentCache)
+    assert len(cache) == m.config.num_hidden_layers
+    slots = ids.shape[1] + new - 1
+    assert cache.layers[0].keys.shape == (2, 1, slots, m.config.kv_lora_rank)
+    assert cache.layers[0].values.shape == (2, 1, slots, m.config.qk_rope_head_dim)
+    dynamic = m.generate(ids, **kwargs)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    # The static cache attends over its masked slots too, which changes the rounding (scores here are of order 1).
+    atol = {torch.float32: 1e-5, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), atol=atol, rtol=0)
+
+
+def test_generate_from_inputs_embeds_with_static_cache(prompt, reference):
+    """As transformers' test_generate_from_inputs_embeds_with_static_cache: from inputs_embeds, the static cache is a
+    StaticCache sized for the embedded prompt plus the new tokens but the last (not max_length minus the prompt)."""
+    m = tiny_model(seed=0).eval()
+    embeds = m.get_input_embeddings()(prompt).detach()
+    out = m.generate(inputs_embeds=embeds, max_new_tokens=NEW, cache_implementation="static",
+                     return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, reference[:, PROMPT:])
+    cache = out.past_key_values
+    assert isinstance(cache, StaticCache)
+    assert len(cache) == m.config.num_hidden_layers
+    assert cache.layers[0].keys.shape == (1, 1, PROMPT + NEW - 1, m.config.kv_lora_rank)
+
+
+ALL_OUTPUTS = dict(output_scores=True, output_logits=True, output_attentions=True, output_hidden_states=True,
+                   return_dict_in_generate=True)
+
+
+def assert_same_generate_outputs(static, dynamic) -> None:
+    """Two generate() results with ALL_OUTPUTS agree: tokens, scores, logits, hidden states, and the attention
+    probabilities over the keys both have (a static cache's extra slots are masked, so they get none)."""
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for name in ("scores", "logits"):
+        torch.testing.assert_close(torch.stack(getattr(static, name)), torch.stack(getattr(dynamic, name)))
+    for step_static, step_dynamic in zip(static.hidden_states, dynamic.hidden_states, strict=True):
+        torch.testing.assert_close(torch.stack(step_static), torch.stack(step_dynamic))
+    for step_static, step_dynamic in zip(static.attentions, dynamic.attentions, strict=True):
+        for a_static, a_dynamic in zip(step_static, step_dynamic, strict=True):
+            keys = a_dynamic.shape[-1]
+            torch.testing.assert_close(a_static[..., :keys], a_dynamic)
+            assert not a_static[..., keys:].any()
+
+
+@pytest.mark.parametrize("outputs", [{}, ALL_OUTPUTS], ids=["tokens", "all_outputs"])
+def test_static_cache_implementation_of_the_model_generation_config(prompt, reference, outputs):
+    """model.generation_config.cache_implementation = "static" (the usual way to make compiled decoding the default)
+    makes every generate() decode over the static latent cache, with the default cache's tokens and outputs."""
+    m = tiny_model(seed=0).eval()
+    kwargs = dict(max_new_tokens=NEW, **GREEDY, **outputs)
+    dynamic = m.generate(prompt, **kwargs)
+    m.generation_config.cache_implementation = "static"
+    static = m.generate(prompt, **kwargs)
+    if not outputs:
+        assert torch.equal(static, reference) and torch.equal(dynamic, reference)
+        return
+    assert isinstance(static.past_key_values, DeepseekStaticLatentCache)
+    assert isinstance(dynamic.past_key_values, DeepseekLatentCache)
+    assert torch.equal(static.sequences, reference)
+    assert_same_generate_outputs(static, dynamic)
+
+
+def test_static_cache_implementation_of_generation_config_json(tmp_path, prompt, reference):
+    """A checkpoint whose generation_config.json says cache_implementation "static" generates over the static latent
+    cache once loaded, its tokens the reference's."""
+    m = tiny_model(seed=0).eval()
+    m.generation_config.cache_implementation = "static"
+    m.save_pretrained(tmp_path)
+    assert '"cache_implementation": "static"' in (tmp_path / "generation_config.json").read_text()
+    loaded = type(m).from_pretrained(tmp_path).eval()
+    out = loaded.generate(prompt, max_new_tokens=NEW, return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, reference)
+    assert isinstance(out.past_key_values, DeepseekStaticLatentCache)
+
+
+def test_default_cache_is_a_dynamic_cache(model, prompt):
+    """The cache generate() and a forward with use_cache=True start from is transformers' DynamicCache (latent layers
+    inside), not compileable: generate() does not compile over it."""
+    out = model.generate(prompt, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
+    with torch.no_grad():
+        forward_cache = model(prompt, use_cache=True).past_key_values
+    for cache in (out.past_key_values, forward_cache):
+        assert isinstance(cache, DynamicCache) and isinstance(cache, DeepseekLatentCache)
+        assert not cache.is_compileable
 
 
 def test_static_cache_sampling_beams_and_fp8_match_the_dynamic_cache(model):
