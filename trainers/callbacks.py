@@ -32,7 +32,7 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from modeling_deepseek.compat import forward_replaced_by_trl
+from .compat import forward_replaced_by_trl
 
 
 def deepseek_modules(model):

@@ -4,7 +4,7 @@ A TRL GRPO script switches by changing its import: same constructor, reward conv
 logged metrics, because this is TRL's trainer and TRL's loop. For a DeepSeek model (modeling_deepseek) it changes
 what happens around that loop:
 
-- Rollouts. TRL's generation step (`_generate_single_turn`, the narrowest point) is replaced for DeepSeek models:
+- Rollouts. TRL's generation step (`rollout` here; the narrowest point) is replaced for DeepSeek models:
   prompts left-padded into one batch, the model's own generate (absorbed MLA over the latent cache), routing in
   eval mode (rollouts never count towards the balancing loads) and the model put back in training mode for the
   loss. The rollout returns the sampled tokens' log-probabilities, log_softmax(logits / temperature) as TRL's
@@ -27,8 +27,9 @@ what happens around that loop:
 
 Reward functions that raise are reported with their name, the sample index and the exception.
 
-TRL internals touched (to be guarded by tests/test_compat.py): the methods `_generate_single_turn` (overridden,
-same signature and return) and `_compute_loss` (wrapped: super() then the additions); the attributes
+TRL internals touched: the private methods `_generate_single_turn` and `_compute_loss`, overridden through
+trainers.compat.GRPOTrainerHooks as `rollout` (same arguments and return) and `grpo_loss` (TRL's loss, then the
+additions), which tests/test_compat.py checks against TRL's signatures; the attributes
 `generation_config`, `use_vllm`, `use_transformers_continuous_batching`, `temperature`, `reward_funcs` and
 `reward_func_names` read after TRL's __init__; the batch keys `completion_ids`, `completion_mask`, `tool_mask`,
 `sampling_per_token_logps` and `old_per_token_logps`; and the behaviour that the fused LM head calls the backbone
@@ -56,6 +57,7 @@ from modeling_deepseek.balancing import max_violation
 from modeling_deepseek.mtp import mtp_labels
 
 from .callbacks import DeepseekTrainerCallback
+from .compat import GRPOTrainerHooks
 from .rewards import code_reward
 from .sandbox import require_sandbox
 
@@ -154,7 +156,7 @@ def eval_routing(model: nn.Module):
         model.train(was_training)
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
     """trl.GRPOTrainer, DeepSeek-aware (see the module docstring). Same constructor and options as TRL's."""
 
     def __init__(self, model, reward_funcs=None, args: trl.GRPOConfig | None = None, *pos, **kwargs):
@@ -209,12 +211,11 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # -----------------------------------------------------------------------------------------------------------------
     # Rollouts
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def rollout(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if (self.deepseek is None or not self.deepseek_rollouts or self.use_vllm
                 or self.use_transformers_continuous_batching or images is not None or multimodal_fields
                 or self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                 has_tool_images)
+            return self.trl_rollout(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         return self.deepseek_rollout(prompt_ids)
 
     @torch.no_grad()
@@ -257,12 +258,12 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # -----------------------------------------------------------------------------------------------------------------
     # Loss
-    def _compute_loss(self, model, inputs):
+    def grpo_loss(self, model, inputs):
         if self.deepseek is None:
-            return super()._compute_loss(model, inputs)
+            return self.trl_grpo_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         with self._captured_backbone() as calls:
-            loss = super()._compute_loss(model, inputs)
+            loss = self.trl_grpo_loss(model, inputs)
         if not calls:
             return loss
         kwargs, out = calls[-1]
