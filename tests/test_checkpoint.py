@@ -67,17 +67,12 @@ def test_saved_keys_use_per_expert_layout(tmp_path):
 
 
 def test_transformers_loads_our_checkpoint(tmp_path):
+    """transformers' DeepseekV3ForCausalLM reads our folder as it is (model_type "deepseek", our config fields)."""
     from transformers import DeepseekV3ForCausalLM
 
     model = tiny_model()
     model.save_pretrained(tmp_path)
-    try:
-        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, use_kernels=False).eval()
-    except Exception:  # model_type mismatch: present it as a deepseek_v3 folder
-        cfg = json.loads((tmp_path / "config.json").read_text())
-        cfg["model_type"] = "deepseek_v3"
-        (tmp_path / "config.json").write_text(json.dumps(cfg))
-        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, use_kernels=False).eval()
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, use_kernels=False).eval()
     ids = random_ids(2, 12)
     with torch.no_grad():
         assert max_diff(hf(ids).logits, model(ids).logits) < 1e-5
