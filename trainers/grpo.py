@@ -74,8 +74,14 @@ class GRPOConfig(trl.GRPOConfig):
         "help": "Weight of the MTP loss on completion tokens added to the GRPO loss (0: off)."})
     deepseek_rollouts: bool = field(default=True, metadata={
         "help": "Use the package's own rollout path for DeepSeek models (False: TRL's generic generate step)."})
+    # TRL's configs default to checkpointing on, spelled `gradient_checkpointing=True`: the name transformers
+    # deprecates, so every config would warn. Unset here; __post_init__ gives the same default under the current name.
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Deprecated alias of `activation_checkpointing`.", "nargs": "?", "const": True})
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
         super().__post_init__()
         if self.mtp_loss_weight < 0:
             raise ValueError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
@@ -242,7 +248,7 @@ class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         with (trl.models.unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as unwrapped,
+                gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs) as unwrapped,
               eval_routing(unwrapped)):
             if self.use_mtp:
                 out = unwrapped.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gc,
