@@ -133,8 +133,10 @@ def test_return_dict_false_on_every_class():
             as_tuple = model(ids, return_dict=False)
             assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], first), model_class.__name__
             if model_class is not DeepseekModel:  # with labels the loss comes first, then what is set
-                with_labels = model(ids, labels=torch.zeros_like(ids))
-                as_tuple = model(ids, labels=torch.zeros_like(ids), return_dict=False)
+                labels = {DeepseekForCausalLM: ids, DeepseekForSequenceClassification: torch.zeros(2, dtype=torch.long),
+                          DeepseekForTokenClassification: torch.zeros_like(ids)}[model_class]
+                with_labels = model(ids, labels=labels)
+                as_tuple = model(ids, labels=labels, return_dict=False)
                 assert torch.equal(as_tuple[0], with_labels.loss) and torch.equal(as_tuple[1], first)
             if model_class in (DeepseekModel, DeepseekForCausalLM):
                 model.config.return_dict = False
@@ -417,7 +419,7 @@ def test_reward_model_trains_with_trl_and_scores_grpo_completions(tmp_path):
     before = margin()
     args = RewardConfig(output_dir=str(tmp_path / "rm"), max_steps=12, per_device_train_batch_size=8,
                         learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                        bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                        bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0, activation_checkpointing=True)
     trainer = RewardTrainer(model=reward_model, args=args, train_dataset=pairs, processing_class=tok)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
