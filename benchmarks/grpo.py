@@ -78,7 +78,7 @@ def worker(spec: dict) -> dict:
         per_device_train_batch_size=spec["batch"], num_generations=spec["num_generations"],
         max_completion_length=spec["new_tokens"], generation_kwargs=full_length,
         use_transformers_continuous_batching=cb,
-        save_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False, use_cpu=True, seed=0,
+        save_strategy="no", report_to=[], bf16=False, activation_checkpointing=False, use_cpu=True, seed=0,
         disable_tqdm=True, dataloader_num_workers=0,
     )
 

@@ -210,6 +210,6 @@ def grpo_setup(problems: list[dict], epochs: int, seed: int, output_dir: str, st
         weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=prompts_per_step * num_generations,
         num_generations=num_generations, max_completion_length=max_completion_length, temperature=temperature,
         top_k=0, top_p=1.0, beta=0.0, logging_steps=logging_steps, save_strategy="no", report_to=[], bf16=False,
-        gradient_checkpointing=False, seed=seed, data_seed=seed, use_cpu=True, dataloader_num_workers=0,
+        activation_checkpointing=False, seed=seed, data_seed=seed, use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=False, **options)
     return train, config

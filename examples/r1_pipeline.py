@@ -87,7 +87,7 @@ def sft_config(out_dir: Path, name: str, steps: int, lr: float, seed: int, batch
                      learning_rate=lr, lr_scheduler_type="linear", warmup_steps=min(20, steps // 5),
                      weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, steps // 10), save_strategy="no",
                      report_to=[], use_cpu=True, bf16=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
-                     gradient_checkpointing=False, disable_tqdm=False, max_length=128)
+                     activation_checkpointing=False, disable_tqdm=False, max_length=128)
 
 
 def train_sft(model, tokenizer, rows, out_dir: Path, name: str, steps: int, lr: float, seed: int):
@@ -132,7 +132,7 @@ def run_on_policy_distillation(student, teacher, tokenizer, train_problems, args
         output_dir=str(out_dir / "on_policy"), max_steps=args.on_policy_steps, learning_rate=args.on_policy_lr,
         per_device_train_batch_size=16, max_completion_length=args.max_completion_length, temperature=1.0,
         beta=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        gradient_checkpointing=False, seed=args.seed, dataloader_num_workers=0, disable_tqdm=False)
+        activation_checkpointing=False, seed=args.seed, dataloader_num_workers=0, disable_tqdm=False)
     teacher.eval()
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=prompts,
                                   processing_class=tokenizer)

@@ -1,18 +1,16 @@
-"""Every private or version-dependent internal of another library that this package touches, in one place.
+"""Every private or version-dependent internal of another library that the model side touches, in one place.
 
-The rest of the package reaches transformers, trl, peft, accelerate, bitsandbytes and torch through their public
-APIs only. Where no public API does the job, the touch lives here, named for what it does, and
-tests/test_compat.py checks each one against the installed release: when a library changes the internal, that test
-fails with a message naming it, instead of the package going silently wrong.
-
-Imports of the training stack (Trainer, trl, peft, accelerate) happen inside the functions that need them, so that
-importing the model imports none of it.
+modeling_deepseek reaches transformers, bitsandbytes and torch through their public APIs only. Where no public API
+does the job, the touch lives here, named for what it does, and tests/test_compat.py checks each one against the
+installed release: when a library changes the internal, that test fails with a message naming it, instead of the
+package going silently wrong. save_pretrained copies this module into every remote-code checkpoint, so it holds
+nothing the training stack needs: the Trainer / trl internals that trainers/ touches live in trainers/compat.py.
 """
 
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model side (transformers modeling / generation / cache, torch kernels)
+# Modeling, generation and caches (transformers), torch kernels
 
 import dataclasses
 
@@ -274,80 +272,3 @@ def avoid_bnb_cpu_avx512_packing(module) -> bool:
         module.support_avx512bf16_for_cpu = False
         return True
     return False
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training side (Trainer, trl, peft, accelerate, bitsandbytes): used by trainers/ and quant/ only
-#
-# Atomic checkpoints (trainers/checkpointing.py) need to run code around each checkpoint save and to choose the
-# directory it is written to. transformers' Trainer has no public hook for either: the training loop calls the private
-# Trainer._save_checkpoint(model, trial), which writes os.path.join(self._get_output_dir(trial), "checkpoint-N")
-# (every release from 5.23 on). Callbacks (on_save) run only after the directory is complete.
-
-
-class CheckpointSaveHook:
-    """Mixin, placed before a Trainer class, that runs every checkpoint save through `self.around_checkpoint_save`.
-
-    Overrides the private Trainer._save_checkpoint(model, trial); `around_checkpoint_save(save, trial)` gets a
-    no-argument `save` that runs the Trainer's own _save_checkpoint and must call it once.
-    """
-
-    def _save_checkpoint(self, model, trial):
-        self.around_checkpoint_save(lambda: super(CheckpointSaveHook, self)._save_checkpoint(model, trial), trial)
-
-    def around_checkpoint_save(self, save, trial) -> None:
-        save()
-
-
-def checkpoint_run_dir(trainer, trial=None) -> str:
-    """The directory Trainer._save_checkpoint puts `checkpoint-N` in: the private Trainer._get_output_dir(trial)
-    (args.output_dir, or a per-trial sub-directory during a hyper-parameter search)."""
-    return trainer._get_output_dir(trial=trial)
-
-
-class redirect_checkpoint_run_dir:
-    """`with redirect_checkpoint_run_dir(trainer, path):` makes Trainer._save_checkpoint write `checkpoint-N` under
-    `path`, by shadowing the private Trainer._get_output_dir on the instance for the duration."""
-
-    def __init__(self, trainer, run_dir):
-        self.trainer, self.run_dir = trainer, str(run_dir)
-
-    def __enter__(self):
-        self.trainer._get_output_dir = lambda trial=None: self.run_dir
-        return self.run_dir
-
-    def __exit__(self, *exc):
-        del self.trainer._get_output_dir
-
-
-# trl's SFTTrainer (trl 1.x) calls trl.trainer.utils.add_fused_lm_head(model), which replaces the model instance's
-# forward (`model.forward = types.MethodType(_fused_forward, model)`) by a function that, called with
-# fused_lm_head=True, runs the backbone and scores the labels itself, skipping DeepseekForCausalLM.forward and with it
-# the MTP and sequence-balance losses. trl offers no switch to turn it off, and no flag that marks a patched model.
-
-
-def forward_replaced_by_trl(model) -> bool:
-    """Whether trl replaced this instance's forward: an instance attribute `forward` whose code lives in trl.
-    Wrappers (accelerate's mixed-precision forward) keep the replaced one in `__wrapped__` / `_original_forward`."""
-    import sys
-    from pathlib import Path
-
-    trl = sys.modules.get("trl")
-    if trl is None:  # trl never imported: nothing can have patched the model
-        return False
-    trl_dir = Path(trl.__file__).parent
-    for fn in (vars(model).get("forward"), vars(model).get("_original_forward")):
-        for _ in range(8):  # follow the wrapper chain
-            fn = getattr(fn, "__func__", fn)
-            code = getattr(fn, "__code__", None)
-            if code is not None and Path(code.co_filename).is_relative_to(trl_dir):
-                return True
-            if fn is None:
-                break
-            fn = getattr(fn, "__wrapped__", None)
-    return False
-
-
-def restore_class_forward(model) -> None:
-    """Undo add_fused_lm_head: drop the instance's `forward` attribute, so that the class's forward runs again."""
-    vars(model).pop("forward", None)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from conftest import max_diff, random_ids, set_mla_impl, tiny_model
 from modeling_deepseek.attention import DeepseekAttention
+from modeling_deepseek.fp8 import DeepseekFP8Linear
 from modeling_deepseek.rope import apply_rope
 
 TOL = 1e-4
@@ -223,3 +224,40 @@ def test_no_mask_means_causal_for_every_implementation():
             changed, _ = attn(x2, position_embeddings=rope, attention_mask=None)
             assert max_diff(changed[:, :4], outs[impl][:, :4]) < TOL
     assert max_diff(outs["eager"], outs["sdpa"]) < TOL
+
+
+def expanded_and_absorbed_logits(model, ids):
+    with torch.no_grad():
+        set_mla_impl(model, "expanded")
+        expanded = model(ids).logits
+        set_mla_impl(model, "absorbed")
+        return expanded, model(ids).logits
+
+
+def test_absorbed_decode_with_fp8_kv_b_proj_matches_expanded(model):
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.kv_b_proj = DeepseekFP8Linear.from_linear(attn.kv_b_proj)
+        assert attn.absorbable()
+    ids = random_ids(2, 16)
+    expanded, absorbed = expanded_and_absorbed_logits(model, ids)
+    with torch.no_grad():
+        set_mla_impl(model, "auto")
+        out = model(ids[:, :15], use_cache=True)
+        step = model(ids[:, 15:], cache=out.cache if hasattr(out, "cache") else out.past_key_values).logits
+    assert max_diff(expanded, absorbed) < 1e-4
+    assert model.model.layers[0].self_attn.use_absorbed(1, 16)
+    assert max_diff(step[:, -1], expanded[:, -1]) < 1e-4
+
+
+def test_absorbed_decode_with_bnb_kv_b_proj_matches_expanded(model):
+    bnb = pytest.importorskip("bitsandbytes")
+    attn = model.model.layers[0].self_attn
+    q = bnb.nn.Linear8bitLt(attn.kv_b_proj.in_features, attn.kv_b_proj.out_features, bias=False,
+                            has_fp16_weights=False)
+    q.weight = bnb.nn.Int8Params(attn.kv_b_proj.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    q = q.to("cpu")
+    attn.kv_b_proj = q
+    assert attn.absorbable()
+    expanded, absorbed = expanded_and_absorbed_logits(model, random_ids(1, 12))
+    assert max_diff(expanded, absorbed) < 1e-3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -356,3 +357,39 @@ def test_a_deep_copy_keeps_updating_its_own_bias():
     opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(biases(model), before))
     assert_lists_close(biases(original), untouched, atol=0)
+
+
+def test_padding_counts_nowhere_in_expert_statistics():
+    model = tiny_model(train=True, seq_balance_alpha=0.01)
+    ids = random_ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    out = model(ids, attention_mask=mask, labels=ids)
+    K = model.config.num_experts_per_tok
+    real = int(mask.sum())
+    main = out.expert_load[: 2]
+    assert torch.equal(main.sum(-1), torch.full((2,), float(real * K)))
+    # the padded row's statistics equal those of the same row without its padding
+    row = model(ids[:1, 4:], labels=ids[:1, 4:])
+    solo = model(ids[1:], labels=ids[1:])
+    assert torch.allclose(main, row.expert_load[:2] + solo.expert_load[:2])
+    # the sequence-wise loss averages per sequence: the mean of the two rows' own losses
+    assert torch.allclose(out.balance_loss, (row.balance_loss + solo.balance_loss) / 2, atol=1e-7)
+
+
+def test_stale_balancing_bias_warns(monkeypatch):
+    from modeling_deepseek import balancing, update_balancing_bias
+
+    monkeypatch.setattr(balancing, "STALE_FORWARDS", 3)
+    model = tiny_model(train=True)
+    ids = random_ids(1, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(ids)
+        update_balancing_bias(model)  # an update resets the count
+        for _ in range(2):
+            model(ids)
+    assert not any("has not moved" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="has not moved for 3 training forwards"):
+        model(ids)

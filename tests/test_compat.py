@@ -1,5 +1,6 @@
-"""One test per internal in modeling_deepseek/compat.py: each checks that the installed library still has the private
-name or version-dependent behaviour the package relies on, and fails with a message that names it."""
+"""One test per internal in modeling_deepseek/compat.py (model side) and trainers/compat.py (training side): each
+checks that the installed library still has the private name or version-dependent behaviour the package relies on, and
+fails with a message that names it."""
 
 from __future__ import annotations
 
@@ -10,84 +11,13 @@ import torch
 from transformers import GenerationConfig
 
 from modeling_deepseek import compat
+from trainers import compat as trainers_compat
 
 from conftest import random_ids, tiny_model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training side
-
-
-def test_trainer_save_checkpoint_and_get_output_dir(tmp_path):
-    """compat.CheckpointSaveHook, checkpoint_run_dir, redirect_checkpoint_run_dir: the training loop saves through the
-    private Trainer._save_checkpoint(model, trial), which writes <Trainer._get_output_dir(trial)>/checkpoint-N."""
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
-    for name, params in (("_save_checkpoint", ["self", "model", "trial"]), ("_get_output_dir", ["self", "trial"])):
-        fn = getattr(Trainer, name, None)
-        assert fn is not None, f"transformers' Trainer.{name} is gone (compat.py, atomic checkpoints)"
-        assert list(inspect.signature(fn).parameters) == params, (
-            f"Trainer.{name} now takes {list(inspect.signature(fn).parameters)} (compat.py expects {params})")
-
-    seen = []
-
-    class Hooked(compat.CheckpointSaveHook, Trainer):
-        def around_checkpoint_save(self, save, trial):
-            seen.append(compat.checkpoint_run_dir(self, trial))
-            with compat.redirect_checkpoint_run_dir(self, tmp_path / "elsewhere"):
-                save()
-
-    ids = random_ids(2, 8).tolist()
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
-                             save_strategy="steps", save_steps=1, save_only_model=True, report_to=[], use_cpu=True,
-                             disable_tqdm=True, logging_strategy="no")
-    trainer = Hooked(model=tiny_model(train=True), args=args,
-                     train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
-    trainer.train()
-    assert seen == [str(tmp_path / "out")], (
-        f"Trainer._save_checkpoint was called {len(seen)} times by the training loop, run dir {seen} "
-        "(compat.CheckpointSaveHook overrides it; compat.checkpoint_run_dir reads Trainer._get_output_dir)")
-    assert (tmp_path / "elsewhere" / "checkpoint-1" / "model.safetensors").is_file(), (
-        "Trainer._save_checkpoint no longer writes under Trainer._get_output_dir() (compat.redirect_checkpoint_run_dir)")
-    assert not (tmp_path / "out" / "checkpoint-1").exists()
-    assert "_get_output_dir" not in vars(trainer)  # the redirect is undone
-
-
-def test_trl_fused_lm_head_replaces_instance_forward():
-    """compat.forward_replaced_by_trl / restore_class_forward: trl's SFTTrainer calls
-    trl.trainer.utils.add_fused_lm_head(model), which sets an instance attribute `forward` defined in trl; accelerate's
-    mixed-precision wrapper keeps the forward it wraps in `model._original_forward`."""
-    from accelerate import Accelerator
-    from trl import SFTTrainer
-    from trl.trainer import utils as trl_utils
-
-    add_fused_lm_head = getattr(trl_utils, "add_fused_lm_head", None)
-    assert add_fused_lm_head is not None, "trl.trainer.utils.add_fused_lm_head is gone (compat.forward_replaced_by_trl)"
-    assert "add_fused_lm_head(" in inspect.getsource(SFTTrainer.__init__), (
-        "trl's SFTTrainer.__init__ no longer calls add_fused_lm_head (compat.forward_replaced_by_trl)")
-    assert "model._original_forward = model.forward" in inspect.getsource(Accelerator.prepare_model), (
-        "accelerate's Accelerator.prepare_model no longer keeps model._original_forward (compat.forward_replaced_by_trl)")
-
-    model = tiny_model()
-    ids = random_ids(1, 8)
-    with torch.no_grad():
-        reference = model(ids, labels=ids).loss
-    assert not compat.forward_replaced_by_trl(model)
-    add_fused_lm_head(model)
-    assert "forward" in vars(model) and compat.forward_replaced_by_trl(model), (
-        "add_fused_lm_head no longer sets the instance's forward to a function of trl (compat.forward_replaced_by_trl)")
-    model._original_forward, model.forward = model.forward, lambda *a, **k: None  # what accelerate's wrapper does
-    assert compat.forward_replaced_by_trl(model)
-    del model._original_forward
-    compat.restore_class_forward(model)
-    assert not compat.forward_replaced_by_trl(model)
-    with torch.no_grad():
-        assert torch.equal(model(ids, labels=ids).loss, reference)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Model side
+# Model side: modeling_deepseek/compat.py
 
 
 def test_cache_name_matches_the_installed_transformers():
@@ -305,28 +235,6 @@ def test_generate_builds_its_cache_in_prepare_cache_for_generation(model, monkey
         "generate() did not decode over the cache _prepare_cache_for_generation left in model_kwargs")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# trl's GRPOTrainer (trainers/grpo.py overrides two of its private methods and reads its attributes)
-
-
-def test_trl_grpo_trainer_internals_the_deepseek_trainer_relies_on():
-    import trl
-
-    gen = inspect.signature(trl.GRPOTrainer._generate_single_turn).parameters
-    assert list(gen) == ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"], (
-        f"trl.GRPOTrainer._generate_single_turn changed its signature to {list(gen)}: trainers.GRPOTrainer overrides it "
-        "for DeepSeek rollouts")
-    loss = inspect.signature(trl.GRPOTrainer._compute_loss).parameters
-    assert list(loss) == ["self", "model", "inputs"], (
-        f"trl.GRPOTrainer._compute_loss changed its signature to {list(loss)}: trainers.GRPOTrainer wraps it to add "
-        "the balance and MTP losses")
-    source = inspect.getsource(trl.GRPOTrainer)
-    for name in ("self.use_vllm", "self.use_transformers_continuous_batching", "self.temperature",
-                 "self.reward_func_names", "self.generation_config", "sampling_per_token_logps",
-                 "old_per_token_logps", "completion_mask"):
-        assert name in source, f"trl.GRPOTrainer no longer uses `{name}`, which trainers.GRPOTrainer reads"
-
-
 def test_engine_takes_an_empty_tp_plan_from_the_release_compat_names():
     """DistributedMixin._resolve_parallel_plans: expert parallelism alone (tp_size=2, tp_plan={}, ep_size=2) resolves
     from EMPTY_TP_PLAN_RELEASE on and raises "has no `tp_plan`" before; parallel.py refuses it up front there."""
@@ -453,3 +361,138 @@ def test_transformers_serve_model_loader_and_serve_run(tmp_path):
         "transformers' Serve no longer keeps its ModelLoader in self.loader for run(): modeling_deepseek.serve swaps "
         "its class there")
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training side: trainers/compat.py (Trainer, trl and accelerate internals)
+
+
+def test_trainer_save_checkpoint_and_get_output_dir(tmp_path):
+    """trainers.compat.CheckpointSaveHook, checkpoint_run_dir, redirect_checkpoint_run_dir: the training loop saves
+    through the private Trainer._save_checkpoint(model, trial) (its signature: the test below), which writes
+    <Trainer._get_output_dir(trial)>/checkpoint-N."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    get_output_dir = getattr(Trainer, "_get_output_dir", None)
+    assert get_output_dir is not None, "Trainer._get_output_dir is gone (trainers.compat.checkpoint_run_dir)"
+    assert list(inspect.signature(get_output_dir).parameters) == ["self", "trial"], (
+        f"Trainer._get_output_dir now takes {inspect.signature(get_output_dir)} (trainers.compat.checkpoint_run_dir)")
+
+    seen = []
+
+    class Hooked(trainers_compat.CheckpointSaveHook, Trainer):
+        def around_checkpoint_save(self, save, trial):
+            seen.append(trainers_compat.checkpoint_run_dir(self, trial))
+            with trainers_compat.redirect_checkpoint_run_dir(self, tmp_path / "elsewhere"):
+                save()
+
+    ids = random_ids(2, 8).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                             save_strategy="steps", save_steps=1, save_only_model=True, report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no")
+    trainer = Hooked(model=tiny_model(train=True), args=args,
+                     train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    trainer.train()
+    assert seen == [str(tmp_path / "out")], (
+        f"Trainer._save_checkpoint was called {len(seen)} times by the training loop, run dir {seen} "
+        "(trainers.compat.CheckpointSaveHook overrides it; trainers.compat.checkpoint_run_dir reads "
+        "Trainer._get_output_dir)")
+    assert (tmp_path / "elsewhere" / "checkpoint-1" / "model.safetensors").is_file(), (
+        "Trainer._save_checkpoint no longer writes under Trainer._get_output_dir() "
+        "(trainers.compat.redirect_checkpoint_run_dir)")
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+    assert "_get_output_dir" not in vars(trainer)  # the redirect is undone
+
+
+def test_trl_fused_lm_head_replaces_instance_forward():
+    """trainers.compat.forward_replaced_by_trl / restore_class_forward: trl's SFTTrainer calls
+    trl.trainer.utils.add_fused_lm_head(model), which sets an instance attribute `forward` defined in trl; accelerate's
+    mixed-precision wrapper keeps the forward it wraps in `model._original_forward`."""
+    from accelerate import Accelerator
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    add_fused_lm_head = getattr(trl_utils, "add_fused_lm_head", None)
+    assert add_fused_lm_head is not None, (
+        "trl.trainer.utils.add_fused_lm_head is gone (trainers.compat.forward_replaced_by_trl)")
+    assert "add_fused_lm_head(" in inspect.getsource(SFTTrainer.__init__), (
+        "trl's SFTTrainer.__init__ no longer calls add_fused_lm_head (trainers.compat.forward_replaced_by_trl)")
+    assert "model._original_forward = model.forward" in inspect.getsource(Accelerator.prepare_model), (
+        "accelerate's Accelerator.prepare_model no longer keeps model._original_forward "
+        "(trainers.compat.forward_replaced_by_trl)")
+
+    model = tiny_model()
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        reference = model(ids, labels=ids).loss
+    assert not trainers_compat.forward_replaced_by_trl(model)
+    add_fused_lm_head(model)
+    assert "forward" in vars(model) and trainers_compat.forward_replaced_by_trl(model), (
+        "add_fused_lm_head no longer sets the instance's forward to a function of trl "
+        "(trainers.compat.forward_replaced_by_trl)")
+    model._original_forward, model.forward = model.forward, lambda *a, **k: None  # what accelerate's wrapper does
+    assert trainers_compat.forward_replaced_by_trl(model)
+    del model._original_forward
+    trainers_compat.restore_class_forward(model)
+    assert not trainers_compat.forward_replaced_by_trl(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=ids).loss, reference)
+
+
+# The class whose private methods each mixin of trainers/compat.py overrides.
+OVERRIDDEN_CLASSES = {"CheckpointSaveHook": ("transformers", "Trainer"), "GRPOTrainerHooks": ("trl", "GRPOTrainer")}
+
+
+def private_methods(cls) -> dict:
+    return {name: fn for name, fn in vars(cls).items()
+            if name.startswith("_") and not name.startswith("__") and callable(fn)}
+
+
+def parameters(fn) -> list[tuple]:
+    """Names, kinds and defaults of `fn`'s parameters (what a caller relies on; annotations are not)."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_every_private_method_trainers_compat_overrides_exists_with_its_signature():
+    """trainers.compat's mixins override Trainer._save_checkpoint(model, trial), trl.GRPOTrainer._generate_single_turn
+    (prompt_ids, images, multimodal_fields, num_generations, has_tool_images) and trl.GRPOTrainer._compute_loss(model,
+    inputs): each must still exist on the library's class, with the parameters the override takes."""
+    import importlib
+
+    mixins = {name: cls for name, cls in vars(trainers_compat).items()
+              if isinstance(cls, type) and cls.__module__ == trainers_compat.__name__ and private_methods(cls)}
+    assert set(mixins) == set(OVERRIDDEN_CLASSES), (
+        f"trainers/compat.py overrides private methods in {sorted(mixins)}; this test knows "
+        f"{sorted(OVERRIDDEN_CLASSES)}")
+    for mixin_name, (module, class_name) in OVERRIDDEN_CLASSES.items():
+        base = getattr(importlib.import_module(module), class_name)
+        for name, override in private_methods(mixins[mixin_name]).items():
+            original = getattr(base, name, None)
+            assert original is not None, f"{module}.{class_name}.{name} is gone (trainers.compat.{mixin_name})"
+            ours, theirs = parameters(override), parameters(original)
+            assert ours == theirs, (f"{module}.{class_name}.{name} now takes {inspect.signature(original)}; "
+                                    f"trainers.compat.{mixin_name} overrides it as {inspect.signature(override)}")
+
+
+def test_our_trainers_override_private_methods_only_through_trainers_compat():
+    """A private method of Trainer / trl overridden outside trainers/compat.py would escape the test above."""
+    import trainers
+
+    for name in ("DeepseekTrainer", "DeepseekSFTTrainer", "GRPOTrainer"):
+        cls = getattr(trainers, name)
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("trainers.") and klass.__module__ != "trainers.compat":
+                overridden = [m for m in private_methods(klass) if any(hasattr(base, m) for base in cls.__mro__
+                                                                       if not base.__module__.startswith("trainers."))]
+                assert not overridden, f"{klass.__qualname__} overrides {overridden} outside trainers/compat.py"
+
+
+def test_trl_grpo_trainer_attributes_the_deepseek_trainer_reads():
+    """trainers.GRPOTrainer reads these attributes of trl.GRPOTrainer after its __init__, and these batch keys."""
+    import trl
+
+    source = inspect.getsource(trl.GRPOTrainer)
+    for name in ("self.use_vllm", "self.use_transformers_continuous_batching", "self.temperature",
+                 "self.reward_func_names", "self.generation_config", "sampling_per_token_logps",
+                 "old_per_token_logps", "completion_mask"):
+        assert name in source, f"trl.GRPOTrainer no longer uses `{name}`, which trainers.GRPOTrainer reads"

@@ -1,30 +1,29 @@
 """The conventions transformers' own DeepseekV3 honours, checked on ours case by case (the cases of transformers'
 common model tests that failed or were skipped for our classes, written here as behaviour):
 
-- output capturing: `_can_record_outputs` declares hidden states, attentions and router logits; transformers'
-  capture_outputs records them (specific hidden-state layers too), the config's flags count, and the MTP modules add
-  nothing;
-- RoPE built from the config: dynamic NTK scaling as transformers computes it, and a rope type the model does not
-  implement raises where the model is built, also when the config was edited after construction;
-- the loader: every weight missing on purpose, a new task head and tied weights load as transformers loads them; a
-  checkpoint holding only part of the weights raises;
+- outputs: `_can_record_outputs` declares hidden states, attentions and router logits; transformers' capture_outputs
+  records them (specific hidden-state layers too, the same values as transformers' DeepseekV3), the config's flags
+  count, the MTP modules add nothing, and return_dict=False gives tuples;
+- labels and start-up: `shift_labels` as transformers' loss functions take them, meta-device construction then
+  to_empty / init_weights, and the experts interface (set_experts_implementation);
 - a caller's 4-D attention mask (sequences packed in one row, a shared prefix) in every attention path, against each
   sequence run alone;
 - DeepseekForSequenceClassification / DeepseekForTokenClassification, registered with the Auto classes; a reward model
   trained with TRL's RewardTrainer and used as a GRPO reward.
+
+Loading (missing and new weights): test_loading.py. RoPE from the config: test_rope.py.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, PreTrainedModel)
+                          AutoModelForTokenClassification)
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 
 from conftest import TINY, hf_v3_model, max_diff, random_ids, save_and_load_ours, set_mla_impl, tiny_config, tiny_model
@@ -32,10 +31,11 @@ from modeling_deepseek import (DeepseekConfig, DeepseekForCausalLM, DeepseekForS
                                DeepseekForTokenClassification, DeepseekModel)
 from modeling_deepseek.cache import DeepseekLatentCache
 from modeling_deepseek.compat import OutputRecorder
-from modeling_deepseek.rope import DeepseekRotaryEmbedding
+from modeling_deepseek.routing import DeepseekTopkRouter
 
 ALL_CLASSES = (DeepseekModel, DeepseekForCausalLM, DeepseekForSequenceClassification, DeepseekForTokenClassification)
 N_LAYERS, N_MOE = TINY["num_hidden_layers"], TINY["num_hidden_layers"] - TINY["first_k_dense_replace"]
+TOL = 1e-4  # ours against transformers' DeepseekV3 on the same weights
 
 
 def build(model_class, seed: int = 0, **overrides):
@@ -82,11 +82,7 @@ def test_mtp_modules_add_nothing_to_the_captured_outputs():
 
 def test_router_logits_keep_their_graph_in_training_with_gradient_checkpointing():
     model = tiny_model(train=True)
-    # transformers 5.25 renamed gradient_checkpointing_enable (deprecated there) to activation_checkpointing_enable
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     ids = random_ids(2, 8)
     out = model(ids, labels=ids, output_router_logits=True, output_hidden_states=True)
     assert len(out.router_logits) == N_MOE and all(r.requires_grad for r in out.router_logits)
@@ -115,7 +111,8 @@ def test_output_flags_from_config_and_an_explicit_false_wins(model_class):
     model = build(model_class)
     ids = random_ids(1, 6)
     with torch.no_grad():
-        assert not model(ids).router_logits
+        off = model(ids)
+        assert not off.router_logits and off.hidden_states is None and off.attentions is None
         model.config.output_router_logits = True
         model.config.output_hidden_states = True
         out = model(ids)
@@ -135,146 +132,103 @@ def test_return_dict_false_on_every_class():
             first = as_dict.last_hidden_state if model_class is DeepseekModel else as_dict.logits
             as_tuple = model(ids, return_dict=False)
             assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], first), model_class.__name__
+            if model_class is not DeepseekModel:  # with labels the loss comes first, then what is set
+                labels = {DeepseekForCausalLM: ids, DeepseekForSequenceClassification: torch.zeros(2, dtype=torch.long),
+                          DeepseekForTokenClassification: torch.zeros_like(ids)}[model_class]
+                with_labels = model(ids, labels=labels)
+                as_tuple = model(ids, labels=labels, return_dict=False)
+                assert torch.equal(as_tuple[0], with_labels.loss) and torch.equal(as_tuple[1], first)
             if model_class in (DeepseekModel, DeepseekForCausalLM):
                 model.config.return_dict = False
                 as_tuple = model(ids)
                 assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], first), model_class.__name__
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# RoPE from the config
-
-
-def test_dynamic_ntk_matches_transformers_and_changes_only_long_inputs(tmp_path):
-    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
-    hf = hf_v3_model(rope_parameters=rope, max_position_embeddings=16)
-    ours = save_and_load_ours(hf, tmp_path)
-    plain = tiny_model(max_position_embeddings=16)
-    plain.load_state_dict(ours.state_dict())
-    for T in (10, 40, 12):  # short, long (frequencies rescaled), short again (the trained frequencies come back)
-        ids = random_ids(1, T)
-        with torch.no_grad():
-            got, unscaled = ours(ids).logits, plain(ids).logits
-            assert max_diff(got, hf(ids).logits) < 1e-4, T
-        if T <= 16:
-            assert max_diff(got, unscaled) < 1e-5, T
-        else:
-            assert max_diff(got, unscaled) > 1e-3, T
-
-
-def test_rope_frequencies_linear_and_dynamic():
-    """transformers' frequency properties, on our rotary embedding: linear scaling maps position x to x / factor;
-    dynamic NTK leaves inputs within max_position_embeddings alone and lowers the frequencies beyond."""
-    config = tiny_config()
-    x = torch.zeros(1)
-    short, long = torch.arange(10)[None], torch.arange(int(config.max_position_embeddings * 1.5))[None]
-
-    def rope(**params):
-        c = copy.deepcopy(config)
-        c.rope_parameters = {"rope_theta": 10000.0, **params}
-        return DeepseekRotaryEmbedding(c)
-
-    default = rope(rope_type="default")
-    cos_long, sin_long = default(x, long)
-    linear_cos, linear_sin = rope(rope_type="linear", factor=10.0)(x, long)
-    for p in range(0, long.shape[1], 10):
-        torch.testing.assert_close(linear_cos[:, p], cos_long[:, p // 10])
-        torch.testing.assert_close(linear_sin[:, p], sin_long[:, p // 10])
-    ntk = rope(rope_type="dynamic", factor=10.0)
-    for a, b in zip(ntk(x, short), default(x, short)):
-        torch.testing.assert_close(a, b)
-    ntk_cos_long, _ = ntk(x, long)
-    assert max_diff(ntk_cos_long, cos_long) > 1e-3
-    assert (ntk.inv_freq <= default.inv_freq * (1 + torch.finfo(torch.float32).eps)).all()
-    assert (ntk.inv_freq < default.inv_freq).any()
-
-
-@pytest.mark.parametrize("rope_type", ["longrope", "ntk-by-parts"])
-def test_unsupported_rope_type_raises_where_the_model_is_built(rope_type):
-    with pytest.raises(ValueError, match=rope_type):
-        tiny_config(rope_scaling={"rope_type": rope_type, "factor": 2.0})
-    config = tiny_config()
-    config.rope_parameters = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}  # edited afterwards
-    for build_it in (DeepseekRotaryEmbedding, DeepseekModel, DeepseekForCausalLM):
-        with pytest.raises(ValueError, match=f"rope_type.*{rope_type}"):
-            build_it(config)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The loader
-
-
 @pytest.fixture
-def seeded_init(monkeypatch):
-    """Every weight initialisation starts from one seed (transformers' own test does the same), so that a model built
-    by __init__ and one whose weights are all initialised by from_pretrained can be compared exactly."""
-    original = PreTrainedModel._initialize_weights
-
-    def seeded(*args, **kwargs):
-        torch.manual_seed(42)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
+def pair(tmp_path):
+    hf = hf_v3_model()
+    hf.set_attn_implementation("eager")
+    ours = save_and_load_ours(hf, tmp_path)
+    ours.set_attn_implementation("eager")
+    return hf, ours
 
 
-@pytest.mark.parametrize("model_class", ALL_CLASSES)
-def test_every_weight_missing_on_purpose_is_initialised(seeded_init, model_class):
-    config = tiny_config(pad_token_id=0)
-    from_init = model_class(copy.deepcopy(config))
-    with pytest.warns(UserWarning, match="holds none of the model's weights"):
-        loaded = model_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
-    on_meta = [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.device.type == "meta"]
-    assert on_meta == []
-    expected, got = from_init.state_dict(), loaded.state_dict()
-    assert sorted(expected) == sorted(got)
-    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+def test_hidden_states_attentions_and_router_logits_match_transformers(pair):
+    hf, ours = pair
+    ids = random_ids(2, 12)
+    kwargs = dict(output_hidden_states=True, output_attentions=True, output_router_logits=True)
+    with torch.no_grad():
+        expected = hf(ids, **kwargs)
+        got = ours(ids, **kwargs)
+    n_layers = ours.config.num_hidden_layers
+    assert len(got.hidden_states) == len(expected.hidden_states) == n_layers + 1
+    for g, e in zip(got.hidden_states, expected.hidden_states):
+        assert max_diff(g, e) < TOL
+    assert len(got.attentions) == len(expected.attentions) == n_layers
+    for g, e in zip(got.attentions, expected.attentions):
+        assert g.shape == e.shape == (2, ours.config.num_attention_heads, 12, 12)
+        assert max_diff(g, e) < TOL
+    moe_layers = n_layers - ours.config.first_k_dense_replace
+    assert len(got.router_logits) == len(expected.router_logits) == moe_layers
+    for g, e in zip(got.router_logits, expected.router_logits):
+        assert g.shape == (2 * 12, ours.config.n_routed_experts)
+        assert max_diff(g, e.view_as(g)) < TOL
 
 
-@pytest.mark.parametrize("model_class", ALL_CLASSES)
-@pytest.mark.parametrize("tied", [False, True])
-def test_a_checkpoint_without_any_weight_reports_every_one_missing(tmp_path, model_class, tied):
-    model = build(model_class, tie_word_embeddings=tied)
-    model.save_pretrained(tmp_path)
-    save_file({"tensor": torch.tensor([1, 2])}, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="holds none"):
-        reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
-    params = {n for n, _ in reloaded.named_parameters()} | set(reloaded.state_dict())
-    missing = set(info["missing_keys"])
-    assert missing <= params
-    assert params - missing <= ({"lm_head.weight"} if tied else set())  # a tied head follows the embedding
+def test_router_logits_and_aux_loss_in_training():
+    model = tiny_model(train=True, seq_balance_alpha=0.01)
+    ids = random_ids(2, 10)
+    out = model(ids, labels=ids, output_router_logits=True)
+    assert out.aux_loss is not None and out.aux_loss.requires_grad
+    assert torch.equal(out.aux_loss, out.balance_loss)
+    assert all(r.requires_grad for r in out.router_logits)
 
 
-@pytest.mark.parametrize("head_class", (DeepseekForSequenceClassification, DeepseekForTokenClassification))
-def test_a_causal_lm_checkpoint_into_a_new_head_warns_naming_it(tmp_path, head_class):
-    lm = tiny_model()
-    lm.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"DeepseekForCausalLM.*score\.weight"):
-        head = head_class.from_pretrained(tmp_path, num_labels=2, pad_token_id=0)
-    assert torch.equal(head.model.layers[1].self_attn.kv_b_proj.weight, lm.model.layers[1].self_attn.kv_b_proj.weight)
+# ---------------------------------------------------------------------------------------------------------------------
+# Labels, meta-device start-up and the experts interface
 
 
-def test_a_checkpoint_holding_part_of_the_weights_still_raises(tmp_path):
-    head = build(DeepseekForSequenceClassification, num_labels=1)
-    head.save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    del weights["score.weight"]  # saved from this very class: the head is truncated, not new
-    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(OSError, match="score.weight"):
-        DeepseekForSequenceClassification.from_pretrained(tmp_path)
-    del weights["model.layers.1.self_attn.kv_b_proj.weight"]
-    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(OSError, match="kv_b_proj"):
-        DeepseekForSequenceClassification.from_pretrained(tmp_path)
+def test_shift_labels_give_the_same_losses_as_labels(model):
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    shift = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    with torch.no_grad():
+        by_labels = model(ids, labels=labels)
+        by_shift = model(ids, shift_labels=shift)
+        # a shifted target that differs from the unshifted labels' must change the loss (it is really read)
+        other = model(ids, shift_labels=torch.roll(shift, 1, dims=1))
+    for name in ("loss", "main_loss", "mtp_loss"):
+        assert torch.allclose(getattr(by_labels, name), getattr(by_shift, name), atol=1e-6), name
+    assert not torch.allclose(other.main_loss, by_shift.main_loss)
 
 
-def test_a_checkpoint_of_the_same_task_must_bring_its_head(tmp_path):
-    """transformers' DeepseekV3ForCausalLM saved without lm_head is a truncated causal LM for ours, not a new head."""
-    hf_v3_model().save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    del weights["lm_head.weight"]
-    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(OSError, match="lm_head.weight"):
-        DeepseekForCausalLM.from_pretrained(tmp_path)
+def test_to_empty_after_meta_init_then_init_weights():
+    config = tiny_config()
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+    model.to_empty(device="cpu")
+    routers = [m for m in model.modules() if isinstance(m, DeepseekTopkRouter)]
+    assert routers and all(r.e_score_correction_bias.device.type == "cpu" for r in routers)
+    assert all(r.e_score_correction_bias.dtype == torch.float32 for r in routers)
+    model.init_weights()
+    assert all(torch.equal(r.e_score_correction_bias, torch.zeros_like(r.e_score_correction_bias)) for r in routers)
+    ids = random_ids(1, 8)
+    assert torch.isfinite(model(ids).logits).all()
+    model.to(torch.bfloat16)  # the balancing state stays fp32 through a dtype cast
+    assert all(r.e_score_correction_bias.dtype == torch.float32 for r in routers)
+
+
+def test_experts_implementation_eager_and_grouped_mm_agree():
+    ids = random_ids(2, 12)
+    grouped = tiny_model(experts_implementation="grouped_mm")
+    eager = tiny_model(experts_implementation="eager")
+    assert grouped.config._experts_implementation == "grouped_mm"
+    assert eager.config._experts_implementation == "eager"
+    with torch.no_grad():
+        assert max_diff(grouped(ids).logits, eager(ids).logits) < 1e-5
+    grouped.set_experts_implementation("eager")
+    assert grouped.config._experts_implementation == "eager"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -469,7 +423,7 @@ def test_reward_model_trains_with_trl_and_scores_grpo_completions(tmp_path):
     before = margin()
     args = RewardConfig(output_dir=str(tmp_path / "rm"), max_steps=12, per_device_train_batch_size=8,
                         learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                        bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                        bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0, activation_checkpointing=True)
     trainer = RewardTrainer(model=reward_model, args=args, train_dataset=pairs, processing_class=tok)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

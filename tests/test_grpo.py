@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def dataset(n: int = 8) -> Dataset:
 def config(tmp_path, **overrides) -> GRPOConfig:
     base = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, num_generations=4,
                 max_completion_length=8, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
-                bf16=False, gradient_checkpointing=False, use_cpu=True, seed=0, disable_tqdm=True,
+                bf16=False, activation_checkpointing=False, use_cpu=True, seed=0, disable_tqdm=True,
                 dataloader_num_workers=0)
     return GRPOConfig(**{**base, **overrides})
 
@@ -75,6 +76,18 @@ def test_drop_in_for_trl():
     assert len(bound.arguments["pos"]) == len(theirs.parameters) - 4
     with pytest.raises(ValueError, match="mtp_loss_weight"):
         GRPOConfig(output_dir="x", mtp_loss_weight=-1.0, use_cpu=True, bf16=False)
+
+
+def test_config_checkpoints_by_default_under_the_current_name():
+    """TRL's default (checkpointing on), without transformers' FutureWarning for `gradient_checkpointing`; the
+    deprecated name, when given, still decides."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        default = GRPOConfig(output_dir="x", use_cpu=True, bf16=False)
+    assert default.activation_checkpointing is True and default.gradient_checkpointing is True
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        deprecated = GRPOConfig(output_dir="x", use_cpu=True, bf16=False, gradient_checkpointing=False)
+    assert deprecated.activation_checkpointing is False
 
 
 def test_padding_helpers():

@@ -304,3 +304,15 @@ def test_v2_group_limited_greedy():
         expected = set(sorted(candidates, key=lambda e: -probs[t, e].item())[:3])
         assert set(ids[t].tolist()) == expected
     assert torch.allclose(weights, probs.gather(1, ids), atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_v2_routing_normalises_or_scales(norm):
+    config = tiny_config(topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=norm,
+                         routed_scaling_factor=16.0)
+    router = DeepseekTopkRouter(config)
+    torch.nn.init.normal_(router.weight)
+    _, weights, ids, scores = router(torch.randn(5, config.hidden_size))
+    chosen = scores.gather(1, ids)
+    expected = chosen / chosen.sum(-1, keepdim=True) if norm else chosen * 16.0
+    assert torch.allclose(weights, expected)

@@ -56,18 +56,6 @@ def transformers_copied_files() -> set[str]:
     return files
 
 
-MISSED_BY_TRANSFORMERS = sorted(imported_code_files() - transformers_copied_files())
-INCOMPLETE_COPY = pytest.mark.xfail(
-    bool(MISSED_BY_TRANSFORMERS),
-    strict=True,
-    reason=(
-        f"transformers' remote-code copier does not follow `from . import X`, so {MISSED_BY_TRANSFORMERS} is not copied "
-        "and the saved code fails to import; fix in modeling_deepseek/modeling.py: `from .balancing import ...` "
-        "(patch in the report)"
-    ),
-)
-
-
 @pytest.fixture
 def registered():
     """register_for_auto_class on our classes for one test, restoring the class attributes afterwards."""
@@ -130,18 +118,11 @@ def test_save_pretrained_writes_auto_map_and_code(registered, model, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
 
 
-@INCOMPLETE_COPY
 def test_saved_code_is_complete(registered, model, tmp_path):
     model.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.glob("*.py")} == imported_code_files()
 
 
-@pytest.mark.xfail(
-    DeepseekForCausalLM._auto_class is None or DeepseekConfig._auto_class is None,
-    strict=True,
-    reason="our classes are not registered for auto classes at import: patch modeling_deepseek/modeling.py and "
-    "configuration.py to call register_for_auto_class (in the report)",
-)
 def test_save_pretrained_writes_remote_code_by_default(model, tmp_path):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -207,7 +188,6 @@ def test_fresh_process_cannot_import_package(tmp_path):
     assert normal.returncode == 0
 
 
-@INCOMPLETE_COPY
 def test_fresh_process_loads_remote_code_with_identical_logits(registered, model, tmp_path):
     folder, work = tmp_path / "saved", tmp_path / "child"
     work.mkdir()
@@ -222,7 +202,6 @@ def test_fresh_process_loads_remote_code_with_identical_logits(registered, model
     assert torch.equal(torch.load(work / "logits.pt"), expected)
 
 
-@INCOMPLETE_COPY
 def test_fresh_process_loads_a_classification_head_as_remote_code(tmp_path):
     """The task heads build their backbone without AutoModel, so they load as remote code too."""
     from conftest import tiny_config

@@ -41,8 +41,9 @@ import weakref
 import torch
 from transformers import TrainerCallback
 
-from modeling_deepseek.compat import forward_replaced_by_trl
 from modeling_deepseek.objective import shifted_labels, step_fraction
+
+from .compat import forward_replaced_by_trl
 
 
 def deepseek_modules(model):

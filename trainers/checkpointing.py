@@ -31,7 +31,7 @@ Use: `trainers.DeepseekTrainer` / `DeepseekSFTTrainer` write atomic checkpoints.
     class MyTrainer(AtomicCheckpointMixin, Trainer): ...    # or as a mixin
 
 Trainer has no public hook around a checkpoint save; the two private touches this needs (overriding
-Trainer._save_checkpoint, redirecting Trainer._get_output_dir) live in modeling_deepseek/compat.py, tested by
+Trainer._save_checkpoint, redirecting Trainer._get_output_dir) live in trainers/compat.py, tested by
 tests/test_compat.py.
 """
 
@@ -45,7 +45,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from modeling_deepseek.compat import CheckpointSaveHook, checkpoint_run_dir, redirect_checkpoint_run_dir
+from .compat import CheckpointSaveHook, checkpoint_run_dir, redirect_checkpoint_run_dir
 
 STAGING_PREFIX = "."
 STAGING_SUFFIX = ".tmp"
@@ -158,7 +158,7 @@ def save_checkpoint_atomically(trainer, save, trial) -> None:
         if not staged.is_dir():
             raise RuntimeError(
                 f"atomic checkpoints: transformers did not write the checkpoint to {staged}; its checkpoint save no "
-                "longer derives the path from Trainer._get_output_dir (see modeling_deepseek/compat.py)"
+                "longer derives the path from Trainer._get_output_dir (see trainers/compat.py)"
             )
         publish(staged, final, fsync=getattr(trainer, "atomic_checkpoint_fsync", True))
         shutil.rmtree(staging, ignore_errors=True)

@@ -4,7 +4,7 @@ A TRL GRPO script switches by changing its import: same constructor, reward conv
 logged metrics, because this is TRL's trainer and TRL's loop. For a DeepSeek model (modeling_deepseek) it changes
 what happens around that loop:
 
-- Rollouts. TRL's generation step (`_generate_single_turn`, the narrowest point) is replaced for DeepSeek models:
+- Rollouts. TRL's generation step (`rollout` here; the narrowest point) is replaced for DeepSeek models:
   prompts left-padded into one batch, the model's own generate (absorbed MLA over the latent cache), routing in
   eval mode (rollouts never count towards the balancing loads) and the model put back in training mode for the
   loss. The rollout returns the sampled tokens' log-probabilities, log_softmax(logits / temperature) as TRL's
@@ -29,8 +29,9 @@ what happens around that loop:
 
 Reward functions that raise are reported with their name, the sample index and the exception.
 
-TRL internals touched (to be guarded by tests/test_compat.py): the methods `_generate_single_turn` (overridden,
-same signature and return) and `_compute_loss` (wrapped: super() then the additions); the attributes
+TRL internals touched: the private methods `_generate_single_turn` and `_compute_loss`, overridden through
+trainers.compat.GRPOTrainerHooks as `rollout` (same arguments and return) and `grpo_loss` (TRL's loss, then the
+additions), which tests/test_compat.py checks against TRL's signatures; the attributes
 `generation_config`, `use_vllm`, `use_transformers_continuous_batching`, `temperature`, `reward_funcs` and
 `reward_func_names` read after TRL's __init__; the batch keys `completion_ids`, `completion_mask`, `tool_mask`,
 `sampling_per_token_logps` and `old_per_token_logps`; and the behaviour that the fused LM head calls the backbone
@@ -57,6 +58,7 @@ from modeling_deepseek.objective import (IGNORE_INDEX, relative_load, routing_st
                                          training_objective)
 
 from .callbacks import DeepseekTrainerCallback
+from .compat import GRPOTrainerHooks
 from .rewards import code_reward
 from .sandbox import require_sandbox
 
@@ -73,8 +75,14 @@ class GRPOConfig(trl.GRPOConfig):
         "help": "Weight of the MTP loss on completion tokens added to the GRPO loss (0: off)."})
     deepseek_rollouts: bool = field(default=True, metadata={
         "help": "Use the package's own rollout path for DeepSeek models (False: TRL's generic generate step)."})
+    # TRL's configs default to checkpointing on, spelled `gradient_checkpointing=True`: the name transformers
+    # deprecates, so every config would warn. Unset here; __post_init__ gives the same default under the current name.
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Deprecated alias of `activation_checkpointing`.", "nargs": "?", "const": True})
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
         super().__post_init__()
         if self.mtp_loss_weight < 0:
             raise ValueError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
@@ -155,7 +163,7 @@ def eval_routing(model: nn.Module):
         model.train(was_training)
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
     """trl.GRPOTrainer, DeepSeek-aware (see the module docstring). Same constructor and options as TRL's."""
 
     def __init__(self, model, reward_funcs=None, args: trl.GRPOConfig | None = None, *pos, **kwargs):
@@ -210,12 +218,11 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # -----------------------------------------------------------------------------------------------------------------
     # Rollouts
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def rollout(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if (self.deepseek is None or not self.deepseek_rollouts or self.use_vllm
                 or self.use_transformers_continuous_batching or images is not None or multimodal_fields
                 or self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                 has_tool_images)
+            return self.trl_rollout(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         return self.deepseek_rollout(prompt_ids)
 
     @torch.no_grad()
@@ -242,7 +249,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         with (trl.models.unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as unwrapped,
+                gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs) as unwrapped,
               eval_routing(unwrapped)):
             if self.use_mtp:
                 out = unwrapped.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gc,
@@ -258,12 +265,12 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # -----------------------------------------------------------------------------------------------------------------
     # Loss
-    def _compute_loss(self, model, inputs):
+    def grpo_loss(self, model, inputs):
         if self.deepseek is None:
-            return super()._compute_loss(model, inputs)
+            return self.trl_grpo_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         with self._captured_backbone() as calls:
-            loss = super()._compute_loss(model, inputs)
+            loss = self.trl_grpo_loss(model, inputs)
         if not calls:
             return loss
         kwargs, out = calls[-1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from transformers import Trainer
 from trl import SFTTrainer
 
-from modeling_deepseek.compat import restore_class_forward
+from .compat import restore_class_forward
 
 from .trainer import DeepseekTrainerMixin
 

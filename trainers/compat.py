@@ -1,0 +1,130 @@
+"""Every private internal of transformers' Trainer, trl and accelerate that trainers/ touches, in one place.
+
+The model side has its own (modeling_deepseek/compat.py, copied into every remote-code checkpoint); what only the
+training stack needs lives here, so that a saved model folder carries none of it. Each touch is named for what it
+does, and tests/test_compat.py checks each one against the installed releases: when a library changes the internal,
+that test fails with a message naming it, instead of training going silently wrong.
+
+Private methods we override are overridden here only, by mixins placed before the library's class, which hand the
+call to a public-named method of ours (`around_checkpoint_save`, `rollout`, `grpo_loss`) and give that method a way
+to run the library's own (`save`, `trl_rollout`, `trl_grpo_loss`). tests/test_compat.py checks every private method a
+mixin here defines against the class it is written for, signature included.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint saves (transformers' Trainer)
+#
+# Atomic checkpoints (trainers/checkpointing.py) need to run code around each checkpoint save and to choose the
+# directory it is written to. transformers' Trainer has no public hook for either: the training loop calls the private
+# Trainer._save_checkpoint(model, trial), which writes os.path.join(self._get_output_dir(trial), "checkpoint-N")
+# (every release from 5.23 on). Callbacks (on_save) run only after the directory is complete.
+
+
+class CheckpointSaveHook:
+    """Mixin, placed before a Trainer class, that runs every checkpoint save through `self.around_checkpoint_save`.
+
+    Overrides the private Trainer._save_checkpoint(model, trial); `around_checkpoint_save(save, trial)` gets a
+    no-argument `save` that runs the Trainer's own _save_checkpoint and must call it once.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        self.around_checkpoint_save(lambda: super(CheckpointSaveHook, self)._save_checkpoint(model, trial), trial)
+
+    def around_checkpoint_save(self, save, trial) -> None:
+        save()
+
+
+def checkpoint_run_dir(trainer, trial=None) -> str:
+    """The directory Trainer._save_checkpoint puts `checkpoint-N` in: the private Trainer._get_output_dir(trial)
+    (args.output_dir, or a per-trial sub-directory during a hyper-parameter search)."""
+    return trainer._get_output_dir(trial=trial)
+
+
+class redirect_checkpoint_run_dir:
+    """`with redirect_checkpoint_run_dir(trainer, path):` makes Trainer._save_checkpoint write `checkpoint-N` under
+    `path`, by shadowing the private Trainer._get_output_dir on the instance for the duration."""
+
+    def __init__(self, trainer, run_dir):
+        self.trainer, self.run_dir = trainer, str(run_dir)
+
+    def __enter__(self):
+        self.trainer._get_output_dir = lambda trial=None: self.run_dir
+        return self.run_dir
+
+    def __exit__(self, *exc):
+        del self.trainer._get_output_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# trl's fused LM head (SFTTrainer)
+#
+# trl's SFTTrainer (trl 1.x) calls trl.trainer.utils.add_fused_lm_head(model), which replaces the model instance's
+# forward (`model.forward = types.MethodType(_fused_forward, model)`) by a function that, called with
+# fused_lm_head=True, runs the backbone and scores the labels itself, skipping DeepseekForCausalLM.forward and with it
+# the MTP and sequence-balance losses. trl offers no switch to turn it off, and no flag that marks a patched model.
+
+
+def forward_replaced_by_trl(model) -> bool:
+    """Whether trl replaced this instance's forward: an instance attribute `forward` whose code lives in trl.
+    Wrappers (accelerate's mixed-precision forward) keep the replaced one in `__wrapped__` / `_original_forward`."""
+    trl = sys.modules.get("trl")
+    if trl is None:  # trl never imported: nothing can have patched the model
+        return False
+    trl_dir = Path(trl.__file__).parent
+    for fn in (vars(model).get("forward"), vars(model).get("_original_forward")):
+        for _ in range(8):  # follow the wrapper chain
+            fn = getattr(fn, "__func__", fn)
+            code = getattr(fn, "__code__", None)
+            if code is not None and Path(code.co_filename).is_relative_to(trl_dir):
+                return True
+            if fn is None:
+                break
+            fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def restore_class_forward(model) -> None:
+    """Undo add_fused_lm_head: drop the instance's `forward` attribute, so that the class's forward runs again."""
+    vars(model).pop("forward", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# trl's GRPOTrainer
+#
+# TRL's GRPO loop has no public hook for either of the two steps a DeepSeek model changes: it generates the
+# completions of a batch in the private GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields,
+# num_generations, has_tool_images) -> (completion ids, sampled log-probabilities or None), and scores them in the
+# private GRPOTrainer._compute_loss(model, inputs) -> loss (compute_loss, the public one, only dispatches to it).
+
+
+class GRPOTrainerHooks:
+    """Mixin, placed before trl.GRPOTrainer, that runs TRL's rollout and loss steps through public-named methods.
+
+    `rollout(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)` replaces
+    _generate_single_turn and `grpo_loss(model, inputs)` replaces _compute_loss; both default to TRL's own, which
+    `trl_rollout` / `trl_grpo_loss` run (same arguments and returns).
+    """
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return self.rollout(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    def _compute_loss(self, model, inputs):
+        return self.grpo_loss(model, inputs)
+
+    def rollout(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return self.trl_rollout(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    def grpo_loss(self, model, inputs):
+        return self.trl_grpo_loss(model, inputs)
+
+    def trl_rollout(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    def trl_grpo_loss(self, model, inputs):
+        return super()._compute_loss(model, inputs)
+
