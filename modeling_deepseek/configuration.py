@@ -196,15 +196,18 @@ class DeepseekConfig(PreTrainedConfig):
             kwargs.pop(legacy, None)
         kwargs.pop("model_type", None)
         self.validate_deepseek()  # before transformers' own rope checks, so errors name our fields
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            experts_implementation=experts_implementation,
-            rope_theta=rope_theta,
-            **kwargs,
-        )
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, experts_implementation=experts_implementation,
+                         rope_theta=rope_theta, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """transformers' from_dict (behind from_pretrained and AutoConfig), which sets the caller's keyword overrides
+        on the config after __init__ has validated the file's values: validated again, so that
+        `from_pretrained(folder, mla_impl=...)` is checked like a value in config.json."""
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).validate_deepseek()
+        return loaded
 
     @classmethod
     def get_config_dict(cls, *args, **kwargs):

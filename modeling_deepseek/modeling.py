@@ -138,10 +138,15 @@ class DeepseekModel(DeepseekPreTrainedModel):
             track(self)
         self.post_init()
 
-    def mask_and_rope(self, inputs_embeds, attention_mask, cache, position_ids):
-        """What every block of one forward shares: the attention mask (masks.py) and the RoPE angles."""
-        return (causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids),
-                self.rotary_emb(inputs_embeds, position_ids))
+    def block_inputs(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+        """The keyword arguments every block of one forward shares: the attention mask (masks.py), the positions and
+        their RoPE angles, and which of the current tokens are padding (they count in no routing statistic)."""
+        return dict(
+            attention_mask=causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids),
+            position_ids=position_ids,
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
+            token_mask=padding_free_tokens(attention_mask, inputs_embeds.shape[1]),
+        )
 
     @property
     def mtp_layers(self) -> nn.ModuleList:
@@ -194,22 +199,11 @@ class DeepseekModel(DeepseekPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
-        causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds, attention_mask, cache, position_ids)
-        token_mask = padding_free_tokens(attention_mask, inputs_embeds.shape[1])
-
+        shared = self.block_inputs(inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers[: cfg.num_hidden_layers]:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                token_mask=token_mask,
-                output_attentions=output_attentions,
-                **kwargs,
-            )
+            hidden_states = layer(hidden_states, cache=cache, use_cache=use_cache, output_attentions=output_attentions,
+                                  **shared, **kwargs)
         # The only place the per-forward expert counts are committed: layers may be re-run by checkpointing, this may not.
         if self.training and torch.is_grad_enabled():
             if bias_update_enabled(cfg):
@@ -225,18 +219,10 @@ class DeepseekModel(DeepseekPreTrainedModel):
         h^0 is the main model's final hidden state after model.norm, as in transformers' MtpModel, vLLM and SGLang:
         the same MTP weights then draft the same tokens in every engine."""
         depths = len(self.mtp_layers) if depths is None else depths
-        causal_mask, position_embeddings = self.mask_and_rope(inputs_embeds_BTD, attention_mask, None, position_ids)
-        token_mask = padding_free_tokens(attention_mask, inputs_embeds_BTD.shape[1])
+        shared = self.block_inputs(inputs_embeds_BTD, attention_mask, None, position_ids)
         h, outputs = h0_BTD, []
         for k, layer in enumerate(self.mtp_layers[:depths], start=1):
-            h, h_normed = layer(
-                *mtp_inputs(h, inputs_embeds_BTD, k),
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-                token_mask=token_mask,
-                **kwargs,
-            )
+            h, h_normed = layer(*mtp_inputs(h, inputs_embeds_BTD, k), **shared, **kwargs)
             outputs.append(h_normed)
         if self.training and torch.is_grad_enabled():
             record_loads([layer.moe for layer in self.mtp_layers[:depths] if layer.moe is not None], self.config)

@@ -27,16 +27,11 @@ from .compat import keep_fp32_buffers
 class DeepseekTopkRouter(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.config = config  # the routing rule: scoring_func, topk_method, n_group, topk_group, norm_topk_prob, ...
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.n_routed_experts
-        self.n_group = config.n_group
-        self.topk_group = config.topk_group
-        self.topk_method = config.topk_method
-        self.scoring_func = config.scoring_func
-        self.norm_topk_prob = config.norm_topk_prob
-        self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
-        if self.topk_method == "noaux_tc":
+        if config.topk_method == "noaux_tc":
             # fp32 always: a gamma = 1e-3 nudge vanishes in bf16 next to values near 1.
             self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
             # Tokens per expert since the last bias update. Not saved: it is zero at every optimizer-step boundary,
@@ -53,29 +48,30 @@ class DeepseekTopkRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns router logits [T, E], gate weights [T, K], expert ids [T, K] and affinities [T, E] (fp32)."""
+        cfg = self.config
         logits_TE = F.linear(x_TD.float(), self.weight.float())
-        scores_TE = logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        scores_TE = logits_TE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
         choice_TE = scores_TE.detach()
         if self.e_score_correction_bias is not None:
             choice_TE = choice_TE + self.e_score_correction_bias
-        if self.topk_method != "greedy" and self.topk_group < self.n_group:
+        if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
             choice_TE = self._mask_to_best_groups(choice_TE)
         expert_ids_TK = torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=False).indices
         weights_TK = scores_TE.gather(1, expert_ids_TK)
-        if self.norm_topk_prob:
+        if cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.scoring_func == "sigmoid" or not self.norm_topk_prob:  # V2 normalises *or* scales, V3 does both
-            weights_TK = weights_TK * self.routed_scaling_factor
+        if cfg.scoring_func == "sigmoid" or not cfg.norm_topk_prob:  # V2 normalises *or* scales, V3 does both
+            weights_TK = weights_TK * cfg.routed_scaling_factor
         return logits_TE, weights_TK, expert_ids_TK, scores_TE
 
     def _mask_to_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
-        T = choice_TE.shape[0]
-        grouped_TGe = choice_TE.view(T, self.n_group, -1)
-        if self.topk_method == "noaux_tc":
+        T, cfg = choice_TE.shape[0], self.config
+        grouped_TGe = choice_TE.view(T, cfg.n_group, -1)
+        if cfg.topk_method == "noaux_tc":
             group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
         else:  # group_limited_greedy
             group_score_TG = grouped_TGe.amax(dim=-1)
-        best_groups_TG = torch.topk(group_score_TG, k=self.topk_group, dim=-1, sorted=False).indices
+        best_groups_TG = torch.topk(group_score_TG, k=cfg.topk_group, dim=-1, sorted=False).indices
         keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
         return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
 

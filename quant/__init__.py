@@ -21,6 +21,10 @@ from torch import nn
 from modeling_deepseek.bnb_experts import DeepseekBnbExperts, quantize_experts_bnb
 from modeling_deepseek.fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 
+from .adamw_bf16_moments import AdamWBF16Moments
+from .fp8 import quantize_checkpoint
+from .fp8_training import FP8TrainingConfig, FP8TrainingReport, convert_to_fp8_training
+
 CATEGORIES = ("experts", "attention", "embeddings", "other")
 
 
@@ -82,4 +86,9 @@ __all__ = [
     "DeepseekFP8Linear",
     "DeepseekFP8Experts",
     "quantize_experts_bnb",
+    "quantize_checkpoint",
+    "FP8TrainingConfig",
+    "FP8TrainingReport",
+    "convert_to_fp8_training",
+    "AdamWBF16Moments",
 ]

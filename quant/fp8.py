@@ -70,6 +70,29 @@ from modeling_deepseek.fp8_format import FP8_BLOCK, FP8_QUANTIZATION_CONFIG, qua
 
 __all__ = ["quantization_error_bound", "quantize_checkpoint"]
 
+# Names this module used to hold, and where each lives now. Importing one from here still works, with a
+# DeprecationWarning that names the new place (the public home of the training API is the `quant` package itself).
+MOVED = {
+    **dict.fromkeys(("FP8TrainingConfig", "FP8TrainingReport", "convert_to_fp8_training"), "quant.fp8_training"),
+    **dict.fromkeys(("Float8TrainingLinear", "Float8TrainingExperts", "fp8_linear"), "quant.fp8_training_modules"),
+    "AdamWBF16Moments": "quant.adamw_bf16_moments",
+    **dict.fromkeys(("DeepseekFP8Linear", "DeepseekFP8Experts", "fp8_block_linear"), "modeling_deepseek.fp8"),
+    **dict.fromkeys(("FP8_DTYPE", "FP8_MAX", "quantize_blockwise",
+                     "dequantize_blockwise", "quantize_weight_blockwise", "dequantize_weight_blockwise",
+                     "scale_grid_shape", "should_quantize"), "modeling_deepseek.fp8_format"),
+}
+
+
+def __getattr__(name: str):
+    if name not in MOVED:
+        raise AttributeError(f"module 'quant.fp8' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"quant.fp8.{name} moved to {MOVED[name]}.{name}; import it from there", DeprecationWarning,
+                  stacklevel=2)
+    return getattr(importlib.import_module(MOVED[name]), name)
+
 
 def quantization_error_bound(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
     """Elementwise bound on |dequantize(quantize(w)) - w|: 2^-4 |w| + 2^-10 scale_inv (see the module docstring)."""

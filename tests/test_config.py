@@ -75,6 +75,23 @@ def test_invalid_field_on_a_dense_config_raises_naming_it(overrides, field):
         tiny_config(**DENSE, **overrides)
 
 
+@pytest.mark.parametrize("overrides, field", [(dict(mla_impl="fast"), "mla_impl"),
+                                             (dict(latent_cache_dtype="int4"), "latent_cache_dtype"),
+                                             (dict(n_group=3), "n_group")])
+def test_from_pretrained_overrides_are_validated(tmp_path, overrides, field):
+    """Keyword overrides of from_pretrained / AutoConfig are set after __init__ has validated the file: they are
+    checked like a value in config.json."""
+    from transformers import AutoConfig
+
+    import modeling_deepseek  # noqa: F401  (registers the config with AutoConfig)
+
+    tiny_config(**DENSE).save_pretrained(tmp_path)
+    for loader in (DeepseekConfig, AutoConfig):
+        with pytest.raises(ValueError, match=f"`{field}`"):
+            loader.from_pretrained(tmp_path, **overrides)
+    assert DeepseekConfig.from_pretrained(tmp_path, mla_impl="absorbed").mla_impl == "absorbed"
+
+
 def test_latent_cache_dtype_argument_follows_the_config_rule():
     """generate()'s latent_cache_dtype, as an argument or on a generation config, is checked by the config's rule."""
     from transformers import GenerationConfig

@@ -402,8 +402,8 @@ def test_gradient_checkpointing_and_accumulation_behave_as_in_high_precision():
     grads = {}
     for ckpt in (False, True):
         model = convert_to_fp8_training(fresh(base), REF)
-        if ckpt:  # transformers 5.24 renamed gradient_checkpointing_enable
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        if ckpt:
+            model.activation_checkpointing_enable()
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
         model(input_ids=ids, labels=ids).loss.backward()
         grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -185,9 +185,9 @@ def check_v3_router(router, x, expect_scale):
     T = x.shape[0]
     assert logits.dtype == weights.dtype == scores.dtype == torch.float32
     assert torch.allclose(scores, torch.sigmoid(x.float() @ router.weight.float().T), atol=1e-6)
-    chosen, kept = reference_v3_selection(scores.detach(), router.e_score_correction_bias, router.n_group,
-                                          router.topk_group, router.top_k)
-    size = router.num_experts // router.n_group
+    chosen, kept = reference_v3_selection(scores.detach(), router.e_score_correction_bias, router.config.n_group,
+                                          router.config.topk_group, router.top_k)
+    size = router.num_experts // router.config.n_group
     for t in range(T):
         assert set(ids[t].tolist()) == chosen[t], t
         assert len(set(ids[t].tolist())) == router.top_k
@@ -278,7 +278,7 @@ def test_v3_router_gradient_reaches_router_weight_only_through_weights():
 @pytest.mark.parametrize("scale", [1.0, 16.0])
 def test_v2_softmax_greedy(norm, scale):
     router = make_router(topk_method="greedy", norm_topk_prob=norm, routed_scaling_factor=scale)
-    assert router.scoring_func == "softmax" and router.e_score_correction_bias is None
+    assert router.config.scoring_func == "softmax" and router.e_score_correction_bias is None
     x = torch.randn(16, 64)
     _, weights, ids, scores = router(x)
     probs = torch.softmax(x @ router.weight.T, dim=-1)

@@ -636,3 +636,23 @@ def test_fp8_experts_cuda_match_simulation():
     assert got.dtype == torch.bfloat16
     assert rel_rms(got, simulated) < 0.02
     assert rel_rms(got, exact) < 0.1
+
+
+def test_fp8_training_api_is_public_on_the_package_and_old_paths_warn():
+    """`from quant import FP8TrainingConfig, convert_to_fp8_training, AdamWBF16Moments` is the public path; the names
+    quant.fp8 used to hold still import from there, with a DeprecationWarning naming their new module."""
+    import quant
+    import quant.fp8
+    from quant.adamw_bf16_moments import AdamWBF16Moments
+    from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
+
+    assert (quant.FP8TrainingConfig, quant.convert_to_fp8_training, quant.AdamWBF16Moments) == (
+        FP8TrainingConfig, convert_to_fp8_training, AdamWBF16Moments)
+    with pytest.warns(DeprecationWarning, match=r"quant\.fp8\.AdamWBF16Moments moved to quant\.adamw_bf16_moments"):
+        from quant.fp8 import AdamWBF16Moments as old
+    assert old is AdamWBF16Moments
+    for name in quant.fp8.MOVED:
+        with pytest.warns(DeprecationWarning, match=name):
+            assert getattr(quant.fp8, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'fp8_block_matmul_reference'"):
+        quant.fp8.fp8_block_matmul_reference

@@ -99,15 +99,9 @@ def train_tokenizer_from_texts(
         assert backend.token_to_id(tok) == i, f"special token {tok} got id {backend.token_to_id(tok)}"
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        add_bos_token=True,
-        add_eos_token=False,
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-        padding_side="left",
+        tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        add_bos_token=True, add_eos_token=False, model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False, padding_side="left",  # left: generation appends on the right
     )
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
