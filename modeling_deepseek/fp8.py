@@ -37,7 +37,9 @@ def fp8_block_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tens
         if not (N % FP8_BLOCK == 0 and K % FP8_BLOCK == 0 and scaled_mm_available(x.device)):
             w = dequantize_weight_blockwise(w_fp8, scale_inv, FP8_BLOCK, x.dtype)
             return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    backend = resolve_backend(backend, x.device)
+        backend = "scaled_mm"  # just checked: no second capability check per call
+    else:
+        backend = resolve_backend(backend, x.device)
     lead, K = x.shape[:-1], x.shape[-1]
     xq, xs = quantize_blockwise(x.reshape(-1, K), TILE)
     y = blockwise_mm(xq, xs, w_fp8, scale_inv, BLOCK, x.dtype, backend).view(*lead, -1)

@@ -144,7 +144,6 @@ def dequantize_weight_blockwise(
     w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Inverse of `quantize_weight_blockwise` (weight * scale_inv of its block, in `dtype`)."""
-    check_scale_shape(w_fp8.shape, scale_inv, block)
     return dequantize_blockwise(w_fp8, scale_inv, (block, block), dtype)
 
 

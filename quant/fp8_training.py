@@ -142,6 +142,13 @@ def _refuse_quantized(model: nn.Module) -> None:
         raise ValueError(f"convert_to_fp8_training: the model is quantized ({qc}); convert a full-precision model")
 
 
+def _output_heads(model: nn.Module) -> set[int]:
+    """ids of the model's output head (kept in high precision whatever it is named)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {id(head)} if head is not None else set()
+
+
 def _high_precision_reason(name: str, module: nn.Module, heads: set[int]) -> str | None:
     leaf = name.rsplit(".", 1)[-1]
     if id(module) in heads:
@@ -171,9 +178,7 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
         return _convert_with_torchao(model, config, module_filter_fn)
 
     report = FP8TrainingReport(config.recipe)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    heads = {id(head)} if head is not None else set()
+    heads = _output_heads(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, (Float8TrainingLinear, Float8TrainingExperts)):
             report.converted[name] = f"{type(module).__name__} (already converted, unchanged)"
@@ -241,8 +246,7 @@ def _convert_with_torchao(model: nn.Module, config: FP8TrainingConfig, module_fi
     if config.backend == "reference":
         ao_config = dataclasses.replace(ao_config, emulate=True)
     report = FP8TrainingReport(f"torchao {config.recipe}")
-    get_head = getattr(model, "get_output_embeddings", None)
-    heads = {id(get_head())} if callable(get_head) and get_head() is not None else set()
+    heads = _output_heads(model)
 
     def keep(module, fqn):
         if not isinstance(module, nn.Linear):
