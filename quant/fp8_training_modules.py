@@ -40,10 +40,7 @@ from modeling_deepseek.fp8_format import (
 from modeling_deepseek.fp8_gemm import BLOCK, TILE, blockwise_mm, resolve_backend
 from modeling_deepseek.parallel import is_sharded
 
-try:  # torch built without distributed support: nothing is ever sharded
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-except ImportError:  # pragma: no cover
-    DTensor = None
+from .fp8_tp import sharded_linear
 
 if TYPE_CHECKING:  # the config is defined next to the conversion that hands it to these modules
     from .fp8_training import FP8TrainingConfig
@@ -96,58 +93,14 @@ class _FP8Linear(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: FP8TrainingConfig):
     """F.linear with the FP8 training recipe (any leading dims; the bias is added in high precision)."""
-    if is_sharded(weight) or is_sharded(x):
-        return _fp8_linear_sharded(x, weight, bias, config)
+    if is_sharded(weight) or is_sharded(x):  # tensor parallelism: the GEMMs on the local shards (fp8_tp.py)
+        return sharded_linear(x, weight, bias, lambda *local: fp8_linear(*local, config))
     out_dtype = _out_dtype(x)
     lead, K = x.shape[:-1], x.shape[-1]
     with torch.autocast(x.device.type, enabled=False):
         y = _FP8Linear.apply(x.reshape(-1, K), weight, config, out_dtype)
     y = y.view(*lead, weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
-
-
-def _fp8_linear_sharded(x, weight, bias, config: FP8TrainingConfig):
-    """`fp8_linear` on DTensors, as the engine's tensor-parallel training forward hands them over: the FP8 GEMMs run
-    on the local shards and the result goes back as the DTensor F.linear would give, so the engine's redistributions
-    around the module (and DTensor's backward) are unchanged.
-
-        colwise   x Replicate,  W Shard(0) (rows = output features)  ->  y Shard(-1); x's gradient is Partial
-        rowwise   x Shard(-1),  W Shard(1) (columns = input features) ->  y Partial (summed where the engine says)
-        replicated weight                                            ->  y Replicate
-
-    Each rank tiles its shard from the shard's first entry. Where a shard starts on a multiple of 128 (V3's widths
-    split over any tp) these are exactly one process' tiles and blocks; a narrower shard gets tiles of its own, a
-    different grid of the same recipe (within FP8's noise of one process, measured in tests/test_parallel_training)."""
-    if not is_sharded(weight):
-        raise NotImplementedError("fp8_linear: a DTensor input with a plain weight; shard the weight (the engine's "
-                                  "plans do) or pass local tensors")
-    mesh = weight.device_mesh
-    if mesh.ndim != 1:
-        raise NotImplementedError(f"fp8_linear: a weight on a {mesh.ndim}-D mesh ({weight.placements}); FP8 training "
-                                  "shards Linears over one tensor-parallel dimension")
-    (placement,) = weight.placements
-    if not is_sharded(x):
-        x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-    lead, out_features = x.shape[:-1], weight.shape[0]
-    if placement == Shard(0):  # colwise
-        x_local = x.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
-        y_placement, b_local = Shard(x.ndim - 1), None if bias is None else bias.to_local()
-    elif placement == Shard(1):  # rowwise: bias (replicated) added once, after the partial sums
-        x_local = x.redistribute(mesh, [Shard(x.ndim - 1)]).to_local()
-        y_placement, b_local = Partial(), None
-    elif placement == Replicate():
-        x_local = x.redistribute(mesh, [Replicate()]).to_local()
-        y_placement, b_local = Replicate(), None if bias is None else bias.to_local()
-    else:
-        raise NotImplementedError(f"fp8_linear: weight placement {placement} (FP8 training takes colwise Shard(0), "
-                                  "rowwise Shard(1) or Replicate)")
-    y_local = fp8_linear(x_local, weight.to_local(), b_local, config)
-    shape = (*lead, out_features)
-    y = DTensor.from_local(y_local, mesh, [y_placement], run_check=False, shape=shape,
-                           stride=torch.empty(shape, device="meta").stride())
-    if bias is not None and placement == Shard(1):
-        y = y + bias
-    return y
 
 
 class Float8TrainingLinear(nn.Linear):

@@ -74,12 +74,14 @@ def make_trainer(kind: str, model, out_dir: Path, dp_size: int, fp8: bool):
 
 
 def fp8_gemm_sites(model) -> dict:
-    """How many FP8 Linears hold a sharded (DTensor) weight, and how many routed-experts modules there are."""
+    """How many FP8 Linears the engine's tensor-parallel plan sharded (a wrapper around forward and a DTensor weight;
+    FSDP2's DTensors are gathered before the forward), and how many routed-experts modules there are."""
     from modeling_deepseek.parallel import is_sharded
     from quant.fp8_training_modules import Float8TrainingExperts, Float8TrainingLinear
 
     modules = list(model.modules())
-    return {"sharded_fp8_linears": sum(isinstance(m, Float8TrainingLinear) and is_sharded(m.weight) for m in modules),
+    return {"sharded_fp8_linears": sum(isinstance(m, Float8TrainingLinear) and "forward" in vars(m)
+                                       and is_sharded(m.weight) for m in modules),
             "fp8_experts": sum(isinstance(m, Float8TrainingExperts) for m in modules)}
 
 
@@ -87,7 +89,7 @@ _UNPATCHED = {}
 
 
 def count_fp8_calls(stop: bool = False) -> Counter:
-    """Count the FP8 GEMMs that run on local shards (`_fp8_linear_sharded`) and the experts' grouped FP8 GEMMs, to
+    """Count the FP8 GEMMs that run on local shards (`sharded_linear`) and the experts' grouped FP8 GEMMs, to
     check that the engine's wrappers reach the FP8 forwards (a wrapper calling the old forward would skip them)."""
     from quant import fp8_training_modules as mod
 
@@ -96,8 +98,8 @@ def count_fp8_calls(stop: bool = False) -> Counter:
             setattr(mod, name, value)
         return Counter()
     calls = Counter()
-    _UNPATCHED.update(_fp8_linear_sharded=mod._fp8_linear_sharded, _FP8GroupedMM=mod._FP8GroupedMM)
-    sharded, grouped = mod._fp8_linear_sharded, mod._FP8GroupedMM
+    _UNPATCHED.update(sharded_linear=mod.sharded_linear, _FP8GroupedMM=mod._FP8GroupedMM)
+    sharded, grouped = mod.sharded_linear, mod._FP8GroupedMM
 
     def counted_sharded(*args, **kwargs):
         calls["sharded_linear"] += 1
@@ -109,7 +111,7 @@ def count_fp8_calls(stop: bool = False) -> Counter:
             calls["grouped"] += 1
             return grouped.apply(*args, **kwargs)
 
-    mod._fp8_linear_sharded, mod._FP8GroupedMM = counted_sharded, CountedGrouped
+    mod.sharded_linear, mod._FP8GroupedMM = counted_sharded, CountedGrouped
     return calls
 
 
@@ -237,6 +239,41 @@ def run_layout(layout: str, ckpt: str, out: Path) -> dict:
     return rec
 
 
+def fp8_linear_shards(width: int) -> dict:
+    """A colwise FP8 Linear (width -> 2 width) feeding a rowwise one (2 width -> width), sharded over the ranks with
+    torch's own tensor-parallel styles, against the same two FP8 Linears unsharded in this process: the largest
+    relative difference of the output, the input gradient and each weight gradient."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from quant.fp8_training import FP8TrainingConfig
+    from quant.fp8_training_modules import Float8TrainingLinear
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    gen = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(2 * width, width, generator=gen), torch.randn(width, 2 * width, generator=gen) / width
+    x = torch.randn(40, width, generator=gen)
+    config = FP8TrainingConfig(backend="reference")
+
+    def mlp():
+        seq = torch.nn.Sequential(torch.nn.Linear(width, 2 * width, bias=False), torch.nn.Linear(2 * width, width,
+                                                                                              bias=False))
+        seq[0].weight.data.copy_(w1)
+        seq[1].weight.data.copy_(w2)
+        return torch.nn.Sequential(*(Float8TrainingLinear.from_linear(layer, config) for layer in seq))
+
+    results = {}
+    for name, model in (("one", mlp()), ("sharded", parallelize_module(mlp(), mesh, {"0": ColwiseParallel(),
+                                                                                  "1": RowwiseParallel()}))):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.pow(2).sum().backward()
+        results[name] = [y.detach(), xi.grad] + [full(p.grad) for p in model.parameters()]
+    return {"width": width, "rel_diff": [((a - b).abs().max() / a.abs().max()).item()
+                                         for a, b in zip(results["one"], results["sharded"])],
+            "is_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
 def main(out: Path, ckpt: str, layouts: list[str]) -> None:
     import transformers
 
@@ -248,7 +285,11 @@ def main(out: Path, ckpt: str, layouts: list[str]) -> None:
     rank = int(os.environ.get("RANK", 0))
     record_bias_updates(SEEN["local"], SEEN["reduced"])
     for layout in layouts:
-        rec = run_layout(layout, ckpt, out / layout)
+        if layout == "fp8-shards":  # 128-aligned shards (one process' tiles) and 48-wide ones (tiles of their own)
+            rec = {"layout": layout, "aligned": fp8_linear_shards(256), "narrow": fp8_linear_shards(96)}
+            (out / layout).mkdir(parents=True, exist_ok=True)
+        else:
+            rec = run_layout(layout, ckpt, out / layout)
         (out / layout / f"rank{rank}.json").write_text(json.dumps(rec))
 
 
