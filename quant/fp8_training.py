@@ -36,6 +36,11 @@ How it plugs in
 The converted modules are subclasses of the ones they replace (`nn.Linear`, `DeepseekExperts`) holding the same
 Parameter objects under the same names: optimizers built before the conversion keep working, state dicts and
 `save_pretrained` stay in the standard high-precision layout, and DDP / FSDP2 / Trainer see ordinary parameters.
+A model sharded at load by transformers' distributed engine (DistributedConfig tp / ep / fsdp, any mix) is converted
+by swapping each module's class in place: FSDP2 and the engine's tensor- and expert-parallel wrappers hold those very
+objects, and the wrappers, which call the forward they captured at load, are pointed at the FP8 one
+(`modeling_deepseek.compat.rebind_engine_forward`). The FP8 GEMMs then run on each rank's local shards
+(quant/fp8_tp.py) between the engine's own collectives; `quant.fp8_dispatch` moves the experts' tokens in FP8.
 accelerate: convert before `accelerator.prepare` with `mixed_precision="bf16"` or `"no"`. accelerate's own
 `mixed_precision="fp8"` converts every `nn.Linear` subclass to torchao's `Float8Linear`; a converted model refuses
 to train after that happened (a clear error on the first training forward) instead of silently running another
