@@ -6,7 +6,10 @@ transformers' distributed engine, on 2 CPU ranks; one torchrun launch runs every
 
 A layout is `{trainer}-{parallelism}` with trainer `deepseek` (DeepseekTrainer) or `plain` (transformers' Trainer) and
 parallelism tp / ep / tp_ep / fsdp / fsdp_ep (DistributedConfig as in tests/_parallel_worker.py), optionally with
-`+fp8` (FP8 block-wise training, quant/). Kind `loop` is a plain PyTorch loop (AdamW); `loop-...+resume` saves the model
+`+fp8` (FP8 block-wise training, quant/, converted after the engine sharded the model; the loop records the first
+step's gradients in full to OUT/{layout}/first_grads.pt and counts the FP8 GEMMs that ran) and `+dispatch`
+(ep_implementation=quant.fp8_dispatch.FP8_DISPATCH). Layout `fp8-shards` checks a colwise + rowwise pair of FP8
+Linears sharded with torch's own tensor-parallel styles against one process (`fp8_linear_shards`). Kind `loop` is a plain PyTorch loop (AdamW); `loop-...+resume` saves the model
 (the engine's distributed checkpoint) and the optimizer state at STEPS / 2, then resumes a freshly loaded model and
 optimizer from them. (transformers' Trainer refuses to checkpoint optimizer state for a model sharded at load, and
 accelerate takes no CPU ranks for tensor parallelism: both are recorded as refusals.) Every layout trains STEPS optimizer steps at a global batch of GLOBAL_BATCH
