@@ -182,7 +182,8 @@ def fp8_train_step_part(args, results: Path, results_md: Path) -> dict:
               "repeats": args.repeats, "rows": rows}
     harness.write_json(results / f"gpu_suite_fp8_train_step_{args.device}.json", report)
     mib, widths = 2 ** 20, "(smoke: small widths)" if args.smoke else "at V3's widths"
-    body = "\n".join(harness.section_head(f"FP8 training step vs bf16: time and peak memory ({args.device})", report) + [
+    title = f"FP8 training step vs bf16: time and peak memory ({args.device})"
+    body = "\n".join(harness.section_head(title, report) + [
         f"One MoE layer {widths} ({harness.config_line(shape)}), bf16 weights, {tokens[0]} x {tokens[1]} "
         f"tokens; forward + backward + AdamW, median of {args.repeats} after a warm-up step. Peak: "
         f"{rows['bf16']['peak_kind']} over the step (weights and optimizer state excluded).", "",

@@ -70,7 +70,8 @@ class _Dispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, rows_S, send_sizes, recv_sizes, group, counter, fp8: bool, p2: bool):
-        ctx.rows_S, ctx.sizes, ctx.group, ctx.counter, ctx.T = rows_S, (send_sizes, recv_sizes), group, counter, x_TD.shape[0]
+        ctx.rows_S, ctx.sizes, ctx.group, ctx.counter = rows_S, (send_sizes, recv_sizes), group, counter
+        ctx.T = x_TD.shape[0]
         if not fp8:
             return _exchange(x_TD[rows_S], recv_sizes, send_sizes, group, counter, "dispatch"), None, None
         # Quantized per token, once, then gathered per (token, expert) copy: 1 x 128 tiles never mix two tokens.

@@ -25,7 +25,8 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path):
     cb_sections = {"continuous-batching", "continuous-batching-fp8"} if MLA_PAGED_CACHE else {
         "gpu-suite-continuous-batching-cpu"}  # transformers < 5.25: the section says why nothing was measured
     assert set(sections) == {"decode-compile-gpu-suite-b1-cpu-fp32", "decode-compile-gpu-suite-b32-cpu-fp32",
-                             "gpu-suite-mtp-cpu", "gpu-suite-fp8-gemm-cpu", "gpu-suite-fp8-train-step-cpu", *cb_sections}
+                             "gpu-suite-mtp-cpu", "gpu-suite-fp8-gemm-cpu", "gpu-suite-fp8-train-step-cpu",
+                             *cb_sections}
     for batch in ("1", "32"):
         report = done["decode"][batch]
         assert report["settings"]["batch"] == int(batch)
