@@ -16,6 +16,8 @@ One torchrun launch (tests/_parallel_train_worker.py) runs:
                         the plain loop, the model converted to FP8 training after the engine sharded it
     loop-fsdp_ep+fp8+dispatch
                         the same with FP8 dispatch (quant/fp8_dispatch.py: DistributedConfig(ep_implementation=...))
+    loop-tp_ep+fp8+dispatch
+                        FP8 dispatch where the ranks share the batch (each dispatches its slice of the rows)
     loop-fsdp_ep+dispatch
                         that implementation on a model not converted: tokens in the model's precision
     fp8-shards          one colwise + one rowwise FP8 Linear sharded with torch's TP styles, against one process
@@ -49,7 +51,7 @@ pytestmark = pytest.mark.skipif(
 FP8_LAYOUTS = ("loop-tp+fp8", "loop-ep+fp8", "loop-tp_ep+fp8", "loop-fsdp_ep+fp8")
 LAYOUTS = ("loop-tp+resume", "loop-ep", "loop-tp_ep", "loop-fsdp+resume", "deepseek-fsdp", "plain-fsdp_ep",
            "deepseek-fsdp+fp8", "deepseek-tp", "loop-fsdp_ep+dispatch", *FP8_LAYOUTS, "loop-fsdp_ep+fp8+dispatch",
-           "fp8-shards")
+           "loop-tp_ep+fp8+dispatch", "fp8-shards")
 needs_empty_tp_plan = pytest.mark.skipif(
     not engine_takes_empty_tp_plan(),
     reason=f"expert parallelism alone (tp_plan={{}}) needs transformers >= {EMPTY_TP_PLAN_RELEASE}")
@@ -188,7 +190,8 @@ def fp8_noise(runs) -> tuple[float, float]:
     return sum(gaps) / len(gaps), max(gaps)
 
 
-@pytest.mark.parametrize("layout", [layout_param(n) for n in (*FP8_LAYOUTS, "loop-fsdp_ep+fp8+dispatch")])
+@pytest.mark.parametrize("layout", [layout_param(n) for n in (*FP8_LAYOUTS, "loop-fsdp_ep+fp8+dispatch",
+                                                                "loop-tp_ep+fp8+dispatch")])
 def test_fp8_training_follows_the_one_process_fp8_curve(runs, layout):
     """FP8 training of a model the engine sharded (tp, ep, tp+ep, fsdp+ep): every FP8 GEMM runs, on the local shards
     (counted: the engine's wrappers reach the FP8 forwards), and the 20-step curve stays within FP8's own noise of the
@@ -260,3 +263,35 @@ def test_fp8_dispatch_sends_about_half_the_bytes(runs):
         assert sent["counts"] > 0
     fp8_bytes, hp_bytes = r0["dispatch"] + r1["dispatch"], r0["combine"] + r1["combine"]
     assert fp8_bytes * 4 * D == hp_bytes * (D + 4)  # the same rows, both ways
+
+
+def test_fp8_experts_skip_the_routes_to_other_ranks():
+    """Under expert parallelism the engine's all_reduce implementation (inference) hands the experts local ids with
+    `num_experts` marking a route to another rank's expert, at weight 0. The FP8 grouped path zeroes those rows and
+    runs them in the last group: each token's output is that of its local routes alone (to fp32 rounding: the GEMMs
+    see other row counts), and a token routed only elsewhere gets output and gradient zero."""
+    from quant.fp8_training import FP8TrainingConfig
+    from quant.fp8_training_modules import Float8TrainingExperts
+
+    experts = Float8TrainingExperts.from_experts(tiny_model(seed=0).model.layers[1].mlp.experts,
+                                                 FP8TrainingConfig(backend="reference"))
+    experts.num_experts, experts._is_expert_parallel = 4, True  # this rank holds experts 0..3 of 8
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach()[:4].clone())
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach()[:4].clone())
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(24, experts.hidden_dim, generator=gen, requires_grad=True)
+    ids = torch.randint(0, 8, (24, 2), generator=gen)
+    weights = torch.rand(24, 2, generator=gen)
+    local = ids < 4
+    ids_local = torch.where(local, ids, 4)  # the sentinel
+    out = experts(x, ids_local, weights * local)
+    assert (~local).any() and local.any()
+    for t in range(24):  # token by token, only its local routes
+        keep = local[t]
+        if keep.any():
+            ref = experts(x[t:t + 1].detach(), ids[t:t + 1, keep], weights[t:t + 1, keep])
+            torch.testing.assert_close(out[t], ref[0], rtol=1e-6, atol=1e-7)  # fp32 GEMMs of other row counts
+        else:
+            assert torch.equal(out[t], torch.zeros_like(out[t]))
+    out.sum().backward()
+    assert torch.equal(x.grad[~local.any(1)], torch.zeros_like(x.grad[~local.any(1)]))
