@@ -15,7 +15,10 @@ Parts, each its own RESULTS.md section (`gpu-suite-...`) and JSON under <out-dir
    e4m3 with 1 x 128 / 128 x 128 scales) forward + backward against bf16 F.linear, on V3's projection shapes, median ms and
    the ratio. Backend "auto": torch's scaled_mm on a Hopper GPU, the reference (dequantize + matmul) elsewhere.
 
-4. continuous-batching: benchmarks.continuous_batching on the device (generate_batch, 32 requests of 256 to 2,048
+4. fp8-train-step: one training step (forward, backward, AdamW) of one MoE layer at V3's widths (benchmarks.fp8_dispatch
+   .V3_LAYER, 8 routed experts, 4K tokens), bf16 weights, against the same model converted to FP8 training: median
+   step time and the step's peak memory (benchmarks.measure.PeakMemory: the CUDA allocator's high-water mark).
+5. continuous-batching: benchmarks.continuous_batching on the device (generate_batch, 32 requests of 256 to 2,048
    tokens, 64 new each, V3's latent width): ours against transformers' DeepseekV3, then ours with the FP8 paged
    latent (latent_cache_dtype="fp8") against ours: tokens/s, TTFT and latency percentiles, cache bytes per token.
 
@@ -138,6 +141,59 @@ def fp8_gemm_part(args, results: Path, results_md: Path) -> dict:
     return report
 
 
+def fp8_train_step_part(args, results: Path, results_md: Path) -> dict:
+    from benchmarks.fp8_dispatch import V3_LAYER
+    from benchmarks.measure import PeakMemory
+    from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+    from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
+
+    shape = dict(V3_LAYER, n_routed_experts=8, num_nextn_predict_layers=0)
+    tokens = (1, 4096)
+    if args.smoke:
+        shape.update(hidden_size=256, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                     v_head_dim=32, moe_intermediate_size=128, intermediate_size=256, vocab_size=512)
+        tokens = (1, 64)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape["vocab_size"], tokens, generator=gen).to(args.device)
+    rows = {}
+    for mode in ("bf16", "fp8"):
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = DeepseekForCausalLM(DeepseekConfig(**shape)).to(torch.bfloat16).train()
+        if mode == "fp8":
+            convert_to_fp8_training(model, FP8TrainingConfig(backend="auto"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        times, peaks, kind = [], [], ""
+        for i in range(args.repeats + 1):  # the first (optimizer state created) is a warm-up
+            opt.zero_grad(set_to_none=True)
+            with PeakMemory(args.device) as peak:
+                t0 = clock(args.device)
+                model(ids, labels=ids).loss.backward()
+                opt.step()
+                dt = clock(args.device) - t0
+            if i:
+                times.append(dt)
+                peaks.append(peak.bytes)
+                kind = peak.kind
+        rows[mode] = {"step_ms": median(times) * 1e3, "peak_bytes": max(peaks), "peak_kind": kind,
+                      "parameters": sum(p.numel() for p in model.parameters())}
+        del model, opt
+    report = {**harness.report_head("gpu_suite_fp8_train_step", args.device), "shape": shape, "tokens": tokens,
+              "repeats": args.repeats, "rows": rows}
+    harness.write_json(results / f"gpu_suite_fp8_train_step_{args.device}.json", report)
+    mib, widths = 2 ** 20, "(smoke: small widths)" if args.smoke else "at V3's widths"
+    title = f"FP8 training step vs bf16: time and peak memory ({args.device})"
+    body = "\n".join(harness.section_head(title, report) + [
+        f"One MoE layer {widths} ({harness.config_line(shape)}), bf16 weights, {tokens[0]} x {tokens[1]} "
+        f"tokens; forward + backward + AdamW, median of {args.repeats} after a warm-up step. Peak: "
+        f"{rows['bf16']['peak_kind']} over the step (weights and optimizer state excluded).", "",
+        harness.markdown_table(["run", "step ms", "peak MiB", "vs bf16"],
+                               [[m, r["step_ms"], r["peak_bytes"] / mib,
+                                 f"{r['peak_bytes'] / rows['bf16']['peak_bytes']:.2f}x"] for m, r in rows.items()])])
+    harness.write_section(f"gpu-suite-fp8-train-step-{args.device}", body, results_md)
+    return report
+
+
 def continuous_batching_part(args, results: Path, results_md: Path) -> dict | None:
     from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, installed_transformers_version
 
@@ -167,7 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--parts", default="decode,mtp,fp8-gemm,continuous-batching")
+    p.add_argument("--parts", default="decode,mtp,fp8-gemm,fp8-train-step,continuous-batching")
     p.add_argument("--cb-requests", type=int, default=32, help="continuous-batching: requests in the batch")
     p.add_argument("--mtp-model-dir", default=str(REPO_ROOT / "runs" / "demo" / "final"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks that every part runs")
@@ -197,6 +253,8 @@ def main(argv=None) -> dict:
         done["mtp"] = mtp_part(args, results, results_md)
     if "fp8-gemm" in parts:
         done["fp8-gemm"] = fp8_gemm_part(args, results, results_md)
+    if "fp8-train-step" in parts:
+        done["fp8-train-step"] = fp8_train_step_part(args, results, results_md)
     if "continuous-batching" in parts:
         done["continuous-batching"] = continuous_batching_part(args, results, results_md)
     print(f"wrote {results_md}")

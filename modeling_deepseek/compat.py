@@ -272,3 +272,69 @@ def avoid_bnb_cpu_avx512_packing(module) -> bool:
         module.support_avx512bf16_for_cpu = False
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers' distributed engine: the module forward its tensor- / expert-parallel wrappers call
+
+def rebind_engine_forward(module: torch.nn.Module) -> bool:
+    """Point the engine's wrapper around `module` at the forward of the module's *current* class.
+
+    Loaded with DistributedConfig(tp / ep), a planned module's `forward` is an instance attribute: the engine's
+    closure (`TensorParallelLayer.install_forward` / `ExpertParallelLayer.install_forward`: free variable
+    `original_forward`; `EpDispatchExpertsParallel.install_forward`: free variable `implementation`, an
+    EPImplementation whose documented `experts_forward` attribute, also on the implementations an AutoEP holds) calls
+    the bound forward it captured at load. A class swapped afterwards (FP8 training's in-place conversion) is not
+    reached through that bound method; this rebinds every captured forward of `module` to `type(module).forward`.
+    Returns False when `module` has no engine wrapper; raises when it has one this function cannot read."""
+    installed = module.__dict__.get("forward")
+    if installed is None:
+        return False
+    fresh = type(module).forward.__get__(module)
+
+    def captured(obj) -> bool:
+        return getattr(obj, "__self__", None) is module and callable(obj)
+
+    def rebind_implementation(impl, seen) -> int:
+        if id(impl) in seen:
+            return 0
+        seen.add(id(impl))
+        count = 0
+        for name, value in vars(impl).items():
+            if name == "experts_forward" and captured(value):
+                setattr(impl, name, fresh)
+                count += 1
+            elif hasattr(value, "experts_forward"):
+                count += rebind_implementation(value, seen)
+        return count
+
+    count = 0
+    for name, cell in zip(installed.__code__.co_freevars, installed.__closure__ or ()):
+        value = cell.cell_contents
+        if name == "original_forward" and captured(value):
+            cell.cell_contents = fresh
+            count += 1
+        elif name == "implementation" and hasattr(value, "experts_forward"):
+            count += rebind_implementation(value, set())
+    if count == 0:
+        raise RuntimeError(
+            f"{type(module).__name__}: transformers {transformers.__version__}'s distributed engine wrapped this "
+            f"module's forward in {installed.__qualname__!r}, which holds no `original_forward` / `implementation` "
+            "this package knows how to rebind (modeling_deepseek/compat.py rebind_engine_forward)")
+    return True
+
+
+# The engine's registry of how an `ep_dispatch_experts` module reaches its experts (DistributedConfig.ep_implementation
+# names an entry). Its module documents `EPImplementationInterface.register(name, cls)` and the `EPImplementation`
+# base class for exactly this, but transformers.distributed does not export them (the same in 5.23 and 5.25).
+
+def ep_implementation_base() -> type:
+    from transformers.distributed.expert_parallel import EPImplementation
+
+    return EPImplementation
+
+
+def register_ep_implementation(name: str, cls: type) -> None:
+    from transformers.distributed.expert_parallel import EPImplementationInterface
+
+    EPImplementationInterface.register(name, cls)

@@ -36,6 +36,11 @@ How it plugs in
 The converted modules are subclasses of the ones they replace (`nn.Linear`, `DeepseekExperts`) holding the same
 Parameter objects under the same names: optimizers built before the conversion keep working, state dicts and
 `save_pretrained` stay in the standard high-precision layout, and DDP / FSDP2 / Trainer see ordinary parameters.
+A model sharded at load by transformers' distributed engine (DistributedConfig tp / ep / fsdp, any mix) is converted
+by swapping each module's class in place: FSDP2 and the engine's tensor- and expert-parallel wrappers hold those very
+objects, and the wrappers, which call the forward they captured at load, are pointed at the FP8 one
+(`modeling_deepseek.compat.rebind_engine_forward`). The FP8 GEMMs then run on each rank's local shards
+(quant/fp8_tp.py) between the engine's own collectives; `quant.fp8_dispatch` moves the experts' tokens in FP8.
 accelerate: convert before `accelerator.prepare` with `mixed_precision="bf16"` or `"no"`. accelerate's own
 `mixed_precision="fp8"` converts every `nn.Linear` subclass to torchao's `Float8Linear`; a converted model refuses
 to train after that happened (a clear error on the first training forward) instead of silently running another
@@ -58,6 +63,7 @@ from torch import nn
 
 from modeling_deepseek.attention import DeepseekAttention
 from modeling_deepseek.bnb_experts import DeepseekBnbExperts
+from modeling_deepseek.compat import rebind_engine_forward
 from modeling_deepseek.experts import DeepseekExperts
 from modeling_deepseek.fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 from modeling_deepseek.fp8_gemm import check_backend, scaled_mm_available
@@ -214,24 +220,18 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
 
 def _loaded_sharded(model: nn.Module) -> bool:
     """Whether transformers' distributed engine sharded `model` at load (from_pretrained(distributed_config=...)).
-    FSDP2 gathers and frees the parameters of the very module objects it wrapped, so conversion must keep them (the
-    class is swapped in place). Tensor- and expert-parallel layers run the engine's forward around the module's
-    original one, which no conversion reaches: refused rather than left silently in high precision."""
-    if not getattr(model, "is_distributed_loading_by_transformers", False):
-        return False
-    dc = model.config.distributed_config
-    if dc.tp_size > 1 or dc.ep_size > 1:
-        raise ValueError(
-            f"convert_to_fp8_training: the model was loaded with tp_size={dc.tp_size}, ep_size={dc.ep_size}; the "
-            "engine's tensor- and expert-parallel forwards wrap the original modules, which FP8 conversion cannot "
-            "reach. FP8 training runs on a model loaded with DistributedConfig(fsdp_size=N) (FSDP2 alone)")
-    return True
+    Then the conversion keeps every module object (the class is swapped in place, see `_adopt`): FSDP2 gathers and
+    frees the parameters of the very modules it wrapped, and the tensor- / expert-parallel wrappers hold them."""
+    return bool(getattr(model, "is_distributed_loading_by_transformers", False))
 
 
 def _adopt(module: nn.Module, cls: type, config: FP8TrainingConfig) -> nn.Module:
-    """Turn `module` itself into its FP8 training subclass (same object, same Parameters, same hooks)."""
+    """Turn `module` itself into its FP8 training subclass (same object, same Parameters, same hooks). Under tensor
+    or expert parallelism the engine's wrapper called the forward it captured at load (the old class's): it is
+    pointed at the FP8 forward, so the engine's collectives stay as they are around FP8 GEMMs on the local shards."""
     module.__class__ = cls
     module.fp8_config = config
+    rebind_engine_forward(module)
     return module
 
 

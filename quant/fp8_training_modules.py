@@ -38,6 +38,9 @@ from modeling_deepseek.fp8_format import (
     quantize_token_tiles,
 )
 from modeling_deepseek.fp8_gemm import BLOCK, TILE, blockwise_mm, resolve_backend
+from modeling_deepseek.parallel import is_sharded
+
+from .fp8_tp import sharded_linear
 
 if TYPE_CHECKING:  # the config is defined next to the conversion that hands it to these modules
     from .fp8_training import FP8TrainingConfig
@@ -90,6 +93,8 @@ class _FP8Linear(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: FP8TrainingConfig):
     """F.linear with the FP8 training recipe (any leading dims; the bias is added in high precision)."""
+    if is_sharded(weight) or is_sharded(x):  # tensor parallelism: the GEMMs on the local shards (fp8_tp.py)
+        return sharded_linear(x, weight, bias, lambda *local: fp8_linear(*local, config))
     out_dtype = _out_dtype(x)
     lead, K = x.shape[:-1], x.shape[-1]
     with torch.autocast(x.device.type, enabled=False):
@@ -129,11 +134,13 @@ class _FP8GroupedMM(torch.autograd.Function):
     on e4m3 operands. torch has no block-scaled grouped GEMM: the dequantized tiles go through grouped_mm."""
 
     @staticmethod
-    def forward(ctx, x_SK, w_ENK, offsets_E, config: FP8TrainingConfig, out_dtype: torch.dtype):
+    def forward(ctx, x_SK, w_ENK, offsets_E, config: FP8TrainingConfig, out_dtype: torch.dtype, x_fp8=None):
+        """x_fp8: x's e4m3 rows and 1 x 128 scales when they arrived quantized (FP8 dispatch, quant/fp8_dispatch.py):
+        Fprop takes them as they are, and x_SK (their dequantized values) is Wgrad's operand."""
         p2 = config.round_scales_to_power_of_2
         cd = _grouped_compute_dtype(x_SK)
         wq, ws = quantize_blockwise(w_ENK, BLOCK, p2)
-        x = dequantize_blockwise(*quantize_blockwise(x_SK, TILE, p2), TILE, cd)
+        x = dequantize_blockwise(*(x_fp8 or quantize_blockwise(x_SK, TILE, p2)), TILE, cd)
         y_SN = _grouped_mm(x, dequantize_blockwise(wq, ws, BLOCK, cd).transpose(1, 2), offs=offsets_E)
         if config.cache_fp8_activations:
             ctx.save_for_backward(*quantize_token_tiles(x_SK, offsets_E, p2), wq, ws, offsets_E)
@@ -160,7 +167,7 @@ class _FP8GroupedMM(torch.autograd.Function):
             dyq, dys, dy_tile_S = quantize_token_tiles(dy_SN, offsets_E, p2)
             dy = dequantize_token_tiles(dyq, dys, dy_tile_S).to(cd)
             dw = grouped_wgrad(dy, dequantize_token_tiles(xq, xs, tile_S).to(cd), offsets_E).to(w_dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def _grouped_compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -192,17 +199,30 @@ class Float8TrainingExperts(DeepseekExperts):
         size = torch.finfo(_grouped_compute_dtype(x)).bits // 8
         return all((width * size) % 16 == 0 for width in (self.hidden_dim, self.intermediate_dim))
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The per-expert counts are taken here, over every (token, expert) pair: the MoE layer's balancing counts
-        leave padding out and would misplace the segments."""
+        leave padding out and would misplace the segments. `x_fp8` = (e4m3 x [T, D], scales [T, ceil(D/128)]): x as
+        FP8 dispatch delivered it (x_TD is its dequantized copy); the up-projection's Fprop uses it unchanged (the
+        per-expert loop, for odd shapes, quantizes x_TD again)."""
         if self._use_loop() or not self._grouped_ok(x_TD):
             return self.forward_loop(x_TD, expert_ids_TK, weights_TK)
         T, K = expert_ids_TK.shape
         cfg, out_dtype = self.fp8_config, _out_dtype(x_TD)
         order_S = expert_ids_TK.reshape(-1).argsort(stable=True)  # each expert's rows become one segment
+        x_SD = x_TD[order_S // K]
+        if x_fp8 is not None:
+            x_fp8 = (x_fp8[0][order_S // K], x_fp8[1][order_S // K])
+        if getattr(self, "_is_expert_parallel", False):
+            # Under expert parallelism, id num_experts marks a route to another rank's expert (sorted last). Those rows
+            # are zeroed and join the last group: zero rows add nothing to its GEMMs, amax or Wgrad tiles, and output
+            # zero, with no host synchronisation.
+            local_S = expert_ids_TK.reshape(-1)[order_S] < self.num_experts
+            x_SD = torch.where(local_S.unsqueeze(-1), x_SD, torch.zeros((), dtype=x_SD.dtype, device=x_SD.device))
+            expert_ids_TK = expert_ids_TK.clamp_max(self.num_experts - 1)
         offsets_E = tokens_per_expert(expert_ids_TK, self.num_experts).cumsum(0).to(torch.int32)  # segment ends
         with torch.autocast(x_TD.device.type, enabled=False):
-            gate_up_S2I = _FP8GroupedMM.apply(x_TD[order_S // K], self.gate_up_proj, offsets_E, cfg, out_dtype)
+            gate_up_S2I = _FP8GroupedMM.apply(x_SD, self.gate_up_proj, offsets_E, cfg, out_dtype, x_fp8)
             gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
             h_SI = (self.act_fn(gate_SI) * up_SI).contiguous()
             y_SD = _FP8GroupedMM.apply(h_SI, self.down_proj, offsets_E, cfg, out_dtype)
@@ -217,7 +237,7 @@ class Float8TrainingExperts(DeepseekExperts):
             gate, up = fp8_linear(x_ND, self.gate_up_proj[e], None, cfg).chunk(2, dim=-1)
             return fp8_linear(self.act_fn(gate) * up, self.down_proj[e], None, cfg)
 
-        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert)
+        return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert, self.num_experts)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, fp8 training grouped 1x128 x 128x128"

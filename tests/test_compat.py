@@ -255,6 +255,44 @@ def test_engine_takes_an_empty_tp_plan_from_the_release_compat_names():
             model._resolve_parallel_plans(layout)
 
 
+def test_rebind_engine_forward_points_the_engines_wrappers_at_a_swapped_class():
+    """compat.rebind_engine_forward: transformers' TensorParallelLayer.install_forward wraps `module.forward` in a
+    closure over `original_forward`, and EpDispatchExpertsParallel.install_forward in one over `implementation`
+    (whose `experts_forward` is the captured forward). A class swapped afterwards is reached only once rebound."""
+    from transformers.distributed.expert_parallel import EpDispatchExpertsParallel
+    from transformers.distributed.tensor_parallel import TensorParallelLayer
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    linear = torch.nn.Linear(4, 3)
+    TensorParallelLayer().install_forward(linear, None)  # identity transforms: runs without a mesh
+    x = torch.randn(2, 4)
+    plain = linear(x)
+    linear.__class__ = Doubled
+    assert torch.equal(linear(x), plain), "the engine's wrapper calls the forward captured at install"
+    assert compat.rebind_engine_forward(linear)
+    assert torch.equal(linear(x), 2 * plain)
+
+    class Probe:  # the EPImplementation protocol: built with (experts, ep_mesh, tp_mesh), holds experts_forward
+        def __init__(self, experts, ep_mesh, tp_mesh):
+            self.experts_forward = experts.forward
+
+        def __call__(self, hidden, index, weights):
+            return self.experts_forward(hidden)
+
+    compat.register_ep_implementation("_compat_probe", Probe)
+    experts = torch.nn.Linear(4, 4)
+    EpDispatchExpertsParallel().install_forward(experts, None, tp_mesh=None, ep_implementation="_compat_probe")
+    plain = experts(x, None, None)
+    experts.__class__ = Doubled
+    assert compat.rebind_engine_forward(experts)
+    assert torch.equal(experts(x, None, None), 2 * plain)
+    assert not compat.rebind_engine_forward(torch.nn.Linear(2, 2))  # no engine wrapper: nothing to do
+    assert "experts_forward" in inspect.getsource(compat.ep_implementation_base())
+
+
 def test_output_capturing_records_once_per_forward(monkeypatch):
     """compat.capture_outputs, OutputRecorder, merge_with_config_defaults, can_return_tuple
     (transformers.utils.output_capturing / transformers.utils.generic): DeepseekModel.forward collects what

@@ -25,7 +25,8 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path):
     cb_sections = {"continuous-batching", "continuous-batching-fp8"} if MLA_PAGED_CACHE else {
         "gpu-suite-continuous-batching-cpu"}  # transformers < 5.25: the section says why nothing was measured
     assert set(sections) == {"decode-compile-gpu-suite-b1-cpu-fp32", "decode-compile-gpu-suite-b32-cpu-fp32",
-                             "gpu-suite-mtp-cpu", "gpu-suite-fp8-gemm-cpu", *cb_sections}
+                             "gpu-suite-mtp-cpu", "gpu-suite-fp8-gemm-cpu", "gpu-suite-fp8-train-step-cpu",
+                             *cb_sections}
     for batch in ("1", "32"):
         report = done["decode"][batch]
         assert report["settings"]["batch"] == int(batch)
@@ -39,6 +40,9 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path):
     assert "| batch 1, k=1 |" in sections["gpu-suite-mtp-cpu"]
     gemm = done["fp8-gemm"]["rows"][0]
     assert gemm["bf16_ms"] > 0 and gemm["fp8_ms"] > 0 and done["fp8-gemm"]["backend"] == "reference"
+    step = done["fp8-train-step"]["rows"]
+    assert all(step[m]["step_ms"] > 0 and step[m]["peak_bytes"] > 0 for m in ("bf16", "fp8"))
+    assert step["bf16"]["parameters"] == step["fp8"]["parameters"]  # the same model, converted in place
     if not MLA_PAGED_CACHE:
         assert "Not measured" in sections["gpu-suite-continuous-batching-cpu"] and done["continuous-batching"] is None
         return
