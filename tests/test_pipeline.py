@@ -1,0 +1,137 @@
+"""Pipeline parallelism (modeling_deepseek/pipeline_stages.py, trainers/pipeline.py) against one process.
+
+One torchrun launch per world size (2 and 4 CPU ranks, gloo) trains every schedule (tests/_pipeline_worker.py); here
+the same tiny model trains in one process on the same global batches, and for each schedule: the loss parts of the
+first step and every parameter's gradient agree to 1e-5, the 20-step AdamW loss curve follows, and the aux-loss-free
+biases end where one process puts them (identical on data-parallel replicas).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+
+import _pipeline_worker as worker
+from benchmarks.harness import free_port
+from conftest import tiny_model
+from modeling_deepseek import DeepseekConfig
+from modeling_deepseek.pipeline_stages import stage_layer_counts
+from test_parallel import TORCHRUN, _env, finish
+from trainers.pipeline import SCHEDULES, check_microbatches, stage_indices
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "_pipeline_worker.py"
+ATOL = 1e-5
+LAUNCHES = {
+    2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors"],
+    4: [*SCHEDULES, "1f1b+dp", "dualpipev+dp"],
+}
+
+needs_torchrun = pytest.mark.skipif(
+    not (TORCHRUN.exists() and torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torchrun next to the interpreter and torch.distributed with gloo",
+)
+
+
+def test_pp_plan_is_transformers_deepseek_v3_plan():
+    assert DeepseekConfig.base_model_pp_plan == DeepseekV3Config.base_model_pp_plan
+
+
+def test_layer_rule_and_placement():
+    assert stage_layer_counts(8, 4) == [2, 2, 2, 2]
+    assert stage_layer_counts(61, 16) == [3] + [4] * 13 + [3, 3]  # V3's 61 layers: the 13 extra to the middle
+    assert stage_layer_counts(5, 4) == [1, 2, 1, 1]
+    with pytest.raises(ValueError, match="cannot split 3 decoder layers into 4 pipeline stages"):
+        stage_layer_counts(3, 4)
+    assert [stage_indices(r, 4, SCHEDULES["dualpipev"]) for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert [stage_indices(r, 2, SCHEDULES["interleaved1f1b"]) for r in range(2)] == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="'dualpipev' with 4 stages needs at least 4 micro-batches, got 2"):
+        check_microbatches("dualpipev", 2, 4)
+    with pytest.raises(ValueError, match="a batch of 6 sequences does not split into 4 micro-batches"):
+        check_microbatches("gpipe", 4, 2, batch_size=6)
+
+
+def one_process(world: int) -> dict:
+    """The reference: the same model, batches and optimizer in one process (no pipeline)."""
+    data = worker.batches()
+    out = {}
+    for fp8 in (False, True):
+        model = worker.build(fp8, world)
+        opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
+        losses = []
+        for step in range(worker.STEPS):
+            o = model(data[step], labels=data[step])
+            o.loss.backward()
+            if step == 0:
+                parts = {"loss": o.loss.item(), "main_loss": o.main_loss.item(), "mtp_loss": o.mtp_loss.item(),
+                         "balance_loss": o.balance_loss.item()}
+                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+            losses.append(o.loss.item())
+        biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+        out[fp8] = dict(parts=parts, grads=grads, losses=losses, biases=biases)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(LAUNCHES))
+def launch(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"pipeline{world}")
+    cmd = [str(TORCHRUN), "--nproc_per_node", str(world), "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), str(WORKER), str(out), *LAUNCHES[world]]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    reference = one_process(world)  # while the ranks run
+    finish(proc, out)
+    ranks = {layout: [torch.load(out / layout / f"rank{r}.pt") for r in range(world)]
+             for layout in LAUNCHES[world] if layout != "errors"}
+    errors = json.loads((out / "errors.json").read_text()) if (out / "errors.json").exists() else None
+    return world, ranks, reference, errors
+
+
+@needs_torchrun
+def test_every_schedule_equals_one_process(launch):
+    world, ranks, reference, _ = launch
+    for layout, records in ranks.items():
+        ref = reference["fp8" in layout]
+        for part, value in ref["parts"].items():
+            assert all(abs(r["parts"][part] - value) < ATOL for r in records), (layout, part, value,
+                                                                                 [r["parts"][part] for r in records])
+        # Every parameter is held by some rank (a replica under dp): its gradient equals one process's.
+        held = {}
+        for r in records:
+            held.update(r["grads"])
+            assert set(r["grads"]) <= set(r["params"])
+        assert set(held) == set(ref["grads"]), (layout, set(ref["grads"]) ^ set(held))
+        for name, grad in ref["grads"].items():
+            for r in records:
+                if name in r["grads"]:
+                    torch.testing.assert_close(r["grads"][name], grad, atol=ATOL, rtol=0, msg=f"{layout} {name}")
+        for r in records:
+            torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), atol=1e-4, rtol=0,
+                                       msg=f"{layout} loss curve")
+            for name, bias in r["biases"].items():
+                torch.testing.assert_close(bias, ref["biases"][name], atol=1e-6, rtol=0, msg=f"{layout} {name}")
+        assert set().union(*(r["biases"] for r in records)) == set(ref["biases"])
+    start = worker.build(False, world)
+    moved = [n for n, b in reference[False]["biases"].items() if not torch.equal(b, start.get_buffer(n))]
+    assert moved, "the balancing biases never moved: the test would not see a wrong update"
+
+
+@needs_torchrun
+def test_pipeline_errors_are_named(launch):
+    world, _, _, errors = launch
+    if errors is None:
+        pytest.skip(f"the {world}-rank launch checks no errors")  # the 2-rank launch does
+    assert "needs at least 4 micro-batches, got 2" in errors["too_few_microbatches"]
+    assert "does not split into 4 micro-batches" in errors["batch_not_divisible"]
+    assert "cannot do through a compiled module" in errors["compiled_under_dualpipev"]
+    assert "cannot split 3 decoder layers into 4 pipeline stages" in errors["more_stages_than_layers"]
+    assert "tie_word_embeddings under '1f1b'" in errors["tied_under_loop"]
