@@ -4,8 +4,8 @@ torchrun launch runs every layout named.
     torchrun --nproc_per_node P tests/_pipeline_worker.py OUT LAYOUT [LAYOUT ...]
 
 A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas) or
-`{schedule}+fp8` (FP8 block-wise training: the custom autograd functions of the Linears and the grouped experts under
-the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model, seed 0) and trains
+`{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps: the custom autograd functions of the Linears and the
+grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model, seed 0) and trains
 STEPS AdamW steps on the global batch, recording the first step's loss parts and this rank's gradients by parameter name,
 the loss of every step and this rank's balancing biases at the end. Each rank writes
 OUT/{layout}/rank{r}.pt; the test compares them with one process on the same batches.
@@ -23,7 +23,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # conftest's helpers; the reposito
 
 import torch  # noqa: E402
 
-STEPS, GLOBAL_BATCH, SEQ, LR = 20, 8, 16, 1e-3
+STEPS, FP8_STEPS, GLOBAL_BATCH, SEQ, LR = 20, 3, 8, 16, 1e-3
 CONFIG = dict(seq_balance_alpha=0.05, bias_update_speed=0.01)
 
 
@@ -72,7 +72,7 @@ def run_layout(layout: str, out: Path) -> None:
     runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh)
     opt = torch.optim.AdamW(runner.parameters(), lr=LR)
     record = {"params": sorted(n for n, _ in model.named_parameters()), "losses": []}
-    for step in range(STEPS):
+    for step in range(FP8_STEPS if extra == "fp8" else STEPS):
         parts = runner.train_step(local(data[step]), labels_BT=local(data[step]))
         if step == 0:
             record["parts"] = {k: v.item() for k, v in parts.items()}

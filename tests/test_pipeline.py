@@ -58,23 +58,31 @@ def test_layer_rule_and_placement():
 
 
 def one_process(world: int) -> dict:
-    """The reference: the same model, batches and optimizer in one process (no pipeline)."""
+    """The reference: the same model, batches and optimizer in one process (no pipeline). fp32 takes the whole batch
+    in one forward. FP8 scales its weight-gradient operands per 128 tokens of the forward it is given, so its
+    reference accumulates over the pipeline's own micro-batches (each weighted by its share, objective.py's
+    num_items_in_batch): the FP8 numbers then differ only by where the pipeline cuts."""
     data = worker.batches()
     out = {}
-    for fp8 in (False, True):
+    for fp8, steps, chunks in ((False, worker.STEPS, 1), (True, worker.FP8_STEPS, worker.micro_batches(world))):
         model = worker.build(fp8, world)
         opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
         losses = []
-        for step in range(worker.STEPS):
-            o = model(data[step], labels=data[step])
-            o.loss.backward()
+        for step in range(steps):
+            sums = dict.fromkeys(("loss", "main_loss", "mtp_loss", "balance_loss"), 0.0)
+            scored = data[step].shape[0] * (data[step].shape[1] - 1)
+            for ids in data[step].chunk(chunks):
+                o = model(ids, labels=ids, num_items_in_batch=scored if chunks > 1 else None)
+                o.loss.backward()
+                share = ids.shape[0] / data[step].shape[0]
+                for name, value in (("loss", o.loss), ("main_loss", o.main_loss), ("mtp_loss", share * o.mtp_loss),
+                                    ("balance_loss", share * o.balance_loss)):
+                    sums[name] += value.item()
             if step == 0:
-                parts = {"loss": o.loss.item(), "main_loss": o.main_loss.item(), "mtp_loss": o.mtp_loss.item(),
-                         "balance_loss": o.balance_loss.item()}
-                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+                parts, grads = sums, {n: p.grad.clone() for n, p in model.named_parameters()}
             opt.step()
             opt.zero_grad()
-            losses.append(o.loss.item())
+            losses.append(sums["loss"])
         biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
         out[fp8] = dict(parts=parts, grads=grads, losses=losses, biases=biases)
     return out
