@@ -123,7 +123,7 @@ class DeepseekPipelineStage(nn.Module):
         shared = model.block_inputs(h_BTD, None, None, positions)
         for layer in self.layers:
             h_BTD = layer(h_BTD, **shared)
-        if self.training and torch.is_grad_enabled():
+        if model.training and torch.is_grad_enabled():  # the model's mode (lm.train() / lm.eval()), not the stage's
             record_loads(self.moe_layers, self.config)
             terms = [moe.last_balance_loss for moe in self.moe_layers if moe.last_balance_loss is not None]
             if terms:

@@ -193,7 +193,9 @@ class PipelineRunner:
             loss = loss + balance
         return loss
 
-    def _run(self, input_ids_BT, labels_BT, shift_labels_BT, train: bool) -> dict[str, torch.Tensor]:
+    def train_step(self, input_ids_BT, labels_BT=None, shift_labels_BT=None) -> dict[str, torch.Tensor]:
+        """Forward and backward of this rank's share of the global batch; the gradients are left in the parameters
+        (summed over dp). Returns the global batch's loss and its parts, identical on every rank."""
         shift_BT = shifted_labels(labels_BT, shift_labels_BT)
         if shift_BT is None:
             raise ValueError("train_step needs labels or shift_labels")
@@ -211,17 +213,17 @@ class PipelineRunner:
         args = (input_ids_BT,) if self.has_first else ()
         target = torch.stack((input_ids_BT, shift_BT), dim=1) if self.last is not None else None
         schedule = self.schedule(input_ids_BT.shape[0] // self.n_microbatches, input_ids_BT.shape[1])
-        run = schedule.step if train else schedule.eval
-        self.lm.train(train)
-        for stage in self.stages:
-            stage.train(train)
-        run(*args, target=target, return_outputs=False)
-        if train and self.dp_size > 1:
+        schedule.step(*args, target=target, return_outputs=False)
+        if self.dp_size > 1:
             for p in self.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=self.dp_group)
-        balance = [b for stage in self.stages for b in stage.balance_log] + self._mtp_balance
-        zero = torch.zeros(())
+        return self._parts([b for stage in self.stages for b in stage.balance_log])
+
+    def _parts(self, stage_balance: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's loss parts summed over micro-batches, pipeline ranks and replicas: the same on every rank."""
+        zero = torch.zeros((), device=self.device)
+        balance = stage_balance + self._mtp_balance
         parts = torch.stack([sum(self._main, zero), sum(self._mtp, zero), sum(balance, zero)]).float()
         dist.all_reduce(parts, group=self.pp_group)
         if self.dp_size > 1:
@@ -232,20 +234,48 @@ class PipelineRunner:
         mtp_term = weight * mtp if self.lm.config.num_nextn_predict_layers else 0.0
         return {"loss": main + mtp_term + bal, "main_loss": main, "mtp_loss": mtp, "balance_loss": bal}
 
-    def train_step(self, input_ids_BT, labels_BT=None, shift_labels_BT=None) -> dict[str, torch.Tensor]:
-        """Forward and backward of this rank's share of the global batch; the gradients are left in the parameters
-        (summed over dp). Returns the global batch's loss and its parts, identical on every rank."""
-        return self._run(input_ids_BT, labels_BT, shift_labels_BT, train=True)
-
     @torch.no_grad()
     def eval_step(self, input_ids_BT, labels_BT=None, shift_labels_BT=None) -> dict[str, torch.Tensor]:
-        """The loss parts without gradients (forward only, model in eval mode; leaves the model in train mode)."""
+        """The loss parts of a batch, forward only, model in eval mode (no balancing statistics). The stages run one after the other over the whole batch, activations passed by send / recv
+        (torch's action-list schedules, DualPipeV among them, have no forward-only mode)."""
+        shift_BT = shifted_labels(labels_BT, shift_labels_BT)
+        scored = (shift_BT != IGNORE_INDEX).sum().float()
+        if self.dp_size > 1:
+            dist.all_reduce(scored, group=self.dp_group)
+        self._scored_total = scored.clamp_min(1)
+        self._main, self._mtp, self._mtp_balance = [], [], []
+        was_training = self.lm.training
+        self.lm.eval()
         try:
-            return self._run(input_ids_BT, labels_BT, shift_labels_BT, train=False)
+            by_index = {m.index: m for m in self.stages}
+            num_stages = self.stages[0].num_stages
+            ranks = {}
+            for r in range(self.pp_size):
+                for s in stage_indices(r, self.pp_size, self.spec):
+                    ranks[s] = dist.get_global_rank(self.pp_group, r)
+            B, T = input_ids_BT.shape
+            x = None
+            for s in range(num_stages):
+                stage = by_index.get(s)
+                if stage is None:
+                    continue
+                if s == 0:
+                    x = (input_ids_BT,)
+                elif ranks[s - 1] != dist.get_rank():  # else x is the previous local stage's output
+                    n = 2 if stage.carry_embeddings else 1
+                    x = tuple(torch.empty(B, T, self.lm.config.hidden_size, device=self.device) for _ in range(n))
+                    for t in x:
+                        dist.recv(t, src=ranks[s - 1])
+                out = stage(*x)
+                x = out if isinstance(out, tuple) else (out,)
+                if stage.is_last:
+                    self._micro_batch_loss(out, torch.stack((input_ids_BT, shift_BT), dim=1))
+                elif ranks[s + 1] != dist.get_rank():
+                    for t in x:
+                        dist.send(t.contiguous(), dst=ranks[s + 1])
         finally:
-            self.lm.train()
-            for stage in self.stages:
-                stage.train()
+            self.lm.train(was_training)
+        return self._parts([])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over the whole model: each pipeline rank holds different parameters, so the squared
