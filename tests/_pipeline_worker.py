@@ -115,6 +115,35 @@ def check_errors(out: Path) -> None:
         (out / "errors.json").write_text(json.dumps(messages, indent=1))
 
 
+def check_resume(out: Path) -> None:
+    """PipelineTrainer: 4 steps straight through vs 2 steps, a checkpoint, and a fresh process state resuming it; both
+    save a final checkpoint that the test loads in one process."""
+    import torch.distributed as dist
+
+    from modeling_deepseek import DeepseekForCausalLM
+    from trainers.pipeline import PipelineRunner, pipeline_mesh
+    from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
+
+    world, mesh = dist.get_world_size(), pipeline_mesh(dist.get_world_size())
+    data = batches(2).reshape(-1, SEQ)
+
+    def trainer(folder: Path, max_steps: int) -> PipelineTrainer:
+        args = PipelineTrainingArguments(output_dir=str(folder), max_steps=max_steps, batch_size=4, warmup_steps=1,
+                                         save_steps=2, eval_steps=2, logging_steps=100)
+        return PipelineTrainer(PipelineRunner(build(False, world), "dualpipev", 2 * world, mesh), args, data,
+                               data[:4], log=lambda *a, **k: None)
+
+    straight = trainer(out / "resume" / "straight", 4)
+    straight.train()
+    straight.save_final(out / "resume" / "straight_final", DeepseekForCausalLM)
+    trainer(out / "resume" / "cut", 4).train(until_step=2)  # stops after the step-2 checkpoint
+    resumed = trainer(out / "resume" / "cut", 4)
+    resumed.train(resume=True)
+    resumed.save_final(out / "resume" / "resumed_final", DeepseekForCausalLM)
+    if dist.get_rank() == 0:
+        torch.save({"straight": straight.history, "resumed": resumed.history}, out / "resume" / "history.pt")
+
+
 def compiled_model(world: int):
     model = build(False, world)
     model.model.layers[1].compile()
@@ -129,7 +158,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     try:
         for layout in layouts:
-            check_errors(out) if layout == "errors" else run_layout(layout, out)
+            {"errors": check_errors, "resume": check_resume}.get(layout, lambda o: run_layout(layout, o))(out)
             dist.barrier()
     except Exception:
         (out / f"rank{dist.get_rank()}.error.txt").write_text(traceback.format_exc())

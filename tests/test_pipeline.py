@@ -20,7 +20,7 @@ from transformers import DeepseekV3Config
 import _pipeline_worker as worker
 from benchmarks.harness import free_port
 from conftest import tiny_model
-from modeling_deepseek import DeepseekConfig
+from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
 from modeling_deepseek.pipeline_stages import stage_layer_counts
 from test_parallel import TORCHRUN, _env, finish
 from trainers.pipeline import SCHEDULES, check_microbatches, stage_indices
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_pipeline_worker.py"
 ATOL = 1e-5
 LAUNCHES = {
-    2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors"],
+    2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
     4: [*SCHEDULES, "1f1b+dp", "dualpipev+dp"],
 }
 
@@ -99,14 +99,14 @@ def launch(request, tmp_path_factory):
     reference = one_process(world)  # while the ranks run
     finish(proc, out)
     ranks = {layout: [torch.load(out / layout / f"rank{r}.pt") for r in range(world)]
-             for layout in LAUNCHES[world] if layout != "errors"}
+             for layout in LAUNCHES[world] if layout not in ("errors", "resume")}
     errors = json.loads((out / "errors.json").read_text()) if (out / "errors.json").exists() else None
-    return world, ranks, reference, errors
+    return world, ranks, reference, errors, out
 
 
 @needs_torchrun
 def test_every_schedule_equals_one_process(launch):
-    world, ranks, reference, _ = launch
+    world, ranks, reference, _, _ = launch
     for layout, records in ranks.items():
         ref = reference["fp8" in layout]
         for part, value in ref["parts"].items():
@@ -135,7 +135,7 @@ def test_every_schedule_equals_one_process(launch):
 
 @needs_torchrun
 def test_pipeline_errors_are_named(launch):
-    world, _, _, errors = launch
+    world, _, _, errors, _ = launch
     if errors is None:
         pytest.skip(f"the {world}-rank launch checks no errors")  # the 2-rank launch does
     assert "needs at least 4 micro-batches, got 2" in errors["too_few_microbatches"]
@@ -143,3 +143,23 @@ def test_pipeline_errors_are_named(launch):
     assert "cannot do through a compiled module" in errors["compiled_under_dualpipev"]
     assert "cannot split 3 decoder layers into 4 pipeline stages" in errors["more_stages_than_layers"]
     assert "tie_word_embeddings under '1f1b'" in errors["tied_under_loop"]
+
+
+@needs_torchrun
+def test_checkpoints_resume_bit_exact_and_load_in_one_process(launch):
+    world, _, _, _, out = launch
+    if not (out / "resume").exists():
+        pytest.skip(f"the {world}-rank launch checks no resume")  # the 2-rank launch does
+    history = torch.load(out / "resume" / "history.pt")
+    assert [h for h in history["resumed"]] == [h for h in history["straight"] if h["step"] > 2]
+    assert (out / "resume" / "cut" / "checkpoint-2").is_dir() and (out / "resume" / "cut" / "checkpoint-4").is_dir()
+    straight = DeepseekForCausalLM.from_pretrained(out / "resume" / "straight_final")
+    resumed = DeepseekForCausalLM.from_pretrained(out / "resume" / "resumed_final")
+    trained = 0
+    start = worker.build(False, world).state_dict()
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+        trained += not torch.equal(value, start[name])
+    assert trained > 0
+    ids = worker.batches(1)[0]
+    assert torch.isfinite(straight(ids, labels=ids).loss)

@@ -114,8 +114,11 @@ class PipelineTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
 
-    def train(self, resume: bool = False) -> list[dict]:
+    def train(self, resume: bool = False, until_step: int | None = None) -> list[dict]:
+        """Train to args.max_steps (or stop early at `until_step`, e.g. a time-boxed job that resumes later);
+        `resume` continues from the newest checkpoint in args.output_dir."""
         args, runner = self.args, self.runner
+        until_step = args.max_steps if until_step is None else min(until_step, args.max_steps)
         if self.rank == 0:
             remove_stale_staging_dirs(args.output_dir)
         dist.barrier()
@@ -124,7 +127,7 @@ class PipelineTrainer:
             self.log(f"resumed from {found} at step {self.step}", flush=True)
         global_batch = args.batch_size * runner.dp_size
         t0, tokens = time.time(), 0
-        while self.step < args.max_steps:
+        while self.step < until_step:
             ids = self._local_batch(self.train_ids, batch_indices(len(self.train_ids), global_batch, self.step,
                                                                  args.seed))
             parts = runner.train_step(ids, labels_BT=ids)
