@@ -162,4 +162,41 @@ def prune_to_stages(lm, stages: list[DeepseekPipelineStage]) -> None:
             setattr(owner, name, _NotHere(path))
 
 
-__all__ = ["DeepseekPipelineStage", "attach_loss", "prune_to_stages", "stage_layer_counts", "stage_layer_ranges"]
+def pipeline_rank_bytes(config, pp_size: int, stages_per_rank: int = 2, placement: str = "v", ep_size: int = 1,
+                        dp_size: int = 1, weight_bytes: int = 2, grad_bytes: int = 4,
+                        optimizer_bytes: int = 4 + 2 + 2) -> list[dict]:
+    """What each pipeline rank holds under pp_size ranks x stages_per_rank stages (the layer rule above; placement
+    "v": rank r holds stages r and 2P-1-r, "loop": r, r+P, ...), routed experts split over ep_size ranks, and ZeRO-1
+    (optimizer state split over dp_size data-parallel ranks, weights and gradients whole). Counted on a meta-device
+    model, MTP included. Defaults are V3's recipe: bf16 weights, fp32 gradients, fp32 master weights with bf16 AdamW
+    moments (8 B per parameter of optimizer state)."""
+    from .modeling import DeepseekForCausalLM
+
+    with torch.device("meta"):
+        lm = DeepseekForCausalLM(config)
+    num_stages = pp_size * stages_per_rank
+    ranges = stage_layer_ranges(config.num_hidden_layers, num_stages)
+    rows = []
+    for rank in range(pp_size):
+        stages = [rank, num_stages - 1 - rank] if placement == "v" else [rank + k * pp_size
+                                                                          for k in range(stages_per_rank)]
+        modules = {}
+        for s in stages:
+            modules.update({f"model.layers.{i}": lm.model.layers[i] for i in ranges[s]})
+            if s == 0:
+                modules["model.embed_tokens"] = lm.model.embed_tokens
+            if s == num_stages - 1:
+                modules.update({"model.norm": lm.model.norm, "lm_head": lm.lm_head})
+                modules.update({f"model.layers.{config.num_hidden_layers + k}": m
+                                for k, m in enumerate(lm.model.mtp_layers)})
+        params = {id(p): (f"{prefix}.{n}", p.numel()) for prefix, m in modules.items()
+                  for n, p in m.named_parameters()}
+        held = sum(n / ep_size if ".mlp.experts." in name else n for name, n in params.values())
+        rows.append({"rank": rank, "stages": stages, "layers": sum(len(ranges[s]) for s in stages),
+                     "parameters": int(held), "weight_bytes": int(held * weight_bytes),
+                     "grad_bytes": int(held * grad_bytes), "optimizer_bytes": int(held * optimizer_bytes / dp_size)})
+    return rows
+
+
+__all__ = ["DeepseekPipelineStage", "attach_loss", "pipeline_rank_bytes", "prune_to_stages", "stage_layer_counts",
+           "stage_layer_ranges"]

@@ -23,7 +23,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # conftest's helpers; the reposito
 
 import torch  # noqa: E402
 
-STEPS, FP8_STEPS, GLOBAL_BATCH, SEQ, LR = 20, 3, 8, 16, 1e-3
+STEPS, FP8_STEPS, GLOBAL_BATCH, SEQ, LR = 20, 3, 8, 8, 1e-3
 CONFIG = dict(seq_balance_alpha=0.05, bias_update_speed=0.01)
 
 
