@@ -57,14 +57,15 @@ def test_layer_rule_and_placement():
         check_microbatches("gpipe", 4, 2, batch_size=6)
 
 
-def one_process(world: int) -> dict:
+def one_process(world: int, fp8: bool) -> dict:
     """The reference: the same model, batches and optimizer in one process (no pipeline). fp32 takes the whole batch
     in one forward. FP8 scales its weight-gradient operands per 128 tokens of the forward it is given, so its
     reference accumulates over the pipeline's own micro-batches (each weighted by its share, objective.py's
     num_items_in_batch): the FP8 numbers then differ only by where the pipeline cuts."""
     data = worker.batches()
     out = {}
-    for fp8, steps, chunks in ((False, worker.STEPS, 1), (True, worker.FP8_STEPS, worker.micro_batches(world))):
+    runs = [(False, worker.STEPS, 1)] + [(True, worker.FP8_STEPS, worker.micro_batches(world))] * fp8
+    for fp8, steps, chunks in runs:
         model = worker.build(fp8, world)
         opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
         losses = []
@@ -96,7 +97,7 @@ def launch(request, tmp_path_factory):
            str(free_port()), str(WORKER), str(out), *LAUNCHES[world]]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    reference = one_process(world)  # while the ranks run
+    reference = one_process(world, fp8=any("fp8" in layout for layout in LAUNCHES[world]))  # while the ranks run
     finish(proc, out)
     ranks = {layout: [torch.load(out / layout / f"rank{r}.pt") for r in range(world)]
              for layout in LAUNCHES[world] if layout not in ("errors", "resume")}

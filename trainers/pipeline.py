@@ -201,7 +201,7 @@ class PipelineRunner:
             raise ValueError("train_step needs labels or shift_labels")
         check_microbatches(self.schedule_name, self.n_microbatches, self.stages[0].num_stages, input_ids_BT.shape[0])
         scored = (shift_BT != IGNORE_INDEX).sum().float()
-        sequences = torch.tensor(float(input_ids_BT.shape[0]))
+        sequences = torch.tensor(float(input_ids_BT.shape[0]), device=scored.device)
         counts = torch.stack((scored, sequences))
         if self.dp_size > 1:
             dist.all_reduce(counts, group=self.dp_group)
@@ -281,7 +281,7 @@ class PipelineRunner:
         """Clip by the norm over the whole model: each pipeline rank holds different parameters, so the squared
         norms add over "pp" (replicas over "dp" hold the same, already summed, gradients)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
         dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
