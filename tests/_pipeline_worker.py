@@ -4,7 +4,8 @@ torchrun launch runs every layout named.
     torchrun --nproc_per_node P tests/_pipeline_worker.py OUT LAYOUT [LAYOUT ...]
 
 A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas) or
-`{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps: the custom autograd functions of the Linears and the
+`{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps;
+`...@N` trains N steps instead of STEPS: the custom autograd functions of the Linears and the
 grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model, seed 0) and trains
 STEPS AdamW steps on the global batch, recording the first step's loss parts and this rank's gradients by parameter name,
 the loss of every step and this rank's balancing biases at the end. Each rank writes
@@ -57,7 +58,9 @@ def run_layout(layout: str, out: Path) -> None:
 
     from trainers.pipeline import PipelineRunner, pipeline_mesh
 
-    schedule, _, extra = layout.partition("+")
+    layout_steps, _, n = layout.partition("@")  # `layout@N`: N steps instead of STEPS
+    schedule, _, extra = layout_steps.partition("+")
+    steps = int(n) if n else FP8_STEPS if extra == "fp8" else STEPS
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = 2 if extra == "dp" else 1
     mesh = pipeline_mesh(world // dp)
@@ -72,7 +75,7 @@ def run_layout(layout: str, out: Path) -> None:
     runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh)
     opt = torch.optim.AdamW(runner.parameters(), lr=LR)
     record = {"params": sorted(n for n, _ in model.named_parameters()), "losses": []}
-    for step in range(FP8_STEPS if extra == "fp8" else STEPS):
+    for step in range(steps):
         parts = runner.train_step(local(data[step]), labels_BT=local(data[step]))
         if step == 0:
             record["parts"] = {k: v.item() for k, v in parts.items()}

@@ -30,7 +30,8 @@ WORKER = REPO / "tests" / "_pipeline_worker.py"
 ATOL = 1e-5
 LAUNCHES = {
     2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
-    4: [*SCHEDULES, "1f1b+dp", "dualpipev+dp"],
+    # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
+    4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6"],
 }
 
 needs_torchrun = pytest.mark.skipif(
@@ -68,7 +69,7 @@ def one_process(world: int, fp8: bool) -> dict:
     for fp8, steps, chunks in runs:
         model = worker.build(fp8, world)
         opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
-        losses = []
+        losses, biases = [], []
         for step in range(steps):
             sums = dict.fromkeys(("loss", "main_loss", "mtp_loss", "balance_loss"), 0.0)
             scored = data[step].shape[0] * (data[step].shape[1] - 1)
@@ -84,8 +85,8 @@ def one_process(world: int, fp8: bool) -> dict:
             opt.step()
             opt.zero_grad()
             losses.append(sums["loss"])
-        biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-        out[fp8] = dict(parts=parts, grads=grads, losses=losses, biases=biases)
+            biases.append({n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+        out[fp8] = dict(parts=parts, grads=grads, losses=losses, biases=biases)  # biases after each step
     return out
 
 
@@ -124,14 +125,17 @@ def test_every_schedule_equals_one_process(launch):
                 if name in r["grads"]:
                     torch.testing.assert_close(r["grads"][name], grad, atol=ATOL, rtol=0, msg=f"{layout} {name}")
         for r in records:
-            torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), atol=1e-4, rtol=0,
-                                       msg=f"{layout} loss curve")
+            steps = len(r["losses"])
+            assert steps == int(layout.partition("@")[2] or len(ref["losses"]))
+            torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"][:steps]), atol=1e-4,
+                                       rtol=0, msg=f"{layout} loss curve")
             for name, bias in r["biases"].items():
-                torch.testing.assert_close(bias, ref["biases"][name], atol=1e-6, rtol=0, msg=f"{layout} {name}")
-        assert set().union(*(r["biases"] for r in records)) == set(ref["biases"])
+                torch.testing.assert_close(bias, ref["biases"][steps - 1][name], atol=1e-6, rtol=0,
+                                           msg=f"{layout} {name}")
+        assert set().union(*(r["biases"] for r in records)) == set(ref["biases"][-1])
     start = worker.build(False, world)
-    moved = [n for n, b in reference[False]["biases"].items() if not torch.equal(b, start.get_buffer(n))]
-    assert moved, "the balancing biases never moved: the test would not see a wrong update"
+    moved = [n for n, b in reference[False]["biases"][0].items() if not torch.equal(b, start.get_buffer(n))]
+    assert moved, "the balancing biases did not move at the first step: the test would not see a wrong update"
 
 
 @needs_torchrun
