@@ -178,6 +178,20 @@ def render(report: dict) -> str:
     lines.append(harness.markdown_table(
         ["schedule", "step ms", "busy ms per rank", "idle ms per rank", "bubble fraction", "F / B / W ms",
          "mean idle ms", "formula ms", "timeline"], rows))
+    res = report["results"]
+    if "dualpipev" in res and "1f1b" in res:
+        d, o = res["dualpipev"], res["1f1b"]
+        lines += ["", f"DualPipeV against 1F1B on the same model and batch: bubble fraction {d['bubble_fraction']:.2f} "
+                      f"vs {o['bubble_fraction']:.2f}, mean idle {d['measured_bubble_s'] * 1e3:.0f} vs "
+                      f"{o['measured_bubble_s'] * 1e3:.0f} ms, step {d['step_s'] * 1e3:.0f} vs {o['step_s'] * 1e3:.0f} ms."]
+    lines += ["", "Reading it: 4 ranks share 2 cores here, so at most two ranks compute at once and a rank's idle time "
+                  "is mostly waiting for a core, not the schedule's bubble; the measured idle times sit far above "
+                  "DeepSeek's formula, and the comparison between schedules is not conclusive on this machine. The "
+                  "last stage's loss (lm_head over the vocabulary, the MTP module, the CE) is the largest single "
+                  "action of the step at this size: under V placement rank 0 carries it together with the "
+                  "embedding stage, which makes rank 0 the busiest rank of zbv and dualpipev. OVERLAP_F_B (one "
+                  "micro-batch's expert all_to_all under another's compute) is not implemented: torch runs the "
+                  "action as F then B."]
     return "\n".join(lines) + "\n"
 
 
