@@ -44,6 +44,8 @@ from modeling_deepseek.balancing import set_balancing_group
 from modeling_deepseek.objective import IGNORE_INDEX, shifted_labels, training_objective
 from modeling_deepseek.pipeline_stages import DeepseekPipelineStage, prune_to_stages, stage_layer_ranges
 
+from .compat import is_compiled_module
+
 
 @dataclass(frozen=True)
 class ScheduleSpec:
@@ -89,11 +91,6 @@ def check_microbatches(schedule: str, n_microbatches: int, num_stages: int, batc
                          "equal size: use a per-rank batch that is a multiple of the micro-batch count")
 
 
-def _compiled(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
-               for m in module.modules())
-
-
 class _HeadView:
     """What training_objective reads of a DeepseekForCausalLM, for the last stage: the model's own config, MTP modules
     and head; no MoE layers to collect balance losses from (the stages attach their own, see the module docstring)."""
@@ -126,7 +123,7 @@ class PipelineRunner:
         pp_rank = dist.get_rank(self.pp_group)
         num_stages = self.pp_size * spec.stages_per_rank
         check_microbatches(schedule, n_microbatches, num_stages)
-        if spec.splits_weight_grad and _compiled(lm):
+        if spec.splits_weight_grad and is_compiled_module(lm):
             raise ValueError(f"schedule {schedule!r} splits the backward into input and weight gradients, which torch "
                              "cannot do through a compiled module: run the model eagerly under it")
         carry = spec.placement != "v"
