@@ -122,7 +122,8 @@ def analyse(name: str, ranks_steps: list[list[dict]], ranks: int) -> dict:
     F, W = mean.get("F", 0.0), mean.get("W", 0.0)
     B = mean["I"] + W if "I" in mean else mean.get("B", 0.0)
     P = ranks
-    formula = {"zbv": (P - 1) * (F + B - 2 * W), "dualpipev": (P - 1) * ((F + B) + B - 3 * W)}.get(name, (P - 1) * (F + B))
+    formula = {"zbv": (P - 1) * (F + B - 2 * W),
+               "dualpipev": (P - 1) * ((F + B) + B - 3 * W)}.get(name, (P - 1) * (F + B))
     step = statistics.median(step_times)
     idle_med = [statistics.median(i) for i in idle]
     return {"step_s": step, "busy_s": [statistics.median(b) for b in busy], "idle_s": idle_med,
@@ -183,7 +184,8 @@ def render(report: dict) -> str:
         d, o = res["dualpipev"], res["1f1b"]
         lines += ["", f"DualPipeV against 1F1B on the same model and batch: bubble fraction {d['bubble_fraction']:.2f} "
                       f"vs {o['bubble_fraction']:.2f}, mean idle {d['measured_bubble_s'] * 1e3:.0f} vs "
-                      f"{o['measured_bubble_s'] * 1e3:.0f} ms, step {d['step_s'] * 1e3:.0f} vs {o['step_s'] * 1e3:.0f} ms."]
+                      f"{o['measured_bubble_s'] * 1e3:.0f} ms, step {d['step_s'] * 1e3:.0f} vs "
+                      f"{o['step_s'] * 1e3:.0f} ms."]
     lines += ["", "Reading it: 4 ranks share 2 cores here, so at most two ranks compute at once and a rank's idle time "
                   "is mostly waiting for a core, not the schedule's bubble; the measured idle times sit far above "
                   "DeepSeek's formula, and the comparison between schedules is not conclusive on this machine. The "

@@ -17,9 +17,10 @@ checkpoint); after an interruption, run the same command with --resume to contin
 Pipeline parallel (DeepSeek-V3's DualPipe, through torch.distributed.pipelining's schedules), under torchrun or
 accelerate launch; the world is pp-way pipelines times world / pp data-parallel replicas:
 
-    torchrun --nproc_per_node 4 examples/pretrain.py --config hub_configs/small --output runs/pp \
+    torchrun --nproc_per_node 4 examples/pretrain.py --config hub_configs/small --output runs/pp \\
         --pp 2 --pp-schedule dualpipev --pp-microbatches 4
-    accelerate launch --multi_gpu --num_processes 4 examples/pretrain.py ... --pp 2 --pp-schedule dualpipev  # CPU: ACCELERATE_USE_CPU=yes
+    ACCELERATE_USE_CPU=yes accelerate launch --multi_gpu --num_processes 4 examples/pretrain.py ... --pp 2 \\
+        --pp-schedule dualpipev                                   (ACCELERATE_USE_CPU=yes: CPU ranks)
 
 --batch-size is then the sequences per step per replica, split into --pp-microbatches; trainers/pipeline_training.py
 runs the loop (progress, eval, checkpoints in OUTPUT/pipeline, --resume) and rank 0 saves OUTPUT/final, an ordinary

@@ -6,8 +6,9 @@ torchrun launch runs every layout named.
 A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas) or
 `{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps;
 `...@N` trains N steps instead of STEPS: the custom autograd functions of the Linears and the
-grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model, seed 0) and trains
-STEPS AdamW steps on the global batch, recording the first step's loss parts and this rank's gradients by parameter name,
+grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model,
+seed 0) and trains STEPS AdamW steps on the global batch, recording the first step's loss parts and this rank's
+gradients by parameter name,
 the loss of every step and this rank's balancing biases at the end. Each rank writes
 OUT/{layout}/rank{r}.pt; the test compares them with one process on the same batches.
 """

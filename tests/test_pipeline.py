@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from transformers import DeepseekV3Config
 
 import _pipeline_worker as worker
 from benchmarks.harness import free_port
-from conftest import tiny_model
 from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
 from modeling_deepseek.pipeline_stages import stage_layer_counts
 from test_parallel import TORCHRUN, _env, finish

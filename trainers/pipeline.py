@@ -119,7 +119,8 @@ class PipelineRunner:
         spec = self.spec = SCHEDULES[schedule]
         self.lm, self.schedule_name, self.n_microbatches = lm, schedule, n_microbatches
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
-        self.pp_size, self.dp_size = mesh.size(mesh.mesh_dim_names.index("pp")), mesh.size(mesh.mesh_dim_names.index("dp"))
+        dims = mesh.mesh_dim_names
+        self.pp_size, self.dp_size = mesh.size(dims.index("pp")), mesh.size(dims.index("dp"))
         pp_rank = dist.get_rank(self.pp_group)
         num_stages = self.pp_size * spec.stages_per_rank
         check_microbatches(schedule, n_microbatches, num_stages)
@@ -233,7 +234,8 @@ class PipelineRunner:
 
     @torch.no_grad()
     def eval_step(self, input_ids_BT, labels_BT=None, shift_labels_BT=None) -> dict[str, torch.Tensor]:
-        """The loss parts of a batch, forward only, model in eval mode (no balancing statistics). The stages run one after the other over the whole batch, activations passed by send / recv
+        """The loss parts of a batch, forward only, model in eval mode (no balancing statistics). The stages run
+        one after the other over the whole batch, activations passed by send / recv
         (torch's action-list schedules, DualPipeV among them, have no forward-only mode)."""
         shift_BT = shifted_labels(labels_BT, shift_labels_BT)
         scored = (shift_BT != IGNORE_INDEX).sum().float()
@@ -278,7 +280,8 @@ class PipelineRunner:
         """Clip by the norm over the whole model: each pipeline rank holds different parameters, so the squared
         norms add over "pp" (replicas over "dp" hold the same, already summed, gradients)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
+        sq = (torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads
+              else torch.zeros((), device=self.device))
         dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
