@@ -13,6 +13,18 @@ pipeline("text-generation"). A loss plot (OUTPUT/loss.png) and the metrics (OUTP
 
 Checkpoints go to OUTPUT/trainer every --save-steps steps, written atomically (a killed job never leaves a half
 checkpoint); after an interruption, run the same command with --resume to continue where the newest one left off.
+
+Pipeline parallel (DeepSeek-V3's DualPipe, through torch.distributed.pipelining's schedules), under torchrun or
+accelerate launch; the world is pp-way pipelines times world / pp data-parallel replicas:
+
+    torchrun --nproc_per_node 4 examples/pretrain.py --config hub_configs/small --output runs/pp \\
+        --pp 2 --pp-schedule dualpipev --pp-microbatches 4
+    ACCELERATE_USE_CPU=yes accelerate launch --multi_gpu --num_processes 4 examples/pretrain.py ... --pp 2 \\
+        --pp-schedule dualpipev                                   (ACCELERATE_USE_CPU=yes: CPU ranks)
+
+--batch-size is then the sequences per step per replica, split into --pp-microbatches; trainers/pipeline_training.py
+runs the loop (progress, eval, checkpoints in OUTPUT/pipeline, --resume) and rank 0 saves OUTPUT/final, an ordinary
+checkpoint that loads in one process.
 """
 
 from __future__ import annotations
@@ -80,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp8", action="store_true",
                    help="train in FP8 (DeepSeek-V3's block-wise recipe, quant.fp8_training.convert_to_fp8_training; on "
                         "CPU the reference backend, slower than fp32)")
+    p.add_argument("--pp", type=int, default=0, help="pipeline-parallel size (under torchrun; 0: no pipeline)")
+    p.add_argument("--pp-schedule", default="dualpipev",
+                   help="gpipe, 1f1b, interleaved1f1b, zbv or dualpipev (trainers.pipeline.SCHEDULES)")
+    p.add_argument("--pp-microbatches", type=int, default=None,
+                   help="micro-batches per step (default: the least the schedule takes)")
     return p.parse_args(argv)
 
 
@@ -325,12 +342,24 @@ def main(argv=None) -> dict:
 
     # 1. corpus + tokenizer ---------------------------------------------------------------------------------------
     t0 = time.time()
+    if args.pp:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     texts, source = load_texts(args)
     if not texts:
         raise SystemExit("empty corpus")
     vocab_size = args.vocab_size or int(raw_config["vocab_size"])
-    tokenizer = train_tokenizer_from_texts(texts, vocab_size, out_dir / "tokenizer", model_max_length=max_positions,
-                                           length=len(texts))
+    if args.pp and dist.get_rank() != 0:  # one rank trains the tokenizer, the others read what it saved
+        from transformers import AutoTokenizer
+
+        dist.barrier()
+        tokenizer = AutoTokenizer.from_pretrained(str(out_dir / "tokenizer"))
+    else:
+        tokenizer = train_tokenizer_from_texts(texts, vocab_size, out_dir / "tokenizer",
+                                               model_max_length=max_positions, length=len(texts))
+        if args.pp:
+            dist.barrier()
     train_ds, eval_ds = pack_texts(tokenizer, texts, args.block_size, eval_fraction=args.eval_fraction,
                                    max_tokens=args.max_tokens, seed=args.seed)
     if len(eval_ds) == 0:
@@ -345,6 +374,8 @@ def main(argv=None) -> dict:
         str(config_path), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    if args.pp:
+        set_seed(args.seed)  # the same initial weights on every rank, whatever the tokenizer step drew
     model = DeepseekForCausalLM(config)
     model.config.use_cache = False
     if args.fp8:  # the saved model is an ordinary high-precision checkpoint either way
@@ -356,6 +387,9 @@ def main(argv=None) -> dict:
     print(f"model: {n_params / 1e6:.2f}M parameters ({config.num_hidden_layers} layers, {config.n_routed_experts} "
           f"routed + {config.n_shared_experts} shared experts, top-{config.num_experts_per_tok}, "
           f"{config.num_nextn_predict_layers} MTP module(s))", flush=True)
+
+    if args.pp:
+        return train_with_pipeline(args, model, tokenizer, train_ds, eval_small, out_dir)
 
     # 3. eval before ----------------------------------------------------------------------------------------------
     t0 = time.time()
@@ -483,6 +517,54 @@ def main(argv=None) -> dict:
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"total time {metrics['total_seconds']:.0f}s; metrics in {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path) -> dict:
+    """The --pp path: trainers.pipeline.PipelineRunner over a (dp, pp) mesh, trainers.pipeline_training's loop."""
+    import torch.distributed as dist
+
+    from modeling_deepseek import DeepseekForCausalLM
+    from trainers.pipeline import SCHEDULES, PipelineRunner, pipeline_mesh
+    from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
+
+    mesh = pipeline_mesh(args.pp, "cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", dist.get_rank() % torch.cuda.device_count()))
+    spec = SCHEDULES.get(args.pp_schedule)
+    stages = args.pp * (spec.stages_per_rank if spec else 1)
+    micro = args.pp_microbatches or max(1, spec.min_microbatches_per_stage * stages if spec else 1)
+    runner = PipelineRunner(model, args.pp_schedule, micro, mesh)
+    ids = lambda ds: torch.tensor(ds["input_ids"], dtype=torch.long, device=runner.device)  # noqa: E731
+    warmup = int(args.warmup * args.max_steps) if args.warmup < 1 else int(args.warmup)
+    save_steps = max(1, args.max_steps // 4) if args.save_steps is None else args.save_steps
+    training = PipelineTrainingArguments(
+        output_dir=str(out_dir / "pipeline"), max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=warmup, weight_decay=args.weight_decay, logging_steps=args.logging_steps,
+        eval_steps=args.eval_steps or max(1, args.max_steps // 4), save_steps=save_steps, seed=args.seed)
+    trainer = PipelineTrainer(runner, training, ids(train_ds), ids(eval_ds))
+    trainer.log(f"pipeline: {args.pp_schedule}, pp {args.pp} x dp {runner.dp_size}, {micro} micro-batches of "
+                f"{args.batch_size // micro} sequences; rank 0 holds stages {[s.index for s in runner.stages]} "
+                f"of {runner.stages[0].num_stages}", flush=True)
+    before = trainer.evaluate()
+    trainer.log(f"[before training] eval loss {before['loss']:.4f} | LM {before['main_loss']:.4f}", flush=True)
+    t0 = time.time()
+    history = trainer.train(resume=args.resume)
+    after = trainer.evaluate()
+    trainer.log(f"[after training] eval loss {after['loss']:.4f} | LM {after['main_loss']:.4f} "
+                f"[{time.time() - t0:.1f}s]", flush=True)
+    final_dir = out_dir / "final"
+    model.config.use_cache = True
+    trainer.save_final(final_dir, DeepseekForCausalLM)
+    metrics = {"before": before, "after": after, "history": history, "schedule": args.pp_schedule, "pp": args.pp,
+               "dp": runner.dp_size, "micro_batches": micro}
+    if dist.get_rank() == 0:
+        tokenizer.save_pretrained(str(final_dir))
+        reloaded = DeepseekForCausalLM.from_pretrained(str(final_dir))
+        trainer.log(f"saved {final_dir}; reloaded {type(reloaded).__name__} in one process", flush=True)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
     return metrics
 
 

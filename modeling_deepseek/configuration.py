@@ -70,6 +70,13 @@ class DeepseekConfig(PreTrainedConfig):
         "layers.*.mlp.experts.down_proj": "grouped_gemm",
         "layers.*.mlp.experts": "ep_dispatch_experts",
     }
+    # Pipeline cut points, as transformers' DeepseekV3Config declares them (module: (inputs, outputs)); the split
+    # itself (pipeline_stages.py) puts the MTP modules, norm and lm_head on the last stage.
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
     # FSDP2: one unit per decoder layer (MTP blocks included), gathered for its forward and freed after; the final
     # norm (and lm_head, on the model class) stay gathered from the last forward to the backward.
     base_model_fsdp_plan = {

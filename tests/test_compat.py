@@ -534,3 +534,14 @@ def test_trl_grpo_trainer_attributes_the_deepseek_trainer_reads():
                  "self.reward_func_names", "self.generation_config", "sampling_per_token_logps",
                  "old_per_token_logps", "completion_mask"):
         assert name in source, f"trl.GRPOTrainer no longer uses `{name}`, which trainers.GRPOTrainer reads"
+
+
+def test_compiled_modules_are_recognised_both_ways():
+    """trainers.compat.is_compiled_module reads torch._dynamo's OptimizedModule and nn.Module._compiled_call_impl."""
+    from torch import nn
+
+    plain = nn.Sequential(nn.Linear(2, 2))
+    assert not trainers_compat.is_compiled_module(plain)
+    assert trainers_compat.is_compiled_module(torch.compile(nn.Linear(2, 2))), "torch.compile no longer wraps the module"
+    plain[0].compile()
+    assert trainers_compat.is_compiled_module(plain), "Module.compile() no longer sets _compiled_call_impl"

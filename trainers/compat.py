@@ -128,3 +128,20 @@ class GRPOTrainerHooks:
     def trl_grpo_loss(self, model, inputs):
         return super()._compute_loss(model, inputs)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compiled modules (torch)
+#
+# torch's zero-bubble schedules (ZBV, DualPipeV) split a backward into input and weight gradients by walking the
+# autograd graph, which a compiled region hides. torch has no public "is this module compiled" test: torch.compile(m)
+# wraps m in torch._dynamo's OptimizedModule, and m.compile() compiles in place, setting nn.Module's private
+# `_compiled_call_impl` (torch's own check in the schedules sees only the first).
+
+
+def is_compiled_module(module) -> bool:
+    """Whether `module` or one of its submodules runs through torch.compile (either way of compiling it)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in module.modules())

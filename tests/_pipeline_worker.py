@@ -1,0 +1,176 @@
+"""Worker for tests/test_pipeline.py: pipeline-parallel training (trainers/pipeline.py) on CPU ranks (gloo); one
+torchrun launch runs every layout named.
+
+    torchrun --nproc_per_node P tests/_pipeline_worker.py OUT LAYOUT [LAYOUT ...]
+
+A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas) or
+`{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps;
+`...@N` trains N steps instead of STEPS: the custom autograd functions of the Linears and the
+grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model,
+seed 0) and trains STEPS AdamW steps on the global batch, recording the first step's loss parts and this rank's
+gradients by parameter name,
+the loss of every step and this rank's balancing biases at the end. Each rank writes
+OUT/{layout}/rank{r}.pt; the test compares them with one process on the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # conftest's helpers; the repository root
+
+import torch  # noqa: E402
+
+STEPS, FP8_STEPS, GLOBAL_BATCH, SEQ, LR = 20, 3, 8, 8, 1e-3
+CONFIG = dict(seq_balance_alpha=0.05, bias_update_speed=0.01)
+
+
+def layers(world: int) -> int:
+    return 2 * world  # one decoder layer per stage under the two-stages-per-rank schedules
+
+
+def micro_batches(world: int) -> int:
+    return 2 * world  # the least DualPipeV takes: one per stage
+
+
+def batches(steps: int = STEPS) -> torch.Tensor:
+    from conftest import random_ids
+
+    return random_ids(steps * GLOBAL_BATCH, SEQ, seed=5).view(steps, GLOBAL_BATCH, SEQ)
+
+
+def build(fp8: bool, world: int):
+    from conftest import tiny_model
+
+    model = tiny_model(seed=0, train=True, num_hidden_layers=layers(world), **CONFIG)
+    if fp8:
+        from quant.fp8_training import convert_to_fp8_training
+
+        convert_to_fp8_training(model)
+    return model
+
+
+def run_layout(layout: str, out: Path) -> None:
+    import torch.distributed as dist
+
+    from trainers.pipeline import PipelineRunner, pipeline_mesh
+
+    layout_steps, _, n = layout.partition("@")  # `layout@N`: N steps instead of STEPS
+    schedule, _, extra = layout_steps.partition("+")
+    steps = int(n) if n else FP8_STEPS if extra == "fp8" else STEPS
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = 2 if extra == "dp" else 1
+    mesh = pipeline_mesh(world // dp)
+    dp_rank = mesh.get_local_rank("dp")
+    data = batches()
+    share = GLOBAL_BATCH // dp
+
+    def local(batch):
+        return batch[dp_rank * share:(dp_rank + 1) * share]
+
+    model = build(extra == "fp8", world)
+    runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh)
+    opt = torch.optim.AdamW(runner.parameters(), lr=LR)
+    record = {"params": sorted(n for n, _ in model.named_parameters()), "losses": []}
+    for step in range(steps):
+        parts = runner.train_step(local(data[step]), labels_BT=local(data[step]))
+        if step == 0:
+            record["parts"] = {k: v.item() for k, v in parts.items()}
+            record["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+        record["losses"].append(parts["loss"].item())
+    record["biases"] = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    (out / layout).mkdir(parents=True, exist_ok=True)
+    torch.save(record, out / layout / f"rank{rank}.pt")
+
+
+def check_errors(out: Path) -> None:
+    """The named errors, each caught before any collective (so every rank raises alike)."""
+    import json
+
+    import torch.distributed as dist
+
+    from conftest import tiny_model
+    from trainers.pipeline import PipelineRunner, pipeline_mesh
+
+    mesh, world = pipeline_mesh(dist.get_world_size()), dist.get_world_size()
+    attempts = {
+        "too_few_microbatches": lambda: PipelineRunner(build(False, world), "dualpipev", 2, mesh),
+        "batch_not_divisible": lambda: PipelineRunner(build(False, world), "gpipe", 4, mesh).train_step(
+            batches(1)[0, :6], labels_BT=batches(1)[0, :6]),
+        "compiled_under_dualpipev": lambda: PipelineRunner(compiled_model(world), "dualpipev", 4, mesh),
+        "more_stages_than_layers": lambda: PipelineRunner(tiny_model(num_hidden_layers=3), "zbv", 4, mesh),
+        "tied_under_loop": lambda: PipelineRunner(tiny_model(tie_word_embeddings=True), "1f1b", 4, mesh),
+    }
+    messages = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+        except ValueError as e:
+            messages[name] = str(e)
+        else:
+            messages[name] = "no error"
+    if dist.get_rank() == 0:
+        (out / "errors.json").write_text(json.dumps(messages, indent=1))
+
+
+def check_resume(out: Path) -> None:
+    """PipelineTrainer: 4 steps straight through vs 2 steps, a checkpoint, and a fresh process state resuming it; both
+    save a final checkpoint that the test loads in one process."""
+    import torch.distributed as dist
+
+    from modeling_deepseek import DeepseekForCausalLM
+    from trainers.pipeline import PipelineRunner, pipeline_mesh
+    from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
+
+    world, mesh = dist.get_world_size(), pipeline_mesh(dist.get_world_size())
+    data = batches(2).reshape(-1, SEQ)
+
+    def trainer(folder: Path, max_steps: int) -> PipelineTrainer:
+        args = PipelineTrainingArguments(output_dir=str(folder), max_steps=max_steps, batch_size=4, warmup_steps=1,
+                                         save_steps=2, eval_steps=2, logging_steps=100)
+        return PipelineTrainer(PipelineRunner(build(False, world), "dualpipev", 2 * world, mesh), args, data,
+                               data[:4], log=lambda *a, **k: None)
+
+    straight = trainer(out / "resume" / "straight", 4)
+    straight.train()
+    straight.save_final(out / "resume" / "straight_final", DeepseekForCausalLM)
+    trainer(out / "resume" / "cut", 4).train(until_step=2)  # stops after the step-2 checkpoint
+    resumed = trainer(out / "resume" / "cut", 4)
+    resumed.train(resume=True)
+    resumed.save_final(out / "resume" / "resumed_final", DeepseekForCausalLM)
+    if dist.get_rank() == 0:
+        torch.save({"straight": straight.history, "resumed": resumed.history}, out / "resume" / "history.pt")
+
+
+def compiled_model(world: int):
+    model = build(False, world)
+    model.model.layers[1].compile()
+    return model
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    out, layouts = Path(sys.argv[1]), sys.argv[2:]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        for layout in layouts:
+            {"errors": check_errors, "resume": check_resume}.get(layout, lambda o: run_layout(layout, o))(out)
+            dist.barrier()
+    except Exception:
+        (out / f"rank{dist.get_rank()}.error.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,169 @@
+"""Pipeline parallelism (modeling_deepseek/pipeline_stages.py, trainers/pipeline.py) against one process.
+
+One torchrun launch per world size (2 and 4 CPU ranks, gloo) trains every schedule (tests/_pipeline_worker.py); here
+the same tiny model trains in one process on the same global batches, and for each schedule: the loss parts of the
+first step and every parameter's gradient agree to 1e-5, the AdamW loss curve follows (20 steps; 6 for the 4-rank
+layouts other than DualPipeV), and the aux-loss-free biases end where one process puts them after as many steps
+(identical on data-parallel replicas). FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
+modules' custom autograd functions) compare with one process over the same micro-batches. The 2-rank launch also
+checks the named errors and a bit-exact resume of trainers.pipeline_training.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+
+import _pipeline_worker as worker
+from benchmarks.harness import free_port
+from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+from modeling_deepseek.pipeline_stages import stage_layer_counts
+from test_parallel import TORCHRUN, _env, finish
+from trainers.pipeline import SCHEDULES, check_microbatches, stage_indices
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "_pipeline_worker.py"
+ATOL = 1e-5
+LAUNCHES = {
+    2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
+    # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
+    4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6"],
+}
+
+needs_torchrun = pytest.mark.skipif(
+    not (TORCHRUN.exists() and torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torchrun next to the interpreter and torch.distributed with gloo",
+)
+
+
+def test_pp_plan_is_transformers_deepseek_v3_plan():
+    assert DeepseekConfig.base_model_pp_plan == DeepseekV3Config.base_model_pp_plan
+
+
+def test_layer_rule_and_placement():
+    assert stage_layer_counts(8, 4) == [2, 2, 2, 2]
+    assert stage_layer_counts(61, 16) == [3] + [4] * 13 + [3, 3]  # V3's 61 layers: the 13 extra to the middle
+    assert stage_layer_counts(5, 4) == [1, 2, 1, 1]
+    with pytest.raises(ValueError, match="cannot split 3 decoder layers into 4 pipeline stages"):
+        stage_layer_counts(3, 4)
+    assert [stage_indices(r, 4, SCHEDULES["dualpipev"]) for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert [stage_indices(r, 2, SCHEDULES["interleaved1f1b"]) for r in range(2)] == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="'dualpipev' with 4 stages needs at least 4 micro-batches, got 2"):
+        check_microbatches("dualpipev", 2, 4)
+    with pytest.raises(ValueError, match="a batch of 6 sequences does not split into 4 micro-batches"):
+        check_microbatches("gpipe", 4, 2, batch_size=6)
+
+
+def one_process(world: int, fp8: bool) -> dict:
+    """The reference: the same model, batches and optimizer in one process (no pipeline). fp32 takes the whole batch
+    in one forward. FP8 scales its weight-gradient operands per 128 tokens of the forward it is given, so its
+    reference accumulates over the pipeline's own micro-batches (each weighted by its share, objective.py's
+    num_items_in_batch): the FP8 numbers then differ only by where the pipeline cuts."""
+    data = worker.batches()
+    out = {}
+    runs = [(False, worker.STEPS, 1)] + [(True, worker.FP8_STEPS, worker.micro_batches(world))] * fp8
+    for fp8, steps, chunks in runs:
+        model = worker.build(fp8, world)
+        opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
+        losses, biases = [], []
+        for step in range(steps):
+            sums = dict.fromkeys(("loss", "main_loss", "mtp_loss", "balance_loss"), 0.0)
+            scored = data[step].shape[0] * (data[step].shape[1] - 1)
+            for ids in data[step].chunk(chunks):
+                o = model(ids, labels=ids, num_items_in_batch=scored if chunks > 1 else None)
+                o.loss.backward()
+                share = ids.shape[0] / data[step].shape[0]
+                for name, value in (("loss", o.loss), ("main_loss", o.main_loss), ("mtp_loss", share * o.mtp_loss),
+                                    ("balance_loss", share * o.balance_loss)):
+                    sums[name] += value.item()
+            if step == 0:
+                parts, grads = sums, {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+            losses.append(sums["loss"])
+            biases.append({n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+        out[fp8] = dict(parts=parts, grads=grads, losses=losses, biases=biases)  # biases after each step
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(LAUNCHES))
+def launch(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"pipeline{world}")
+    cmd = [str(TORCHRUN), "--nproc_per_node", str(world), "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), str(WORKER), str(out), *LAUNCHES[world]]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    reference = one_process(world, fp8=any("fp8" in layout for layout in LAUNCHES[world]))  # while the ranks run
+    finish(proc, out)
+    ranks = {layout: [torch.load(out / layout / f"rank{r}.pt") for r in range(world)]
+             for layout in LAUNCHES[world] if layout not in ("errors", "resume")}
+    errors = json.loads((out / "errors.json").read_text()) if (out / "errors.json").exists() else None
+    return world, ranks, reference, errors, out
+
+
+@needs_torchrun
+def test_every_schedule_equals_one_process(launch):
+    world, ranks, reference, _, _ = launch
+    for layout, records in ranks.items():
+        ref = reference["fp8" in layout]
+        for part, value in ref["parts"].items():
+            assert all(abs(r["parts"][part] - value) < ATOL for r in records), (layout, part, value,
+                                                                                 [r["parts"][part] for r in records])
+        # Every parameter is held by some rank (a replica under dp): its gradient equals one process's.
+        held = {}
+        for r in records:
+            held.update(r["grads"])
+            assert set(r["grads"]) <= set(r["params"])
+        assert set(held) == set(ref["grads"]), (layout, set(ref["grads"]) ^ set(held))
+        for name, grad in ref["grads"].items():
+            for r in records:
+                if name in r["grads"]:
+                    torch.testing.assert_close(r["grads"][name], grad, atol=ATOL, rtol=0, msg=f"{layout} {name}")
+        for r in records:
+            steps = len(r["losses"])
+            assert steps == int(layout.partition("@")[2] or len(ref["losses"]))
+            torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"][:steps]), atol=1e-4,
+                                       rtol=0, msg=f"{layout} loss curve")
+            for name, bias in r["biases"].items():
+                torch.testing.assert_close(bias, ref["biases"][steps - 1][name], atol=1e-6, rtol=0,
+                                           msg=f"{layout} {name}")
+        assert set().union(*(r["biases"] for r in records)) == set(ref["biases"][-1])
+    start = worker.build(False, world)
+    moved = [n for n, b in reference[False]["biases"][0].items() if not torch.equal(b, start.get_buffer(n))]
+    assert moved, "the balancing biases did not move at the first step: the test would not see a wrong update"
+
+
+@needs_torchrun
+@pytest.mark.parametrize("launch", [2], indirect=True)  # the 2-rank launch checks them
+def test_pipeline_errors_are_named(launch):
+    _, _, _, errors, _ = launch
+    assert "needs at least 4 micro-batches, got 2" in errors["too_few_microbatches"]
+    assert "does not split into 4 micro-batches" in errors["batch_not_divisible"]
+    assert "cannot do through a compiled module" in errors["compiled_under_dualpipev"]
+    assert "cannot split 3 decoder layers into 4 pipeline stages" in errors["more_stages_than_layers"]
+    assert "tie_word_embeddings under '1f1b'" in errors["tied_under_loop"]
+
+
+@needs_torchrun
+@pytest.mark.parametrize("launch", [2], indirect=True)  # the 2-rank launch checks it
+def test_checkpoints_resume_bit_exact_and_load_in_one_process(launch):
+    world, _, _, _, out = launch
+    history = torch.load(out / "resume" / "history.pt")
+    assert [h for h in history["resumed"]] == [h for h in history["straight"] if h["step"] > 2]
+    assert (out / "resume" / "cut" / "checkpoint-2").is_dir() and (out / "resume" / "cut" / "checkpoint-4").is_dir()
+    straight = DeepseekForCausalLM.from_pretrained(out / "resume" / "straight_final")
+    resumed = DeepseekForCausalLM.from_pretrained(out / "resume" / "resumed_final")
+    trained = 0
+    start = worker.build(False, world).state_dict()
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+        trained += not torch.equal(value, start[name])
+    assert trained > 0
+    ids = worker.batches(1)[0]
+    assert torch.isfinite(straight(ids, labels=ids).loss)
