@@ -52,7 +52,9 @@ class DeepseekMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if recompute_active(self.config, "recompute_swiglu"):
-            return recompute(self.swiglu_down, gate, up)
+            # An FP8 training down projection (quant/fp8_training_modules.py) keeps gate and up in e4m3 instead.
+            packed = getattr(self.down_proj, "recompute_swiglu_into", None)
+            return packed(gate, up, self.act_fn) if packed is not None else recompute(self.swiglu_down, gate, up)
         return self.swiglu_down(gate, up)
 
     def swiglu_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
