@@ -107,8 +107,9 @@ def training_objective(
     main model's final hidden state, with its MoE layers' balance losses.
 
     `logits_BTV` (the LM head over hidden_BTD) give CE_main; or `main_ce`, CE_main already computed (the chunked
-    cross-entropy, `head_cross_entropy`); neither leaves it to the caller (GRPO scores the policy itself). `with_mtp` runs the MTP modules, if the model has any, over `hidden_BTD` and `inputs_embeds_BTD` (the
-    input embeddings, needed only then).
+    cross-entropy, `head_cross_entropy`); neither leaves it to the caller (GRPO scores the policy itself).
+    `with_mtp` runs the MTP modules, if the model has any, over `hidden_BTD` and `inputs_embeds_BTD` (the input
+    embeddings, needed only then); their heads go through `head_cross_entropy` too.
     `position_ids` are the caller's: where they restart (sequences packed in one row) an MTP target that belongs to
     the next sequence is not scored. `fraction` is f (`step_fraction`)."""
     cfg = lm.config

@@ -22,10 +22,10 @@ from torch import nn
 
 from conftest import random_ids, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
-from modeling_deepseek.fp8 import DeepseekFP8Linear
 from modeling_deepseek.configuration import MEMORY_OPTIONS
-from modeling_deepseek.fp8_format import (E5M6_MAX, FP8_DTYPE, dequantize_blockwise, dequantize_e5m6, quantize_blockwise,
-                                          quantize_e5m6, quantize_token_tiles)
+from modeling_deepseek.fp8 import DeepseekFP8Linear
+from modeling_deepseek.fp8_format import (E5M6_MAX, FP8_DTYPE, dequantize_blockwise, dequantize_e5m6,
+                                          quantize_blockwise, quantize_e5m6, quantize_token_tiles)
 from modeling_deepseek.fp8_gemm import scaled_mm_available
 from quant.adamw_bf16_moments import AdamWBF16Moments
 from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
