@@ -16,15 +16,19 @@ this one is plain torch, runs anywhere, and its gradients are those of the plain
 fp32, 1e-5). Products run in the head's dtype (the autocast dtype under autocast, like the plain lm_head), the
 softmax and the loss in fp32.
 
-`linear_cross_entropy_sum` takes the head module and refuses one it cannot reproduce from its weight alone (a bias,
-an adapter, forward hooks such as tensor parallelism's gather): a wrong loss must not pass silently.
+`linear_cross_entropy_sum` takes the head module. A head that is not y = h W^T alone (a bias, an adapter, forward
+hooks such as FSDP2's gathering or tensor parallelism's output gather) is called as it is, chunk by chunk, each
+chunk's head and loss under a non-reentrant checkpoint: the same loss, the logits of one chunk at a time, the head's
+own forward (hooks included) run again in backward.
 `token_logprobs` gives log p(target) per token in chunks without gradients (GRPO's rollout check).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # transformers' and torch's "not scored" label
 
@@ -74,31 +78,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh_ND, None if dw_VD is None else dw_VD.to(w_VD.dtype), None, None, None
 
 
-def head_weight(head: nn.Module) -> torch.Tensor:
-    """The [V, D] weight of an LM head that the chunked cross-entropy can stand in for, else ValueError."""
+def plain_head_weight(head: nn.Module) -> torch.Tensor | None:
+    """The [V, D] weight of a head that is y = h W^T alone (a plain bias-free nn.Linear, unwrapped, unhooked, with a
+    local weight), else None."""
     weight = getattr(head, "weight", None)
-    problem = None
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        problem = f"it is a {type(head).__name__}, not a plain nn.Linear (an adapter or a converted head?)"
-    elif head.bias is not None:
-        problem = "it has a bias"
-    elif head._forward_hooks or head._forward_pre_hooks:
-        problem = "it has forward hooks (a tensor-parallel or otherwise wrapped head)"
-    elif not isinstance(weight, torch.Tensor) or hasattr(weight, "device_mesh"):
-        problem = f"its weight is a {type(weight).__name__} (sharded?)"
-    if problem is not None:
-        raise ValueError(f"chunked_cross_entropy needs the LM head to be y = h W^T alone, but {problem}; set "
-                         "config.chunked_cross_entropy=False for this model")
-    return weight
+    plain = (type(head) is nn.Linear and head.bias is None and not head._forward_hooks
+             and not head._forward_pre_hooks and isinstance(weight, torch.Tensor)
+             and not hasattr(weight, "device_mesh"))  # a DTensor (FSDP2, tensor parallel)
+    return weight if plain else None
+
+
+def _chunk_cross_entropy_sum(head: nn.Module, h_cD: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h_cD).float(), t_c, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def linear_cross_entropy_sum(h_BTD: torch.Tensor, head: nn.Module, targets_BT: torch.Tensor,
                              chunk_tokens: int) -> torch.Tensor:
     """sum over scored positions of CE(head(h), target) in fp32, without keeping the logits for backward."""
-    weight = head_weight(head)
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
     targets_N = targets_BT.reshape(-1).to(h_ND.device)
-    return _LinearCrossEntropy.apply(h_ND, weight, targets_N, chunk_tokens, _compute_dtype(h_ND, weight))
+    weight = plain_head_weight(head)
+    if weight is not None:
+        return _LinearCrossEntropy.apply(h_ND, weight, targets_N, chunk_tokens, _compute_dtype(h_ND, weight))
+    return sum(checkpoint(_chunk_cross_entropy_sum, head, h_ND[start:start + chunk_tokens],
+                          targets_N[start:start + chunk_tokens], use_reentrant=False)
+               for start in range(0, h_ND.shape[0], chunk_tokens))
 
 
 @torch.no_grad()

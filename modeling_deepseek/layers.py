@@ -52,9 +52,13 @@ class DeepseekMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if recompute_active(self.config, "recompute_swiglu"):
-            # An FP8 training down projection (quant/fp8_training_modules.py) keeps gate and up in e4m3 instead.
-            packed = getattr(self.down_proj, "recompute_swiglu_into", None)
-            return packed(gate, up, self.act_fn) if packed is not None else recompute(self.swiglu_down, gate, up)
+            # An FP8 training down projection (quant/fp8_training_modules.py) keeps gate and up in e4m3 instead. Looked
+            # up on the class: an adapter wrapping it (peft forwards unknown attributes to the base layer) must not
+            # be bypassed.
+            packed = getattr(type(self.down_proj), "recompute_swiglu_into", None)
+            if packed is not None:
+                return packed(self.down_proj, gate, up, self.act_fn)
+            return recompute(self.swiglu_down, gate, up)
         return self.swiglu_down(gate, up)
 
     def swiglu_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
