@@ -51,13 +51,11 @@ def build_config(spec: dict):
         n_group=1, topk_group=1, n_shared_experts=1, num_nextn_predict_layers=0, max_position_embeddings=4096)
 
 
-def measure_variant(spec: dict) -> dict:
-    """One variant in this (fresh) process: saved bytes, peak memory and step time of forward + backward."""
+def build_variant(spec: dict, variant: str):
+    """(model, autocast context, token ids) of one variant, from the spec's seed."""
     from modeling_deepseek import DeepseekForCausalLM
     from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
 
-    harness.setup(threads=spec["threads"])
-    variant = spec["variant"]
     config = build_config(spec)
     options = set(OPTIONS) if variant.endswith("+all") else {variant.split("+", 1)[1]} if "+" in variant else set()
     for name in options:
@@ -71,6 +69,25 @@ def measure_variant(spec: dict) -> dict:
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant.startswith("bf16") else nullcontext
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     ids = torch.randint(3, config.vocab_size, (spec["batch"], spec["seq"]), generator=g)
+    return model, ctx, ids
+
+
+def train_step(model, ctx, ids, hooks=None) -> tuple[float, float]:
+    """(seconds, loss) of one forward + backward; the gradients stay allocated."""
+    t0 = time.perf_counter()
+    with (torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else nullcontext()), ctx():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    elapsed = time.perf_counter() - t0
+    model.zero_grad(set_to_none=False)  # gradients stay allocated: a step's peak is its own
+    return elapsed, loss.item()
+
+
+def measure_variant(spec: dict) -> dict:
+    """One variant in this (fresh) process: saved bytes, peak memory and step time of forward + backward."""
+    harness.setup(threads=spec["threads"])
+    variant = spec["variant"]
+    model, ctx, ids = build_variant(spec, variant)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     storages = {}
@@ -79,24 +96,29 @@ def measure_variant(spec: dict) -> dict:
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    def step(hooks=False):
-        t0 = time.perf_counter()
-        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooks else nullcontext()), ctx():
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        elapsed = time.perf_counter() - t0
-        model.zero_grad(set_to_none=False)  # gradients stay allocated: the peak below is the step's own
-        return elapsed, loss.item()
-
-    _, loss = step(hooks=True)
+    _, loss = train_step(model, ctx, ids, hooks=(pack, lambda t: t))
     saved = sum(n for ptr, n in storages.items() if ptr not in params)
     with PeakMemory("cpu") as peak:
-        times = [step()[0]]
-    times += [step()[0] for _ in range(spec["steps"] - 1)]
+        times = [train_step(model, ctx, ids)[0]]
+    times += [train_step(model, ctx, ids)[0] for _ in range(spec["steps"] - 1)]
     tokens = spec["batch"] * spec["seq"]
     return {"variant": variant, "saved_bytes": saved, "saved_bytes_per_token": saved / tokens, "tokens": tokens,
             "peak_step_bytes": peak.bytes, "peak_kind": peak.kind, "step_s": median(times), "times": times,
             "loss": loss, "options_on": sorted(name for name in OPTIONS if getattr(model.config, name))}
+
+
+def time_variants(spec: dict) -> dict:
+    """Median forward + backward time of each of spec["variants"], all in this process with their steps
+    interleaved (one step of each per round), so that load from other processes hits every variant alike."""
+    harness.setup(threads=spec["threads"])
+    built = {v: build_variant(spec, v) for v in spec["variants"]}
+    for model, ctx, ids in built.values():
+        train_step(model, ctx, ids)  # warm-up
+    times = {v: [] for v in built}
+    for _ in range(spec["rounds"]):
+        for v, (model, ctx, ids) in built.items():
+            times[v].append(train_step(model, ctx, ids)[0])
+    return {v: median(t) for v, t in times.items()}
 
 
 def variants_for(shape: str) -> list[str]:
@@ -129,10 +151,49 @@ def render(report: dict) -> str:
                          f"{r['step_s']:.2f} | {r['step_s'] / ref['step_s']:.2f}x |")
         fp8 = rows["fp8"]["saved_bytes"] / ref["saved_bytes"]
         bf16_all = rows["bf16+all"]["saved_bytes"] / ref["saved_bytes"]
+        timed = {n: r["interleaved_step_s"] for n, r in rows.items() if "interleaved_step_s" in r}
+        if timed:
+            lines += ["", "Step time with the steps of these variants interleaved in one process (median of "
+                      f"{s['steps']} rounds; the cost of the recomputation): " + ", ".join(
+                          f"{n} {t:.2f} s ({t / timed['bf16']:.2f}x bf16)" for n, t in timed.items()) + "."]
         lines += ["", f"Targets: fp8 with every option {fp8:.2f}x bf16 (<= {FP8_TARGET}x: "
                   f"{'met' if fp8 <= FP8_TARGET else 'NOT met'}); bf16 with the options {bf16_all:.2f}x "
                   f"(<= {BF16_TARGET}x: {'met' if bf16_all <= BF16_TARGET else 'NOT met'}).", ""]
+    if report.get("fp8_loss_runs"):
+        lines += render_loss(report["fp8_loss_runs"])
+    if report.get("other_commands"):
+        lines += ["", "The shapes were measured by separate runs; also: "
+                  + "; ".join(f"`{c}`" for c in report["other_commands"]) + "."]
     return "\n".join(lines).rstrip()
+
+
+def loss_summary(run: dict) -> dict:
+    """What the section shows of one benchmarks.fp8_training report: the fp8 run's loss gap to fp32."""
+    s = run["settings"]
+    return {"seed": s["seed"], "command": run["command"], "steps": s["steps"], "tokens_per_step": s["batch"] * s["seq"],
+            "skip_from": s["skip_from"], "gap_fp32": run["gap_summary"]["fp32"], "gap_bf16": run["gap_summary"]["bf16"],
+            "final_ema_loss": run["final_ema_loss"], "median_step_s": run["median_step_s"]}
+
+
+def render_loss(runs: list[dict]) -> list[str]:
+    lines = ["", "FP8 training with V3's recipe (every memory option on, o_proj's input in E5M6) against fp32 on the "
+             "`small` config, benchmarks.fp8_training: relative gap of the EMA(0.9) training loss, (fp8 - fp32) / "
+             "fp32, after the first steps (target: mean and final gap within 0.25%):", "",
+             "| seed | steps x tokens | mean gap | gap at the last step | max abs gap | final EMA loss fp32 / fp8 | "
+             "step time fp32 / fp8 (s) |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        g, loss, t = r["gap_fp32"], r["final_ema_loss"], r["median_step_s"]
+        lines.append(f"| {r['seed']} | {r['steps']} x {r['tokens_per_step']} (gaps from step {r['skip_from']}) | "
+                     f"{100 * g['mean_after_skip']:+.3f}% | {100 * g['final']:+.3f}% | "
+                     f"{100 * g['max_abs_after_skip']:.3f}% | {loss['fp32']:.4f} / {loss['fp8']:.4f} | "
+                     f"{t['fp32']:.2f} / {t['fp8']:.2f} |")
+    means = [r["gap_fp32"]["mean_after_skip"] for r in runs]
+    finals = [r["gap_fp32"]["final"] for r in runs]
+    met = all(abs(v) <= 0.0025 for v in means + finals)
+    lines += ["", f"Over the {len(runs)} seeds: mean gap {100 * sum(means) / len(means):+.3f}%, final gap "
+              f"{100 * sum(finals) / len(finals):+.3f}%; every seed's mean and final gap within 0.25%: "
+              f"{'met' if met else 'NOT met'}. Commands: " + "; ".join(f"`{r['command']}`" for r in runs) + "."]
+    return lines
 
 
 def main(argv=None):
@@ -149,10 +210,21 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json-out", default=str(RESULTS_DIR / "training_memory.json"))
     p.add_argument("--results-md", default=str(RESULTS_MD), help="'' to leave RESULTS.md alone")
-    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--render-only", action="store_true",
+                   help="rebuild the section from --json-out (and the reports of --merge and --loss-json)")
+    p.add_argument("--merge", nargs="*", default=[], help="with --render-only: reports of other shapes to add")
+    p.add_argument("--loss-json", nargs="*", default=[],
+                   help="benchmarks.fp8_training reports (one per seed) whose fp8-vs-fp32 loss gaps the section shows")
     args = p.parse_args(argv)
     if args.render_only:
         report = json.loads(Path(args.json_out).read_text())
+        for other in args.merge:
+            extra = json.loads(Path(other).read_text())
+            report["shapes"].update(extra["shapes"])
+            report.setdefault("other_commands", []).append(extra["command"])
+        if args.loss_json:
+            report["fp8_loss_runs"] = [loss_summary(json.loads(Path(f).read_text())) for f in args.loss_json]
+        harness.write_json(args.json_out, report)
     else:
         report = {"settings": vars(args), **harness.report_head("training_memory"), "shapes": {}}
         for shape in args.shapes:
@@ -167,6 +239,14 @@ def main(argv=None):
                 r = rows[variant]
                 print(f"{shape} {variant}: {r['saved_bytes_per_token'] / 1024:.1f} KiB/token saved, peak "
                       f"{r['peak_step_bytes'] / 2**20:.0f} MiB, {r['step_s']:.2f} s", flush=True)
+            if shape == "small":
+                timed = harness.run_worker(time_variants, {
+                    "shape": shape, "variants": ["bf16", "bf16+all", "fp8-no-opts", "fp8"], "seed": args.seed,
+                    "threads": args.threads, "batch": args.batch, "seq": args.seq, "rounds": args.steps,
+                    "label": "interleaved timing"})
+                for variant, seconds in timed.items():
+                    rows[variant]["interleaved_step_s"] = seconds
+                print("interleaved step times:", timed, flush=True)
             report["shapes"][shape] = rows
             report["peak_kind"] = next(iter(rows.values()))["peak_kind"]
             harness.write_json(args.json_out, report)

@@ -22,6 +22,16 @@ Activations saved for backward are Wgrad's operand only, and with `cache_fp8_act
 kept as e4m3 plus scales, 1 byte per entry instead of 4 (fp32) or 2 (bf16); turning it off saves x and quantizes it
 in backward: the same numbers either way (tests/test_fp8_training.py checks the gradients are identical).
 
+The memory recipe of V3 (report 3.3.3) is on by default, each piece switchable off by its field:
+
+- the input of the linear after attention (o_proj) is cached in E5M6 (modeling_deepseek/fp8_format.py: 5 exponent
+  and 6 mantissa bits, power-of-two scales per 1 x 128 tile, 1.5 bytes per entry packed) and re-tiled in backward
+  into e4m3 128 x 1 tiles for Wgrad: finer than e4m3 where V3 found it mattered (`cache_o_proj_input_e5m6`);
+- the model's memory options (configuration.py) are set on its config: norms and the MLA up-projections recomputed
+  in backward, the LM / MTP heads through the chunked cross-entropy, and the SwiGLU of the experts, shared experts
+  and dense MLPs recomputed from its inputs cached in e4m3 (`recompute_*`, `chunked_cross_entropy`). The report
+  lists which are on.
+
 The modules are in quant/fp8_training_modules.py. The routed experts (`Float8TrainingExperts`) run their grouped
 path, tokens sorted by expert, with all three GEMMs per expert group in FP8 (Wgrad's 128-token tiles start at each
 expert's first token) and no host synchronisation.

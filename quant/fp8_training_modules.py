@@ -19,6 +19,12 @@ runs over each group's tokens, so its 128-token tiles start at every group's fir
 computed on the device from the group offsets: no host synchronisation). torch has no block-scaled grouped GEMM, so
 both backends multiply the dequantized operands with torch's grouped_mm (fp32 on CPU, bf16 on CUDA): FP8 numerics,
 high-precision GEMM.
+
+With the memory option `recompute_swiglu`, act(gate) * up and the down projection run under
+modeling_deepseek.recompute.recompute_packed with gate and up kept in e4m3 (1 x 128 tiles, `fp8_packer`): backward
+dequantizes them, recomputes the SwiGLU output and runs the down projection's backward on it (V3: "cache the SwiGLU
+inputs in FP8, recompute its output"). The down projection's own Fprop is run twice, its Wgrad sees the recomputed
+output.
 """
 
 from __future__ import annotations
