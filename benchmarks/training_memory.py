@@ -84,22 +84,34 @@ def train_step(model, ctx, ids, hooks=None) -> tuple[float, float]:
     return elapsed, loss.item()
 
 
+def is_weight_copy(t: torch.Tensor, weight_shapes: set) -> bool:
+    """Whether a saved tensor is a forward's copy of a weight, which scales with the model, not with the tokens:
+    autocast's cast of a parameter (a ToCopy node over the parameter's AccumulateGrad, through views), or an e4m3
+    tensor of a parameter's shape (FP8 training's quantized weights, saved inside its autograd functions)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return tuple(t.shape) in weight_shapes
+    node, copied = t.grad_fn, False
+    for _ in range(4):
+        if node is None or len(node.next_functions) != 1:
+            return False
+        copied |= type(node).__name__ == "ToCopyBackward0"
+        node = node.next_functions[0][0]
+        if type(node).__name__ == "AccumulateGrad":
+            return copied
+    return False
+
+
 def measure_variant(spec: dict) -> dict:
     """One variant in this (fresh) process: saved bytes, peak memory and step time of forward + backward."""
     harness.setup(threads=spec["threads"])
     variant = spec["variant"]
     model, ctx, ids = build_variant(spec, variant)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    # Copies of the weights that a forward saves (autocast's bf16 casts, FP8's e4m3 weights) have a parameter's shape
-    # (a 2-D one possibly transposed, a 3-D one with its last two dims swapped): they scale with the model, not with
-    # the tokens, and are counted apart.
     weight_shapes = {tuple(p.shape) for p in model.parameters()}
-    weight_shapes |= {(*shape[:-2], shape[-1], shape[-2]) for shape in weight_shapes if len(shape) >= 2}
-
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(t.shape) in weight_shapes)
+        storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), is_weight_copy(t, weight_shapes))
         return t
 
     _, loss = train_step(model, ctx, ids, hooks=(pack, lambda t: t))
