@@ -154,9 +154,11 @@ def render(report: dict) -> str:
               "excluded, and the forward's copies of the weights, autocast's bf16 casts and FP8's e4m3 weights, "
               "shown apart: they scale with the model, not with the tokens), per token; peak memory of one forward + backward with the gradients already allocated "
               f"({report['peak_kind']}); median forward + backward time over {s['steps']} steps (1 for v3-layer). "
-              "Each variant in a fresh process, same initialisation, random tokens. Machine shared with other "
-              "agents: the times are indicative, the saved bytes are exact.", ""]
+              f"Each variant in a fresh process with {s['threads']} torch thread(s), same initialisation, random "
+              "tokens. Machine shared with other agents: the times of separate processes are indicative only (the "
+              "interleaved timing below is the comparison), the saved bytes are exact.", ""]
     for shape, rows in report["shapes"].items():
+        s = report.get("shape_settings", {}).get(shape, report["settings"])  # the run that measured this shape
         ref = rows["bf16"]
         desc = ("`small` (hub_configs/small, vocab 4096, MTP 1)" if shape == "small" else
                 f"`v3-layer`: one MoE layer at V3's widths (hidden 7168, q_lora 1536, kv_lora 512, 128 heads, experts "
@@ -243,7 +245,9 @@ def main(argv=None):
         for other in args.merge:
             extra = json.loads(Path(other).read_text())
             report["shapes"].update(extra["shapes"])
-            report.setdefault("other_commands", []).append(extra["command"])
+            report.setdefault("shape_settings", {}).update({shape: extra["settings"] for shape in extra["shapes"]})
+            if extra["command"] not in report.setdefault("other_commands", []):
+                report["other_commands"].append(extra["command"])
         if args.loss_json:
             report["fp8_loss_runs"] = [loss_summary(json.loads(Path(f).read_text())) for f in args.loss_json]
         harness.write_json(args.json_out, report)
