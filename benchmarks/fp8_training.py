@@ -9,7 +9,9 @@ batches in the same order, with the same AdamW (fp32 master weights and moments)
     fp32   every GEMM in fp32
     bf16   torch.autocast(cpu, bfloat16): the GEMMs in bf16, master weights fp32
     fp8    convert_to_fp8_training (reference backend): every projection and expert GEMM in e4m3 with 1 x 128 /
-           128 x 128 scales (Fprop, Dgrad, Wgrad), the high-precision islands in fp32
+           128 x 128 scales (Fprop, Dgrad, Wgrad), the high-precision islands in fp32, and V3's memory recipe
+           (FP8TrainingConfig's defaults: recomputed norms, MLA up-projections and SwiGLU from e4m3-cached inputs,
+           o_proj's input cached in E5M6, chunked cross-entropy)
 
 Steps are interleaved (fp32, bf16, fp8, fp32, ...) so that load from other processes hits all three alike. Reported:
 the EMA-smoothed (0.9) training loss of each, the relative gap of fp8 against fp32 and bf16 over the run (V3's
@@ -62,8 +64,9 @@ def build_model(args, tokenizer):
 
 def fresh_copy(base):
     """The same weights in a newly built model: unlike copy.deepcopy, construction registers it for the
-    aux-loss-free bias update (modeling_deepseek.balancing tracks models when they are built)."""
-    model = type(base)(base.config).train()
+    aux-loss-free bias update (modeling_deepseek.balancing tracks models when they are built). Its config is its own:
+    convert_to_fp8_training turns the memory options on in the fp8 run's config only."""
+    model = type(base)(copy.deepcopy(base.config)).train()
     model.load_state_dict(base.state_dict())
     return model
 

@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .compat import CPU_FLASH_ATTENTION
 from .layers import DeepseekRMSNorm
 from .parallel import local_shard, replicated_input
+from .recompute import recompute, recompute_active
 from .continuous_batching import is_paged_cache, paged_attention
 from .rope import apply_rope, softmax_scale
 
@@ -114,24 +115,26 @@ class DeepseekAttention(nn.Module):
             self.q_proj = nn.Linear(config.hidden_size, H * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.attention_bias)
-            self.q_a_layernorm = DeepseekRMSNorm(config.q_lora_rank)
+            self.q_a_layernorm = DeepseekRMSNorm(config.q_lora_rank, config=config)
             self.q_b_proj = nn.Linear(config.q_lora_rank, H * self.qk_head_dim, bias=False)
         # One projection gives [latent (C) | shared rope key (R)]: the only per-token state that is cached.
         self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, C + R, bias=config.attention_bias)
-        self.kv_a_layernorm = DeepseekRMSNorm(C)
+        self.kv_a_layernorm = DeepseekRMSNorm(C, config=config)
         # Per head: [W_UK (nope rows) | W_UV (v rows)] stacked, head-major.
         self.kv_b_proj = nn.Linear(C, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
 
     # ------------------------------------------------------------------------------------------------------------
     def project_query(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        if self.q_lora_rank is None:
-            q = self.q_proj(x_BTD)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        B, T, _ = x_BTD.shape
+        return self.up_project_query(self.q_a_proj(x_BTD) if self.q_lora_rank is not None else self.q_proj(x_BTD))
+
+    def up_project_query(self, q_low_BTX: torch.Tensor) -> torch.Tensor:
+        """q_a_proj's output (q_lora_rank wide) -> per-head queries [B, H, T, nope + rope]; with a full-rank q_proj,
+        its output, only reshaped."""
+        B, T, _ = q_low_BTX.shape
+        q = q_low_BTX if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_low_BTX))
         # -1, not num_heads: under tensor parallelism q_b_proj / q_proj give this rank's heads only.
-        return q.view(B, T, -1, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope + rope]
+        return q.view(B, T, -1, self.qk_head_dim).transpose(1, 2)
 
     def compress_kv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached pair: normalised latent [B, 1, T, C] and (not yet rotated) rope key [B, 1, T, R]."""
@@ -182,31 +185,52 @@ class DeepseekAttention(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, output_attentions=False,
                 **kwargs):
-        """Returns (output [B, T, D], attention probabilities [B, H, T, S] when output_attentions, else None)."""
-        B, T, _ = hidden_states.shape
-        q_BHTK = self.project_query(hidden_states)
-        q_nope, q_rope = q_BHTK.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        latent_B1TC, k_rope_B1TR = self.compress_kv(hidden_states)
+        """Returns (output [B, T, D], attention probabilities [B, H, T, S] when output_attentions, else None).
 
+        With the memory option `recompute_mla_up_proj` (while autograd records) the low-rank activations are all that
+        is kept for backward: the query's up-projection (q_a_layernorm, q_b_proj), kv_b_proj's per-head keys and
+        values and the attention core over them run again in backward. The core goes with them: its saved inputs
+        are exactly the up-projections' outputs, 128 heads x (192 + 192 + 128) values per token for V3 against the
+        1536 + 576 of the low-rank pair."""
+        B, T, _ = hidden_states.shape
+        q_low_BTX = self.q_a_proj(hidden_states) if self.q_lora_rank is not None else self.q_proj(hidden_states)
+        latent_B1TC, k_rope_B1TR = self.compress_kv(hidden_states)
         cos, sin = position_embeddings
-        q_rope = apply_rope(q_rope, cos, sin, self.config.rope_interleave)
         k_rope_B1TR = apply_rope(k_rope_B1TR, cos, sin, self.config.rope_interleave)
 
         if is_paged_cache(cache):  # continuous batching: many requests packed in one row (continuous_batching.py)
+            q_nope, q_rope = self.rotated_query(q_low_BTX, cos, sin)
             out_BTHV = paged_attention(self, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs)
             return self.o_proj(out_BTHV.reshape(B, T, -1)), None
         if cache is not None:  # the cache sees only the compressed pair
             latent_B1TC, k_rope_B1TR = cache.update(latent_B1TC, k_rope_B1TR, self.layer_idx)
-        S = latent_B1TC.shape[2]
 
+        def attend(q_low_BTX, latent_B1SC, k_rope_B1SR, cos, sin):
+            q_nope, q_rope = self.rotated_query(q_low_BTX, cos, sin)
+            return self.attend(q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask, output_attentions, **kwargs)
+
+        args = (q_low_BTX, latent_B1TC, k_rope_B1TR, cos, sin)
+        out_BTHV, weights = (recompute(attend, *args) if recompute_active(self.config, "recompute_mla_up_proj")
+                             else attend(*args))
+        return self.o_proj(out_BTHV.reshape(B, T, -1)), (weights if output_attentions else None)
+
+    def rotated_query(self, q_low_BTX, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_nope, rotated q_rope), [B, H, T, *] each, from the query's low-rank activation."""
+        q_nope, q_rope = self.up_project_query(q_low_BTX).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
+        return q_nope, apply_rope(q_rope, cos, sin, self.config.rope_interleave)
+
+    def attend(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask, output_attentions, **kwargs):
+        """Attention of T queries over the S cached keys, on the path `use_absorbed` picks: (out [B, T, H, v],
+        probabilities or None)."""
+        T, S = q_nope.shape[2], latent_B1SC.shape[2]
         if self.use_absorbed(T, S):
-            out_BTHV, weights = self.absorbed_attention(q_nope, q_rope, latent_B1TC, k_rope_B1TR, attention_mask)
+            out_BTHV, weights = self.absorbed_attention(q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask)
         else:
             # Attention probabilities exist only where they are materialised: the eager kernel.
             impl = "eager" if output_attentions else self.config._attn_implementation
-            out_BTHV, weights = self.expanded_attention(q_nope, q_rope, latent_B1TC, k_rope_B1TR, attention_mask,
+            out_BTHV, weights = self.expanded_attention(q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask,
                                                         impl, **kwargs)
-        return self.o_proj(out_BTHV.reshape(B, T, -1)), (weights if output_attentions else None)
+        return out_BTHV, weights
 
     def expanded_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask, impl, **kwargs):
         B, H, _, _ = q_nope.shape

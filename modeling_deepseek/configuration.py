@@ -10,6 +10,24 @@ training knobs of the V3 report, which the official files do not carry:
     mtp_loss_weight_late, mtp_late_fraction
                         the schedule: after that fraction of the Trainer's max_steps, lambda becomes the late value
 
+and the memory options of V3's training (report section 3.2.3), all off by default: each trades a little compute in
+backward for activation memory, and none changes a loss or a gradient (tests/test_memory_options.py):
+
+    recompute_norms     every RMSNorm keeps only its input for backward and recomputes its output there
+    recompute_mla_up_proj
+                        attention keeps only the low-rank q / kv-latent activations; the up-projections (q_b_proj,
+                        kv_b_proj), their norms and the attention core over them are recomputed in backward
+    recompute_swiglu    dense MLPs and experts keep the SwiGLU inputs (gate, up) only; act(gate) * up and the down
+                        projection over it are recomputed in backward
+    chunked_cross_entropy
+                        the LM head and MTP's shared head run through a chunked linear cross-entropy
+                        (chunked_ce.py) that never saves [tokens, vocab] logits: with a 129K vocabulary those are
+                        the largest activation of a token. A training forward with labels then returns logits=None
+    cross_entropy_chunk_tokens
+                        tokens per chunk of that cross-entropy (the transient logits are chunk x vocab)
+
+quant.fp8_training.convert_to_fp8_training turns all four on (V3's recipe); its FP8TrainingConfig switches each off.
+
 Invalid combinations raise a ValueError that names the field, at construction time rather than deep in a forward.
 """
 
@@ -28,6 +46,8 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 MLA_IMPLS = ("auto", "absorbed", "expanded")  # attention.py: which MLA path runs
 LATENT_CACHE_DTYPES = (None, "fp8")  # None: the model dtype
+# The memory options (module docstring): booleans, off by default; FP8 training turns them all on.
+MEMORY_OPTIONS = ("recompute_norms", "recompute_mla_up_proj", "recompute_swiglu", "chunked_cross_entropy")
 
 
 def check_latent_cache_dtype(value: str | None) -> str | None:
@@ -144,6 +164,12 @@ class DeepseekConfig(PreTrainedConfig):
         # that into every generation config and chunk where no cache exists.)
         prefill_chunk_tokens: int | None = 4096,
         experts_implementation: str | None = None,
+        # --- memory options (see the module docstring) ---
+        recompute_norms: bool = False,
+        recompute_mla_up_proj: bool = False,
+        recompute_swiglu: bool = False,
+        chunked_cross_entropy: bool = False,
+        cross_entropy_chunk_tokens: int = 1024,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -190,6 +216,11 @@ class DeepseekConfig(PreTrainedConfig):
         self.mla_impl = mla_impl
         self.latent_cache_dtype = latent_cache_dtype
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.recompute_norms = recompute_norms
+        self.recompute_mla_up_proj = recompute_mla_up_proj
+        self.recompute_swiglu = recompute_swiglu
+        self.chunked_cross_entropy = chunked_cross_entropy
+        self.cross_entropy_chunk_tokens = cross_entropy_chunk_tokens
         # transformers' rope machinery reads `head_dim` for the rotary width: in MLA only the RoPE part rotates.
         self.head_dim = qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -259,6 +290,7 @@ class DeepseekConfig(PreTrainedConfig):
             raise ValueError(f"`first_k_dense_replace` must be >= 0, got {self.first_k_dense_replace!r}")
         self._validate_routing()
         self._validate_training_knobs()
+        self._validate_memory_options()
         if self.mla_impl not in MLA_IMPLS:
             raise ValueError(f"`mla_impl` must be one of {MLA_IMPLS}, got {self.mla_impl!r}")
         check_latent_cache_dtype(self.latent_cache_dtype)
@@ -303,6 +335,12 @@ class DeepseekConfig(PreTrainedConfig):
         fraction = self.mtp_late_fraction
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
             raise ValueError(f"`mtp_late_fraction` must be in [0, 1] (a fraction of max_steps), got {fraction!r}")
+
+    def _validate_memory_options(self) -> None:
+        for name in MEMORY_OPTIONS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        _positive_int(self, "cross_entropy_chunk_tokens")
 
     # ------------------------------------------------------------------------------------------------------------
     def is_moe_layer(self, layer_idx: int) -> bool:

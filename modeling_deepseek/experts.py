@@ -12,6 +12,12 @@ choose the kernel, as for transformers' own MoE models: "grouped_mm" (the defaul
 pairs by expert and runs two grouped GEMMs over the contiguous per-expert segments, with offsets computed on the
 device (no host synchronisation); "eager" is `forward` below, the readable reference: one dense matmul per expert
 that got tokens.
+
+The memory option `recompute_swiglu` (configuration.py) keeps each expert's gate and up outputs for backward and
+recomputes act(gate) * up there. On the eager path the down projection is recomputed with it, so its input is not
+kept either. transformers' grouped_mm kernel calls the down projection itself: there `_apply_gate` recomputes only
+the activation, and the down projection keeps its input (FP8 training's grouped experts recompute both:
+quant/fp8_training_modules.py).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
+
+from .recompute import recompute, recompute_active
 
 
 def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int, weight_T1: torch.Tensor | None = None
@@ -73,11 +81,26 @@ class DeepseekExperts(nn.Module):
             state_dict[f"{prefix}down_proj"] = torch.stack(d)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply_gate(self, gate_up_S2I: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up, for transformers' grouped_mm kernel (which calls it between its two grouped GEMMs)."""
+        if recompute_active(self.config, "recompute_swiglu"):
+            return recompute(self.swiglu, gate_up_S2I)
+        return self.swiglu(gate_up_S2I)
+
+    def swiglu(self, gate_up_S2I: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up_S2I.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """The "eager" implementation: sum_k weight_{t,k} * expert_{id_{t,k}}(x_t), one expert at a time."""
 
+        def swiglu_down(gate, up, down_DI):
+            return F.linear(self.act_fn(gate) * up, down_DI)
+
         def expert(e, x_ND):
             gate, up = F.linear(x_ND, self.gate_up_proj[e]).chunk(2, dim=-1)
-            return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+            if recompute_active(self.config, "recompute_swiglu"):
+                return recompute(swiglu_down, gate, up, self.down_proj[e])
+            return swiglu_down(gate, up, self.down_proj[e])
 
         return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert, self.num_experts)

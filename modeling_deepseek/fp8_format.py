@@ -14,6 +14,12 @@ Every FP8 tensor of this package is `torch.float8_e4m3fn` (1 sign, 4 exponent, 3
     (128, 1)          FP8 training's weight-gradient operands, 128 tokens per tile (`quantize_blockwise` of the
                       transpose), restarting at every expert's first token for grouped experts: `quantize_token_tiles`
 
+One finer format sits beside e4m3: E5M6 (1 sign, 5 exponent, 6 mantissa bits: float16's exponent with 4 mantissa
+bits fewer; largest finite value 65024, no infinities used), with power-of-two scales in 1 x 128 tiles. DeepSeek-V3
+caches the input of the linear after attention (o_proj) in it for backward (report 3.3.3), where e4m3's 3 mantissa
+bits lose too much. There is no such torch dtype: `quantize_e5m6` rounds to the E5M6 grid and packs two 12-bit codes
+into 3 bytes, 1.5 bytes per entry (e4m3: 1, bf16: 2), plus a float32 scale per 128 entries.
+
 The tile grid is anchored at 0 and ragged edge tiles are zero-padded before their amax is taken (zeros never raise
 it), so a 160-row weight has row blocks [0, 128) and [128, 160), never two of 80: a reader must use the fixed block
 size, never infer it from the scale grid's shape. `should_quantize` says which checkpoint weights DeepSeek stores in
@@ -62,11 +68,11 @@ def scale_grid_shape(shape, block: int = FP8_BLOCK) -> tuple[int, ...]:
     return (*lead, cdiv(rows, block), cdiv(cols, block))
 
 
-def fp8_scale(amax: torch.Tensor, pow2_scale: bool = False) -> torch.Tensor:
+def fp8_scale(amax: torch.Tensor, pow2_scale: bool = False, fmt_max: float = FP8_MAX) -> torch.Tensor:
     """Dequantization multiplier of a tile from its amax: amax / 448 (1 for an all-zero tile, never below the
     smallest normal fp32). With `pow2_scale` it is rounded up to a power of two (V3.1, Transformer Engine's default),
     so that scaling is exact in any float format and amax still maps to at most 448."""
-    scale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
+    scale = torch.where(amax > 0, (amax / fmt_max).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
     if pow2_scale:
         mantissa, exponent = torch.frexp(scale)  # scale = m * 2^e, m in [0.5, 1): the next power of two is 2^e
         scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
@@ -94,12 +100,18 @@ def quantize_blockwise(x: torch.Tensor, block_size: tuple[int, int] = (1, FP8_BL
     if x.ndim < 2 or not x.is_floating_point():
         raise ValueError(f"quantize_blockwise needs a floating [..., rows, cols] tensor, got {x.dtype} "
                          f"{tuple(x.shape)}")
+    return _quantize_tiles(x, block_size, pow2_scale, FP8_MAX, _to_e4m3)
+
+
+def _quantize_tiles(x: torch.Tensor, block_size: tuple[int, int], pow2_scale: bool, fmt_max: float, cast):
+    """The tiling of `quantize_blockwise` for any format: cast(tiles, scales) gives the stored values."""
+    br, bc = block_size
     *lead, rows, cols = x.shape
     R, C = cdiv(rows, br), cdiv(cols, bc)
     padded = F.pad(x.float(), (0, C * bc - cols, 0, R * br - rows))  # zeros: they never raise a tile's amax
     tiles = padded.unflatten(-1, (C, bc)).unflatten(-3, (R, br))  # [..., R, br, C, bc]
-    scale = fp8_scale(tiles.abs().amax(dim=(-3, -1)), pow2_scale)  # [..., R, C]
-    q = _to_e4m3(tiles, scale[..., :, None, :, None])
+    scale = fp8_scale(tiles.abs().amax(dim=(-3, -1)), pow2_scale, fmt_max)  # [..., R, C]
+    q = cast(tiles, scale[..., :, None, :, None])
     q = q.flatten(-4, -3).flatten(-2, -1)[..., :rows, :cols].contiguous()
     return q, scale.contiguous()
 
@@ -179,6 +191,49 @@ def e4m3_to_float32(q: torch.Tensor) -> torch.Tensor:
         _E4M3_PAIR_TABLE = codes.view(FP8_DTYPE).float().view(torch.int64)  # the two bytes in memory order
     pairs = q.contiguous().view(torch.int16).to(torch.int32).add_(2**15)
     return _E4M3_PAIR_TABLE.index_select(0, pairs.flatten()).view(torch.float32).view(q.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# E5M6: the finer cache format of the linear after attention
+
+E5M6_MAX = 65024.0  # (2 - 2**-6) * 2**15
+_E5M6_MIN_EXP = -13  # frexp exponent of the smallest normal, 2**-14; below it the grid is fixed at 2**-20
+
+
+def _to_e5m6_grid(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to the nearest E5M6 value (ties to even), as float32."""
+    v = (x / scale).clamp(-E5M6_MAX, E5M6_MAX)
+    _, exponent = torch.frexp(v)  # v = m * 2**e, m in [0.5, 1): 7 significant bits are a step of 2**(e - 7)
+    step = torch.ldexp(torch.ones_like(v), exponent.clamp_min(_E5M6_MIN_EXP) - 7)
+    return (torch.round(v / step) * step).clamp(-E5M6_MAX, E5M6_MAX)
+
+
+def quantize_e5m6(x: torch.Tensor, block_size: tuple[int, int] = (1, FP8_BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., rows, cols] -> (packed uint8 [..., rows, 3 * ceil(cols / 2)], float32 power-of-two scales per tile).
+
+    Every E5M6 value is a float16 whose 4 lowest mantissa bits are 0: its 12-bit code is the float16 bit pattern
+    shifted right by 4, and two codes fill 3 bytes."""
+    grid, scale = _quantize_tiles(x, block_size, True, E5M6_MAX, _to_e5m6_grid)
+    codes = (grid.to(torch.float16).view(torch.int16).to(torch.int32) >> 4) & 0xFFF
+    codes = F.pad(codes, (0, codes.shape[-1] % 2))
+    a, b = codes[..., 0::2], codes[..., 1::2]
+    packed = torch.stack((a >> 4, ((a & 0xF) << 4) | (b >> 8), b & 0xFF), dim=-1)
+    return packed.flatten(-2).to(torch.uint8), scale
+
+
+def dequantize_e5m6(packed: torch.Tensor, scale: torch.Tensor, cols: int, block_size: tuple[int, int] = (1, FP8_BLOCK),
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_e5m6` for a tensor whose last dim was `cols` wide."""
+    triples = packed.to(torch.int32).unflatten(-1, (-1, 3))
+    a = (triples[..., 0] << 4) | (triples[..., 1] >> 4)
+    b = ((triples[..., 1] & 0xF) << 8) | triples[..., 2]
+    codes = torch.stack((a, b), dim=-1).flatten(-2)[..., :cols]
+    values = (codes << 4).to(torch.int16).view(torch.float16).float()
+    check_scale_shape(values.shape, scale, block_size, "x")
+    br, bc = block_size
+    s = scale.repeat_interleave(br, dim=-2)[..., : values.shape[-2], :] if br > 1 else scale
+    s = s.repeat_interleave(bc, dim=-1)[..., :cols] if bc > 1 else s
+    return (values * s).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------

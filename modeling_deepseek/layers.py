@@ -1,4 +1,9 @@
-"""Small building blocks shared by attention, MoE and MTP: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks shared by attention, MoE and MTP: RMSNorm and the SwiGLU MLP.
+
+Both honour the model's memory options (configuration.py, recompute.py) when given the config: `recompute_norms`
+keeps a norm's input only, `recompute_swiglu` keeps an MLP's gate and up outputs only (act(gate) * up, the largest
+activation of a dense FFN, and the down projection over it are run again in backward).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,22 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .recompute import recompute, recompute_active
+
 
 class DeepseekRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, config=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.config = config  # read at each forward for `recompute_norms`; None: never recomputes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recompute_active(self.config, "recompute_norms"):
+            return recompute(self.normalize, x)
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (a "high-precision island" in V3's FP8 recipe), scale in the input dtype.
         dtype = x.dtype
         x = x.float()
@@ -34,6 +47,19 @@ class DeepseekMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if recompute_active(self.config, "recompute_swiglu"):
+            # An FP8 training down projection (quant/fp8_training_modules.py) keeps gate and up in e4m3 instead. Looked
+            # up on the class: an adapter wrapping it (peft forwards unknown attributes to the base layer) must not
+            # be bypassed.
+            packed = getattr(type(self.down_proj), "recompute_swiglu_into", None)
+            if packed is not None:
+                return packed(self.down_proj, gate, up, self.act_fn)
+            return recompute(self.swiglu_down, gate, up)
+        return self.swiglu_down(gate, up)
+
+    def swiglu_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(gate) * up)

@@ -44,7 +44,8 @@ from .loading import DeepseekLoadingMixin
 from .masks import causal_mask, check_attention_mask, padding_free_tokens
 from .mtp import DeepseekMTPLayer, mtp_inputs
 from .moe import DeepseekMoE
-from .objective import Objective, routing_statistics, shifted_labels, step_fraction, training_objective
+from .objective import (Objective, head_cross_entropy, routing_statistics, shifted_labels, step_fraction,
+                        training_objective)
 from .rope import DeepseekRotaryEmbedding
 from .routing import DeepseekTopkRouter
 
@@ -131,7 +132,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         self.layers = nn.ModuleList(
             [DeepseekDecoderLayer(config, i) for i in range(N)] + [DeepseekMTPLayer(config, N + k) for k in range(D)]
         )
-        self.norm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.rotary_emb = DeepseekRotaryEmbedding(config)
         self.gradient_checkpointing = False
         if bias_update_enabled(config):
@@ -280,16 +281,22 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, DeepseekGenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        shift_labels = shifted_labels(labels, shift_labels)
+        logits = main_ce = None
+        if shift_labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # The loss and, unless the memory option chunked_cross_entropy applies, the logits (else None).
+            logits, main_ce = head_cross_entropy(self, hidden_states, shift_labels)
+        else:
+            logits = self.lm_head(hidden_states[:, keep, :])
 
         objective = Objective()  # no labels: no loss
-        shift_labels = shifted_labels(labels, shift_labels)
         if shift_labels is not None:
             mtp_loss_weight = self.config.mtp_loss_weight
             if self.scheduled_mtp_loss_weight is not None:
                 mtp_loss_weight = self.scheduled_mtp_loss_weight
             objective = training_objective(
-                self, hidden_states, inputs_embeds, shift_labels, logits_BTV=logits, mtp_loss_weight=mtp_loss_weight,
+                self, hidden_states, inputs_embeds, shift_labels, main_ce=main_ce, logits_BTV=logits,
+                mtp_loss_weight=mtp_loss_weight,
                 position_ids=position_ids, attention_mask=attention_mask,
                 fraction=step_fraction(shift_labels, num_items_in_batch))
         # A forward without labels reports its routing in training only (eval and generation never need it).

@@ -34,7 +34,7 @@ class DeepseekSharedHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.norm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
 
 
 def mtp_inputs(h_prev_BTD: torch.Tensor, embeds_BTD: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +66,8 @@ class DeepseekMTPLayer(DeepseekDecoderLayer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.enorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hnorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.enorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.hnorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekSharedHead(config)
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .chunked_ce import IGNORE_INDEX, linear_cross_entropy_sum
 from .mtp import mtp_labels
-
-IGNORE_INDEX = -100
 
 
 def shifted_labels(labels_BT: torch.Tensor | None, shift_labels_BT: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -68,6 +67,17 @@ def mean_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> to
     return total / scored_tokens(targets_N)
 
 
+def head_cross_entropy(lm, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(logits, mean CE) of `lm`'s head over `h_BTD`. With the memory option `chunked_cross_entropy` while autograd
+    records, the chunked linear cross-entropy (chunked_ce.py) gives the same loss without materialising the logits
+    (None is returned for them)."""
+    if lm.config.chunked_cross_entropy and torch.is_grad_enabled():
+        total = linear_cross_entropy_sum(h_BTD, lm.lm_head, targets_BT, lm.config.cross_entropy_chunk_tokens)
+        return None, total / scored_tokens(targets_BT.to(total.device))
+    logits_BTV = lm.lm_head(h_BTD)
+    return logits_BTV, mean_cross_entropy(logits_BTV, targets_BT)
+
+
 @dataclass
 class Objective:
     """One forward's objective and its parts (None: that part was not computed; all None: no labels)."""
@@ -76,7 +86,7 @@ class Objective:
     main_loss: torch.Tensor | None = None  # f * the mean next-token CE
     mtp_loss: torch.Tensor | None = None  # mean over depths of the MTP CE (unweighted)
     balance_loss: torch.Tensor | None = None  # sequence-wise balance loss, summed over the MoE layers
-    mtp_logits: tuple[torch.Tensor, ...] | None = None  # [B, T, V] per depth
+    mtp_logits: tuple[torch.Tensor, ...] | None = None  # [B, T, V] per depth (None under chunked_cross_entropy)
 
 
 def training_objective(
@@ -87,6 +97,7 @@ def training_objective(
     *,
     mtp_loss_weight: float,
     logits_BTV: torch.Tensor | None = None,
+    main_ce: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     fraction: float | torch.Tensor = 1.0,
@@ -95,16 +106,17 @@ def training_objective(
     """The objective of the forward that just ran through `lm` (a DeepseekForCausalLM) and left `hidden_BTD`, the
     main model's final hidden state, with its MoE layers' balance losses.
 
-    `logits_BTV` (the LM head over hidden_BTD) give CE_main; None leaves it to the caller (GRPO scores the policy
-    itself). `with_mtp` runs the MTP modules, if the model has any, over `hidden_BTD` and `inputs_embeds_BTD` (the
-    input embeddings, needed only then).
+    `logits_BTV` (the LM head over hidden_BTD) give CE_main; or `main_ce`, CE_main already computed (the chunked
+    cross-entropy, `head_cross_entropy`); neither leaves it to the caller (GRPO scores the policy itself).
+    `with_mtp` runs the MTP modules, if the model has any, over `hidden_BTD` and `inputs_embeds_BTD` (the input
+    embeddings, needed only then); their heads go through `head_cross_entropy` too.
     `position_ids` are the caller's: where they restart (sequences packed in one row) an MTP target that belongs to
     the next sequence is not scored. `fraction` is f (`step_fraction`)."""
     cfg = lm.config
     parts_to_add = []
     main_loss = mtp_loss = balance_loss = mtp_logits = None
-    if logits_BTV is not None:
-        lm_loss = mean_cross_entropy(logits_BTV, shift_labels_BT)
+    if logits_BTV is not None or main_ce is not None:
+        lm_loss = mean_cross_entropy(logits_BTV, shift_labels_BT) if main_ce is None else main_ce
         main_loss = fraction * lm_loss
         parts_to_add.append(lm_loss)
     if with_mtp and cfg.num_nextn_predict_layers > 0:
@@ -112,10 +124,10 @@ def training_objective(
         if rope_positions is None:
             rope_positions = torch.arange(shift_labels_BT.shape[1], device=hidden_BTD.device).unsqueeze(0)
         h_normed = lm.model.run_mtp(hidden_BTD, inputs_embeds_BTD, rope_positions, attention_mask)
-        mtp_logits = tuple(lm.lm_head(h_BTD) for h_BTD in h_normed)
-        depth_losses = [mean_cross_entropy(logits_k_BTV, mtp_labels(shift_labels_BT, k, position_ids=position_ids))
-                        for k, logits_k_BTV in enumerate(mtp_logits, start=1)]
-        mtp_loss = torch.stack(depth_losses).mean()
+        heads = [head_cross_entropy(lm, h_BTD, mtp_labels(shift_labels_BT, k, position_ids=position_ids))
+                 for k, h_BTD in enumerate(h_normed, start=1)]
+        mtp_logits = None if heads[0][0] is None else tuple(logits_k_BTV for logits_k_BTV, _ in heads)
+        mtp_loss = torch.stack([ce for _, ce in heads]).mean()
         parts_to_add.append(mtp_loss_weight * mtp_loss)
     moe_layers = lm.moe_layers()
     balance_terms = [moe.last_balance_loss for moe in moe_layers if moe.last_balance_loss is not None]

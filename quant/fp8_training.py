@@ -22,6 +22,16 @@ Activations saved for backward are Wgrad's operand only, and with `cache_fp8_act
 kept as e4m3 plus scales, 1 byte per entry instead of 4 (fp32) or 2 (bf16); turning it off saves x and quantizes it
 in backward: the same numbers either way (tests/test_fp8_training.py checks the gradients are identical).
 
+The memory recipe of V3 (report 3.3.3) is on by default, each piece switchable off by its field:
+
+- the input of the linear after attention (o_proj) is cached in E5M6 (modeling_deepseek/fp8_format.py: 5 exponent
+  and 6 mantissa bits, power-of-two scales per 1 x 128 tile, 1.5 bytes per entry packed) and re-tiled in backward
+  into e4m3 128 x 1 tiles for Wgrad: finer than e4m3 where V3 found it mattered (`cache_o_proj_input_e5m6`);
+- the model's memory options (configuration.py) are set on its config: norms and the MLA up-projections recomputed
+  in backward, the LM / MTP heads through the chunked cross-entropy, and the SwiGLU of the experts, shared experts
+  and dense MLPs recomputed from its inputs cached in e4m3 (`recompute_*`, `chunked_cross_entropy`). The report
+  lists which are on.
+
 The modules are in quant/fp8_training_modules.py. The routed experts (`Float8TrainingExperts`) run their grouped
 path, tokens sorted by expert, with all three GEMMs per expert group in FP8 (Wgrad's 128-token tiles start at each
 expert's first token) and no host synchronisation.
@@ -64,6 +74,7 @@ from torch import nn
 from modeling_deepseek.attention import DeepseekAttention
 from modeling_deepseek.bnb_experts import DeepseekBnbExperts
 from modeling_deepseek.compat import rebind_engine_forward
+from modeling_deepseek.configuration import MEMORY_OPTIONS
 from modeling_deepseek.experts import DeepseekExperts
 from modeling_deepseek.fp8 import DeepseekFP8Experts, DeepseekFP8Linear
 from modeling_deepseek.fp8_gemm import check_backend, scaled_mm_available
@@ -86,6 +97,12 @@ class FP8TrainingConfig:
     backend                     "auto" (scaled_mm on a Hopper GPU, else reference), "reference" or "scaled_mm"
                                 (modeling_deepseek/fp8_gemm.py)
     convert_experts             also run the routed experts' grouped GEMMs in FP8
+    cache_o_proj_input_e5m6     keep the input of the linear after attention (o_proj) in the finer E5M6 format with
+                                power-of-two scales, re-tiled 1 x 128 -> 128 x 1 for Wgrad (V3 3.3.3); else e4m3
+    recompute_norms, recompute_mla_up_proj, recompute_swiglu, chunked_cross_entropy
+                                the model's memory options (modeling_deepseek/configuration.py), all on as in V3's
+                                recipe: the conversion sets them on the model's config. Under FP8 the SwiGLU inputs
+                                are kept in e4m3 (V3: "cache the SwiGLU inputs in FP8, recompute its output")
     """
 
     recipe: str = "blockwise"
@@ -93,6 +110,11 @@ class FP8TrainingConfig:
     cache_fp8_activations: bool = True
     backend: str = "auto"
     convert_experts: bool = True
+    cache_o_proj_input_e5m6: bool = True
+    recompute_norms: bool = True
+    recompute_mla_up_proj: bool = True
+    recompute_swiglu: bool = True
+    chunked_cross_entropy: bool = True
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -107,10 +129,12 @@ class FP8TrainingReport:
     recipe: str
     converted: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
+    memory: dict[str, bool] = field(default_factory=dict)  # memory option -> on (set on the model's config)
 
     def __str__(self) -> str:
         lines = [f"FP8 training ({self.recipe}): {len(self.converted)} modules converted, "
                  f"{len(self.kept)} kept in high precision"]
+        lines += [f"  memory option {name}: {'on' if on else 'off'}" for name, on in self.memory.items()]
         lines += [f"  fp8   {name}: {what}" for name, what in self.converted.items()]
         lines += [f"  high  {name}: {why}" for name, why in self.kept.items()]
         return "\n".join(lines)
@@ -205,17 +229,32 @@ def convert_to_fp8_training(model: nn.Module, config: FP8TrainingConfig | None =
             elif module_filter_fn is not None and not module_filter_fn(module, name):
                 report.kept[name] = "module_filter_fn"
             elif isinstance(module, nn.Linear):
-                model.set_submodule(name, _adopt(module, Float8TrainingLinear, config) if in_place
-                                    else Float8TrainingLinear.from_linear(module, config))
+                new = (_adopt(module, Float8TrainingLinear, config) if in_place
+                       else Float8TrainingLinear.from_linear(module, config))
+                model.set_submodule(name, new)
                 report.converted[name] = f"Linear {module.in_features} -> {module.out_features}"
+                if name.endswith("self_attn.o_proj") and config.cache_o_proj_input_e5m6:
+                    new.cache_format = "e5m6"
+                    report.converted[name] += ", input cached in E5M6 (pow2 scales), re-tiled for Wgrad"
             else:
                 model.set_submodule(name, _adopt(module, Float8TrainingExperts, config) if in_place
                                     else Float8TrainingExperts.from_experts(module, config))
                 D, I = module.hidden_dim, module.intermediate_dim
                 report.converted[name] = f"routed experts, grouped: {module.num_experts} x ({D} -> 2x{I} -> {D})"
     _guard_against_replacement(model)
+    _set_memory_options(model, config, report)
     model.fp8_training_report = report
     return model
+
+
+def _set_memory_options(model: nn.Module, config: FP8TrainingConfig, report: FP8TrainingReport) -> None:
+    """V3's recomputation and chunked cross-entropy: the model's own memory options, switched as `config` says."""
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model_config, "recompute_norms"):
+        return  # not a DeepSeek model of this package: nothing reads the options
+    for name in MEMORY_OPTIONS:
+        setattr(model_config, name, getattr(config, name))
+        report.memory[name] = getattr(config, name)
 
 
 def _loaded_sharded(model: nn.Module) -> bool:

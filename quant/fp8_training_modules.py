@@ -19,6 +19,12 @@ runs over each group's tokens, so its 128-token tiles start at every group's fir
 computed on the device from the group offsets: no host synchronisation). torch has no block-scaled grouped GEMM, so
 both backends multiply the dequantized operands with torch's grouped_mm (fp32 on CPU, bf16 on CUDA): FP8 numerics,
 high-precision GEMM.
+
+With the memory option `recompute_swiglu`, act(gate) * up and the down projection run under
+modeling_deepseek.recompute.recompute_packed with gate and up kept in e4m3 (1 x 128 tiles, `fp8_packer`): backward
+dequantizes them, recomputes the SwiGLU output and runs the down projection's backward on it (V3: "cache the SwiGLU
+inputs in FP8, recompute its output"). The down projection's own Fprop is run twice, its Wgrad sees the recomputed
+output.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ from modeling_deepseek.compat import grouped_mm as _grouped_mm
 from modeling_deepseek.experts import DeepseekExperts, run_experts_loop, tokens_per_expert
 from modeling_deepseek.fp8_format import (
     dequantize_blockwise,
+    dequantize_e5m6,
     dequantize_token_tiles,
     quantize_blockwise,
+    quantize_e5m6,
     quantize_token_tiles,
 )
+from modeling_deepseek.recompute import recompute_active, recompute_packed
 from modeling_deepseek.fp8_gemm import BLOCK, TILE, blockwise_mm, resolve_backend
 from modeling_deepseek.parallel import is_sharded
 
@@ -60,26 +69,31 @@ class _FP8Linear(torch.autograd.Function):
     """y [M, N] = x [M, K] @ w [N, K]^T with Fprop, Dgrad and Wgrad all in block-scaled e4m3."""
 
     @staticmethod
-    def forward(ctx, x_MK, w_NK, config: FP8TrainingConfig, out_dtype: torch.dtype):
+    def forward(ctx, x_MK, w_NK, config: FP8TrainingConfig, out_dtype: torch.dtype, cache_format: str):
         backend, p2 = resolve_backend(config.backend, x_MK.device), config.round_scales_to_power_of_2
         xq, xs = quantize_blockwise(x_MK, TILE, p2)
         wq, ws = quantize_blockwise(w_NK, BLOCK, p2)
         y_MN = blockwise_mm(xq, xs, wq, ws, BLOCK, out_dtype, backend)
-        if config.cache_fp8_activations:  # Wgrad's operand, from the high-precision x: 128 tokens per tile
+        ctx.cache_format = cache_format if config.cache_fp8_activations else "high"
+        if ctx.cache_format == "e4m3":  # Wgrad's operand, from the high-precision x: 128 tokens per tile
             ctx.save_for_backward(*quantize_blockwise(x_MK.t(), TILE, p2), wq, ws)
+        elif ctx.cache_format == "e5m6":  # x in 1 x 128 tiles of the finer format, re-tiled for Wgrad in backward
+            ctx.save_for_backward(*quantize_e5m6(x_MK, TILE), wq, ws)
         else:
             ctx.save_for_backward(x_MK, wq, ws)
-        ctx.config, ctx.backend, ctx.dtypes = config, backend, (x_MK.dtype, w_NK.dtype)
+        ctx.config, ctx.backend, ctx.dtypes, ctx.K = config, backend, (x_MK.dtype, w_NK.dtype), x_MK.shape[1]
         return y_MN
 
     @staticmethod
     def backward(ctx, dy_MN):
         config, backend, (x_dtype, w_dtype) = ctx.config, ctx.backend, ctx.dtypes
         p2 = config.round_scales_to_power_of_2
-        if config.cache_fp8_activations:
+        if ctx.cache_format == "e4m3":
             xtq, xts, wq, ws = ctx.saved_tensors
         else:
-            x_MK, wq, ws = ctx.saved_tensors
+            x_packed, *x_scale, wq, ws = ctx.saved_tensors
+            # E5M6 (1 x 128, per token) -> e4m3 in 128 x 1 tiles (per channel, 128 tokens): V3's re-tiling
+            x_MK = x_packed if ctx.cache_format == "high" else dequantize_e5m6(x_packed, x_scale[0], ctx.K, TILE)
             xtq, xts = quantize_blockwise(x_MK.t(), TILE, p2)
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy in 1 x 128 tiles along N, W^T's blocks are W's transposed
@@ -88,17 +102,19 @@ class _FP8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # Wgrad: dy^T and x^T in 1 x 128 tiles along the tokens
             dytq, dyts = quantize_blockwise(dy_MN.t(), TILE, p2)
             dw = blockwise_mm(dytq, dyts, xtq, xts, TILE, w_dtype, backend)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: FP8TrainingConfig):
-    """F.linear with the FP8 training recipe (any leading dims; the bias is added in high precision)."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: FP8TrainingConfig,
+               cache_format: str = "e4m3"):
+    """F.linear with the FP8 training recipe (any leading dims; the bias is added in high precision). `cache_format`:
+    how x is kept for Wgrad when config.cache_fp8_activations: "e4m3" (its 128 x 1 tiles) or "e5m6" (finer)."""
     if is_sharded(weight) or is_sharded(x):  # tensor parallelism: the GEMMs on the local shards (fp8_tp.py)
-        return sharded_linear(x, weight, bias, lambda *local: fp8_linear(*local, config))
+        return sharded_linear(x, weight, bias, lambda *local: fp8_linear(*local, config, cache_format))
     out_dtype = _out_dtype(x)
     lead, K = x.shape[:-1], x.shape[-1]
     with torch.autocast(x.device.type, enabled=False):
-        y = _FP8Linear.apply(x.reshape(-1, K), weight, config, out_dtype)
+        y = _FP8Linear.apply(x.reshape(-1, K), weight, config, out_dtype, cache_format)
     y = y.view(*lead, weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -107,6 +123,7 @@ class Float8TrainingLinear(nn.Linear):
     """An nn.Linear whose forward and backward GEMMs run in block-scaled FP8 (same `weight` / `bias` Parameters)."""
 
     fp8_config: FP8TrainingConfig
+    cache_format: str = "e4m3"  # "e5m6" for the linear after attention (convert_to_fp8_training sets it)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: FP8TrainingConfig) -> "Float8TrainingLinear":
@@ -117,12 +134,32 @@ class Float8TrainingLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.fp8_config)
+        return fp8_linear(x, self.weight, self.bias, self.fp8_config, self.cache_format)
+
+    def recompute_swiglu_into(self, gate: torch.Tensor, up: torch.Tensor, act_fn) -> torch.Tensor:
+        """self(act_fn(gate) * up) with gate and up kept in e4m3 for backward and the rest recomputed there (V3's
+        SwiGLU caching; DeepseekMLP calls it under the memory option recompute_swiglu)."""
+        cfg = self.fp8_config
+
+        def swiglu_down(gate, up, weight, bias):
+            return fp8_linear(act_fn(gate) * up, weight, bias, cfg, self.cache_format)
+
+        packer = fp8_packer(cfg)
+        return recompute_packed(swiglu_down, (packer, packer, None, None), gate, up, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         c = self.fp8_config
         return (f"{super().extra_repr()}, fp8 training 1x128 x 128x128, pow2_scales={c.round_scales_to_power_of_2}, "
-                f"cache_fp8_activations={c.cache_fp8_activations}, backend={c.backend}")
+                f"cache_fp8_activations={c.cache_fp8_activations} ({self.cache_format}), backend={c.backend}")
+
+
+def fp8_packer(config: FP8TrainingConfig):
+    """(pack, unpack) for recompute_packed: a recomputed region's input kept as e4m3 in 1 x 128 tiles (or as it is
+    without cache_fp8_activations)."""
+    if not config.cache_fp8_activations:
+        return None
+    p2 = config.round_scales_to_power_of_2
+    return (lambda t: quantize_blockwise(t, TILE, p2), lambda q, s: dequantize_blockwise(q, s, TILE))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -221,11 +258,17 @@ class Float8TrainingExperts(DeepseekExperts):
             x_SD = torch.where(local_S.unsqueeze(-1), x_SD, torch.zeros((), dtype=x_SD.dtype, device=x_SD.device))
             expert_ids_TK = expert_ids_TK.clamp_max(self.num_experts - 1)
         offsets_E = tokens_per_expert(expert_ids_TK, self.num_experts).cumsum(0).to(torch.int32)  # segment ends
+        def swiglu_down(gate_up_S2I, down_EDI, offsets_E):
+            gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
+            return _FP8GroupedMM.apply((self.act_fn(gate_SI) * up_SI).contiguous(), down_EDI, offsets_E, cfg, out_dtype)
+
         with torch.autocast(x_TD.device.type, enabled=False):
             gate_up_S2I = _FP8GroupedMM.apply(x_SD, self.gate_up_proj, offsets_E, cfg, out_dtype, x_fp8)
-            gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
-            h_SI = (self.act_fn(gate_SI) * up_SI).contiguous()
-            y_SD = _FP8GroupedMM.apply(h_SI, self.down_proj, offsets_E, cfg, out_dtype)
+            if recompute_active(self.config, "recompute_swiglu"):  # V3: SwiGLU's input cached in FP8, output recomputed
+                y_SD = recompute_packed(swiglu_down, (fp8_packer(cfg), None, None), gate_up_S2I, self.down_proj,
+                                        offsets_E)
+            else:
+                y_SD = swiglu_down(gate_up_S2I, self.down_proj, offsets_E)
         y_SD = y_SD * weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
         y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, K, -1)
         return y_TKD.sum(dim=1).to(out_dtype)
@@ -233,9 +276,15 @@ class Float8TrainingExperts(DeepseekExperts):
     def forward_loop(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         cfg = self.fp8_config
 
+        def swiglu_down(gate, up, down_DI):
+            return fp8_linear(self.act_fn(gate) * up, down_DI, None, cfg)
+
         def expert(e, x_ND):
             gate, up = fp8_linear(x_ND, self.gate_up_proj[e], None, cfg).chunk(2, dim=-1)
-            return fp8_linear(self.act_fn(gate) * up, self.down_proj[e], None, cfg)
+            if recompute_active(self.config, "recompute_swiglu"):
+                packer = fp8_packer(cfg)
+                return recompute_packed(swiglu_down, (packer, packer, None), gate, up, self.down_proj[e])
+            return swiglu_down(gate, up, self.down_proj[e])
 
         return run_experts_loop(x_TD, expert_ids_TK, weights_TK, expert, self.num_experts)
 

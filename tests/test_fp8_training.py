@@ -22,8 +22,10 @@ from torch import nn
 
 from conftest import random_ids, tiny_model
 from modeling_deepseek import DeepseekForCausalLM
+from modeling_deepseek.configuration import MEMORY_OPTIONS
 from modeling_deepseek.fp8 import DeepseekFP8Linear
-from modeling_deepseek.fp8_format import FP8_DTYPE, dequantize_blockwise, quantize_blockwise, quantize_token_tiles
+from modeling_deepseek.fp8_format import (E5M6_MAX, FP8_DTYPE, dequantize_blockwise, dequantize_e5m6,
+                                          quantize_blockwise, quantize_e5m6, quantize_token_tiles)
 from modeling_deepseek.fp8_gemm import scaled_mm_available
 from quant.adamw_bf16_moments import AdamWBF16Moments
 from quant.fp8_training import FP8TrainingConfig, convert_to_fp8_training
@@ -358,8 +360,8 @@ def test_bad_input_gets_a_clear_error_naming_the_module():
 
 def fresh(model):
     """The same weights in a newly built model (construction registers it for the balancing bias update, which a
-    copy.deepcopy would not)."""
-    new = DeepseekForCausalLM(model.config).train(model.training)
+    copy.deepcopy would not), with a config of its own: convert_to_fp8_training sets the memory options on it."""
+    new = DeepseekForCausalLM(copy.deepcopy(model.config)).train(model.training)
     new.load_state_dict(model.state_dict())
     return new
 
@@ -566,6 +568,108 @@ def test_torchao_recipes_for_comparison(recipe):
     assert any("torchao" in v for v in report.converted.values())
     ids = random_ids(2, 16)
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+# ====================================================================================================================
+# V3's memory recipe: E5M6 for the linear after attention, FP8-cached SwiGLU inputs, the memory options on
+
+
+def test_e5m6_round_trip_pow2_scales_and_bytes():
+    x = spread(70, 301, seed=3, row_decades=2.0)  # odd width: the last code pair is padded
+    packed, scale = quantize_e5m6(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (70, 3 * 151)  # 1.5 bytes per entry
+    assert scale.shape == (70, 3) and torch.equal(scale, torch.exp2(torch.log2(scale).round()))
+    y = dequantize_e5m6(packed, scale, 301)
+    s = scale.repeat_interleave(128, 1)[:, :301]
+    # 7 significant bits: relative 2^-7 in the normal range, half a subnormal step (2^-21 in scaled units) below
+    assert ((y - x).abs() <= x.abs() * 2.0**-7 + s * 2.0**-21).all()
+    assert torch.equal(quantize_e5m6(y)[0], packed)  # values on the grid are kept exactly
+    # every finite 12-bit code is a float16 whose 4 low mantissa bits are zero, and decodes to itself
+    codes = torch.arange(4096, dtype=torch.int32)
+    values = (codes << 4).to(torch.int16).view(torch.float16).float()
+    finite = values[values.isfinite()]
+    assert finite.abs().max() == E5M6_MAX and finite.numel() == 4096 - 2 * 64  # exponent 31: inf / NaN codes unused
+    grid = finite[None, : finite.numel() // 2 * 2]
+    q, sc = quantize_e5m6(grid, (1, grid.shape[1]))
+    assert torch.equal(dequantize_e5m6(q, sc, grid.shape[1], (1, grid.shape[1])), grid)
+    # finer than e4m3 where it matters: a 1 x 128 tile round trip
+    assert snr_db(y, x) > snr_db(_deq(x, (1, 128)), x) + 15  # 3 more mantissa bits: ~18 dB
+
+
+def test_e5m6_cache_of_the_linear_after_attention():
+    """x cached in E5M6 (1 x 128) and re-tiled to e4m3 128 x 1 for Wgrad: the same Fprop and Dgrad, a Wgrad next to
+    the one from a high-precision x, for 1.5 bytes per entry."""
+    x, w, dy = _linear_case(spread_over="channels")
+    results, saved = {}, {}
+    for fmt, cache in (("e5m6", True), ("e4m3", True), ("high", False)):
+        cfg = FP8TrainingConfig(backend="reference", cache_fp8_activations=cache)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            y = fp8_linear(x, w, None, cfg, "high" if fmt == "high" else fmt)
+        x.grad = w.grad = None
+        y.backward(dy)
+        results[fmt], saved[fmt] = (y.detach(), x.grad.clone(), w.grad.clone()), sum(sizes)
+    for a, b in zip(results["e5m6"][:2], results["high"][:2]):
+        assert torch.equal(a, b)
+    assert snr_db(results["e5m6"][2], results["high"][2]) > 35
+    weight_bytes = saved["high"] - x.numel() * 4
+    assert saved["e5m6"] - weight_bytes == pytest.approx(x.numel() * 1.5 + 4 * x.shape[0] * 2, abs=8)
+
+
+def test_fp8_recipe_turns_the_memory_options_on_each_switchable_off():
+    model = convert_to_fp8_training(tiny_model(train=True), REF)
+    assert all(getattr(model.config, name) for name in MEMORY_OPTIONS)
+    report = str(model.fp8_training_report)
+    for name in MEMORY_OPTIONS:
+        assert f"memory option {name}: on" in report
+    o_projs = [m for n, m in model.named_modules() if n.endswith("self_attn.o_proj")]
+    assert o_projs and all(m.cache_format == "e5m6" for m in o_projs) and "E5M6" in report
+    assert {m.cache_format for n, m in model.named_modules()
+            if isinstance(m, Float8TrainingLinear) and not n.endswith("o_proj")} == {"e4m3"}
+    off = convert_to_fp8_training(tiny_model(train=True), FP8TrainingConfig(
+        backend="reference", recompute_swiglu=False, chunked_cross_entropy=False, cache_o_proj_input_e5m6=False))
+    assert not off.config.recompute_swiglu and not off.config.chunked_cross_entropy and off.config.recompute_norms
+    assert "memory option recompute_swiglu: off" in str(off.fp8_training_report)
+    assert all(m.cache_format == "e4m3" for m in off.modules() if isinstance(m, Float8TrainingLinear))
+
+
+def _fp8_grads(model, ids):
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+NONE_ON = dict(recompute_norms=False, recompute_mla_up_proj=False, recompute_swiglu=False,
+               chunked_cross_entropy=False, cache_o_proj_input_e5m6=False)
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "eager"])
+def test_fp8_with_the_recipe_saves_memory_and_keeps_the_gradients(experts):
+    """Recomputing norms and MLA up-projections re-quantizes the same tensors: identical gradients. Caching the
+    SwiGLU inputs in e4m3 recomputes its output from them (V3), and E5M6 feeds o_proj's Wgrad: gradients within FP8's
+    own error of the plain FP8 path, and much less kept for backward."""
+    base = tiny_model(train=True, experts_implementation=experts)
+    ids = random_ids(2, 32)
+    plain = convert_to_fp8_training(fresh(base), FP8TrainingConfig(backend="reference", **NONE_ON))
+    exact = convert_to_fp8_training(fresh(base), FP8TrainingConfig(
+        backend="reference", **dict(NONE_ON, recompute_norms=True, recompute_mla_up_proj=True)))
+    full = convert_to_fp8_training(fresh(base), REF)
+    g_plain, g_exact, g_full = (_fp8_grads(m, ids) for m in (plain, exact, full))
+    assert g_plain.keys() == g_exact.keys() == g_full.keys()
+    for n in g_plain:
+        torch.testing.assert_close(g_exact[n], g_plain[n], rtol=0, atol=0, msg=n)
+        if g_plain[n].abs().max() > 0:
+            assert snr_db(g_full[n], g_plain[n]) > 15, n
+    kept = {}
+    for name, model in (("plain", plain), ("full", full)):
+        sizes = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t,
+                lambda t: t):
+            model(input_ids=ids, labels=ids)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept[name] = sum(v for k, v in sizes.items() if k not in params)
+    assert kept["full"] < 0.6 * kept["plain"], kept
 
 
 # ====================================================================================================================

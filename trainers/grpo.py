@@ -26,6 +26,9 @@ what happens around that loop:
     * optionally (`mtp_loss_weight` > 0; off by default) the MTP loss on the completion tokens, so that the MTP
       module keeps up with the policy and speculative rollouts keep their acceptance rate (the MTP module's own
       balance loss with it). Logged as `mtp_loss`.
+  The model's memory options (configuration.py) apply to these forwards as to any: the recomputation inside the
+  layers, and `chunked_cross_entropy` for the MTP loss. The policy's own log-probabilities already come from TRL's
+  chunked fused head (trl.kernels.chunked_logprob), which keeps no [tokens, vocab] logits either.
 
 Reward functions that raise are reported with their name, the sample index and the exception.
 
@@ -54,6 +57,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from modeling_deepseek import DeepseekForCausalLM
+from modeling_deepseek.chunked_ce import token_logprobs
 from modeling_deepseek.objective import (IGNORE_INDEX, relative_load, routing_statistics, shifted_labels,
                                          training_objective)
 
@@ -312,10 +316,10 @@ class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
         if sampled is not None:
             reference = inputs.get("old_per_token_logps")
             if reference is None:
-                with torch.no_grad():
-                    h_BKD = out.last_hidden_state[:, -K - 1:-1]
-                    logits = self.deepseek.lm_head(h_BKD).float() / self.temperature
-                    reference = logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
+                # In chunks of positions (chunked_ce.py): the [B, K, vocab] logits never exist at once.
+                reference = token_logprobs(out.last_hidden_state[:, -K - 1:-1], self.deepseek.lm_head,
+                                           completion_ids, self.temperature,
+                                           self.deepseek.config.cross_entropy_chunk_tokens)
             delta = (reference - sampled).abs()[mask_BK.bool()]
             if delta.numel():
                 metrics["sampling/sampling_logp_difference/mean"].append(delta.mean().item())
