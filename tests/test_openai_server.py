@@ -94,3 +94,4 @@ def test_old_transformers_serve_raises_naming_the_version():
     run = subprocess.run([sys.executable, "-m", "modeling_deepseek.serve", "--help"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and f"needs transformers >= {PAGED_CACHE_MIN_VERSION}" in run.stderr, run.stderr
+    assert "make serve" in run.stderr and f"pip install -U 'transformers>={PAGED_CACHE_MIN_VERSION}'" in run.stderr
