@@ -206,3 +206,31 @@ def test_a_closed_stream_stops_generating(server):
     status, answer = call(server, "/v1/completions",
                           {"model": str(server["folder"]), "prompt": "w8 w9", "max_tokens": 5, "temperature": 0})
     assert status == 200 and answer["usage"]["completion_tokens"] == 5
+
+
+def test_sampling_is_refused_where_the_engine_would_not_apply_it():
+    """serve_requests.check_for_engine, without a server: transformers' server samples only with do_sample=True in
+    the model's generation config, and its continuous batching applies a request's temperature / top_p / greedy
+    top_k only where that config built the processor."""
+    from transformers import GenerationConfig
+
+    from modeling_deepseek.serve_requests import RequestError, check_for_engine
+
+    greedy_config = GenerationConfig(do_sample=False)
+    sampling_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=50)
+    bare_sampling = GenerationConfig(do_sample=True, top_k=None, top_p=1.0, temperature=1.0)
+    for body, config, batching, param in [
+        ({"temperature": 0.8}, greedy_config, False, "temperature"),
+        ({"top_p": 0.5}, greedy_config, True, "top_p"),
+        ({"temperature": 0.8}, bare_sampling, True, "temperature"),
+        ({"temperature": 0}, bare_sampling, True, "temperature"),
+        ({"stop": "w1"}, sampling_config, True, "stop"),
+        ({"generation_config": "{}"}, sampling_config, True, "generation_config"),
+    ]:
+        with pytest.raises(RequestError) as refused:
+            check_for_engine(body, config, batching)
+        assert refused.value.param == param, body
+    for body, config, batching in [({"temperature": 0}, greedy_config, True), ({"temperature": 0.3, "top_p": 0.5},
+                                   sampling_config, True), ({"temperature": 0.8}, bare_sampling, False),
+                                   ({"stop": ["w1"]}, greedy_config, False), ({"temperature": 1}, bare_sampling, True)]:
+        check_for_engine(body, config, batching)  # honoured: no error
