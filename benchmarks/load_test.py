@@ -8,12 +8,12 @@ with --continuous-batching on a loopback port by `python -m modeling_deepseek.se
 `transformers serve` with transformers' DeepseekV3ForCausalLM (peer), the same --cb-* sizes, a word-level tokenizer
 and a generation config whose EOS cannot be generated (every good answer has its max_tokens). For each server:
 
-- `--clients` threads, each with its own keep-alive HTTP connection (http.client), send requests back to back: first for --warmup
-  seconds (not counted), then for --duration seconds (counted; a request still running at the end is waited for and
-  counted). A good request is a completion with a prompt of --min-prompt..--max-prompt random words and
-  --min-tokens..--max-tokens tokens, temperature 0; with probability --bad-share, a bad one instead (BAD_REQUESTS: no
-  prompt, negative max_tokens, temperature -1, max_tokens over the context, an empty prompt, an unknown field,
-  malformed JSON, n=2), which must be a 400 (ours only: transformers' server generates for `max_tokens: 10**9`
+- `--clients` threads, each with its own keep-alive HTTP connection (http.client), send requests back to back:
+  first for --warmup seconds (not counted), then for --duration seconds (counted; a request still running at the
+  end is waited for and counted). A good request is a completion with a prompt of --min-prompt..--max-prompt random
+  words and --min-tokens..--max-tokens tokens, temperature 0; with probability --bad-share, a bad one instead
+  (BAD_REQUESTS: no prompt, negative max_tokens, temperature -1, max_tokens over the context, an empty prompt, an
+  unknown field, malformed JSON, n=2), which must be a 400 (ours only: transformers' server generates for `max_tokens: 10**9`
   until the request times out, which would measure its hung slots rather than its speed).
 - checked: no 5xx, every good request a 200 with its max_tokens of text, every bad one a 400 (ours);
 - reported: good requests/s over the counted time, latency p50 / p99 of good requests, the server's memory (RSS of

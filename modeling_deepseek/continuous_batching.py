@@ -27,7 +27,11 @@ from __future__ import annotations
 import torch
 
 from .compat import (
-    MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, PagedAttentionCache, installed_transformers_version, survive_step_failures,
+    MLA_PAGED_CACHE,
+    PAGED_CACHE_MIN_VERSION,
+    PagedAttentionCache,
+    installed_transformers_version,
+    survive_step_failures,
 )
 from .configuration import check_latent_cache_dtype
 

@@ -2,9 +2,9 @@
 as OpenAI's API reference defines them, before a request goes anywhere near the batch.
 
 transformers' server takes OpenAI's request types as they come: it converts what it uses with int() / float() and
-leaves the rest, so `max_tokens: -5` answers empty text, `temperature: -1` answers text, a request without `prompt`
-generates from nothing, and `n`, `logprobs` or `presence_penalty` are dropped with a log line. Here every field a request
-may carry is a row of one table per endpoint (COMPLETION_FIELDS, CHAT_FIELDS), which says
+leaves the rest, so `max_tokens: -5` answers empty text, `temperature: -1` answers text, a request without
+`prompt` generates from nothing, and `n`, `logprobs` or `presence_penalty` are dropped with a log line. Here every
+field a request may carry is a row of one table per endpoint (COMPLETION_FIELDS, CHAT_FIELDS), which says
 
 - its type and range, OpenAI's (`max_tokens` an integer >= 1, `temperature` 0..2, `top_p` in (0, 1], ...): a value
   outside them is a 400 naming the field and what it takes;
