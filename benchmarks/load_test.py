@@ -1,7 +1,7 @@
 """Load test of the OpenAI-compatible server: many clients at once for a fixed time, good and bad requests mixed.
 
-    python -m benchmarks.load_test --servers ours --clients 32 --duration 120 --bad-share 0.1     # robustness
-    python -m benchmarks.load_test --servers ours,peer --clients 32 --duration 120 --bad-share 0  # vs transformers
+    python -m benchmarks.load_test --servers ours,peer --clients 32 --duration 120 --bad-share 0.1 --write-results
+    python -m benchmarks.load_test --servers ours --duration 20 --warmup 5 --clients 8          # a quick look
 
 One random checkpoint in transformers' DeepseekV3 format (benchmarks.continuous_batching's V3-latent shape), served
 with --continuous-batching on a loopback port by `python -m modeling_deepseek.serve` (ours, with --api-key) or
@@ -13,8 +13,8 @@ and a generation config whose EOS cannot be generated (every good answer has its
   end is waited for and counted). A good request is a completion with a prompt of --min-prompt..--max-prompt random
   words and --min-tokens..--max-tokens tokens, temperature 0; with probability --bad-share, a bad one instead
   (BAD_REQUESTS: no prompt, negative max_tokens, temperature -1, max_tokens over the context, an empty prompt, an
-  unknown field, malformed JSON, n=2), which must be a 400 (ours only: transformers' server generates for `max_tokens: 10**9`
-  until the request times out, which would measure its hung slots rather than its speed).
+  unknown field, malformed JSON, n=2), which must be a 400 (ours only: transformers' server generates for
+  `max_tokens: 10**9` until the request times out, which would measure its hung slots rather than its speed).
 - checked: no 5xx, every good request a 200 with its max_tokens of text, every bad one a 400 (ours);
 - reported: good requests/s over the counted time, latency p50 / p99 of good requests, the server's memory (RSS of
   its process tree: the HTTP server and the model's process) after the warm-up and at the end.
@@ -182,8 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, default=120.0, help="seconds of counted load per server")
     p.add_argument("--warmup", type=float, default=20.0, help="seconds of load before counting (memory settles)")
     p.add_argument("--bad-share", type=float, default=0.1, help="share of bad requests (each a 400 from ours)")
-    p.add_argument("--min-prompt", type=int, default=16)
-    p.add_argument("--max-prompt", type=int, default=512)
+    p.add_argument("--min-prompt", type=int, default=64)
+    p.add_argument("--max-prompt", type=int, default=2048)
     p.add_argument("--min-tokens", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch-tokens", type=int, default=512, help="--cb-max-batch-tokens of both servers")
