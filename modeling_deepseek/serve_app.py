@@ -39,7 +39,8 @@ class ApiKey:
         self.app, self.expected = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        # A browser's CORS preflight (OPTIONS, with --enable-cors) carries no credentials: the request it precedes does
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if hmac.compare_digest(given, self.expected):  # in constant time: the key cannot be guessed byte by byte

@@ -49,6 +49,7 @@ def served(tmp_path_factory, request):
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("DEEPSEEK_API_KEY", None)  # a key in the caller's environment would guard this server too
     cmd = [sys.executable, "-m", "modeling_deepseek.serve", str(folder), "--continuous-batching", "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--cb-num-blocks", "16", "--cb-block-size", "16"]
     with serving(cmd, port, folder / "server.log", env, timeout=240):
