@@ -5,6 +5,8 @@ subprocess on a loopback port for the module, called by raw HTTP (urllib) and th
 - an empty prompt (the word tokenizer adds no BOS token: it tokenizes to nothing) is a 400, and the server then answers
   a good request with generate()'s tokens;
 - without `Authorization: Bearer KEY`, 401 on every endpoint but /health;
+- a failure inside the batching loop (the probe fails a forward over a poisoned token) is a 500 naming the cause,
+  and the next request is served;
 - a stream the client closes stops generating: the model's forward steps, counted in the server's processes by a
   sitecustomize probe on the subprocess' PYTHONPATH (tests/serve_probe/), stop growing once it is closed.
 
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
 CONTEXT = 2048  # the issue's model
 NO_EOS = VOCAB + 7  # outside the vocabulary: never generated
+POISON = 99  # the probe fails a prefill that starts with this token id
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,8 @@ def server(tmp_path_factory):
     port = free_port()
     probe = str(Path(__file__).resolve().parent / "serve_probe")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([probe, str(REPO)]), "TOKENIZERS_PARALLELISM": "false",
-           "DEEPSEEK_API_KEY": KEY, "DEEPSEEK_FORWARD_LOG": str(forwards)}
+           "DEEPSEEK_API_KEY": KEY, "DEEPSEEK_FORWARD_LOG": str(forwards),
+           "DEEPSEEK_POISON_TOKEN": str(POISON)}
     cmd = [sys.executable, "-m", "modeling_deepseek.serve", str(folder), "--continuous-batching", "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--cb-num-blocks", "48", "--cb-block-size", "64"]
     with serving(cmd, port, folder / "server.log", env, timeout=240):
@@ -150,6 +154,20 @@ def test_empty_prompt_is_refused_and_the_next_request_is_served(server):
     assert answer["usage"]["prompt_tokens"] == 9 and answer["usage"]["completion_tokens"] == 6
     status, answer = call(server, "/health", key=None)
     assert status == 200 and answer["status"] == "ok"
+
+
+def test_a_failure_inside_the_batch_fails_its_request_alone(server):
+    model_id = str(server["folder"])
+    status, answer = call(server, "/v1/completions", {"model": model_id, "prompt": f"w{POISON} w5", "max_tokens": 4,
+                                                      "temperature": 0})
+    assert status == 500 and answer["error"]["type"] == "server_error", answer
+    assert "poisoned token reached the model" in answer["error"]["message"]
+    for _ in range(2):  # the worker goes on
+        status, answer = call(server, "/v1/completions", {"model": model_id, "prompt": "w5 w6 w7", "max_tokens": 4,
+                                                          "temperature": 0})
+        assert status == 200 and [int(w[1:]) for w in answer["choices"][0]["text"].split()] == greedy(
+            server["model"], [5, 6, 7], 4)
+    assert call(server, "/health", key=None) == (200, {"status": "ok"})
 
 
 def test_api_key_guards_every_endpoint_but_health(server):
