@@ -54,10 +54,11 @@ def _is_int(value) -> bool:
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str, Any], None]:
+    bounds = "" if low is None else f" from {low} to {high}" if high is not None else f" >= {low}"
+
     def check(name, value):
         if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
-            bounds = (f"from {low} to {high}" if high is not None else f">= {low}") if low is not None else ""
-            raise RequestError(f"{name} must be an integer {bounds}, got {value!r}".replace("  ", " "), name)
+            raise RequestError(f"{name} must be an integer{bounds}, got {value!r}", name)
     return check
 
 
