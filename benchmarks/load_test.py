@@ -9,9 +9,10 @@ with --continuous-batching on a loopback port by `python -m modeling_deepseek.se
 and a generation config whose EOS cannot be generated (every good answer has its max_tokens). For each server:
 
 - `--clients` threads, each with its own keep-alive HTTP connection (http.client), send requests back to back:
-  first for --warmup seconds (not counted), then for --duration seconds (counted; a request still running at the
-  end is waited for and counted). A good request is a completion with a prompt of --min-prompt..--max-prompt random
-  words and --min-tokens..--max-tokens tokens, temperature 0; with probability --bad-share, a bad one instead
+  first for --warmup seconds and until each client had a good answer (not counted), then for --duration seconds
+  (counted; a request still running at the end is waited for and counted). A good request is a completion with a
+  prompt of --min-prompt..--max-prompt random words and --min-tokens..--max-tokens tokens, temperature 0; with
+  probability --bad-share, a bad one instead
   (BAD_REQUESTS: no prompt, negative max_tokens, temperature -1, max_tokens over the context, an empty prompt, an
   unknown field, malformed JSON, n=2), which must be a 400 (ours only: transformers' server generates for
   `max_tokens: 10**9` until the request times out, which would measure its hung slots rather than its speed).
@@ -103,7 +104,7 @@ def client_loop(index: int, spec: dict, port: int, folder: str, key: str | None,
             if kind == "good" and status == 200:
                 usage, text = data.get("usage", {}), data["choices"][0]["text"]
                 good_answer = usage.get("completion_tokens") == max_tokens and bool(text.strip())
-            records.append({"kind": kind, "status": status, "latency_s": finished - started,
+            records.append({"client": index, "kind": kind, "status": status, "latency_s": finished - started,
                             "counted": started >= phases["start"], "good_answer": good_answer,
                             "error": None if status in (200, 400) else json.dumps(data)[:300]})
     except BaseException as error:  # a client that dies is a failure of the benchmark, not a quiet gap in the load
@@ -127,16 +128,23 @@ def serve_worker(spec: dict) -> dict:
     if key:
         env["DEEPSEEK_API_KEY"] = key
     with harness.serving(cmd, port, Path(spec["server_log"]), env) as server:
-        now = time.monotonic()
-        phases = {"start": now + spec["warmup"], "end": now + spec["warmup"] + spec["duration"],
-                  "client_failures": []}
+        # Warm-up: --warmup seconds, and until every client had a good answer (the first prefills are the slowest)
+        phases = {"start": float("inf"), "end": float("inf"), "client_failures": []}
         records: list = []
         threads = [threading.Thread(target=client_loop, args=(i, spec, port, folder, key, phases, records))
                    for i in range(spec["clients"])]
+        warmup_end = time.monotonic() + spec["warmup"]
         for thread in threads:
             thread.start()
-        time.sleep(max(0.0, phases["start"] - time.monotonic()))
+        def warm() -> bool:
+            answered = {r["client"] for r in list(records) if r["kind"] == "good" and r["status"] == 200}
+            return time.monotonic() >= warmup_end and len(answered) == spec["clients"]
+
+        while not warm() and any(thread.is_alive() for thread in threads):
+            time.sleep(0.2)
         rss_warm = tree_rss_bytes(server.pid)
+        phases["start"] = now = time.monotonic()
+        phases["end"] = now + spec["duration"]
         for thread in threads:
             thread.join()
         rss_end = tree_rss_bytes(server.pid)
