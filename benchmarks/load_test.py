@@ -199,6 +199,7 @@ def parse_args(argv=None):
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--json-out", default=None)
     p.add_argument("--write-results", action="store_true", help="add / replace the section in benchmarks/RESULTS.md")
+    p.add_argument("--render-only", action="store_true", help="only rewrite the section from the saved JSONs")
     return p.parse_args(argv)
 
 
@@ -206,7 +207,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     servers = args.servers.split(",")
     harness.setup("cpu", args.threads)
-    report = {**harness.report_head("load_test"), "settings": vars(args), "servers": {}}
+    if args.render_only:
+        write_results()
+        return {}
+    report = {**harness.report_head("load_test"), "settings": vars(args), "servers": {},
+              "warmup_rule": f"a warm-up of {args.warmup:g} s and until every client had a good answer"}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(Path(tmp) / "ckpt")
         report["model_config"] = config = models.make_checkpoint(ckpt, **V3_LATENT)
@@ -230,20 +235,30 @@ def main(argv=None) -> dict:
     name = f"load_test_{'_'.join(servers)}_bad{args.bad_share:g}"
     harness.write_json(args.json_out or RESULTS_DIR / f"{name}.json", report)
     if args.write_results:
-        harness.write_section(SECTION, render([json.loads(p.read_text()) for p in
-                                               sorted(RESULTS_DIR.glob("load_test_*.json"))]), RESULTS_MD)
+        write_results()
     return report
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def render(reports: list[dict]) -> str:
-    lines = [f"## {SECTION}", ""]
+    lines = [f"## {SECTION}", "",
+             "Ours: `python -m modeling_deepseek.serve DIR --continuous-batching --api-key ...`; peer: `transformers "
+             "serve DIR --continuous-batching` with transformers' DeepseekV3ForCausalLM on the same weights and --cb-* "
+             "sizes. "
+             "Bad requests (BAD_REQUESTS) go to ours only: transformers' server takes `max_tokens: 10**9` and "
+             "generates until the request times out. Latencies are client-side, of good requests; RSS is the server's "
+             "process tree. The machine was shared with other jobs (load average in the machine line): absolute "
+             "figures are several times those of an idle machine.", ""]
     for report in reports:
         s = report["settings"]
-        lines += [f"Command: `{report['command']}`  ", f"Machine: {harness.machine_line(report['machine'])}, shared "
-                  "with other jobs (2 cores)  ",
-                  f"Load: {s['clients']} clients back to back for {s['duration']:g} s after {s['warmup']:g} s of "
-                  f"warm-up; prompts of {s['min_prompt']}-{s['max_prompt']} words, {s['min_tokens']}-"
-                  f"{s['max_tokens']} tokens each, temperature 0; {s['bad_share']:.0%} bad requests.", "",
+        warm = report.get("warmup_rule", f"{s['warmup']:g} s of warm-up")
+        lines += [f"Command: `{report['command']}`  ", f"Machine: {harness.machine_line(report['machine'])}  ",
+                  f"Load: {s['clients']} clients back to back for {s['duration']:g} s after {warm}; prompts of "
+                  f"{s['min_prompt']}-{s['max_prompt']} words, {s['min_tokens']}-{s['max_tokens']} tokens each, "
+                  f"temperature 0; {s['bad_share']:.0%} of ours' requests bad.", "",
                   harness.markdown_table(
                       ["server", "good req/s", "p50 s", "p99 s", "good / bad requests", "5xx", "good not 200 or "
                        "short", "bad not 400", "RSS warm / end MiB", "RSS growth"],
@@ -252,9 +267,24 @@ def render(reports: list[dict]) -> str:
                         r["good_not_200"] + r["good_short_or_empty"], r["bad_not_400"] if r["bad_requests"] else "-",
                         f"{r['rss_warm_mib']:.0f} / {r['rss_end_mib']:.0f}", f"{r['rss_growth']:+.1%}"]
                        for name, r in report["servers"].items()]), ""]
+        ours = report["servers"].get("ours")
+        if ours is not None:
+            clean = ours["status_5xx"] + ours["good_not_200"] + ours["good_short_or_empty"] + ours["no_answer"] == 0
+            lines += [f"Targets (ours): no 5xx and every good request answered in full: {verdict(clean)}; every bad "
+                      f"request a 400: {verdict(ours['bad_not_400'] == 0)}; RSS at the end within 10% of after the "
+                      f"warm-up: {verdict(abs(ours['rss_growth']) <= 0.10)}."]
         if "ratio" in report:
-            lines += [f"ours / peer good requests/s: **{report['ratio']:.2f}x**.", ""]
+            lines += [f"ours / peer good requests/s: **{report['ratio']:.2f}x** (target >= 2x: "
+                      f"{verdict(report['ratio'] >= 2)}; the peer's figure rests on "
+                      f"{report['servers']['peer']['good_requests']} requests)."]
+        lines += [""]
     return "\n".join(lines)
+
+
+def write_results() -> None:
+    """The section, from every load test's JSON in benchmarks/results."""
+    reports = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("load_test_*.json"))]
+    harness.write_section(SECTION, render(reports), RESULTS_MD)
 
 
 if __name__ == "__main__":
