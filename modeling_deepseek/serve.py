@@ -37,7 +37,7 @@ class DeepseekModelLoader(serve_model_loader_base()):
 
 def api_key_option() -> inspect.Parameter:
     import typer
-    from typing_extensions import Annotated
+    from typing import Annotated
 
     from .serve_app import API_KEY_ENV
 
