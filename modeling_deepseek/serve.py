@@ -36,8 +36,9 @@ class DeepseekModelLoader(serve_model_loader_base()):
 
 
 def api_key_option() -> inspect.Parameter:
-    import typer
     from typing import Annotated
+
+    import typer
 
     from .serve_app import API_KEY_ENV
 
