@@ -100,13 +100,14 @@ def client_loop(index: int, spec: dict, port: int, folder: str, key: str | None,
                 status, data = -1, {"client_error": f"{type(error).__name__}: {error}"}
                 http.close()  # reconnects on the next request
             finished = time.monotonic()
-            good_answer = None
+            good_answer, error = None, None if status in (200, 400) else json.dumps(data)[:300]
             if kind == "good" and status == 200:
                 usage, text = data.get("usage", {}), data["choices"][0]["text"]
                 good_answer = usage.get("completion_tokens") == max_tokens and bool(text.strip())
+                if not good_answer:  # what came back, for the report
+                    error = f"max_tokens {max_tokens}, usage {usage}, text {text[:80]!r}"
             records.append({"client": index, "kind": kind, "status": status, "latency_s": finished - started,
-                            "counted": started >= phases["start"], "good_answer": good_answer,
-                            "error": None if status in (200, 400) else json.dumps(data)[:300]})
+                            "counted": started >= phases["start"], "good_answer": good_answer, "error": error})
     except BaseException as error:  # a client that dies is a failure of the benchmark, not a quiet gap in the load
         phases["client_failures"].append(f"client {index}: {type(error).__name__}: {error}")
         raise
