@@ -30,8 +30,8 @@ from conftest import random_ids, tiny_model
 from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION
 from test_openai_server import VOCAB, word_tokenizer
 
-pytestmark = pytest.mark.skipif(not MLA_PAGED_CACHE,
-                                reason=f"the server's checks run on transformers >= {PAGED_CACHE_MIN_VERSION}")
+needs_serving = pytest.mark.skipif(not MLA_PAGED_CACHE,
+                                   reason=f"the server runs on transformers >= {PAGED_CACHE_MIN_VERSION}")
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -86,6 +86,7 @@ def greedy(model, ids, n: int) -> list[int]:
         return model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
 
 
+@needs_serving
 def test_each_bad_request_is_a_400_naming_its_field(server):
     model_id = str(server["folder"])
     good = {"model": model_id, "prompt": "w5 w6 w7", "max_tokens": 4, "temperature": 0}
@@ -142,6 +143,7 @@ def test_each_bad_request_is_a_400_naming_its_field(server):
         server["model"], [5, 6, 7], 4)
 
 
+@needs_serving
 def test_empty_prompt_is_refused_and_the_next_request_is_served(server):
     model_id = str(server["folder"])
     status, answer = call(server, "/v1/completions", {"model": model_id, "prompt": "", "max_tokens": 4})
@@ -156,6 +158,7 @@ def test_empty_prompt_is_refused_and_the_next_request_is_served(server):
     assert status == 200 and answer["status"] == "ok"
 
 
+@needs_serving
 def test_a_failure_inside_the_batch_fails_its_request_alone(server):
     model_id = str(server["folder"])
     status, answer = call(server, "/v1/completions", {"model": model_id, "prompt": f"w{POISON} w5", "max_tokens": 4,
@@ -170,6 +173,7 @@ def test_a_failure_inside_the_batch_fails_its_request_alone(server):
     assert call(server, "/health", key=None) == (200, {"status": "ok"})
 
 
+@needs_serving
 def test_api_key_guards_every_endpoint_but_health(server):
     from openai import AuthenticationError, BadRequestError, OpenAI
 
@@ -194,6 +198,7 @@ def test_api_key_guards_every_endpoint_but_health(server):
     assert chat.usage.completion_tokens == 3
 
 
+@needs_serving
 def test_a_closed_stream_stops_generating(server):
     from openai import OpenAI
 
