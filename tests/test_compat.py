@@ -376,7 +376,8 @@ def test_transformers_serve_app_and_handler_hooks():
     assert "from .serving.server import build_server" in inspect.getsource(Serve.run), (
         "Serve.run no longer imports build_server as it runs: compat.app_built_with cannot add the request checks")
     assert list(inspect.signature(server.build_server).parameters)[:3] == [
-        "model_manager", "chat_handler", "completion_handler"], "build_server's arguments changed (compat.app_built_with)"
+        "model_manager", "chat_handler", "completion_handler"], (
+        "build_server's arguments changed (compat.app_built_with)")
     for handler in compat.serving_handlers()[:2]:
         source = inspect.getsource(handler.handle_request)
         where = [source.find(f"self.{name}(") for name in compat.SERVING_HANDLER_HOOKS]
