@@ -5,6 +5,8 @@
 #   make venv-latest  - create .venv-latest: the same, with the newest releases pyproject.toml allows
 #   make test-latest  - run the test suite in .venv-latest
 #   make demo         - small pretraining demo on Python stdlib sources (about 4-7 min on 2 CPU cores)
+#   make serve        - serve the `make demo` model (runs/demo/final) with the OpenAI-compatible server from .venv-latest
+#                       (it needs transformers >= 5.25); SERVE_MODEL, SERVE_HOST, SERVE_PORT, SERVE_ARGS to change it
 #   make grpo-demo    - GRPO learning curve: a small DeepSeek learns two-digit sums (about 6 min on 2 CPU cores)
 #   make r1-demo      - the R1 recipe end to end (cold start, GRPO, rejection sampling, SFT, distillation into a
 #                       dense Llama), each stage measured on held-out problems (at most 20 min on 2 CPU cores)
@@ -25,7 +27,7 @@ TORCH_VERSION := 2.13.0
 TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 PYTEST_FLAGS ?= -x -q -p no:cacheprovider --timeout=600
 
-.PHONY: venv venv-latest test test-latest demo grpo-demo r1-demo bench docs clean distclean
+.PHONY: venv venv-latest test test-latest demo serve grpo-demo r1-demo bench docs clean distclean
 
 venv: $(VENV)/.stamp
 venv-latest: $(VENV_LATEST)/.stamp
@@ -67,6 +69,16 @@ test-latest: venv-latest
 
 demo: venv
 	$(PY) examples/pretrain.py --config hub_configs/small --output runs/demo
+
+SERVE_MODEL ?= runs/demo/final
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8000
+SERVE_ARGS ?= --continuous-batching --device cpu
+# The server needs transformers >= 5.25, which .venv-latest has (.venv holds the pinned lower end). A key:
+# DEEPSEEK_API_KEY=... make serve, or SERVE_ARGS="... --api-key KEY".
+serve: venv-latest
+	@test -d $(SERVE_MODEL) || { echo "no model in $(SERVE_MODEL): run 'make demo' first (or set SERVE_MODEL)"; exit 1; }
+	$(PY_LATEST) -m modeling_deepseek.serve $(SERVE_MODEL) --host $(SERVE_HOST) --port $(SERVE_PORT) $(SERVE_ARGS)
 
 grpo-demo: venv
 	$(PY) examples/grpo_arithmetic.py --output runs/grpo_arithmetic

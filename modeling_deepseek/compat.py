@@ -121,6 +121,25 @@ def build_paged_cache_with(manager, cache_class) -> None:
     manager._create_batch_processor = types.MethodType(rebuilt, manager)
 
 
+def survive_step_failures(manager, on_failure) -> None:
+    """Keep one continuous-batching `manager`'s loop alive through a failed step.
+
+    transformers' loop treats any exception of a step (its private `_generation_loop_body`: schedule, forward,
+    sample) as fatal: every request fails and the manager takes no more (`fatal_error`), for good. Here the manager's
+    own copy of that method hands such an exception to `on_failure(batch_processor, error)`, which fails the requests
+    it holds, and the loop goes on with the next requests."""
+    body = manager._generation_loop_body
+
+    def guarded(batch_processor, bootstrapping):
+        try:
+            return body(batch_processor, bootstrapping)
+        except Exception as error:  # noqa: BLE001 - any failure of a step: it is reported to its requests
+            on_failure(batch_processor, error)
+            return True
+
+    manager._generation_loop_body = guarded
+
+
 def installed_transformers_version() -> str:
     import transformers
 
@@ -186,29 +205,99 @@ def transformers_serve(loader_class, **serve_options) -> None:
     serve_cli_class(loader_class)(**serve_options)
 
 
-def serve_cli_class(loader_class):
+def serve_cli_class(loader_class, customize_app=None, extra_options=()):
+    """transformers' Serve (a class for typer), serving through `loader_class`; `customize_app(app, *handlers)`, if
+    given, gets the FastAPI app and its handlers (build_server's arguments) before the server starts, and
+    `extra_options` (inspect.Parameters, keyword-only) are options of the command beside Serve's own, kept on the
+    instance by their names (Serve.__init__ starts serving: they are set before it runs)."""
+    import inspect
+
     from transformers.cli.serve import Serve
+
+    names = [option.name for option in extra_options]
 
     class DeepseekServe(Serve):
         __doc__ = Serve.__doc__
 
+        def __init__(self, *args, **kwargs):
+            for name in names:
+                setattr(self, name, kwargs.pop(name, None))
+            super().__init__(*args, **kwargs)
+
         def run(self, *args, **kwargs):
             self.loader.__class__ = loader_class
-            return super().run(*args, **kwargs)
+            if customize_app is None:
+                return super().run(*args, **kwargs)
+            with app_built_with(lambda app, *handlers: customize_app(self, app, *handlers)):
+                return super().run(*args, **kwargs)
 
+    signature = inspect.signature(Serve.__init__)
+    DeepseekServe.__init__.__signature__ = signature.replace(
+        parameters=[*signature.parameters.values(), *extra_options])
     return DeepseekServe
 
 
 def serve_model_loader_base():
-    """transformers' ModelLoader (transformers.cli.serving.model_manager), or an error naming the version that has it."""
+    """transformers' ModelLoader (transformers.cli.serving.model_manager), or an error naming the version that has it
+    and the commands that get it."""
     try:
         from transformers.cli.serving.model_manager import ModelLoader
     except ImportError:
         ModelLoader = None
     if ModelLoader is None or not hasattr(ModelLoader, "_load_model"):
         raise RuntimeError(f"python -m modeling_deepseek.serve needs transformers >= {SERVE_MIN_VERSION} (its serving "
-                           f"ModelLoader); transformers {installed_transformers_version()} is installed")
+                           f"ModelLoader); transformers {installed_transformers_version()} is installed. Serve from "
+                           f"the newest-releases venv (`make serve`, which builds it with `make venv-latest`), or "
+                           f"upgrade this one: pip install -U 'transformers>={SERVE_MIN_VERSION}'")
     return ModelLoader
+
+
+# Serve.run builds its FastAPI app with transformers.cli.serving.server.build_server(model_manager, chat_handler,
+# completion_handler, ...), imported from that module when it runs; the app and its handlers are locals of run, and no
+# argument adds a middleware, an exception handler or a check. The module's build_server is swapped for the duration
+# of run (the life of the server), for one that hands the app and handlers to `customize` before returning the app.
+# The handlers' request checks are overridden through their private methods, called in this order for each request:
+# _validate_request(body) first, _build_generation_kwargs(body, generation_config) once the model is known, then
+# _check_prompt_length(engine, inputs) with the tokenized prompt, before generation starts.
+SERVING_HANDLER_HOOKS = ("_validate_request", "_build_generation_kwargs", "_check_prompt_length")
+
+
+class app_built_with:
+    def __init__(self, customize):
+        self.customize = customize
+
+    def __enter__(self):
+        from transformers.cli.serving import server
+
+        self.original = original = server.build_server
+
+        def build_server(model_manager, chat_handler, completion_handler, *args, **kwargs):
+            app = original(model_manager, chat_handler, completion_handler, *args, **kwargs)
+            self.customize(app, model_manager, chat_handler, completion_handler)
+            return app
+
+        server.build_server = build_server
+
+    def __exit__(self, *exc):
+        from transformers.cli.serving import server
+
+        server.build_server = self.original
+
+
+def serving_handlers():
+    """transformers' handlers of /v1/completions and /v1/chat/completions, their prompt_length(inputs), and the error
+    of a dead engine; the handlers checked to have the hooks serve_app.py overrides."""
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.completion import CompletionHandler
+    from transformers.cli.serving.utils import EngineDeadError, prompt_length
+
+    for handler in (CompletionHandler, ChatCompletionHandler):
+        missing = [name for name in SERVING_HANDLER_HOOKS if not callable(getattr(handler, name, None))]
+        if missing:
+            raise RuntimeError(f"transformers {installed_transformers_version()}: {handler.__name__} has no {missing}, "
+                               "where modeling_deepseek.serve_app checks requests (compat.serving_handlers needs "
+                               "updating)")
+    return CompletionHandler, ChatCompletionHandler, prompt_length, EngineDeadError
 
 
 class exposed_in_transformers:

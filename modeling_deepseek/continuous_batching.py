@@ -17,13 +17,22 @@ attention gets them dequantized, like any other.
 
 What the paged engine cannot do is refused before it starts (`check_continuous_batching`), since inside its loop an
 exception only marks requests as failed; `raise_failed_requests` turns such failures back into an exception.
+`guard_requests` keeps one request from stopping a running manager (the server's): a prompt of no tokens is refused
+as it is added (with no token there is no query row for attention to reshape: the step would fail), and a step that
+fails anyway fails the requests the manager holds, with the cause, while the loop goes on.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION, PagedAttentionCache, installed_transformers_version
+from .compat import (
+    MLA_PAGED_CACHE,
+    PAGED_CACHE_MIN_VERSION,
+    PagedAttentionCache,
+    installed_transformers_version,
+    survive_step_failures,
+)
 from .configuration import check_latent_cache_dtype
 
 # CPU defaults when the caller sizes nothing (transformers' default takes 60% of the RAM for the cache on CPU and
@@ -134,6 +143,29 @@ def check_continuous_batching(model, generation_config) -> None:
     if model.config._attn_implementation not in ("sdpa", "eager", "paged|eager"):
         raise ValueError(f"Continuous batching of this model runs with attn_implementation 'sdpa' or 'eager', got "
                          f"{model.config._attn_implementation!r}")
+
+
+def guard_requests(manager) -> None:
+    """Make a continuous-batching manager refuse a prompt of no tokens when it is added (ValueError: the server
+    answers 400), and survive a failed step: its requests fail with the cause, the next ones are served."""
+    from transformers.utils import logging
+
+    add_request = manager.add_request
+
+    def checked_add_request(input_ids, *args, **kwargs):
+        if len(input_ids) == 0:
+            raise ValueError("A request needs at least one prompt token: this one has none (a tokenizer that adds no "
+                             "BOS token turns an empty prompt into no tokens)")
+        return add_request(input_ids, *args, **kwargs)
+
+    def fail_held_requests(batch_processor, error) -> None:
+        logging.get_logger(__name__).error("A continuous-batching step failed; failing the %d request(s) it held: %s",
+                                          len(batch_processor.scheduler.active_requests), error, exc_info=error)
+        batch_processor.fail_all_requests(error)  # each gets its output, with the error: the caller learns why
+        batch_processor.reset()  # their pages freed, the scheduler and the step's buffers emptied
+
+    manager.add_request = checked_add_request  # add_requests goes through it too
+    survive_step_failures(manager, fail_held_requests)
 
 
 def latent_cache_dtype_of(model, generation_config) -> str | None:

@@ -29,6 +29,7 @@ from .configuration import check_latent_cache_dtype
 from .continuous_batching import (
     check_continuous_batching,
     cpu_batching_defaults,
+    guard_requests,
     latent_cache_dtype_of,
     raise_failed_requests,
 )
@@ -152,6 +153,7 @@ class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
         latent_cache_dtype = latent_cache_dtype_of(self, gc)
         if not hasattr(manager, "latent_cache_dtype"):  # a new manager, its cache not built yet
             manager.latent_cache_dtype = latent_cache_dtype
+            guard_requests(manager)  # one request cannot stop it (the server's runs for good)
             if latent_cache_dtype == "fp8":
                 from .paged_fp8 import use_fp8_latent_cache
 

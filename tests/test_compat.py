@@ -400,6 +400,32 @@ def test_transformers_serve_model_loader_and_serve_run(tmp_path):
         "its class there")
 
 
+@pytest.mark.skipif(not compat.MLA_PAGED_CACHE, reason=f"transformers serve of our models needs transformers >= "
+                    f"{compat.SERVE_MIN_VERSION}")
+def test_transformers_serve_app_and_handler_hooks():
+    """modeling_deepseek.serve_app reaches transformers' server through: Serve.run importing build_server from
+    transformers.cli.serving.server when it runs (compat.app_built_with swaps it), build_server's first three
+    arguments, and the handlers' private hooks (compat.SERVING_HANDLER_HOOKS), called in that order by handle_request;
+    the continuous-batching loop's private _generation_loop_body (compat.survive_step_failures)."""
+    from transformers.cli.serve import Serve
+    from transformers.cli.serving import server
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+
+    assert "from .serving.server import build_server" in inspect.getsource(Serve.run), (
+        "Serve.run no longer imports build_server as it runs: compat.app_built_with cannot add the request checks")
+    assert list(inspect.signature(server.build_server).parameters)[:3] == [
+        "model_manager", "chat_handler", "completion_handler"], (
+        "build_server's arguments changed (compat.app_built_with)")
+    for handler in compat.serving_handlers()[:2]:
+        source = inspect.getsource(handler.handle_request)
+        where = [source.find(f"self.{name}(") for name in compat.SERVING_HANDLER_HOOKS]
+        assert -1 not in where and where == sorted(where), (
+            f"{handler.__name__}.handle_request no longer calls {compat.SERVING_HANDLER_HOOKS} in this order "
+            "(serve_app.CheckedRequests)")
+    assert "self._generation_loop_body(" in inspect.getsource(ContinuousBatchingManager._run_generation_loop), (
+        "the continuous-batching loop no longer steps through _generation_loop_body (compat.survive_step_failures)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training side: trainers/compat.py (Trainer, trl and accelerate internals)
 

@@ -404,6 +404,34 @@ def test_a_failure_inside_the_loop_raises(model, prompts, monkeypatch):
 
 
 @needs_mla_paged_cache
+def test_a_running_manager_refuses_an_empty_prompt_and_survives_a_failed_step(model, prompts, expected, monkeypatch):
+    """The server's manager runs for good: a prompt of no tokens is refused as it is added (before, it reached
+    attention with zero rows, and the loop died: every later request was dropped), and a step that fails fails the
+    requests it held, with the cause, while the next request gets generate()'s tokens."""
+    from modeling_deepseek import attention
+
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    manager.start()
+    try:
+        with pytest.raises(ValueError, match="at least one prompt token"):
+            manager.add_request([], max_new_tokens=NEW)
+        real = attention.paged_attention
+
+        def fails_once(*args, **kwargs):
+            monkeypatch.setattr(attention, "paged_attention", real)
+            raise RuntimeError("kaput in attention")
+
+        monkeypatch.setattr(attention, "paged_attention", fails_once)
+        failed = manager.get_result(request_id=manager.add_request(prompts[0], max_new_tokens=NEW), timeout=60)
+        assert "kaput in attention" in failed.error
+        served = manager.get_result(request_id=manager.add_request(prompts[1], max_new_tokens=NEW), timeout=60)
+        assert served.error is None and served.generated_tokens == expected[1]
+        assert manager.background_thread_status.fatal_error is None
+    finally:
+        manager.stop(block=True)
+
+
+@needs_mla_paged_cache
 @pytest.mark.parametrize("how, match", [
     ("latent_cache_dtype", "`latent_cache_dtype` must be None or 'fp8', got 'int4'"),
     ("use_mtp_kwarg", "use_mtp=True is not supported.*speculative"),

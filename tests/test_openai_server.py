@@ -49,6 +49,7 @@ def served(tmp_path_factory, request):
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("DEEPSEEK_API_KEY", None)  # a key in the caller's environment would guard this server too
     cmd = [sys.executable, "-m", "modeling_deepseek.serve", str(folder), "--continuous-batching", "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--cb-num-blocks", "16", "--cb-block-size", "16"]
     with serving(cmd, port, folder / "server.log", env, timeout=240):
@@ -94,3 +95,4 @@ def test_old_transformers_serve_raises_naming_the_version():
     run = subprocess.run([sys.executable, "-m", "modeling_deepseek.serve", "--help"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and f"needs transformers >= {PAGED_CACHE_MIN_VERSION}" in run.stderr, run.stderr
+    assert "make serve" in run.stderr and f"pip install -U 'transformers>={PAGED_CACHE_MIN_VERSION}'" in run.stderr
