@@ -32,7 +32,8 @@ ATOL = 1e-5
 LAUNCHES = {
     2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
     # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
-    4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6"],
+    4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6",
+        "dualpipev+ep@6"],
 }
 
 needs_torchrun = pytest.mark.skipif(
@@ -124,7 +125,11 @@ def test_every_schedule_equals_one_process(launch):
         for name, grad in ref["grads"].items():
             for r in records:
                 if name in r["grads"]:
-                    torch.testing.assert_close(r["grads"][name], grad, atol=ATOL, rtol=0, msg=f"{layout} {name}")
+                    # Expert parallel: a rank holds its ep slice of the experts (ep = the dp replicas).
+                    want = grad.chunk(r["dp"], dim=0)[r["dp_rank"]] if name in r["experts"] else grad
+                    torch.testing.assert_close(r["grads"][name], want, atol=ATOL, rtol=0, msg=f"{layout} {name}")
+        if "+ep" in layout:  # every rank's routed experts are split, and those are the only parameters that are
+            assert all(r["experts"] and all(".mlp.experts." in n for n in r["experts"]) for r in records), layout
         for r in records:
             steps = len(r["losses"])
             assert steps == int(layout.partition("@")[2] or len(ref["losses"]))
