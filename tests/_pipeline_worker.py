@@ -75,6 +75,14 @@ def run_layout(layout: str, out: Path) -> None:
 
     model = build(extra == "fp8", world)
     runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh)
+    if extra == "ep":  # the ep shards gather into the whole model (what save_final writes), in expert order
+        from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
+
+        args = PipelineTrainingArguments(output_dir=str(out / layout), max_steps=1, batch_size=share)
+        full = PipelineTrainer(runner, args, data[0]).full_state_dict()
+        if rank == 0:
+            (out / layout).mkdir(parents=True, exist_ok=True)
+            torch.save(full, out / layout / "full_state.pt")
     opt = torch.optim.AdamW(runner.parameters(), lr=LR)
     record = {"params": sorted(n for n, _ in model.named_parameters()), "losses": [], "dp_rank": dp_rank,
               "dp": dp, "experts": sorted(n for n, p in model.named_parameters()

@@ -110,7 +110,7 @@ def launch(request, tmp_path_factory):
 
 @needs_torchrun
 def test_every_schedule_equals_one_process(launch):
-    world, ranks, reference, _, _ = launch
+    world, ranks, reference, _, out = launch
     for layout, records in ranks.items():
         ref = reference["fp8" in layout]
         for part, value in ref["parts"].items():
@@ -130,6 +130,10 @@ def test_every_schedule_equals_one_process(launch):
                     torch.testing.assert_close(r["grads"][name], want, atol=ATOL, rtol=0, msg=f"{layout} {name}")
         if "+ep" in layout:  # every rank's routed experts are split, and those are the only parameters that are
             assert all(r["experts"] and all(".mlp.experts." in n for n in r["experts"]) for r in records), layout
+            full, start = torch.load(out / layout / "full_state.pt"), worker.build(False, world).state_dict()
+            assert set(full) == set(start), set(full) ^ set(start)
+            for name, value in start.items():
+                assert torch.equal(full[name], value), f"{layout}: gathered {name} differs from the model's"
         for r in records:
             steps = len(r["losses"])
             assert steps == int(layout.partition("@")[2] or len(ref["losses"]))
