@@ -33,7 +33,7 @@ LAUNCHES = {
     2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
     # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
     4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6",
-        "dualpipev+ep@6"],
+        "dualpipev+ep@6", "1f1b+ep@6"],
 }
 
 needs_torchrun = pytest.mark.skipif(

@@ -58,9 +58,19 @@ def shard_experts(modules: list[nn.Module], ep_mesh: DeviceMesh, tp_mesh: Device
             params.append(getattr(experts, name))
         experts.num_experts //= ep_size
         experts._is_expert_parallel = True  # the engine's flag: ids >= num_experts are other ranks' experts
-        impl = impl_cls(experts, ep_mesh, tp_mesh)  # takes experts.forward (local ids) before it is replaced
-        experts.forward = lambda x_TD, ids_TK, w_TK, impl=impl: impl(x_TD, ids_TK, w_TK).to(x_TD.dtype)
+        _install(experts, impl_cls(experts, ep_mesh, tp_mesh))  # the impl takes experts.forward (local ids) first
     return params
+
+
+def _install(experts: nn.Module, implementation) -> None:
+    """experts.forward becomes the EP implementation, in a closure over `implementation` shaped as the engine's own
+    (EpDispatchExpertsParallel.install_forward), so that compat.rebind_engine_forward reaches it after a class swap
+    (convert_to_fp8_training)."""
+
+    def ep_forward(x_TD, expert_ids_TK, weights_TK):
+        return implementation(x_TD, expert_ids_TK, weights_TK).to(x_TD.dtype)
+
+    experts.forward = ep_forward
 
 
 def gather_expert_shards(state_dicts: list[dict], ep_ranks: list[int], expert_names: set[str]) -> dict:
