@@ -92,6 +92,7 @@ def run_layout(layout: str, out: Path) -> None:
         if step == 0:
             record["parts"] = {k: v.item() for k, v in parts.items()}
             record["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            record["grad_norm"] = runner.clip_grad_norm_(1e9).item()  # the whole model's norm; 1e9: no clipping
         opt.step()
         opt.zero_grad()
         record["losses"].append(parts["loss"].item())

@@ -4,7 +4,9 @@ One torchrun launch per world size (2 and 4 CPU ranks, gloo) trains every schedu
 the same tiny model trains in one process on the same global batches, and for each schedule: the loss parts of the
 first step and every parameter's gradient agree to 1e-5, the AdamW loss curve follows (20 steps; 6 for the 4-rank
 layouts other than DualPipeV), and the aux-loss-free biases end where one process puts them after as many steps
-(identical on data-parallel replicas). FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
+(identical on data-parallel replicas), and `clip_grad_norm_` measures the one-process gradient norm. The `+ep` layouts
+(pp 2 x ep 2: pipeline x expert parallel) compare each rank's expert gradients with its slice of one process's and
+gather the expert shards back into the whole model. FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
 modules' custom autograd functions) compare with one process over the same micro-batches. The 2-rank launch also
 checks the named errors and a bit-exact resume of trainers.pipeline_training.
 """
@@ -134,7 +136,9 @@ def test_every_schedule_equals_one_process(launch):
             assert set(full) == set(start), set(full) ^ set(start)
             for name, value in start.items():
                 assert torch.equal(full[name], value), f"{layout}: gathered {name} differs from the model's"
+        norm = torch.stack([g.pow(2).sum() for g in ref["grads"].values()]).sum().sqrt().item()
         for r in records:
+            assert abs(r["grad_norm"] - norm) <= 1e-5 * norm, (layout, "clip_grad_norm_", r["grad_norm"], norm)
             steps = len(r["losses"])
             assert steps == int(layout.partition("@")[2] or len(ref["losses"]))
             torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"][:steps]), atol=1e-4,

@@ -25,6 +25,10 @@ step by balancing.py's hook, so replicas stay identical.
 Data parallel. The mesh is (dp, pp); after the schedule each parameter's gradient is summed over "dp" (the losses are
 already shares of the global batch, so a sum, not a mean).
 
+Expert parallel. With a mesh from `pipeline_mesh(pp, expert_parallel=True)` the data-parallel dimension is "ep": its
+replicas also split the routed experts of their stages (trainers/pipeline_experts.py); the expert gradients, which
+the all_to_all's backward already summed over the replicas' tokens, are left out of the sum over "ep".
+
 Refused with a named error: micro-batches below what the schedule needs, a batch that does not split into them, a
 compiled module under a schedule that splits I / W (ZBV, DualPipeV), a pipeline with more stages than layers, tied
 embeddings under loop placement (the head would sit on another rank than the embedding).
