@@ -22,6 +22,8 @@ accelerate launch; the world is pp-way pipelines times world / pp data-parallel 
     ACCELERATE_USE_CPU=yes accelerate launch --multi_gpu --num_processes 4 examples/pretrain.py ... --pp 2 \\
         --pp-schedule dualpipev                                   (ACCELERATE_USE_CPU=yes: CPU ranks)
 
+--ep makes the data-parallel replicas of each pipeline rank split its routed experts as well (pipeline x expert
+parallel on an (ep, pp) mesh, V3's PP x EP layout: trainers/pipeline_experts.py).
 --batch-size is then the sequences per step per replica, split into --pp-microbatches; trainers/pipeline_training.py
 runs the loop (progress, eval, checkpoints in OUTPUT/pipeline, --resume) and rank 0 saves OUTPUT/final, an ordinary
 checkpoint that loads in one process.
@@ -97,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gpipe, 1f1b, interleaved1f1b, zbv or dualpipev (trainers.pipeline.SCHEDULES)")
     p.add_argument("--pp-microbatches", type=int, default=None,
                    help="micro-batches per step (default: the least the schedule takes)")
+    p.add_argument("--ep", action="store_true",
+                   help="with --pp: the world / pp data-parallel replicas also split the routed experts (expert "
+                        "parallel, all_to_all dispatch)")
     return p.parse_args(argv)
 
 
@@ -339,6 +344,9 @@ def main(argv=None) -> dict:
     max_positions = int(raw_config.get("max_position_embeddings", args.block_size))
     if args.block_size > max_positions:
         raise SystemExit(f"--block-size {args.block_size} exceeds max_position_embeddings {max_positions}")
+    if args.ep and not args.pp:
+        raise SystemExit("--ep splits the experts of the pipeline stages: it needs --pp (without a pipeline, load the "
+                         "model with DistributedConfig(ep_size=...) instead)")
 
     # 1. corpus + tokenizer ---------------------------------------------------------------------------------------
     t0 = time.time()
@@ -528,7 +536,7 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
     from trainers.pipeline import SCHEDULES, PipelineRunner, pipeline_mesh
     from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
 
-    mesh = pipeline_mesh(args.pp, "cuda" if torch.cuda.is_available() else "cpu")
+    mesh = pipeline_mesh(args.pp, "cuda" if torch.cuda.is_available() else "cpu", expert_parallel=args.ep)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", dist.get_rank() % torch.cuda.device_count()))
     spec = SCHEDULES.get(args.pp_schedule)
@@ -543,7 +551,8 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
         warmup_steps=warmup, weight_decay=args.weight_decay, logging_steps=args.logging_steps,
         eval_steps=args.eval_steps or max(1, args.max_steps // 4), save_steps=save_steps, seed=args.seed)
     trainer = PipelineTrainer(runner, training, ids(train_ds), ids(eval_ds))
-    trainer.log(f"pipeline: {args.pp_schedule}, pp {args.pp} x dp {runner.dp_size}, {micro} micro-batches of "
+    replicas = f"{'ep' if args.ep else 'dp'} {runner.dp_size}"
+    trainer.log(f"pipeline: {args.pp_schedule}, pp {args.pp} x {replicas}, {micro} micro-batches of "
                 f"{args.batch_size // micro} sequences; rank 0 holds stages {[s.index for s in runner.stages]} "
                 f"of {runner.stages[0].num_stages}", flush=True)
     before = trainer.evaluate()
@@ -557,7 +566,7 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
     model.config.use_cache = True
     trainer.save_final(final_dir, DeepseekForCausalLM)
     metrics = {"before": before, "after": after, "history": history, "schedule": args.pp_schedule, "pp": args.pp,
-               "dp": runner.dp_size, "micro_batches": micro}
+               "dp": runner.dp_size, "ep": args.ep, "micro_batches": micro}
     if dist.get_rank() == 0:
         tokenizer.save_pretrained(str(final_dir))
         reloaded = DeepseekForCausalLM.from_pretrained(str(final_dir))

@@ -427,3 +427,13 @@ def register_ep_implementation(name: str, cls: type) -> None:
     from transformers.distributed.expert_parallel import EPImplementationInterface
 
     EPImplementationInterface.register(name, cls)
+
+
+def ep_implementation_class(name: str) -> type:
+    """The EPImplementation registered under `name` (transformers' EPImplementationInterface: "all_to_all", ...)."""
+    from transformers.distributed.expert_parallel import EPImplementationInterface
+
+    implementations = EPImplementationInterface()
+    if name not in implementations:
+        raise ValueError(f"no expert-parallel implementation named {name!r}; registered: {sorted(implementations)}")
+    return implementations[name]

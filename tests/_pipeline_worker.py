@@ -3,7 +3,8 @@ torchrun launch runs every layout named.
 
     torchrun --nproc_per_node P tests/_pipeline_worker.py OUT LAYOUT [LAYOUT ...]
 
-A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas) or
+A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas),
+`{schedule}+ep` (as +dp, the 2 replicas also splitting the routed experts: pipeline x expert parallel) or
 `{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps;
 `...@N` trains N steps instead of STEPS: the custom autograd functions of the Linears and the
 grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model,
@@ -63,9 +64,9 @@ def run_layout(layout: str, out: Path) -> None:
     schedule, _, extra = layout_steps.partition("+")
     steps = int(n) if n else FP8_STEPS if extra == "fp8" else STEPS
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = 2 if extra == "dp" else 1
-    mesh = pipeline_mesh(world // dp)
-    dp_rank = mesh.get_local_rank("dp")
+    dp = 2 if extra in ("dp", "ep") else 1
+    mesh = pipeline_mesh(world // dp, expert_parallel=extra == "ep")
+    dp_rank = mesh.get_local_rank("ep" if extra == "ep" else "dp")
     data = batches()
     share = GLOBAL_BATCH // dp
 
@@ -74,13 +75,24 @@ def run_layout(layout: str, out: Path) -> None:
 
     model = build(extra == "fp8", world)
     runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh)
+    if extra == "ep":  # the ep shards gather into the whole model (what save_final writes), in expert order
+        from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
+
+        args = PipelineTrainingArguments(output_dir=str(out / layout), max_steps=1, batch_size=share)
+        full = PipelineTrainer(runner, args, data[0]).full_state_dict()
+        if rank == 0:
+            (out / layout).mkdir(parents=True, exist_ok=True)
+            torch.save(full, out / layout / "full_state.pt")
     opt = torch.optim.AdamW(runner.parameters(), lr=LR)
-    record = {"params": sorted(n for n, _ in model.named_parameters()), "losses": []}
+    record = {"params": sorted(n for n, _ in model.named_parameters()), "losses": [], "dp_rank": dp_rank,
+              "dp": dp, "experts": sorted(n for n, p in model.named_parameters()
+                                          if any(p is q for q in runner.expert_params))}
     for step in range(steps):
         parts = runner.train_step(local(data[step]), labels_BT=local(data[step]))
         if step == 0:
             record["parts"] = {k: v.item() for k, v in parts.items()}
             record["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            record["grad_norm"] = runner.clip_grad_norm_(1e9).item()  # the whole model's norm; 1e9: no clipping
         opt.step()
         opt.zero_grad()
         record["losses"].append(parts["loss"].item())

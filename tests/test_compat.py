@@ -258,7 +258,8 @@ def test_engine_takes_an_empty_tp_plan_from_the_release_compat_names():
 def test_rebind_engine_forward_points_the_engines_wrappers_at_a_swapped_class():
     """compat.rebind_engine_forward: transformers' TensorParallelLayer.install_forward wraps `module.forward` in a
     closure over `original_forward`, and EpDispatchExpertsParallel.install_forward in one over `implementation`
-    (whose `experts_forward` is the captured forward). A class swapped afterwards is reached only once rebound."""
+    (whose `experts_forward` is the captured forward). A class swapped afterwards is reached only once rebound.
+    compat.ep_implementation_class: the registry's entry by name (trainers/pipeline_experts.py)."""
     from transformers.distributed.expert_parallel import EpDispatchExpertsParallel
     from transformers.distributed.tensor_parallel import TensorParallelLayer
 
@@ -283,6 +284,10 @@ def test_rebind_engine_forward_points_the_engines_wrappers_at_a_swapped_class():
             return self.experts_forward(hidden)
 
     compat.register_ep_implementation("_compat_probe", Probe)
+    assert compat.ep_implementation_class("_compat_probe") is Probe  # the pipeline's ep shards look it up by name
+    assert compat.ep_implementation_class("all_to_all").__name__ == "AllToAllEP"
+    with pytest.raises(ValueError, match="no expert-parallel implementation named 'nope'"):
+        compat.ep_implementation_class("nope")
     experts = torch.nn.Linear(4, 4)
     EpDispatchExpertsParallel().install_forward(experts, None, tp_mesh=None, ep_implementation="_compat_probe")
     plain = experts(x, None, None)

@@ -4,7 +4,9 @@ One torchrun launch per world size (2 and 4 CPU ranks, gloo) trains every schedu
 the same tiny model trains in one process on the same global batches, and for each schedule: the loss parts of the
 first step and every parameter's gradient agree to 1e-5, the AdamW loss curve follows (20 steps; 6 for the 4-rank
 layouts other than DualPipeV), and the aux-loss-free biases end where one process puts them after as many steps
-(identical on data-parallel replicas). FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
+(identical on data-parallel replicas), and `clip_grad_norm_` measures the one-process gradient norm. The `+ep` layouts
+(pp 2 x ep 2: pipeline x expert parallel) compare each rank's expert gradients with its slice of one process's and
+gather the expert shards back into the whole model. FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
 modules' custom autograd functions) compare with one process over the same micro-batches. The 2-rank launch also
 checks the named errors and a bit-exact resume of trainers.pipeline_training.
 """
@@ -32,7 +34,8 @@ ATOL = 1e-5
 LAUNCHES = {
     2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
     # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
-    4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6"],
+    4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6",
+        "dualpipev+ep@6", "1f1b+ep@6"],
 }
 
 needs_torchrun = pytest.mark.skipif(
@@ -109,7 +112,7 @@ def launch(request, tmp_path_factory):
 
 @needs_torchrun
 def test_every_schedule_equals_one_process(launch):
-    world, ranks, reference, _, _ = launch
+    world, ranks, reference, _, out = launch
     for layout, records in ranks.items():
         ref = reference["fp8" in layout]
         for part, value in ref["parts"].items():
@@ -124,8 +127,18 @@ def test_every_schedule_equals_one_process(launch):
         for name, grad in ref["grads"].items():
             for r in records:
                 if name in r["grads"]:
-                    torch.testing.assert_close(r["grads"][name], grad, atol=ATOL, rtol=0, msg=f"{layout} {name}")
+                    # Expert parallel: a rank holds its ep slice of the experts (ep = the dp replicas).
+                    want = grad.chunk(r["dp"], dim=0)[r["dp_rank"]] if name in r["experts"] else grad
+                    torch.testing.assert_close(r["grads"][name], want, atol=ATOL, rtol=0, msg=f"{layout} {name}")
+        if "+ep" in layout:  # every rank's routed experts are split, and those are the only parameters that are
+            assert all(r["experts"] and all(".mlp.experts." in n for n in r["experts"]) for r in records), layout
+            full, start = torch.load(out / layout / "full_state.pt"), worker.build(False, world).state_dict()
+            assert set(full) == set(start), set(full) ^ set(start)
+            for name, value in start.items():
+                assert torch.equal(full[name], value), f"{layout}: gathered {name} differs from the model's"
+        norm = torch.stack([g.pow(2).sum() for g in ref["grads"].values()]).sum().sqrt().item()
         for r in records:
+            assert abs(r["grad_norm"] - norm) <= 1e-5 * norm, (layout, "clip_grad_norm_", r["grad_norm"], norm)
             steps = len(r["losses"])
             assert steps == int(layout.partition("@")[2] or len(ref["losses"]))
             torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"][:steps]), atol=1e-4,

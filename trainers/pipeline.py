@@ -25,6 +25,10 @@ step by balancing.py's hook, so replicas stay identical.
 Data parallel. The mesh is (dp, pp); after the schedule each parameter's gradient is summed over "dp" (the losses are
 already shares of the global batch, so a sum, not a mean).
 
+Expert parallel. With a mesh from `pipeline_mesh(pp, expert_parallel=True)` the data-parallel dimension is "ep": its
+replicas also split the routed experts of their stages (trainers/pipeline_experts.py); the expert gradients, which
+the all_to_all's backward already summed over the replicas' tokens, are left out of the sum over "ep".
+
 Refused with a named error: micro-batches below what the schedule needs, a batch that does not split into them, a
 compiled module under a schedule that splits I / W (ZBV, DualPipeV), a pipeline with more stages than layers, tied
 embeddings under loop placement (the head would sit on another rank than the embedding).
@@ -45,6 +49,7 @@ from modeling_deepseek.objective import IGNORE_INDEX, shifted_labels, training_o
 from modeling_deepseek.pipeline_stages import DeepseekPipelineStage, prune_to_stages, stage_layer_ranges
 
 from .compat import is_compiled_module
+from .pipeline_experts import expert_grad_sq_norm, shard_experts
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,15 @@ SCHEDULES = {
 }
 
 
-def pipeline_mesh(pp_size: int, device_type: str = "cpu") -> DeviceMesh:
-    """A (dp, pp) mesh over the whole world: consecutive ranks form one pipeline, world / pp_size replicas of it."""
+def pipeline_mesh(pp_size: int, device_type: str = "cpu", expert_parallel: bool = False) -> DeviceMesh:
+    """A (dp, pp) mesh over the whole world: consecutive ranks form one pipeline, world / pp_size replicas of it.
+    `expert_parallel`: the replicas also split the routed experts (trainers/pipeline_experts.py); the mesh is then
+    (ep, pp, tp) with a size-1 "tp" dimension, the group of ranks holding one batch that the EP implementation takes."""
     world = dist.get_world_size()
     if world % pp_size:
         raise ValueError(f"pp size {pp_size} does not divide the world size {world}")
+    if expert_parallel:
+        return init_device_mesh(device_type, (world // pp_size, pp_size, 1), mesh_dim_names=("ep", "pp", "tp"))
     return init_device_mesh(device_type, (world // pp_size, pp_size), mesh_dim_names=("dp", "pp"))
 
 
@@ -113,14 +122,17 @@ class _HeadView:
 class PipelineRunner:
     """Trains `lm` (a DeepseekForCausalLM, the same weights on every rank) split over the mesh's "pp" dimension."""
 
-    def __init__(self, lm, schedule: str, n_microbatches: int, mesh: DeviceMesh):
+    def __init__(self, lm, schedule: str, n_microbatches: int, mesh: DeviceMesh, ep_implementation: str = "all_to_all"):
+        """A mesh from `pipeline_mesh(pp, expert_parallel=True)` (an "ep" dimension) also shards the routed experts of
+        the local stages over "ep", dispatched by the registered EP implementation `ep_implementation`."""
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         spec = self.spec = SCHEDULES[schedule]
         self.lm, self.schedule_name, self.n_microbatches = lm, schedule, n_microbatches
-        self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
         dims = mesh.mesh_dim_names
-        self.pp_size, self.dp_size = mesh.size(dims.index("pp")), mesh.size(dims.index("dp"))
+        dp_dim = "ep" if "ep" in dims else "dp"  # expert parallel: the ep ranks are the data-parallel replicas
+        self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group(dp_dim)
+        self.pp_size, self.dp_size = mesh.size(dims.index("pp")), mesh.size(dims.index(dp_dim))
         pp_rank = dist.get_rank(self.pp_group)
         num_stages = self.pp_size * spec.stages_per_rank
         check_microbatches(schedule, n_microbatches, num_stages)
@@ -135,6 +147,8 @@ class PipelineRunner:
         self.stages = [DeepseekPipelineStage(lm, s, num_stages, ranges[s], carry)
                        for s in stage_indices(pp_rank, self.pp_size, spec)]
         prune_to_stages(lm, self.stages)
+        self.expert_params = (shard_experts(self.stages, mesh["ep"], mesh["tp"], ep_implementation) if dp_dim == "ep"
+                              else [])
         for tracked in (lm, lm.model):  # the optimizer hook follows the DeepseekModel (balancing.track)
             set_balancing_group(tracked, self.dp_group)
         self.device = next(lm.parameters()).device
@@ -213,8 +227,9 @@ class PipelineRunner:
         schedule = self.schedule(input_ids_BT.shape[0] // self.n_microbatches, input_ids_BT.shape[1])
         schedule.step(*args, target=target, return_outputs=False)
         if self.dp_size > 1:
+            local = {id(p) for p in self.expert_params}  # their gradients already hold every replica's tokens
             for p in self.parameters():
-                if p.grad is not None:
+                if p.grad is not None and id(p) not in local:
                     dist.all_reduce(p.grad, group=self.dp_group)
         return self._parts([b for stage in self.stages for b in stage.balance_log])
 
@@ -279,9 +294,12 @@ class PipelineRunner:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over the whole model: each pipeline rank holds different parameters, so the squared
         norms add over "pp" (replicas over "dp" hold the same, already summed, gradients)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        local = {id(p) for p in self.expert_params}
+        grads = [p.grad for p in self.parameters() if p.grad is not None and id(p) not in local]
         sq = (torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads
               else torch.zeros((), device=self.device))
+        if self.expert_params:  # each ep rank holds other experts: their squares add over "ep" too
+            sq = sq + expert_grad_sq_norm(self.expert_params, self.dp_group)
         dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)

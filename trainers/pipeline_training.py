@@ -30,6 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .checkpointing import publish, remove_stale_staging_dirs, staging_dir
 from .pipeline import PipelineRunner
+from .pipeline_experts import gather_expert_shards
 
 CHECKPOINT = "checkpoint"
 
@@ -159,15 +160,15 @@ class PipelineTrainer:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every rank's weights gathered on rank 0 (None elsewhere), under the full model's names."""
-        local = {k: v.detach().cpu() for k, v in self.runner.lm.state_dict().items()}
+        lm, experts = self.runner.lm, {id(p) for p in self.runner.expert_params}
+        local = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
+        names = {n for n, p in lm.named_parameters() if id(p) in experts}  # ep shards: concatenated, not replaced
         gathered = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object(local, gathered, dst=0)
+        dist.gather_object((local, self.dp_rank, names), gathered, dst=0)
         if self.rank != 0:
             return None
-        merged = {}
-        for part in gathered:
-            merged.update(part)
-        return merged
+        states, ep_ranks, shard_names = zip(*gathered)
+        return gather_expert_shards(list(states), list(ep_ranks), set().union(*shard_names))
 
     def save_final(self, folder: str | Path, model_cls, **save_kwargs) -> None:
         """Rank 0 rebuilds the whole model from every rank's stages and saves it (save_pretrained)."""
