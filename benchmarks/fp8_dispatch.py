@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import RESULTS_DIR, RESULTS_MD
 from benchmarks.models import make_checkpoint
 
 SECTION = "fp8-dispatch"
@@ -118,8 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--json-out", default=str(RESULTS_DIR / "fp8_dispatch.json"))
-    p.add_argument("--results-md", default=str(RESULTS_MD))
+    harness.output_arguments(p, "fp8_dispatch.json")
     args = p.parse_args(argv)
 
     report = {**harness.report_head("fp8_dispatch"), "batch": args.batch, "seq": args.seq, "experts": args.experts}
@@ -128,10 +126,7 @@ def main(argv=None) -> None:
         spec = {"ckpt": str(Path(tmp) / "ckpt"), "batch": args.batch, "seq": args.seq, "label": "2 ranks"}
         result = harness.run_worker(dist_worker, spec, nproc=2, env={"OMP_NUM_THREADS": "1"})
     report["result"] = result
-    harness.write_json(args.json_out, report)
-    body = render(report)
-    harness.write_section(SECTION, body, args.results_md)
-    print(body)
+    harness.publish(report, SECTION, render(report), args)
 
 
 if __name__ == "__main__":

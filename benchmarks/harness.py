@@ -212,6 +212,19 @@ def write_section(name: str, body: str, results_md: str | os.PathLike = RESULTS_
     results_md.write_text(replace_section(text, name, body).rstrip() + "\n")
 
 
+def output_arguments(parser, json_name: str) -> None:
+    """--json-out (default benchmarks/results/JSON_NAME) and --results-md, the two outputs of a benchmark's report."""
+    parser.add_argument("--json-out", default=str(RESULTS_DIR / json_name))
+    parser.add_argument("--results-md", default=str(RESULTS_MD))
+
+
+def publish(report: dict, section: str, body: str, args) -> None:
+    """Write `report` to args.json_out and `body` as the section `section` of args.results_md, and print it."""
+    write_json(args.json_out, report)
+    write_section(section, body, args.results_md)
+    print(body)
+
+
 def section_head(title: str, report: dict, machine_note: str = "") -> list[str]:
     """A section's first lines: its title, then the command and the machine that produced the report."""
     return [f"## {title}", "", f"Command: `{report['command']}`  ",

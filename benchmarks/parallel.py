@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from benchmarks import harness
-from benchmarks.harness import RESULTS_DIR, RESULTS_MD
 from benchmarks.measure import median
 from benchmarks.models import make_checkpoint
 
@@ -140,8 +139,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--json-out", default=str(RESULTS_DIR / "parallel.json"))
-    p.add_argument("--results-md", default=str(RESULTS_MD))
+    harness.output_arguments(p, "parallel.json")
     args = p.parse_args(argv)
 
     report = {**harness.report_head("parallel"), "steps": args.steps, "batch": args.batch, "seq": args.seq}
@@ -151,10 +149,7 @@ def main(argv=None) -> None:
         one_thread = {"OMP_NUM_THREADS": "1"}
         report["single"] = harness.run_worker(single_worker, dict(spec, label="one process"), env=one_thread)
         report["dist"] = harness.run_worker(dist_worker, dict(spec, label="2 ranks"), nproc=2, env=one_thread)
-    harness.write_json(args.json_out, report)
-    body = render(report)
-    harness.write_section(SECTION, body, args.results_md)
-    print(body)
+    harness.publish(report, SECTION, render(report), args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import statistics
 import time
 
 from benchmarks import harness
-from benchmarks.harness import RESULTS_DIR, RESULTS_MD
+from benchmarks.harness import RESULTS_DIR
 
 SECTION = "pipeline"
 RANKS = 4
@@ -204,8 +204,7 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--json-out", default=str(RESULTS_DIR / "pipeline.json"))
-    p.add_argument("--results-md", default=str(RESULTS_MD))
+    harness.output_arguments(p, "pipeline.json")
     args = p.parse_args(argv)
     spec = {"steps": args.steps, "layers": args.layers, "hidden": args.hidden, "seq": args.seq, "batch": args.batch}
     report = {**harness.report_head("pipeline"), "spec": spec}
@@ -213,10 +212,7 @@ def main(argv=None) -> None:
     report["results"] = {name: analyse(name, ranks_steps, RANKS) for name, ranks_steps in raw["schedules"].items()}
     for name, ranks_steps in raw["schedules"].items():
         timeline(name, ranks_steps, RESULTS_DIR / f"pipeline_timeline_{name}.png")
-    harness.write_json(args.json_out, report)
-    body = render(report)
-    harness.write_section(SECTION, body, args.results_md)
-    print(body)
+    harness.publish(report, SECTION, render(report), args)
 
 
 if __name__ == "__main__":
