@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .parallel import is_sharded
 from .recompute import recompute, recompute_active
 
 
@@ -54,9 +55,10 @@ class DeepseekMLP(nn.Module):
         if recompute_active(self.config, "recompute_swiglu"):
             # An FP8 training down projection (quant/fp8_training_modules.py) keeps gate and up in e4m3 instead. Looked
             # up on the class: an adapter wrapping it (peft forwards unknown attributes to the base layer) must not
-            # be bypassed.
+            # be bypassed. Nor may a tensor-parallel one: the engine's wrapper around its forward lays out its input
+            # and output, so a sharded down projection is recomputed through its own call (inputs kept as they are).
             packed = getattr(type(self.down_proj), "recompute_swiglu_into", None)
-            if packed is not None:
+            if packed is not None and not is_sharded(self.down_proj.weight):
                 return packed(self.down_proj, gate, up, self.act_fn)
             return recompute(self.swiglu_down, gate, up)
         return self.swiglu_down(gate, up)

@@ -91,27 +91,32 @@ def fp8_gemm_sites(model) -> dict:
 _UNPATCHED = {}
 
 
-def count_fp8_calls(stop: bool = False) -> Counter:
+def count_fp8_calls(model=None, stop: bool = False) -> Counter:
     """Count the FP8 GEMMs that run on local shards (`sharded_linear`) and the experts' grouped FP8 GEMMs, to
-    check that the engine's wrappers reach the FP8 forwards (a wrapper calling the old forward would skip them)."""
+    check that the engine's wrappers reach the FP8 forwards (a wrapper calling the old forward would skip them).
+    Only the calls of the model's forward count: the memory options run some of them again in backward."""
     from quant import fp8_training_modules as mod
 
     if stop:
+        for hook in _UNPATCHED.pop("hooks", ()):
+            hook.remove()
         for name, value in _UNPATCHED.items():
             setattr(mod, name, value)
         return Counter()
-    calls = Counter()
+    calls, in_forward = Counter(), [False]
+    _UNPATCHED["hooks"] = (model.register_forward_pre_hook(lambda *_: in_forward.__setitem__(0, True)),
+                           model.register_forward_hook(lambda *_: in_forward.__setitem__(0, False)))
     _UNPATCHED.update(sharded_linear=mod.sharded_linear, _FP8GroupedMM=mod._FP8GroupedMM)
     sharded, grouped = mod.sharded_linear, mod._FP8GroupedMM
 
     def counted_sharded(*args, **kwargs):
-        calls["sharded_linear"] += 1
+        calls["sharded_linear"] += in_forward[0]
         return sharded(*args, **kwargs)
 
     class CountedGrouped(grouped):
         @classmethod
         def apply(cls, *args, **kwargs):
-            calls["grouped"] += 1
+            calls["grouped"] += in_forward[0]
             return grouped.apply(*args, **kwargs)
 
     mod.sharded_linear, mod._FP8GroupedMM = counted_sharded, CountedGrouped
@@ -199,7 +204,7 @@ def run_layout(layout: str, ckpt: str, out: Path) -> dict:
             convert_to_fp8_training(model)
             rec["fp8_converted"] = len(model.fp8_training_report.converted)
             rec.update(fp8_gemm_sites(model))
-            calls = count_fp8_calls()
+            calls = count_fp8_calls(model)
         dp_rank = torch.distributed.get_rank() if dp_size > 1 else 0
         half = STEPS // 2 if "resume" in flags else None
         rec["losses"] = train_loop(model, adamw(model), dp_rank, dp_size, range(STEPS), half, out / "checkpoint",
