@@ -45,7 +45,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleD
                                           ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
 
 from modeling_deepseek.balancing import set_balancing_group
-from modeling_deepseek.objective import IGNORE_INDEX, shifted_labels, training_objective
+from modeling_deepseek.objective import IGNORE_INDEX, head_cross_entropy, shifted_labels, training_objective
 from modeling_deepseek.pipeline_stages import DeepseekPipelineStage, prune_to_stages, stage_layer_ranges
 
 from .compat import is_compiled_module
@@ -186,13 +186,19 @@ class PipelineRunner:
     def _micro_batch_loss(self, output, target_B2T):
         input_ids_BT, labels_BT = target_B2T.unbind(1)
         last, lm = self.last, self.lm
-        h_BTD, embeds_BTD = output if isinstance(output, tuple) else (output, None)
+        # Copies, not the stage's outputs themselves: torch detaches those in place once the input gradients are out,
+        # while a recomputed region here (the MTP modules' norms under recompute_norms) still needs them for the
+        # weight gradients that ZBV / DualPipeV run later.
+        h_BTD, embeds_BTD = (t.clone() if t is not None else None
+                             for t in (output if isinstance(output, tuple) else (output, None)))
         if embeds_BTD is None and lm.config.num_nextn_predict_layers:
             embeds_BTD = last.embed_tokens(input_ids_BT)
         fraction = (labels_BT != IGNORE_INDEX).sum() / self._scored_total
         weight = lm.config.mtp_loss_weight if lm.scheduled_mtp_loss_weight is None else lm.scheduled_mtp_loss_weight
-        objective = training_objective(_HeadView(lm), h_BTD, embeds_BTD, labels_BT, mtp_loss_weight=weight,
-                                       logits_BTV=last.lm_head(h_BTD), fraction=fraction)
+        head = _HeadView(lm)
+        _, main_ce = head_cross_entropy(head, h_BTD, labels_BT)  # chunked when the memory option says so
+        objective = training_objective(head, h_BTD, embeds_BTD, labels_BT, mtp_loss_weight=weight, main_ce=main_ce,
+                                       fraction=fraction)
         loss = objective.loss
         self._main.append(objective.main_loss.detach())
         if objective.mtp_loss is not None:
