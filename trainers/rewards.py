@@ -40,6 +40,7 @@ import collections
 import fractions
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -432,6 +433,8 @@ class ArithmeticParseError(ValueError):
 _ARITH_TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|([-+*/()]))")
 MAX_EXPRESSION_CHARS = 200  # a Countdown answer is short; longer text is not parsed (bounds time and recursion)
 MAX_NESTING = 16
+LEVELS = (("+", "-"), ("*", "/"))  # by precedence, lowest first
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
 def parse_arithmetic(text: str) -> tuple[fractions.Fraction, list[int]]:
@@ -470,36 +473,28 @@ def parse_arithmetic(text: str) -> tuple[fractions.Fraction, list[int]]:
             if depth >= MAX_NESTING:
                 raise ArithmeticParseError(f"parentheses nested deeper than {MAX_NESTING}")
             i += 1
-            value = expression(depth + 1)
+            value = binary(0, depth + 1)
             if peek() != ")":
                 raise ArithmeticParseError("unbalanced parentheses")
             i += 1
             return value
         raise ArithmeticParseError(f"expected a number or '(', got {tok!r}")
 
-    def term(depth):
+    def binary(level, depth):
+        """Operands of the next level joined by this level's operators, left to right (level 0: + -, 1: * /)."""
         nonlocal i
-        value = factor(depth)
-        while peek() in ("*", "/"):
+        operand = (lambda: binary(level + 1, depth)) if level + 1 < len(LEVELS) else (lambda: factor(depth))
+        value = operand()
+        while peek() in LEVELS[level]:
             op = tokens[i]
             i += 1
-            right = factor(depth)
+            right = operand()
             if op == "/" and right == 0:
                 raise ArithmeticParseError("division by zero")
-            value = value * right if op == "*" else value / right
+            value = OPERATIONS[op](value, right)
         return value
 
-    def expression(depth):
-        nonlocal i
-        value = term(depth)
-        while peek() in ("+", "-"):
-            op = tokens[i]
-            i += 1
-            right = term(depth)
-            value = value + right if op == "+" else value - right
-        return value
-
-    value = expression(0)
+    value = binary(0, 0)
     if i != len(tokens):
         raise ArithmeticParseError(f"unexpected {tokens[i]!r} after a complete expression")
     return value, literals
