@@ -140,3 +140,20 @@ def test_student_loads_with_plain_transformers(run):
     accuracy = sum(r == 1.0 for r in countdown_reward(got["completions"], numbers, targets)) / len(questions)
     distill = next(s for s in stages if s["stage"] == "distill")
     assert abs(accuracy - distill["heldout_greedy_accuracy"]) <= 1 / len(questions) + 1e-9
+
+
+def test_a_collapsed_stage_is_flagged_with_its_likely_cause():
+    """The rule of the warning: more than COLLAPSE_POINTS and COLLAPSE_SE standard errors below the reference; an SFT
+    stage whose training loss ended high is named as under-trained (the arithmetic task's SFT collapse)."""
+    ref = {"heldout_pass@1": 0.912, "heldout_pass@1_se": 0.02}
+    collapsed = {"heldout_pass@1": 0.138, "heldout_pass@1_se": 0.02, "final_train_loss": 0.09}
+    pipeline.compare(collapsed, ref, "grpo")
+    assert "far below grpo" in collapsed["warning"] and "under-trained" in collapsed["warning"]
+    assert collapsed["pass@1_change"] == pytest.approx(0.138 - 0.912)
+    converged = {"heldout_pass@1": 0.138, "heldout_pass@1_se": 0.02, "final_train_loss": 0.01}
+    pipeline.compare(converged, ref, "grpo")
+    assert "far below" in converged["warning"] and "under-trained" not in converged["warning"]
+    for noise in ({"heldout_pass@1": 0.87, "heldout_pass@1_se": 0.02},   # 4 points: within the noise
+                  {"heldout_pass@1": 0.80, "heldout_pass@1_se": 0.1}):   # 11 points, about one standard error
+        pipeline.compare(noise, ref, "grpo")
+        assert "warning" not in noise
