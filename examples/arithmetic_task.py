@@ -134,14 +134,16 @@ def sft(model, tokenizer, steps: int, make_row, seed: int, batch_size: int = 32,
 
 
 def pretrain_facts(model, tokenizer, steps: int, seed: int, cycle: int = 100, log=print,
-                   max_first: int = 9) -> list[float]:
+                   max_first: int = 9, line=None) -> list[float]:
     """The "base model": addition facts, no R1 format, in warm-restart cycles of `cycle` steps (each warms up to
-    6e-3 and decays; one long schedule at this size learns the table more slowly)."""
+    6e-3 and decays; one long schedule at this size learns the table more slowly). `line(rng)` -> text replaces
+    the addition facts (another task's)."""
     eos = [tokenizer.eos_token_id]
+    line = line or (lambda rng: fact_line(rng, max_first=max_first))
     losses = []
     for c in range(-(-steps // cycle)):
         n = min(cycle, steps - c * cycle)
-        row = lambda rng: ([], tokenizer(fact_line(rng, max_first=max_first))["input_ids"] + eos)  # noqa: E731
+        row = lambda rng: ([], tokenizer(line(rng))["input_ids"] + eos)  # noqa: E731
         losses += sft(model, tokenizer, n, row, seed + c, lr=6e-3, log=log, name=f"facts cycle {c + 1}")
     return losses
 
@@ -193,8 +195,9 @@ def save_figure(fig, path) -> None:
 
 def grpo_setup(problems: list[dict], epochs: int, seed: int, output_dir: str, steps: int, lr: float,
                prompts_per_step: int, num_generations: int, max_completion_length: int, temperature: float,
-               logging_steps: int, **options):
-    """GRPO's training prompts (`epochs` shuffled copies of the problems, R1 prompts with a `solution` column) and
+               logging_steps: int, columns: tuple = (), **options):
+    """GRPO's training prompts (`epochs` shuffled copies of the problems, R1 prompts with a `solution` column, and
+    the problems' `columns` for the rewards) and
     its config for this task on CPU: constant learning rate, no KL term (beta 0, as DAPO / Dr. GRPO), no top-k/top-p
     truncation of the rollouts, no checkpoints; `options` go to the config as they are (e.g. use_mtp)."""
     import datasets
@@ -202,14 +205,14 @@ def grpo_setup(problems: list[dict], epochs: int, seed: int, output_dir: str, st
     from trainers.grpo import GRPOConfig
     from trainers.prompts import make_r1_prompts
 
-    rows = [{"question": p["question"], "answer": p["answer"]} for p in problems] * epochs
+    rows = [{k: p[k] for k in ("question", "answer", *columns)} for p in problems] * epochs
     random.Random(seed).shuffle(rows)
     train = make_r1_prompts(datasets.Dataset.from_list(rows), system_prompt="", template=TEMPLATE)
     config = GRPOConfig(
         output_dir=output_dir, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=prompts_per_step * num_generations,
         num_generations=num_generations, max_completion_length=max_completion_length, temperature=temperature,
-        top_k=0, top_p=1.0, beta=0.0, logging_steps=logging_steps, save_strategy="no", report_to=[], bf16=False,
+        top_k=0, top_p=1.0, beta=options.pop("beta", 0.0), logging_steps=logging_steps, save_strategy="no", report_to=[], bf16=False,
         activation_checkpointing=False, seed=seed, data_seed=seed, use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=False, **options)
     return train, config

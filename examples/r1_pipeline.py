@@ -1,30 +1,38 @@
 #!/usr/bin/env python
-"""The DeepSeek-R1 recipe end to end on CPU, each stage measured on the same held-out problems.
+"""The DeepSeek-R1 recipe end to end on CPU, on Countdown, each stage measured on the same held-out problems.
 
     python examples/r1_pipeline.py --output runs/r1_pipeline          # the full run (make r1-demo)
     python examples/r1_pipeline.py --output runs/r1_smoke --smoke     # every stage on a tiny budget
 
-The task (examples/arithmetic_task.py): sums of three digits, "User: 7+5+3 Assistant:", a two-step problem whose
-worked-out trace is "<think>7+5=12 12+3=15</think> <answer>15</answer>". All 729 sums, split once: the held-out ones
-are never trained on by any stage. The "base model" (the stand-in for DeepSeek-V3-Base) is a small DeepSeek (MLA, MoE,
-MTP) pre-trained on addition facts ("12+3=15 7+5=12 ...") with no R1 format. Then R1's stages, in order:
+The task (examples/countdown_task.py): three numbers and a target, "User: 5 7 3 to 38 Assistant:"; the answer an
+expression that uses each number once, "<think>5*7=35 35+3=38</think> <answer>5*7+3</answer>". The held-out problems
+(numbers as a multiset and target) are never trained on by any stage. The "base model" (the stand-in for
+DeepSeek-V3-Base) is a small DeepSeek (MLA, MoE, MTP) pre-trained on computation steps ("3*4=12 12-5=7 ...") with no
+problem, target or R1 format. Then R1's stages, in order:
 
-1. cold_start_sft: trainers.DeepseekSFTTrainer (TRL's SFTTrainer with the model's full loss) on a small set of worked,
-   well-formatted traces of training problems;
-2. grpo: trainers.GRPOTrainer with the rule-based accuracy + format rewards (trainers.rewards), on training problems;
-3. rejection_sampling: trainers.rejection_sample draws N completions per training problem from the RL policy
-   (batched generate, absorbed MLA), keeps those that both rewards pass, deduplicated; the held-out figures of this
-   stage are those of the policy it sampled from (the stage makes data, not a model);
-4. sft: as in R1, the *base* model fine-tuned on the kept samples (DeepseekSFTTrainer);
-5. distill: a dense transformers LlamaForCausalLM built in code (same tokenizer), pre-trained on the same facts,
-   then trained by trl.SFTTrainer on the kept samples (R1 distils into Qwen / Llama by SFT only); optionally followed
-   by `--on-policy-steps` of TRL's on-policy distillation (trl.DistillationTrainer) from the stage-4 model.
+1. cold_start_sft: trainers.DeepseekSFTTrainer on a few worked traces (one valid solution each, no search shown);
+2. grpo: trainers.GRPOTrainer with trainers.rewards.countdown_reward (TinyZero's shaping: 1.0 / 0.1 / 0), DAPO's
+   dynamic sampling (`--dynamic-sampling`), on training problems;
+3. rejection_sampling: trainers.rejection_sample draws N completions per training problem from the RL policy and
+   keeps the correct ones, deduplicated; its held-out figures are those of the policy it sampled from;
+4. sft: as in R1, the *base* model fine-tuned on the kept samples;
+5. distill: a dense transformers LlamaForCausalLM (same tokenizer), pre-trained on the same steps, then trained by
+   trl.SFTTrainer on the kept samples (R1 distils by SFT only); optionally `--on-policy-steps` of TRL's on-policy
+   distillation from the stage-4 model.
 
-Each stage: held-out pass@1 (mean accuracy over --eval-samples samples per problem at temperature 0.6, R1's setting),
-greedy accuracy, format rate and mean completion length. Writes OUTPUT/stages.json (one object per stage),
-OUTPUT/rejection_sampled (datasets.save_to_disk: prompt, completion, solution, ...; every row correct),
-OUTPUT/student (the dense model and tokenizer: plain transformers loads them), OUTPUT/r1_stages.png and
-OUTPUT/run.json (command, machine, timings, arguments, the base model's figures). Fixed seeds; one command.
+And two controls with stage 2's budget and settings: grpo_random_reward (from the cold start, the reward's values
+handed out in a random order within each batch: the same mean, no information; trainers.rewards.random_reward_control)
+and r1_zero (GRPO from the base model, no cold start).
+
+Every model: held-out pass@1 and pass@8 (the unbiased estimator over --eval-samples samples per problem at T=0.6,
+R1's setting; trainers.pass_at_k), greedy accuracy, format rate and completion length, each with its standard error
+over problems. A stage whose pass@1 ends far below the model it started from (or, for sft and distill, the policy
+whose samples they learned) is flagged in the output and in stages.json ("warning"). Writes OUTPUT/stages.json (one
+object per stage and control), OUTPUT/grpo_logs.json (TRL's per-step logs of the three GRPO runs: reward,
+frac_reward_zero_std, ...), OUTPUT/rejection_sampled (datasets.save_to_disk), OUTPUT/student (plain transformers
+loads it), OUTPUT/r1_stages.png and OUTPUT/run.json (command, machine, timings, arguments, the base model's figures).
+Seeded throughout (data, sampling, training, evaluation): the same command on the same machine and releases gives
+the same figures.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -47,13 +56,22 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from examples.arithmetic_task import (  # noqa: E402
-    EVAL_TEMPERATURE, build_model, build_tokenizer, evaluate, grpo_setup, pretrain_facts, prompt_text,
-    reasoning_trace, save_figure, split_questions)
+    EVAL_TEMPERATURE, build_model, build_tokenizer, grpo_setup, pretrain_facts, save_figure)
+from examples.countdown_task import fact_line, prompt_text, split_problems, trace_rows  # noqa: E402
 
 STAGES = ("cold_start_sft", "grpo", "rejection_sampling", "sft", "distill")
-SMOKE = dict(n_terms=2, held_out=8, facts_steps=80, cold_start_examples=48, cold_start_steps=80, grpo_steps=2,
-             prompts_per_step=4, num_generations=4, rs_prompts=0, rs_samples=4, sft_steps=20, student_facts_steps=30,
-             student_sft_steps=20, eval_samples=2, on_policy_steps=2)
+CONTROLS = ("grpo_random_reward", "r1_zero")
+FIGURES = ("pass@1", "pass@8", "greedy_accuracy", "format_rate", "completion_tokens")
+SMOKE = dict(held_out=12, facts_steps=60, cold_start_examples=32, cold_start_steps=100, grpo_steps=2,
+             prompts_per_step=4, num_generations=4, rs_prompts=48, rs_samples=4, sft_steps=20,
+             student_facts_steps=20, student_sft_steps=20, eval_samples=8, on_policy_steps=2)
+# A stage is flagged when its pass@1 is below its reference by more than this many points and this many standard
+# errors of the difference: a real drop, not the noise of a few hundred problems.
+COLLAPSE_POINTS, COLLAPSE_SE = 0.05, 3.0
+# An SFT stage whose training loss ends above this has not learned its data (benchmarks/RESULTS.md: on the arithmetic
+# task, SFT runs that ended at 0.03-0.04 reached 90-94% held-out, those at 0.09-0.2 46-65%, and the same seeds
+# trained 1000 steps instead of 400 ended at 0.001 and 98%): the likely cause named in a flagged stage's warning.
+UNDERTRAINED_LOSS = 0.05
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,12 +90,6 @@ def build_student(tokenizer, seed: int, hidden: int = 96, layers: int = 3):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def trace_rows(problems: list[dict]) -> list[dict]:
-    """Prompt / completion / solution rows of worked, well-formatted traces (TRL's prompt-completion format)."""
-    return [{"prompt": prompt_text(p["question"]), "completion": reasoning_trace(p["digits"]),
-             "solution": p["answer"]} for p in problems]
 
 
 def sft_config(out_dir: Path, name: str, steps: int, lr: float, seed: int, batch_size: int = 32):
@@ -107,19 +119,22 @@ def train_sft(model, tokenizer, rows, out_dir: Path, name: str, steps: int, lr: 
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def run_grpo(model, tokenizer, train_problems, args, out_dir: Path):
+def run_grpo(model, tokenizer, train_problems, args, out_dir: Path, name: str, reward) -> list[dict]:
+    """GRPO with `reward` on the training problems (rows carry `numbers` and `target` for the reward); TRL's logs
+    at every step (reward, frac_reward_zero_std, dynamic_sampling/kept_groups, completion length, ...)."""
     from trainers.grpo import GRPOTrainer
-    from trainers.rewards import accuracy_reward, format_reward
 
     epochs = max(1, -(-args.grpo_steps * args.prompts_per_step // len(train_problems)))  # enough for the steps
-    train, config = grpo_setup(train_problems, epochs, args.seed, str(out_dir / "grpo"), args.grpo_steps,
+    options = dict(loss_type=args.loss_type, scale_rewards=args.scale_rewards, beta=args.kl_beta,
+                   epsilon_high=args.epsilon_high, dynamic_sampling=args.dynamic_sampling)
+    train, config = grpo_setup(train_problems, epochs, args.seed, str(out_dir / name), args.grpo_steps,
                                args.grpo_lr, args.prompts_per_step, args.num_generations,
-                               args.max_completion_length, temperature=args.grpo_temperature,
-                               logging_steps=max(1, args.grpo_steps // 15))
-    trainer = GRPOTrainer(model, reward_funcs=[accuracy_reward, format_reward], args=config, train_dataset=train,
-                          processing_class=tokenizer)
+                               args.max_completion_length, temperature=args.grpo_temperature, logging_steps=1,
+                               columns=("numbers", "target"), **options)
+    trainer = GRPOTrainer(model, reward_funcs=[reward], args=config, train_dataset=train, processing_class=tokenizer)
     trainer.train()
-    return [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in trainer.state.log_history]
+    return [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in trainer.state.log_history
+            if "reward" in h]
 
 
 def run_on_policy_distillation(student, teacher, tokenizer, train_problems, args, out_dir: Path):
@@ -127,7 +142,7 @@ def run_on_policy_distillation(student, teacher, tokenizer, train_problems, args
     import datasets
     from trl import DistillationConfig, DistillationTrainer
 
-    prompts = datasets.Dataset.from_list([{"prompt": prompt_text(p["question"])} for p in train_problems])
+    prompts = datasets.Dataset.from_list([{"prompt": prompt_text(p["numbers"], p["target"])} for p in train_problems])
     config = DistillationConfig(
         output_dir=str(out_dir / "on_policy"), max_steps=args.on_policy_steps, learning_rate=args.on_policy_lr,
         per_device_train_batch_size=16, max_completion_length=args.max_completion_length, temperature=1.0,
@@ -142,68 +157,120 @@ def run_on_policy_distillation(student, teacher, tokenizer, train_problems, args
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Measurement and output
-def heldout_figures(model, tokenizer, held_out, samples: int, max_new_tokens: int) -> dict:
-    m = evaluate(model, tokenizer, held_out, samples, max_new_tokens=max_new_tokens)
-    return {"heldout_pass@1": m["sampled_accuracy"], "heldout_greedy_accuracy": m["greedy_accuracy"],
-            "heldout_format_rate": m["sampled_format"], "heldout_mean_completion_tokens": m["sampled_length"],
-            "heldout_worked_out_share": m["sampled_worked_share"], "heldout_example": m["sampled_example"]}
+def measure(model, tokenizer, held_out: list[dict], args) -> dict:
+    """Held-out figures (trainers.pass_at_k): heldout_<figure> and heldout_<figure>_se for pass@1, pass@8, greedy
+    accuracy, format rate and completion tokens, and one sampled completion."""
+    from trainers.pass_at_k import heldout_figures
+    from trainers.rewards import countdown_reward, format_reward
+
+    def correct(texts, owners):
+        return [r == countdown_reward.correct for r in countdown_reward(
+            texts, [held_out[i]["numbers"] for i in owners], [held_out[i]["target"] for i in owners])]
+
+    figures = heldout_figures(model, tokenizer, [prompt_text(p["numbers"], p["target"]) for p in held_out], correct,
+                              lambda texts: [f == 1.0 for f in format_reward(texts)], n=args.eval_samples,
+                              ks=sorted({1, min(8, args.eval_samples)}), max_new_tokens=args.max_completion_length,
+                              temperature=EVAL_TEMPERATURE, seed=args.seed + 1234)
+    out = {}
+    for name in FIGURES:
+        if name in figures:
+            out[f"heldout_{name}"], out[f"heldout_{name}_se"] = figures[name]
+    out["heldout_example"] = figures["example"]
+    return out
 
 
-def plot(stages: list[dict], base: dict, path: Path, title: str) -> None:
+def compare(entry: dict, reference: dict, reference_name: str) -> None:
+    """Adds the change of pass@1 from `reference` (with the standard error of the difference) and, when it is a
+    drop of more than COLLAPSE_POINTS and COLLAPSE_SE standard errors, a warning."""
+    delta = entry["heldout_pass@1"] - reference["heldout_pass@1"]
+    se = math.hypot(entry["heldout_pass@1_se"], reference["heldout_pass@1_se"])
+    entry["compared_with"] = reference_name
+    entry["pass@1_change"], entry["pass@1_change_se"] = delta, se
+    if delta < -COLLAPSE_POINTS and delta < -COLLAPSE_SE * se:
+        entry["warning"] = (f"held-out pass@1 {entry['heldout_pass@1']:.1%} is far below {reference_name}'s "
+                            f"{reference['heldout_pass@1']:.1%} ({delta:+.1%}, {abs(delta) / max(se, 1e-12):.1f} "
+                            f"standard errors)")
+        loss = entry.get("final_train_loss")
+        if loss is not None and loss > UNDERTRAINED_LOSS:
+            entry["warning"] += (f"; its training loss ended at {loss:.3f}: under-trained, not converged (more "
+                                 f"steps; on the arithmetic task this was the cause of the SFT collapse)")
+
+
+def plot(stages: list[dict], base: dict, grpo_logs: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [s["stage"] for s in stages]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    x = range(len(stages))
-    bars = ax.bar([i - 0.2 for i in x], [s["heldout_pass@1"] for s in stages], width=0.4,
-                  label=f"pass@1 (T={EVAL_TEMPERATURE})", color="tab:blue")
-    ax.bar([i + 0.2 for i in x], [s["heldout_format_rate"] for s in stages], width=0.4, label="format rate",
-           color="tab:orange", alpha=0.6)
-    for b, s in zip(bars, stages):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.01, f"{s['heldout_pass@1']:.0%}", ha="center",
-                fontsize=9)
-    ax.axhline(base["heldout_pass@1"], color="grey", ls=":", lw=1, label="base model pass@1")
-    ax.set_xticks(list(x), [n.replace("_", "\n") for n in names])
-    ax.set_ylim(0, 1.22)
-    ax.set_ylabel("held-out")
-    ax.set_title(title)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    entries = [{"stage": "base", **base}] + stages
+    x = range(len(entries))
+    for offset, key, label, color in ((-0.27, "pass@1", f"pass@1 (T={EVAL_TEMPERATURE})", "tab:blue"),
+                                      (0.0, "pass@8", "pass@8", "tab:green"),
+                                      (0.27, "format_rate", "format rate", "tab:orange")):
+        if f"heldout_{key}" not in entries[0]:
+            continue
+        values = [e[f"heldout_{key}"] for e in entries]
+        bars = ax.bar([i + offset for i in x], values, width=0.27, yerr=[e[f"heldout_{key}_se"] for e in entries],
+                      label=label, color=color, alpha=0.85 if key != "format_rate" else 0.45, capsize=2)
+        if key == "pass@1":
+            for b, v in zip(bars, values):
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.03, f"{v:.0%}", ha="center", fontsize=8)
+    ax.set_xticks(list(x), [e["stage"].replace("_", "\n") for e in entries], fontsize=8)
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("held-out (error bars: 1 standard error)")
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", fontsize=8, ncol=3)
     ax.grid(axis="y", alpha=0.3)
+    for name, logs in grpo_logs.items():
+        steps = [h["step"] for h in logs]
+        line, = ax2.plot(steps, [h["reward"] for h in logs], label=f"{name}: reward", lw=1)
+        ax2.plot(steps, [h["frac_reward_zero_std"] for h in logs], ls=":", color=line.get_color(),
+                 label=f"{name}: frac_reward_zero_std", lw=1)
+    ax2.set_xlabel("GRPO step")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_title("GRPO: mean reward and share of groups with one reward", fontsize=10)
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
     save_figure(fig, path)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True)
-    p.add_argument("--smoke", action="store_true", help="every stage on a tiny budget (sums of two digits)")
+    p.add_argument("--smoke", action="store_true", help="every stage on a tiny budget")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-terms", type=int, default=3, help="digits per sum (3: two-step problems)")
-    p.add_argument("--held-out", type=int, default=60, help="held-out sums, never trained on by any stage")
-    p.add_argument("--facts-steps", type=int, default=600, help="base model: steps on plain addition facts")
-    p.add_argument("--cold-start-examples", type=int, default=512, help="worked traces in the cold-start set")
-    p.add_argument("--cold-start-steps", type=int, default=400)
+    p.add_argument("--ops", default="+-", help="operations of the problems ('+-*' adds products, '+-*/' exact "
+                   "division; at this model size '+-*' leaves the cold start near 0%%: benchmarks/RESULTS.md)")
+    p.add_argument("--held-out", type=int, default=300, help="held-out problems, never trained on by any stage")
+    p.add_argument("--facts-steps", type=int, default=600, help="base model: steps on computation steps")
+    p.add_argument("--cold-start-examples", type=int, default=1024, help="worked traces in the cold-start set")
+    p.add_argument("--cold-start-steps", type=int, default=300)
     p.add_argument("--cold-start-lr", type=float, default=3e-3)
-    p.add_argument("--grpo-steps", type=int, default=200)
+    p.add_argument("--grpo-steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--grpo-lr", type=float, default=2e-4)
-    p.add_argument("--grpo-temperature", type=float, default=0.7,
-                   help="rollout temperature (R1: 1.0; this small model's samples at 1.0 are mostly noise)")
-    p.add_argument("--max-completion-length", type=int, default=40)
-    p.add_argument("--rs-prompts", type=int, default=0, help="training problems to sample from (0: all)")
+    p.add_argument("--grpo-lr", type=float, default=1e-4)
+    p.add_argument("--grpo-temperature", type=float, default=1.0, help="rollout temperature (R1: 1.0)")
+    p.add_argument("--loss-type", default="dapo", help="TRL's GRPO loss type")
+    p.add_argument("--scale-rewards", default="group", choices=("group", "batch", "none"))
+    p.add_argument("--kl-beta", type=float, default=0.0, help="KL coefficient (TRL's beta)")
+    p.add_argument("--epsilon-high", type=float, default=0.28, help="clip-higher (DAPO); None-like: --epsilon-high 0.2")
+    p.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=True,
+                   help="DAPO's dynamic sampling: only groups with a reward spread reach the loss")
+    p.add_argument("--max-completion-length", type=int, default=36)
+    p.add_argument("--rs-prompts", type=int, default=2000, help="training problems to sample from (0: all)")
     p.add_argument("--rs-samples", type=int, default=8, help="completions per problem")
     p.add_argument("--rs-temperature", type=float, default=EVAL_TEMPERATURE)
-    p.add_argument("--sft-steps", type=int, default=400, help="stage 4: base model SFT on the kept samples")
-    p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--student-facts-steps", type=int, default=400, help="the dense student's own facts pre-training")
-    p.add_argument("--student-sft-steps", type=int, default=400)
+    p.add_argument("--sft-steps", type=int, default=300, help="stage 4: base model SFT on the kept samples")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="stages 4 and 5")
+    p.add_argument("--student-facts-steps", type=int, default=400, help="the dense student's own pre-training")
+    p.add_argument("--student-sft-steps", type=int, default=300)
     p.add_argument("--on-policy-steps", type=int, default=0,
                    help="steps of TRL's on-policy distillation after the student's SFT (0: SFT only, as R1)")
     p.add_argument("--on-policy-lr", type=float, default=1e-4)
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem for pass@1")
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out problem (pass@1, pass@8)")
+    p.add_argument("--no-controls", action="store_true", help="skip the random-reward and R1-Zero runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny matmuls run fastest)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -212,7 +279,7 @@ def parse_args(argv=None):
             if k not in explicit:
                 setattr(args, k, v)
     for name in ("facts_steps", "cold_start_steps", "grpo_steps", "sft_steps", "student_facts_steps",
-                 "student_sft_steps", "rs_samples", "eval_samples", "cold_start_examples", "n_terms"):
+                 "student_sft_steps", "rs_samples", "eval_samples", "cold_start_examples", "held_out"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     return args
@@ -229,65 +296,77 @@ def main(argv=None) -> list[dict]:
     def log(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
+    import datasets
     from transformers import set_seed
 
     from trainers.rejection_sampling import rejection_sample
-    from trainers.rewards import accuracy_reward, format_reward
+    from trainers.rewards import countdown_reward, random_reward_control
 
     set_seed(args.seed)
     tokenizer = build_tokenizer()
-    held_out, train_problems = split_questions(args.held_out, seed=10_000 + args.seed, n_terms=args.n_terms)
-    max_first = 9 * (args.n_terms - 1)  # the running sum before the last step
-    measure = lambda model: heldout_figures(model, tokenizer, held_out, args.eval_samples,  # noqa: E731
-                                            args.max_completion_length)
-    stages, timings = [], {}
+    held_out, train_problems = split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops)
+    facts = lambda rng: fact_line(rng, ops=args.ops)  # noqa: E731
+    stages, timings, grpo_logs = [], {}, {}
+    by_name = {}
 
-    def finish(stage: str, model, started: float, **extra) -> dict:
-        figures = extra.pop("figures", None) or measure(model)
+    def finish(stage: str, model, started: float, reference: str | None = None, **extra) -> dict:
+        figures = extra.pop("figures", None) or measure(model, tokenizer, held_out, args)
         timings[stage] = round(time.time() - started, 1)
         entry = {"stage": stage, **figures, "seconds": timings[stage], **extra}
+        if reference is not None:
+            compare(entry, by_name[reference], reference)
         stages.append(entry)
-        log(f"{stage}: held-out pass@1 {entry['heldout_pass@1']:.1%}, greedy {entry['heldout_greedy_accuracy']:.1%}, "
-            f"format {entry['heldout_format_rate']:.1%}, {entry['heldout_mean_completion_tokens']:.1f} tokens "
-            f"({timings[stage]:.0f}s); e.g. {entry['heldout_example']!r}")
+        by_name[stage] = entry
+        p8 = f", pass@8 {entry['heldout_pass@8']:.1%}" if "heldout_pass@8" in entry else ""
+        log(f"{stage}: held-out pass@1 {entry['heldout_pass@1']:.1%} +- {entry['heldout_pass@1_se']:.1%}{p8}, "
+            f"greedy {entry['heldout_greedy_accuracy']:.1%}, format {entry['heldout_format_rate']:.1%}, "
+            f"{entry['heldout_completion_tokens']:.1f} tokens ({timings[stage]:.0f}s); "
+            f"e.g. {entry['heldout_example']!r}")
+        if "warning" in entry:
+            log(f"WARNING {stage}: {entry['warning']}")
         return entry
 
-    # The base model: addition facts only.
+    # The base model: computation steps only.
     started = time.time()
     model = build_model(tokenizer, seed=args.seed)
-    log(f"task: sums of {args.n_terms} digits, {len(held_out)} held out, {len(train_problems)} for training; base "
-        f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.facts_steps} steps of facts")
-    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, max_first=max_first)
+    log(f"task: Countdown, 3 numbers from 1 to 9, operations {args.ops!r}; {len(held_out)} problems held out, "
+        f"{len(train_problems)} for training; base model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, {args.facts_steps} steps of computation steps")
+    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=facts)
     base_state = copy.deepcopy(model.state_dict())
-    base = measure(model)
+    base = measure(model, tokenizer, held_out, args)
+    by_name["base"] = base
     timings["base"] = round(time.time() - started, 1)
     log(f"base model: held-out pass@1 {base['heldout_pass@1']:.1%}, format {base['heldout_format_rate']:.1%}")
 
-    # 1. Cold start: a small set of worked, well-formatted traces.
-    started = time.time()
-    cold_set = random.Random(args.seed + 3).sample(train_problems, min(args.cold_start_examples, len(train_problems)))
-    train_sft(model, tokenizer, trace_rows(cold_set), out_dir / "trainer", "cold_start_sft", args.cold_start_steps,
-              args.cold_start_lr, args.seed)
-    finish("cold_start_sft", model, started, train_examples=len(cold_set))
+    def from_base():
+        m = build_model(tokenizer, seed=args.seed)
+        m.load_state_dict(base_state)
+        return m
 
-    # 2. Reasoning RL: GRPO with accuracy + format rewards.
+    # 1. Cold start: a few worked traces (one valid solution each).
     started = time.time()
-    grpo_log = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer")
-    rewards = [h["reward"] for h in grpo_log if "reward" in h]
-    finish("grpo", model, started, first_reward=rewards[0] if rewards else None,
-           last_reward=rewards[-1] if rewards else None)
+    cold_set = train_problems[: args.cold_start_examples]
+    losses = train_sft(model, tokenizer, trace_rows(cold_set, seed=args.seed + 3), out_dir / "trainer",
+                       "cold_start_sft", args.cold_start_steps, args.cold_start_lr, args.seed)
+    finish("cold_start_sft", model, started, reference="base", train_examples=len(cold_set),
+           final_train_loss=losses[-1])
+    cold_state = copy.deepcopy(model.state_dict())
 
-    # 3. Rejection sampling from the RL policy on the training problems.
+    # 2. Reasoning RL: GRPO with the Countdown reward.
     started = time.time()
-    import datasets
+    grpo_logs["grpo"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "grpo",
+                                 countdown_reward)
+    finish("grpo", model, started, reference="cold_start_sft", **grpo_summary(grpo_logs["grpo"]))
 
+    # 3. Rejection sampling from the RL policy on training problems.
+    started = time.time()
     pool = train_problems[: args.rs_prompts] if args.rs_prompts else train_problems
-    prompts = datasets.Dataset.from_list([{"prompt": prompt_text(p["question"]), "solution": p["answer"]}
-                                          for p in pool])
-    result = rejection_sample(model, tokenizer, prompts, [accuracy_reward, format_reward],
-                              num_samples=args.rs_samples, prompts_per_batch=64,
-                              max_new_tokens=args.max_completion_length, temperature=args.rs_temperature,
-                              top_p=0.95, seed=args.seed)
+    prompts = datasets.Dataset.from_list([{"prompt": prompt_text(p["numbers"], p["target"]),
+                                           "numbers": p["numbers"], "target": p["target"]} for p in pool])
+    result = rejection_sample(model, tokenizer, prompts, [countdown_reward], num_samples=args.rs_samples,
+                              prompts_per_batch=256, max_new_tokens=args.max_completion_length,
+                              temperature=args.rs_temperature, top_p=0.95, seed=args.seed, progress=False)
     kept = result.dataset
     kept.save_to_disk(str(out_dir / "rejection_sampled"))
     s = result.stats
@@ -298,42 +377,63 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("rejection sampling kept no sample: the policy solves none of the training problems; raise "
                          "the cold-start / GRPO budget")
     finish("rejection_sampling", model, started,
-           figures={k: v for k, v in stages[-1].items() if k.startswith("heldout_")},
-        note="held-out figures: the GRPO policy it sampled from (this stage makes data, not a model)",
-        rejection_sampling=s)
+           figures={k: v for k, v in by_name["grpo"].items() if k.startswith("heldout_")},
+           note="held-out figures: the GRPO policy it sampled from (this stage makes data, not a model)",
+           rejection_sampling=s)
     rows = kept.to_list()
+    grpo_model = model
 
     # 4. SFT of the base model on the kept samples (R1's third stage starts again from DeepSeek-V3-Base).
     started = time.time()
-    model = build_model(tokenizer, seed=args.seed)
-    model.load_state_dict(base_state)
-    train_sft(model, tokenizer, rows, out_dir / "trainer", "sft", args.sft_steps, args.sft_lr, args.seed)
-    finish("sft", model, started, train_examples=len(rows), initialised_from="base model")
+    model = from_base()
+    losses = train_sft(model, tokenizer, rows, out_dir / "trainer", "sft", args.sft_steps, args.sft_lr, args.seed)
+    finish("sft", model, started, reference="grpo", train_examples=len(rows), initialised_from="base model",
+           final_train_loss=losses[-1])
 
     # 5. Distillation into a dense transformers model (SFT on the kept samples; optionally on-policy after).
     started = time.time()
     student = build_student(tokenizer, seed=args.seed)
     log(f"student: LlamaForCausalLM, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters, "
-        f"{args.student_facts_steps} steps of facts, then {args.student_sft_steps} SFT steps on the kept samples")
-    pretrain_facts(student, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=log, max_first=max_first)
-    student_base = measure(student)
-    train_sft(student, tokenizer, rows, out_dir / "trainer", "distill", args.student_sft_steps, args.sft_lr,
-              args.seed)
-    extra = {"student": "LlamaForCausalLM", "student_base_heldout_pass@1": student_base["heldout_pass@1"],
-             "train_examples": len(rows)}
+        f"{args.student_facts_steps} steps of computation steps, then {args.student_sft_steps} SFT steps on the "
+        f"kept samples")
+    pretrain_facts(student, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=log, line=facts)
+    losses = train_sft(student, tokenizer, rows, out_dir / "trainer", "distill", args.student_sft_steps, args.sft_lr,
+                       args.seed)
+    extra = {"student": "LlamaForCausalLM", "train_examples": len(rows), "teacher": "grpo",
+             "final_train_loss": losses[-1]}
     if args.on_policy_steps:
-        extra["after_sft_only"] = {k: v for k, v in measure(student).items() if k != "heldout_example"}
+        extra["after_sft_only"] = {k: v for k, v in measure(student, tokenizer, held_out, args).items()
+                                   if k != "heldout_example"}
         history = run_on_policy_distillation(student, model, tokenizer, train_problems, args, out_dir / "trainer")
         extra["on_policy_steps"] = args.on_policy_steps
         extra["on_policy_losses"] = [h["loss"] for h in history if "loss" in h]
-    finish("distill", student, started, **extra)
+    entry = finish("distill", student, started, reference="grpo", **extra)
+    entry["kept_share_of_teacher_pass@1"] = (entry["heldout_pass@1"] / by_name["grpo"]["heldout_pass@1"]
+                                             if by_name["grpo"]["heldout_pass@1"] else None)
     student.save_pretrained(out_dir / "student")
     tokenizer.save_pretrained(out_dir / "student")
+    del grpo_model
+
+    # Controls, same GRPO budget and settings: a reward of the same mean and no information, and R1-Zero.
+    if not args.no_controls:
+        started = time.time()
+        model = from_base()
+        model.load_state_dict(cold_state)
+        grpo_logs["grpo_random_reward"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer",
+                                                   "grpo_random_reward",
+                                                   random_reward_control(countdown_reward, seed=args.seed))
+        finish("grpo_random_reward", model, started, reference="cold_start_sft",
+               **grpo_summary(grpo_logs["grpo_random_reward"]))
+        started = time.time()
+        model = from_base()
+        grpo_logs["r1_zero"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "r1_zero",
+                                        countdown_reward)
+        finish("r1_zero", model, started, reference="base", **grpo_summary(grpo_logs["r1_zero"]))
 
     (out_dir / "stages.json").write_text(json.dumps(stages, indent=1))
-    title = (f"R1 recipe on CPU: sums of {args.n_terms} digits, held-out pass@1 by stage"
-             + (" (smoke budget)" if args.smoke else ""))
-    plot(stages, base, out_dir / "r1_stages.png", title)
+    (out_dir / "grpo_logs.json").write_text(json.dumps(grpo_logs, indent=1))
+    title = "R1 recipe on CPU: Countdown, held-out figures by stage" + (" (smoke budget)" if args.smoke else "")
+    plot(stages, base, grpo_logs, out_dir / "r1_stages.png", title)
     run = {
         "command": " ".join(["python", "examples/r1_pipeline.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine_line": (f"{len(os.sched_getaffinity(0))} CPU cores ({platform.processor() or platform.machine()}), "
@@ -342,11 +442,25 @@ def main(argv=None) -> list[dict]:
                          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"),
         "seconds": round(time.time() - t0, 1), "stage_seconds": timings, "args": vars(args), "base": base,
         "held_out": [p["question"] for p in held_out],
+        "warnings": {e["stage"]: e["warning"] for e in stages if "warning" in e},
     }
     (out_dir / "run.json").write_text(json.dumps(run, indent=1))
-    log(f"wrote {out_dir}/stages.json, rejection_sampled/, student/, r1_stages.png, run.json "
+    log(f"wrote {out_dir}/stages.json, grpo_logs.json, rejection_sampled/, student/, r1_stages.png, run.json "
         f"({run['seconds']:.0f}s in all)")
     return stages
+
+
+def grpo_summary(logs: list[dict]) -> dict:
+    """Training reward and frac_reward_zero_std: first step, last step, mean of the last tenth."""
+    if not logs:
+        return {}
+    tail = logs[-max(1, len(logs) // 10):]
+    out = {}
+    for key in ("reward", "frac_reward_zero_std", "dynamic_sampling/kept_groups"):
+        if key in logs[0]:
+            out[f"train_{key}_first"] = logs[0][key]
+            out[f"train_{key}_last_tenth"] = sum(h.get(key, 0.0) for h in tail) / len(tail)
+    return out
 
 
 if __name__ == "__main__":

@@ -301,3 +301,53 @@ def test_two_cpu_ranks_agree(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["biases"] == ranks[1]["biases"]  # all-reduced loads: the same update on both ranks
     assert ranks[0]["rewards"] == ranks[1]["rewards"]  # rewards gathered over both ranks before logging
+
+
+def parity_reward(completions, prompts, **kwargs):
+    """Flat (0.5 for every completion) on prompts whose question starts with an even digit, varied on the others."""
+    return [0.5 if int(p.split("User: ")[1][0]) % 2 == 0 else sum(ch.isdigit() for ch in c) / max(len(c), 1)
+            for c, p in zip(completions, prompts)]
+
+
+def test_dynamic_sampling_keeps_only_groups_with_a_reward_spread(tmp_path):
+    """DAPO's dynamic sampling: the loss sees only the groups whose rewards differ (here: the odd questions), with
+    TRL's normaliser recounted over their tokens; the kept share is 1 - TRL's frac_reward_zero_std at every step."""
+    seen = {}
+    for dynamic in (False, True):
+        trainer = trainer_for(tmp_path / str(dynamic), rewards=(parity_reward,), dynamic_sampling=dynamic,
+                              max_steps=6)
+        batches = []
+        trl_loss = trainer.grpo_loss
+
+        def recording_loss(model, inputs, trl_loss=trl_loss, batches=batches):
+            batches.append({k: inputs[k].clone() for k in ("prompt_ids", "completion_mask", "advantages",
+                                                            "num_items_in_batch")})
+            return trl_loss(model, inputs)
+
+        trainer.grpo_loss = recording_loss
+        logs = train_logs(trainer)
+        assert len(logs) == len(batches) == 6
+        seen[dynamic] = (logs, batches)
+    for logs, batches in (seen[False],):  # without the option: every row reaches the loss
+        assert all(b["prompt_ids"].shape[0] == 8 for b in batches)
+        assert all("dynamic_sampling/kept_groups" not in h for h in logs)
+    logs, batches = seen[True]
+    mixed = 0
+    for h, b in zip(logs, batches):
+        kept = h["dynamic_sampling/kept_groups"]
+        assert kept == pytest.approx(1.0 - h["frac_reward_zero_std"])
+        questions = [TOK.decode(row, skip_special_tokens=True).split("User: ")[1] for row in b["prompt_ids"]]
+        odd = [int(q[0]) % 2 == 1 for q in questions]
+        if 0 < kept < 1:  # one flat group of 4 dropped, the varied one kept
+            mixed += 1
+            assert len(questions) == 4 and all(odd)
+            assert b["advantages"].abs().max() > 0
+        else:  # nothing to drop, or nothing informative: the batch whole
+            assert len(questions) == 8 and all(odd) == (kept == 1)
+        assert b["num_items_in_batch"].item() == b["completion_mask"].sum().item()
+    assert mixed >= 1, "no step drew one even and one odd question; change the seed"
+
+
+def test_dynamic_sampling_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        trainer_for(tmp_path, dynamic_sampling=True, steps_per_generation=2)

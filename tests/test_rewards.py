@@ -188,3 +188,66 @@ def test_soft_overlong_and_length_scaled():
     out = scaled(["<answer>2</answer>", "<answer>2</answer>", "<answer>3</answer>", "<answer>3</answer>", "x"],
                  ["2", "2", "2", "2", "none"], completion_ids=[[0] * 0, [0] * 10, [0] * 0, [0] * 10, [0]])
     assert out[:4] == pytest.approx([1.0, 0.5, -1.0, -0.5]) and out[4] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Countdown
+def test_parse_arithmetic_precedence_exactness_and_refusals():
+    from fractions import Fraction
+
+    from trainers.rewards import ArithmeticParseError, parse_arithmetic
+
+    assert parse_arithmetic("2+3*4") == (14, [2, 3, 4])
+    assert parse_arithmetic(" (2+3) * 4 ") == (20, [2, 3, 4])
+    assert parse_arithmetic("8-3-2") == (3, [8, 3, 2])  # left-associative
+    assert parse_arithmetic("8/3*3") == (8, [8, 3, 3])  # exact: no float rounding
+    assert parse_arithmetic("7/2")[0] == Fraction(7, 2)
+    for bad in ("", "2+", "-2+3", "2**3", "2^3", "(2+3", "2+3)", "2 3", "1.5*2", "__import__('os')", "2/0",
+                "x+1", "٣+1", "(" * 20 + "1" + ")" * 20, "1+" * 150 + "1"):
+        with pytest.raises(ArithmeticParseError):
+            parse_arithmetic(bad)
+
+
+def test_countdown_reward_tinyzero_shaping_and_options():
+    from trainers.rewards import countdown_reward, make_countdown_reward
+
+    numbers, target = [5, 7, 3], 38
+    cases = {
+        " <think>5*7=35 35+3=38</think> <answer>5*7+3</answer>": 1.0,
+        "<think>x</think><answer>3+7*5</answer>": 1.0,  # any expression that uses each number once
+        "<think>x</think> <answer>5*7+4</answer>": 0.1,  # a number not given
+        "<think>x</think> <answer>5*7</answer>": 0.1,  # a number left out
+        "<think>x</think> <answer>5*7+3+3</answer>": 0.1,  # a number used twice
+        "<think>x</think> <answer>5+7+3</answer>": 0.1,  # wrong value
+        "<think>x</think> <answer>38</answer>": 0.1,
+        "<think>x</think> <answer>five times seven</answer>": 0.0,  # not an expression
+        "5*7+3": 0.0,  # no R1 format
+        "<answer>5*7+3</answer>": 0.0,
+        "<think>x</think> <answer>5*7+3</answer> more": 0.0,
+    }
+    texts = list(cases)
+    assert countdown_reward(texts, [numbers] * len(texts), [target] * len(texts)) == list(cases.values())
+    # conversational completions; repeated numbers must be used as often as given
+    assert countdown_reward([chat("<think></think><answer>3*3+1</answer>")], [[3, 3, 1]], [10]) == [1.0]
+    assert countdown_reward([chat("<think></think><answer>3*3+1</answer>")], [[3, 1, 1]], [10]) == [0.1]
+    # named options: other values, and the answer tag alone
+    strict = make_countdown_reward(correct=2.0, well_formed=0.0, malformed=-1.0, require_think_format=False)
+    assert strict(["<answer>5*7+3</answer>", "<answer>5+7+3</answer>", "no answer"], [numbers] * 3,
+                  [target] * 3) == [2.0, 0.0, -1.0]
+    with pytest.raises(ValueError, match="2 completions"):
+        countdown_reward(["a", "b"], [numbers], [target])
+
+
+def test_random_reward_control_keeps_the_values_not_their_owners():
+    from trainers.rewards import countdown_reward, random_reward_control
+
+    texts = [f"<think></think><answer>{e}</answer>" for e in ("5*7+3", "5+7+3", "x", "3+5*7", "5*7-3", "q")] * 4
+    args = dict(completions=texts, numbers=[[5, 7, 3]] * len(texts), target=[38] * len(texts))
+    real = countdown_reward(**args)
+    control = random_reward_control(countdown_reward, seed=0)
+    assert control.__name__ == "random_countdown_reward"
+    shuffled = [control(**args) for _ in range(3)]
+    assert all(sorted(s) == sorted(real) for s in shuffled)  # same values: same mean, same spread
+    assert any(s != real for s in shuffled) and shuffled[0] != shuffled[1]
+    again = random_reward_control(countdown_reward, seed=0)
+    assert [again(**args) for _ in range(3)] == shuffled  # seeded

@@ -100,14 +100,21 @@ def restore_class_forward(model) -> None:
 # completions of a batch in the private GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields,
 # num_generations, has_tool_images) -> (completion ids, sampled log-probabilities or None), and scores them in the
 # private GRPOTrainer._compute_loss(model, inputs) -> loss (compute_loss, the public one, only dispatches to it).
+# DAPO's dynamic sampling (GRPOConfig.dynamic_sampling) needs the rewards of a batch and the batch the loss steps
+# consume, which TRL builds in the private _calculate_rewards(inputs, prompts, completions, completion_ids_list) ->
+# [completions, reward functions] and _generate_and_score_completions(inputs) -> dict of tensors (rows first).
 
 
 class GRPOTrainerHooks:
     """Mixin, placed before trl.GRPOTrainer, that runs TRL's rollout and loss steps through public-named methods.
 
     `rollout(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)` replaces
-    _generate_single_turn and `grpo_loss(model, inputs)` replaces _compute_loss; both default to TRL's own, which
-    `trl_rollout` / `trl_grpo_loss` run (same arguments and returns).
+    _generate_single_turn, `grpo_loss(model, inputs)` replaces _compute_loss, `score_completions(inputs, prompts,
+    completions, completion_ids_list)` replaces _calculate_rewards (the rewards of every completion, gathered over
+    processes: [completions, reward functions]) and `make_training_batch(inputs)` replaces
+    _generate_and_score_completions (the batch of rollouts, advantages and masks that the loss steps consume); each
+    defaults to TRL's own, which `trl_rollout` / `trl_grpo_loss` / `trl_score_completions` /
+    `trl_make_training_batch` run (same arguments and returns).
     """
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -116,11 +123,23 @@ class GRPOTrainerHooks:
     def _compute_loss(self, model, inputs):
         return self.grpo_loss(model, inputs)
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        return self.score_completions(inputs, prompts, completions, completion_ids_list)
+
+    def _generate_and_score_completions(self, inputs):
+        return self.make_training_batch(inputs)
+
     def rollout(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         return self.trl_rollout(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
 
     def grpo_loss(self, model, inputs):
         return self.trl_grpo_loss(model, inputs)
+
+    def score_completions(self, inputs, prompts, completions, completion_ids_list):
+        return self.trl_score_completions(inputs, prompts, completions, completion_ids_list)
+
+    def make_training_batch(self, inputs):
+        return self.trl_make_training_batch(inputs)
 
     def trl_rollout(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
@@ -128,6 +147,11 @@ class GRPOTrainerHooks:
     def trl_grpo_loss(self, model, inputs):
         return super()._compute_loss(model, inputs)
 
+    def trl_score_completions(self, inputs, prompts, completions, completion_ids_list):
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def trl_make_training_batch(self, inputs):
+        return super()._generate_and_score_completions(inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

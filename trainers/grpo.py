@@ -30,6 +30,15 @@ what happens around that loop:
   layers, and `chunked_cross_entropy` for the MTP loss. The policy's own log-probabilities already come from TRL's
   chunked fused head (trl.kernels.chunked_logprob), which keeps no [tokens, vocab] logits either.
 
+Dynamic sampling (`dynamic_sampling=True`, DAPO's; TRL has none). A group whose completions all got the same reward
+(a prompt the policy always or never solves: pass rate 1 or 0) has zero advantage and teaches nothing, yet its
+tokens take compute and, with DAPO's token-level normalisation, dilute the others'. With the option, such groups
+are dropped from the batch after scoring and before the loss: the loss is over prompts at the edge of competence,
+normalised by their tokens. The groups are those TRL counts in `frac_reward_zero_std` (logged as ever, before the
+drop); the share kept is logged as `dynamic_sampling/kept_groups`. A batch with no informative group is kept whole
+(its advantages are zero). DAPO also re-samples until the batch is full again; here the batch shrinks instead (on CPU
+the point is to skip the dead work). One process, steps_per_generation 1 (TRL splits a batch into equal parts, one per step).
+
 Reward functions that raise are reported with their name, the sample index and the exception.
 
 TRL internals touched: the private methods `_generate_single_turn` and `_compute_loss`, overridden through
@@ -37,7 +46,9 @@ trainers.compat.GRPOTrainerHooks as `rollout` (same arguments and return) and `g
 additions), which tests/test_compat.py checks against TRL's signatures; the attributes
 `generation_config`, `use_vllm`, `use_transformers_continuous_batching`, `temperature`, `reward_funcs` and
 `reward_func_names` read after TRL's __init__; the batch keys `completion_ids`, `completion_mask`, `tool_mask`,
-`sampling_per_token_logps` and `old_per_token_logps`; and the behaviour that the fused LM head calls the backbone
+`sampling_per_token_logps` and `old_per_token_logps`; for dynamic sampling the private `_calculate_rewards` and
+`_generate_and_score_completions` (as `score_completions` / `make_training_batch`, through the same mixin), the
+attributes `reward_weights` and `num_generations`, and the batch key `num_items_in_batch`; and the behaviour that the fused LM head calls the backbone
 module (so that a forward hook on DeepseekModel sees the loss forward) and that TRL's aux-loss path is off when
 `router_aux_loss_coef` is 0.
 """
@@ -79,6 +90,9 @@ class GRPOConfig(trl.GRPOConfig):
         "help": "Weight of the MTP loss on completion tokens added to the GRPO loss (0: off)."})
     deepseek_rollouts: bool = field(default=True, metadata={
         "help": "Use the package's own rollout path for DeepSeek models (False: TRL's generic generate step)."})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "DAPO's dynamic sampling: drop the groups whose rewards are all equal (pass rate 0 or 1) before the "
+                "loss. One process, steps_per_generation 1."})
     # TRL's configs default to checkpointing on, spelled `gradient_checkpointing=True`: the name transformers
     # deprecates, so every config would warn. Unset here; __post_init__ gives the same default under the current name.
     gradient_checkpointing: bool | None = field(default=None, metadata={
@@ -192,6 +206,15 @@ class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
         self.mtp_draft_tokens = getattr(args, "mtp_draft_tokens", None)
         self.mtp_loss_weight = float(getattr(args, "mtp_loss_weight", 0.0))
         self.deepseek_rollouts = bool(getattr(args, "deepseek_rollouts", True))
+        self.dynamic_sampling = bool(getattr(args, "dynamic_sampling", False))
+        if self.dynamic_sampling:
+            if self.accelerator.num_processes > 1:
+                raise ValueError(f"dynamic_sampling runs in one process; this run has "
+                                 f"{self.accelerator.num_processes}")
+            if self.args.steps_per_generation != 1:  # TRL splits the batch in equal parts, one per step
+                raise ValueError(f"dynamic_sampling needs one optimizer step per generated batch "
+                                 f"(steps_per_generation 1); got {self.args.steps_per_generation}")
+        self._rewards_per_func = None
         if self.deepseek is None:
             for option in ("use_mtp", "mtp_loss_weight"):
                 if getattr(self, option):
@@ -266,6 +289,42 @@ class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
         logits_BNV = torch.stack(out.logits, dim=1).float() / self.temperature
         logprobs_BN = logits_BNV.log_softmax(-1).gather(-1, new_BN[..., None]).squeeze(-1)
         return cut_at_eos(new_BN, eos_ids, logprobs_BN)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Dynamic sampling
+    def score_completions(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = self.trl_score_completions(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func  # [completions, reward functions], gathered: read below
+        return rewards_per_func
+
+    def informative_groups(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """[groups] bool: the groups whose weighted reward has a spread (the complement of TRL's zero-std groups)."""
+        from trl.trainer.utils import nanstd
+
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)[None]).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: left out, as TRL does
+        std_G = nanstd(rewards.view(-1, self.num_generations), dim=1)
+        return ~torch.isclose(std_G, torch.zeros_like(std_G)) & ~torch.isnan(std_G)
+
+    def make_training_batch(self, inputs):
+        self._rewards_per_func = None
+        batch = self.trl_make_training_batch(inputs)
+        if not (self.dynamic_sampling and self.model.training) or self._rewards_per_func is None:
+            return batch
+        keep_G = self.informative_groups(self._rewards_per_func)
+        self._metrics["train"]["dynamic_sampling/kept_groups"].append(keep_G.float().mean().item())
+        if not keep_G.any() or keep_G.all():
+            return batch
+        rows = batch["completion_ids"].shape[0]
+        keep_B = keep_G.repeat_interleave(self.num_generations)[:rows].to(batch["completion_ids"].device)
+        kept = {k: (v[keep_B] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == rows
+                    else [x for x, k_ in zip(v, keep_B.tolist()) if k_] if isinstance(v, list) and len(v) == rows
+                    else v)
+                for k, v in batch.items()}
+        loss_mask = kept["completion_mask"] if kept.get("tool_mask") is None else \
+            kept["completion_mask"] * kept["tool_mask"]
+        kept["num_items_in_batch"] = loss_mask.sum()  # TRL's normaliser (dapo loss), over the kept tokens
+        return kept
 
     # -----------------------------------------------------------------------------------------------------------------
     # Loss

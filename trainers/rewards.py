@@ -8,6 +8,12 @@ answer is right, and a format reward, whether the reasoning sits in `<think>...<
 - `tag_count_reward`: partial credit (0.25 per tag present exactly once), a denser signal while the format is learned;
 - `code_reward`: the fraction of a row's tests (MBPP's `test_list` of assert statements) that the completion's code
   passes, run in the isolated sandbox of trainers/sandbox.py;
+- `countdown_reward`: the Countdown game (TinyZero's rule): the answer is an arithmetic expression that must use
+  each given number exactly once and equal the target; 1.0 when it does, 0.1 for a well-formed answer that does not,
+  0 otherwise (`make_countdown_reward` names the values and options). The expression is read by a small parser of
+  its own (integers, + - * /, parentheses; exact rational arithmetic), never by `eval`;
+- `random_reward_control`: any reward's values handed to the completions of the batch in a seeded random order, a
+  control of the same mean that carries no information about the completion it scores;
 - `soft_overlong_punishment` (DAPO eq. 13, TRL's implementation) and `length_scaled_accuracy_reward` (the cosine
   length schedule of "Demystifying Long Chain-of-Thought Reasoning", on top of this module's accuracy judgement).
 
@@ -31,9 +37,12 @@ from __future__ import annotations
 
 import atexit
 import collections
+import fractions
 import json
 import math
+import operator
 import os
+import random
 import re
 import select
 import subprocess
@@ -55,6 +64,12 @@ __all__ = [
     "JudgeUnavailableError",
     "soft_overlong_punishment",
     "length_scaled_accuracy_reward",
+    "parse_arithmetic",
+    "ArithmeticParseError",
+    "countdown_reward",
+    "make_countdown_reward",
+    "CountdownReward",
+    "random_reward_control",
 ]
 
 THINK_ANSWER_RE = re.compile(r"^\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
@@ -407,3 +422,146 @@ def length_scaled_accuracy_reward(max_len: int, min_value_wrong: float = -1.0, m
     if max_len <= 0:
         raise ValueError(f"max_len must be positive, got {max_len}")
     return _LengthScaledAccuracy(max_len, min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Countdown (TinyZero's task): numbers, a target, an expression that uses each number once
+class ArithmeticParseError(ValueError):
+    """The text is not an arithmetic expression of integers, + - * /, and parentheses."""
+
+
+_ARITH_TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|([-+*/()]))")
+MAX_EXPRESSION_CHARS = 200  # a Countdown answer is short; longer text is not parsed (bounds time and recursion)
+MAX_NESTING = 16
+LEVELS = (("+", "-"), ("*", "/"))  # by precedence, lowest first
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def parse_arithmetic(text: str) -> tuple[fractions.Fraction, list[int]]:
+    """(value, the integer literals in order) of an expression of non-negative integers, + - * / and parentheses,
+    evaluated exactly (fractions; `/` is true division). Raises ArithmeticParseError for anything else: unary signs,
+    decimals, names, empty text, text over MAX_EXPRESSION_CHARS, nesting deeper than MAX_NESTING, division by
+    zero. A recursive-descent parser with the usual precedence, left-associative; nothing is executed."""
+    text = text.strip()
+    if not text:
+        raise ArithmeticParseError("empty expression")
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise ArithmeticParseError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    tokens, pos = [], 0
+    while pos < len(text):
+        m = _ARITH_TOKEN_RE.match(text, pos)
+        if m is None or m.end() == pos:
+            if text[pos:].strip() == "":
+                break
+            raise ArithmeticParseError(f"unexpected character {text[pos]!r} at {pos}")
+        tokens.append(int(m.group(1)) if m.group(1) is not None else m.group(2))
+        pos = m.end()
+    literals: list[int] = []
+    i = 0
+
+    def peek():
+        return tokens[i] if i < len(tokens) else None
+
+    def factor(depth):
+        nonlocal i
+        tok = peek()
+        if isinstance(tok, int):
+            i += 1
+            literals.append(tok)
+            return fractions.Fraction(tok)
+        if tok == "(":
+            if depth >= MAX_NESTING:
+                raise ArithmeticParseError(f"parentheses nested deeper than {MAX_NESTING}")
+            i += 1
+            value = binary(0, depth + 1)
+            if peek() != ")":
+                raise ArithmeticParseError("unbalanced parentheses")
+            i += 1
+            return value
+        raise ArithmeticParseError(f"expected a number or '(', got {tok!r}")
+
+    def binary(level, depth):
+        """Operands of the next level joined by this level's operators, left to right (level 0: + -, 1: * /)."""
+        nonlocal i
+        operand = (lambda: binary(level + 1, depth)) if level + 1 < len(LEVELS) else (lambda: factor(depth))
+        value = operand()
+        while peek() in LEVELS[level]:
+            op = tokens[i]
+            i += 1
+            right = operand()
+            if op == "/" and right == 0:
+                raise ArithmeticParseError("division by zero")
+            value = OPERATIONS[op](value, right)
+        return value
+
+    value = binary(0, 0)
+    if i != len(tokens):
+        raise ArithmeticParseError(f"unexpected {tokens[i]!r} after a complete expression")
+    return value, literals
+
+
+class CountdownReward:
+    """The Countdown reward (see `make_countdown_reward`). A class rather than a closure so that it pickles."""
+
+    __name__ = "countdown_reward"
+
+    def __init__(self, correct: float = 1.0, well_formed: float = 0.1, malformed: float = 0.0,
+                 require_think_format: bool = True):
+        self.correct, self.well_formed, self.malformed = float(correct), float(well_formed), float(malformed)
+        self.require_think_format = require_think_format
+
+    def judge(self, completion, numbers, target) -> str:
+        """'correct', 'well_formed' (an answer that parses, wrong or not using the numbers once) or 'malformed'."""
+        text = completion_text(completion)
+        if self.require_think_format and not THINK_ANSWER_RE.match(text):
+            return "malformed"
+        answers = ANSWER_RE.findall(text)
+        if not answers:
+            return "malformed"
+        try:
+            value, literals = parse_arithmetic(answers[-1])
+        except ArithmeticParseError:
+            return "malformed"
+        uses_each_once = sorted(literals) == sorted(int(n) for n in numbers)
+        return "correct" if uses_each_once and value == int(target) else "well_formed"
+
+    def __call__(self, completions, numbers, target, **kwargs) -> list[float]:
+        if not len(completions) == len(numbers) == len(target):
+            raise ValueError(f"countdown_reward: {len(completions)} completions, {len(numbers)} number lists, "
+                             f"{len(target)} targets")
+        values = {"correct": self.correct, "well_formed": self.well_formed, "malformed": self.malformed}
+        return [values[self.judge(c, n, t)] for c, n, t in zip(completions, numbers, target)]
+
+
+def make_countdown_reward(correct: float = 1.0, well_formed: float = 0.1, malformed: float = 0.0,
+                          require_think_format: bool = True) -> CountdownReward:
+    """The Countdown reward for rows with `numbers` (list of ints) and `target` (int) columns: `correct` when the
+    last <answer>...</answer> holds an expression that uses every number exactly once (as many times as it is
+    given) and equals the target, `well_formed` when it holds an expression that does not, `malformed` otherwise
+    (no answer, text that is not an expression). TinyZero's shaping is the default (1.0 / 0.1 / 0);
+    `require_think_format` (default) also asks for R1's `<think>...</think> <answer>...</answer>` layout, as
+    format_reward does, else a completion without it is malformed."""
+    return CountdownReward(correct, well_formed, malformed, require_think_format)
+
+
+countdown_reward = make_countdown_reward()
+
+
+class _RandomRewardControl:
+    # A class rather than a closure so that it pickles.
+    def __init__(self, reward_func, seed: int):
+        self.reward_func, self.rng = reward_func, random.Random(seed)
+        self.__name__ = f"random_{getattr(reward_func, '__name__', type(reward_func).__name__)}"
+
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        values = list(self.reward_func(completions=completions, **kwargs))
+        self.rng.shuffle(values)
+        return values
+
+
+def random_reward_control(reward_func: Callable, seed: int = 0) -> Callable:
+    """A control for a reward: `reward_func`'s values for a batch, handed out to its completions in a (seeded)
+    random order. Every batch gets the same values, so the mean and the spread are those of the real reward, but
+    the value a completion receives says nothing about it (the "spurious rewards" control: a gain under it is not
+    due to the reward's information)."""
+    return _RandomRewardControl(reward_func, seed)
