@@ -247,6 +247,12 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, DeepseekGenerationMixin):
         self.scheduled_mtp_loss_weight: float | None = None
         self.post_init()
 
+    @property
+    def current_mtp_loss_weight(self) -> float:
+        """The MTP loss weight of this training step: the schedule's when one is set, else config.mtp_loss_weight."""
+        scheduled = self.scheduled_mtp_loss_weight
+        return self.config.mtp_loss_weight if scheduled is None else scheduled
+
     @can_return_tuple
     def forward(
         self,
@@ -291,9 +297,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, DeepseekGenerationMixin):
 
         objective = Objective()  # no labels: no loss
         if shift_labels is not None:
-            mtp_loss_weight = self.config.mtp_loss_weight
-            if self.scheduled_mtp_loss_weight is not None:
-                mtp_loss_weight = self.scheduled_mtp_loss_weight
+            mtp_loss_weight = self.current_mtp_loss_weight
             objective = training_objective(
                 self, hidden_states, inputs_embeds, shift_labels, main_ce=main_ce, logits_BTV=logits,
                 mtp_loss_weight=mtp_loss_weight,

@@ -194,7 +194,7 @@ class PipelineRunner:
         if embeds_BTD is None and lm.config.num_nextn_predict_layers:
             embeds_BTD = last.embed_tokens(input_ids_BT)
         fraction = (labels_BT != IGNORE_INDEX).sum() / self._scored_total
-        weight = lm.config.mtp_loss_weight if lm.scheduled_mtp_loss_weight is None else lm.scheduled_mtp_loss_weight
+        weight = lm.current_mtp_loss_weight
         head = _HeadView(lm)
         _, main_ce = head_cross_entropy(head, h_BTD, labels_BT)  # chunked when the memory option says so
         objective = training_objective(head, h_BTD, embeds_BTD, labels_BT, mtp_loss_weight=weight, main_ce=main_ce,
@@ -248,8 +248,7 @@ class PipelineRunner:
         if self.dp_size > 1:
             dist.all_reduce(parts, group=self.dp_group)
         main, mtp, bal = parts.unbind()
-        weight = (self.lm.config.mtp_loss_weight if self.lm.scheduled_mtp_loss_weight is None
-                  else self.lm.scheduled_mtp_loss_weight)
+        weight = self.lm.current_mtp_loss_weight
         mtp_term = weight * mtp if self.lm.config.num_nextn_predict_layers else 0.0
         return {"loss": main + mtp_term + bal, "main_loss": main, "mtp_loss": mtp, "balance_loss": bal}
 
