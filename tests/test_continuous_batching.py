@@ -434,11 +434,12 @@ def test_a_running_manager_refuses_an_empty_prompt_and_survives_a_failed_step(mo
 POISON = 5  # a forward whose input ids hold this token twice in a row fails (the fault injected below)
 
 
-def fail_on_poison(model, monkeypatch, fails_when=None) -> list[int]:
+def fail_on_poison(model, monkeypatch, fails_when=None, after_steps=None) -> list[list[int]]:
     """Make the model's forward raise when `fails_when(input_ids, requests in the step)` (by default: the poisoned
-    pair is among the step's tokens, wherever the engine packed it), as a bug inside the batching loop would. Returns
-    the list the query lengths of each failed step's requests are appended to (1: a decoding request)."""
-    forward, failed = model.forward, []
+    pair is among the step's tokens, wherever the engine packed it), as a bug inside the batching loop would; after
+    the `after_steps[0]`-th successful forward, call `after_steps[1]()`. Returns the list the query lengths of each
+    failed step's requests are appended to (1: a decoding request)."""
+    forward, failed, done = model.forward, [], []
     fails_when = fails_when or (lambda ids, n: bool(((ids[0, :-1] == POISON) & (ids[0, 1:] == POISON)).any()))
 
     def faulty_forward(*args, **kwargs):
@@ -446,7 +447,11 @@ def fail_on_poison(model, monkeypatch, fails_when=None) -> list[int]:
         if fails_when(kwargs["input_ids"], len(query_lengths)):
             failed.append(query_lengths)
             raise RuntimeError("poisoned step")
-        return forward(*args, **kwargs)
+        out = forward(*args, **kwargs)
+        done.append(1)
+        if after_steps is not None and len(done) == after_steps[0]:
+            after_steps[1]()
+        return out
 
     monkeypatch.setattr(model, "forward", faulty_forward)
     return failed
@@ -469,20 +474,18 @@ def test_a_failed_step_fails_only_the_request_at_fault(model, prompts, expected,
     requests are put back (restarted from prompt + generated tokens) and retried alone; the culprit alone gets the
     error, every other request gets generate()'s greedy tokens, and the next request is served."""
     culprit = [7, POISON, POISON, 11]
-    failed = fail_on_poison(model, monkeypatch)
+    bad = []  # the culprit is added by the loop itself after its 2nd step, when the first requests decode
+    failed = fail_on_poison(model, monkeypatch, after_steps=(2, lambda: bad.append(
+        manager.add_request(culprit, max_new_tokens=NEW))))
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
     manager.start()
     try:
-        first = manager.add_request(prompts[0], max_new_tokens=NEW, streaming=True)
-        others = [manager.add_request(p, max_new_tokens=NEW) for p in prompts[1:]]
-        partial = manager.get_result(request_id=first, timeout=60)  # request 0 has begun generating
-        assert partial.error is None and 0 < len(partial.generated_tokens) < NEW
-        bad = manager.add_request(culprit, max_new_tokens=NEW)
+        good = manager.add_requests(prompts, max_new_tokens=NEW)
         results = finished_results(manager, len(prompts) + 1)
-        assert "poisoned step" in results[bad].error and "alone" in results[bad].error
-        assert [results[rid].error for rid in [first, *others]] == [None] * len(prompts)
-        assert [results[rid].generated_tokens for rid in [first, *others]] == expected
-        assert [results[rid].prompt_ids for rid in [first, *others]] == prompts
+        assert "poisoned step" in results[bad[0]].error and "alone" in results[bad[0]].error
+        assert [results[rid].error for rid in good] == [None] * len(prompts)
+        assert [results[rid].generated_tokens for rid in good] == expected
+        assert [results[rid].prompt_ids for rid in good] == prompts
         # failed with others, some of them decoding (restarted from prompt + generated tokens), then alone
         assert len(failed[0]) > 1 and 1 in failed[0] and len(failed[-1]) == 1, failed
         served = manager.get_result(request_id=manager.add_request(prompts[2], max_new_tokens=NEW), timeout=60)
