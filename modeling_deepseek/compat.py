@@ -4,7 +4,8 @@ modeling_deepseek reaches transformers, bitsandbytes and torch through their pub
 does the job, the touch lives here, named for what it does, and tests/test_compat.py checks each one against the
 installed release: when a library changes the internal, that test fails with a message naming it, instead of the
 package going silently wrong. save_pretrained copies this module into every remote-code checkpoint, so it holds
-nothing the training stack needs: the Trainer / trl internals that trainers/ touches live in trainers/compat.py.
+nothing the training stack needs: the Trainer / trl internals that trainers/ touches live in trainers/compat.py. The
+internals of transformers' continuous-batching loop that its failure isolation touches are in compat_batching.py.
 """
 
 from __future__ import annotations
@@ -119,64 +120,6 @@ def build_paged_cache_with(manager, cache_class) -> None:
     scope = {**method.__globals__, "PagedAttentionCache": cache_class}
     rebuilt = types.FunctionType(method.__code__, scope, method.__name__, method.__defaults__, method.__closure__)
     manager._create_batch_processor = types.MethodType(rebuilt, manager)
-
-
-def survive_step_failures(manager, isolation) -> None:
-    """Keep one continuous-batching `manager`'s loop alive through a failed step.
-
-    transformers' loop treats any exception of a step (its private `_generation_loop_body`: schedule, forward,
-    sample, update) as fatal: every request fails and the manager takes no more (`fatal_error`), for good. Here the
-    manager's own copy of that method calls `isolation.before_step(batch_processor)` before each step and hands an
-    exception of the step to `isolation.after_failure(batch_processor, error)`, which decides which requests fail and
-    puts the others back; the loop goes on."""
-    body = manager._generation_loop_body
-
-    def guarded(batch_processor, bootstrapping):
-        isolation.before_step(batch_processor)
-        try:
-            return body(batch_processor, bootstrapping)
-        except Exception as error:  # noqa: BLE001 - any failure of a step: isolation.after_failure reports it
-            isolation.after_failure(batch_processor, error)
-            return True
-
-    manager._generation_loop_body = guarded
-
-
-# What a scheduler (transformers' continuous_batching.scheduler.Scheduler, 5.25) keeps between steps, as attributes
-# its `reset()` sets: the requests running, those waiting (and their order), and whether waiting ones may join.
-SCHEDULER_QUEUES = ("active_requests", "waiting_requests", "waiting_requests_order", "block_new_requests")
-
-
-def schedule_alone(scheduler, schedule_batch, state, token_budget: int, cache_budget: int):
-    """`schedule_batch(token_budget, cache_budget)` (the scheduler's own) as if `state` were its only request: the
-    batch it returns holds `state` alone, or nothing; every other request stays where it was, untouched.
-
-    No scheduler of transformers takes a subset of its requests: for the call, its queues (SCHEDULER_QUEUES) are
-    swapped for ones that hold `state` alone, and what scheduling did to `state` (waiting -> running) is carried back
-    into the real ones."""
-    from collections import deque
-
-    request_id = state.request_id
-    saved = {name: getattr(scheduler, name) for name in SCHEDULER_QUEUES}
-    was_active = request_id in saved["active_requests"]
-    was_waiting = request_id in saved["waiting_requests"]
-    scheduler.active_requests = {request_id: state} if was_active else {}
-    scheduler.waiting_requests = {request_id: state} if was_waiting else {}
-    scheduler.waiting_requests_order = deque([request_id] if was_waiting else [])
-    scheduler.block_new_requests = False
-    try:
-        return schedule_batch(token_budget, cache_budget)
-    finally:
-        now_active = request_id in scheduler.active_requests
-        still_waiting = request_id in scheduler.waiting_requests
-        for name, queue in saved.items():
-            setattr(scheduler, name, queue)
-        if now_active and not was_active:
-            scheduler.active_requests[request_id] = state
-        if was_waiting and not still_waiting:
-            scheduler.waiting_requests.pop(request_id, None)
-            if request_id in scheduler.waiting_requests_order:
-                scheduler.waiting_requests_order.remove(request_id)
 
 
 def installed_transformers_version() -> str:

@@ -33,9 +33,8 @@ from .compat import (
     PAGED_CACHE_MIN_VERSION,
     PagedAttentionCache,
     installed_transformers_version,
-    schedule_alone,
-    survive_step_failures,
 )
+from .compat_batching import schedule_alone, survive_step_failures
 from .configuration import check_latent_cache_dtype
 
 # CPU defaults when the caller sizes nothing (transformers' default takes 60% of the RAM for the cache on CPU and
@@ -172,13 +171,13 @@ STEP_FAILURE_LIMIT = 3
 
 
 class StepFailureIsolation:
-    """What a manager's loop does when a step fails (compat.survive_step_failures hands it the failure).
+    """What a manager's loop does when a step fails (compat_batching.survive_step_failures hands it the failure).
 
     One forward covers every request of a step, so the exception names no culprit. The requests the step held are
     put back in the waiting queue, restarted from their prompt + the tokens they already generated (transformers'
     soft reset, `RequestState.create_equivalent_initial_request`: their prefill is redone, their outputs go on where
     they were), and become suspects. While there are suspects, each step schedules the oldest one alone
-    (compat.schedule_alone) until it has generated a token; then it rejoins the others. So:
+    (compat_batching.schedule_alone) until it has generated a token; then it rejoins the others. So:
 
     - a step that fails holding one request fails that request, with the cause: it failed on its own;
     - a step that fails holding several fails none of them (until STEP_FAILURE_LIMIT): each is retried alone, the
