@@ -448,7 +448,8 @@ def test_failure_isolation_internals_of_the_batching_loop():
     reset = inspect.getsource(scheduler.Scheduler.reset)
     for name in compat_batching.SCHEDULER_QUEUES:
         assert f"self.{name}" in reset, (
-            f"transformers' Scheduler.reset no longer sets {name}: compat_batching.schedule_alone cannot run one request alone")
+            f"transformers' Scheduler.reset no longer sets {name}: compat_batching.schedule_alone cannot run one request "
+            "alone")
     for cls in scheduler.SCHEDULER_MAPPING.values():
         source = inspect.getsource(cls.schedule_batch) + inspect.getsource(scheduler.Scheduler._get_waiting_candidates)
         for name in compat_batching.SCHEDULER_QUEUES:
