@@ -493,6 +493,9 @@ def test_a_failed_step_fails_only_the_request_at_fault(model, prompts, expected,
         assert manager.background_thread_status.fatal_error is None
     finally:
         manager.stop(block=True)
+    # generate_batch: the culprit alone failed, and it raises naming it
+    with pytest.raises(RuntimeError, match=r"1 of 6 request\(s\) failed; req_5: RuntimeError: poisoned step"):
+        model.generate_batch(prompts + [culprit], generation_config=greedy(), continuous_batching_config=cb_config())
 
 
 @needs_mla_paged_cache
