@@ -4,7 +4,8 @@ modeling_deepseek reaches transformers, bitsandbytes and torch through their pub
 does the job, the touch lives here, named for what it does, and tests/test_compat.py checks each one against the
 installed release: when a library changes the internal, that test fails with a message naming it, instead of the
 package going silently wrong. save_pretrained copies this module into every remote-code checkpoint, so it holds
-nothing the training stack needs: the Trainer / trl internals that trainers/ touches live in trainers/compat.py.
+nothing the training stack needs: the Trainer / trl internals that trainers/ touches live in trainers/compat.py. The
+internals of transformers' continuous-batching loop that its failure isolation touches are in compat_batching.py.
 """
 
 from __future__ import annotations
@@ -119,25 +120,6 @@ def build_paged_cache_with(manager, cache_class) -> None:
     scope = {**method.__globals__, "PagedAttentionCache": cache_class}
     rebuilt = types.FunctionType(method.__code__, scope, method.__name__, method.__defaults__, method.__closure__)
     manager._create_batch_processor = types.MethodType(rebuilt, manager)
-
-
-def survive_step_failures(manager, on_failure) -> None:
-    """Keep one continuous-batching `manager`'s loop alive through a failed step.
-
-    transformers' loop treats any exception of a step (its private `_generation_loop_body`: schedule, forward,
-    sample) as fatal: every request fails and the manager takes no more (`fatal_error`), for good. Here the manager's
-    own copy of that method hands such an exception to `on_failure(batch_processor, error)`, which fails the requests
-    it holds, and the loop goes on with the next requests."""
-    body = manager._generation_loop_body
-
-    def guarded(batch_processor, bootstrapping):
-        try:
-            return body(batch_processor, bootstrapping)
-        except Exception as error:  # noqa: BLE001 - any failure of a step: it is reported to its requests
-            on_failure(batch_processor, error)
-            return True
-
-    manager._generation_loop_body = guarded
 
 
 def installed_transformers_version() -> str:

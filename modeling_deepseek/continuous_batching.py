@@ -19,7 +19,9 @@ What the paged engine cannot do is refused before it starts (`check_continuous_b
 exception only marks requests as failed; `raise_failed_requests` turns such failures back into an exception.
 `guard_requests` keeps one request from stopping a running manager (the server's): a prompt of no tokens is refused
 as it is added (with no token there is no query row for attention to reshape: the step would fail), and a step that
-fails anyway fails the requests the manager holds, with the cause, while the loop goes on.
+fails anyway fails only the request at fault (`StepFailureIsolation`): the requests it held are put back from their
+prompt + generated tokens and retried alone, so the one that fails on its own gets the error and the others complete
+with the tokens they would have had; the loop goes on.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .compat import (
     PAGED_CACHE_MIN_VERSION,
     PagedAttentionCache,
     installed_transformers_version,
-    survive_step_failures,
 )
+from .compat_batching import schedule_alone, survive_step_failures
 from .configuration import check_latent_cache_dtype
 
 # CPU defaults when the caller sizes nothing (transformers' default takes 60% of the RAM for the cache on CPU and
@@ -147,9 +149,7 @@ def check_continuous_batching(model, generation_config) -> None:
 
 def guard_requests(manager) -> None:
     """Make a continuous-batching manager refuse a prompt of no tokens when it is added (ValueError: the server
-    answers 400), and survive a failed step: its requests fail with the cause, the next ones are served."""
-    from transformers.utils import logging
-
+    answers 400), and survive a failed step failing only the request(s) at fault (StepFailureIsolation)."""
     add_request = manager.add_request
 
     def checked_add_request(input_ids, *args, **kwargs):
@@ -158,14 +158,109 @@ def guard_requests(manager) -> None:
                              "BOS token turns an empty prompt into no tokens)")
         return add_request(input_ids, *args, **kwargs)
 
-    def fail_held_requests(batch_processor, error) -> None:
-        logging.get_logger(__name__).error("A continuous-batching step failed; failing the %d request(s) it held: %s",
-                                          len(batch_processor.scheduler.active_requests), error, exc_info=error)
-        batch_processor.fail_all_requests(error)  # each gets its output, with the error: the caller learns why
-        batch_processor.reset()  # their pages freed, the scheduler and the step's buffers emptied
-
     manager.add_request = checked_add_request  # add_requests goes through it too
-    survive_step_failures(manager, fail_held_requests)
+    survive_step_failures(manager, StepFailureIsolation())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A failed step fails the request at fault, alone
+
+# A request held by this many failed steps fails with the cause of the last, even if it never failed alone (a fault
+# that needs several requests together, such as running out of memory, would otherwise re-queue them for ever).
+STEP_FAILURE_LIMIT = 3
+
+
+class StepFailureIsolation:
+    """What a manager's loop does when a step fails (compat_batching.survive_step_failures hands it the failure).
+
+    One forward covers every request of a step, so the exception names no culprit. The requests the step held are
+    put back in the waiting queue, restarted from their prompt + the tokens they already generated (transformers'
+    soft reset, `RequestState.create_equivalent_initial_request`: their prefill is redone, their outputs go on where
+    they were), and become suspects. While there are suspects, each step schedules the oldest one alone
+    (compat_batching.schedule_alone) until it has generated a token; then it rejoins the others. So:
+
+    - a step that fails holding one request fails that request, with the cause: it failed on its own;
+    - a step that fails holding several fails none of them (until STEP_FAILURE_LIMIT): each is retried alone, the
+      culprit fails there, the others complete with the tokens an undisturbed run gives them;
+    - a step that fails before it was scheduled suspects every request (each one retried alone).
+
+    Bounded: every failed step either fails a request or counts one more failure for each request it held, and a
+    request fails at its STEP_FAILURE_LIMIT-th. The cost of a failure: the held requests' prefill redone, one step
+    alone each. The other requests (running but not in the step, or waiting) are put back too, since the step's
+    buffers and the cache are reset to a clean state (`ContinuousBatchProcessor.reset`); they are not suspects."""
+
+    def __init__(self) -> None:
+        self.suspects: list[str] = []  # request ids to run alone, oldest first
+        self.failed_steps: dict[str, int] = {}  # failed steps that held each request
+        self.scheduled: list[str] | None = None  # the requests of the step in progress; None: not scheduled yet
+        self.scheduler = None  # the scheduler whose schedule_batch goes through self.schedule
+
+    def before_step(self, batch_processor) -> None:
+        self.scheduled = None
+        scheduler = batch_processor.scheduler
+        if self.scheduler is not scheduler:  # the first step of this batch processor
+            schedule_batch = scheduler.schedule_batch
+            scheduler.schedule_batch = lambda token_budget, cache_budget: self.schedule(
+                scheduler, schedule_batch, token_budget, cache_budget)
+            self.scheduler = scheduler
+
+    def schedule(self, scheduler, schedule_batch, token_budget: int, cache_budget: int):
+        suspect = self.next_suspect(scheduler)
+        if suspect is None:
+            batch = schedule_batch(token_budget, cache_budget)
+            self.scheduled = None if batch[0] is None else [future.state.request_id for future in batch[0]]
+        else:
+            batch = schedule_alone(scheduler, schedule_batch, suspect, token_budget, cache_budget)
+            self.scheduled = [suspect.request_id]
+        return batch
+
+    def next_suspect(self, scheduler):
+        """The oldest suspect still to run alone: one that was put back and has not generated a token since."""
+        while self.suspects:
+            request_id = self.suspects[0]
+            state = scheduler.active_requests.get(request_id) or scheduler.waiting_requests.get(request_id)
+            if state is not None and not state.generated_tokens:
+                return state
+            self.suspects.pop(0)  # through a step alone, or finished, failed or cancelled meanwhile
+        return None
+
+    def after_failure(self, batch_processor, error: Exception) -> None:
+        from transformers.utils import logging
+
+        scheduler = batch_processor.scheduler
+        active = list(scheduler.active_requests.values())
+        waiting = list(scheduler.waiting_requests.values())
+        known = {state.request_id: state for state in active + waiting}
+        held = [rid for rid in (self.scheduled if self.scheduled is not None else known) if rid in known]
+        cause = f"{type(error).__name__}: {error}"
+        failing = {}
+        if len(held) == 1:
+            failing[held[0]] = RuntimeError(f"{cause} (a continuous-batching step with this request alone failed)")
+        for request_id in held if len(held) > 1 else ():
+            self.failed_steps[request_id] = self.failed_steps.get(request_id, 0) + 1
+            if self.failed_steps[request_id] >= STEP_FAILURE_LIMIT:
+                failing[request_id] = RuntimeError(
+                    f"{cause} (this request was in {STEP_FAILURE_LIMIT} failed continuous-batching steps)")
+        logging.get_logger(__name__).error(
+            "A continuous-batching step holding %d request(s) failed: %s. Failing %s; retrying the others alone.",
+            len(held), cause, sorted(failing) or "none", exc_info=error)
+
+        for request_id, reason in failing.items():
+            batch_processor.output_router.fail_and_deliver(known[request_id], reason)
+        batch_processor.reset()  # the cache's pages, the scheduler's queues and the step's buffers: emptied
+        for state in active + waiting:  # the step's requests first (active ones), then the waiting, in their order
+            if state.request_id not in failing:
+                scheduler.add_waiting_request(restarted(state))
+        self.suspects = [rid for rid in dict.fromkeys(held + self.suspects) if rid in known and rid not in failing]
+        self.failed_steps = {rid: n for rid, n in self.failed_steps.items() if rid in known and rid not in failing}
+
+
+def restarted(state):
+    """A request as it goes back to the waiting queue after a failed step: untouched if it never started, otherwise
+    transformers' soft reset of it (prompt + generated tokens as the new prompt, the same id, max_new_tokens less the
+    tokens it has; its output still splits them as prompt and generated)."""
+    started = state.position_offset > 0 or state.generated_tokens or state.is_cpu_offloaded
+    return state.create_equivalent_initial_request() if started or state.tokens_to_process else state
 
 
 def latent_cache_dtype_of(model, generation_config) -> str | None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from modeling_deepseek import compat
+from modeling_deepseek import compat, compat_batching
 from trainers import compat as trainers_compat
 
 from conftest import random_ids, tiny_model
@@ -411,7 +411,8 @@ def test_transformers_serve_app_and_handler_hooks():
     """modeling_deepseek.serve_app reaches transformers' server through: Serve.run importing build_server from
     transformers.cli.serving.server when it runs (compat.app_built_with swaps it), build_server's first three
     arguments, and the handlers' private hooks (compat.SERVING_HANDLER_HOOKS), called in that order by handle_request;
-    the continuous-batching loop's private _generation_loop_body (compat.survive_step_failures)."""
+    the continuous-batching loop's private _generation_loop_body (compat_batching.survive_step_failures; the
+    failure isolation's other internals: the test below)."""
     from transformers.cli.serve import Serve
     from transformers.cli.serving import server
     from transformers.generation.continuous_batching import ContinuousBatchingManager
@@ -428,7 +429,46 @@ def test_transformers_serve_app_and_handler_hooks():
             f"{handler.__name__}.handle_request no longer calls {compat.SERVING_HANDLER_HOOKS} in this order "
             "(serve_app.CheckedRequests)")
     assert "self._generation_loop_body(" in inspect.getsource(ContinuousBatchingManager._run_generation_loop), (
-        "the continuous-batching loop no longer steps through _generation_loop_body (compat.survive_step_failures)")
+        "the continuous-batching loop no longer steps through _generation_loop_body "
+        "(compat_batching.survive_step_failures)")
+
+
+@pytest.mark.skipif(not compat.MLA_PAGED_CACHE, reason=f"continuous batching of our models needs transformers >= "
+                    f"{compat.PAGED_CACHE_MIN_VERSION}")
+def test_failure_isolation_internals_of_the_batching_loop():
+    """continuous_batching.StepFailureIsolation reaches transformers' continuous-batching loop through: the private
+    ContinuousBatchingManager._generation_loop_body (compat_batching.survive_step_failures, checked above); the
+    scheduler's queues (compat_batching.SCHEDULER_QUEUES, swapped by schedule_alone) as its reset() sets them and its
+    schedule_batch reads them; the batch processor scheduling through `self.scheduler.schedule_batch(`; and the soft
+    reset RequestState.create_equivalent_initial_request (prompt + generated tokens as the new prompt, same id, the
+    output still split as before)."""
+    from transformers.generation.continuous_batching import continuous_api, scheduler
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    reset = inspect.getsource(scheduler.Scheduler.reset)
+    for name in compat_batching.SCHEDULER_QUEUES:
+        assert f"self.{name}" in reset, (
+            f"transformers' Scheduler.reset no longer sets {name}: compat_batching.schedule_alone cannot run one request "
+            "alone")
+    for cls in scheduler.SCHEDULER_MAPPING.values():
+        source = inspect.getsource(cls.schedule_batch) + inspect.getsource(scheduler.Scheduler._get_waiting_candidates)
+        for name in compat_batching.SCHEDULER_QUEUES:
+            assert f"self.{name}" in source, (
+                f"{cls.__name__}.schedule_batch no longer reads {name} (compat_batching.schedule_alone)")
+    assert "self.scheduler.schedule_batch(" in inspect.getsource(
+        continuous_api.ContinuousBatchProcessor.prepare_next_batch), (
+        "the batch processor no longer schedules through scheduler.schedule_batch (StepFailureIsolation.before_step)")
+
+    state = RequestState(request_id="r", initial_tokens=[1, 2, 3], max_new_tokens=5)
+    state.generated_tokens = [7, 8]
+    again = state.create_equivalent_initial_request()
+    assert (again.request_id, again.initial_tokens, again.max_new_tokens, again.generated_tokens) == (
+        "r", [1, 2, 3, 7, 8], 3, [])
+    again.generated_tokens = [9]
+    out = again.to_generation_output()
+    assert (out.prompt_ids, out.generated_tokens) == ([1, 2, 3], [7, 8, 9]), (
+        "RequestState.create_equivalent_initial_request no longer restarts a request from prompt + generated tokens "
+        "(continuous_batching.restarted)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -431,6 +431,97 @@ def test_a_running_manager_refuses_an_empty_prompt_and_survives_a_failed_step(mo
         manager.stop(block=True)
 
 
+POISON = 5  # a forward whose input ids hold this token twice in a row fails (the fault injected below)
+
+
+def fail_on_poison(model, monkeypatch, fails_when=None, after_steps=None) -> list[list[int]]:
+    """Make the model's forward raise when `fails_when(input_ids, requests in the step)` (by default: the poisoned
+    pair is among the step's tokens, wherever the engine packed it), as a bug inside the batching loop would; after
+    the `after_steps[0]`-th successful forward, call `after_steps[1]()`. Returns the list the query lengths of each
+    failed step's requests are appended to (1: a decoding request)."""
+    forward, failed, done = model.forward, [], []
+    fails_when = fails_when or (lambda ids, n: bool(((ids[0, :-1] == POISON) & (ids[0, 1:] == POISON)).any()))
+
+    def faulty_forward(*args, **kwargs):
+        query_lengths = kwargs["cu_seq_lens_q"].diff().tolist()
+        if fails_when(kwargs["input_ids"], len(query_lengths)):
+            failed.append(query_lengths)
+            raise RuntimeError("poisoned step")
+        out = forward(*args, **kwargs)
+        done.append(1)
+        if after_steps is not None and len(done) == after_steps[0]:
+            after_steps[1]()
+        return out
+
+    monkeypatch.setattr(model, "forward", faulty_forward)
+    return failed
+
+
+def finished_results(manager, count: int) -> dict:
+    """The next `count` finished outputs of a running manager, by request id."""
+    results = {}
+    while len(results) < count:
+        out = manager.get_result(timeout=60)
+        assert out is not None, f"only {sorted(results)} came back"
+        if out.is_finished():
+            results[out.request_id] = out
+    return results
+
+
+@needs_mla_paged_cache
+def test_a_failed_step_fails_only_the_request_at_fault(model, prompts, expected, monkeypatch):
+    """A request whose prompt makes the forward fail joins a step where others decode and prefill: the step fails, its
+    requests are put back (restarted from prompt + generated tokens) and retried alone; the culprit alone gets the
+    error, every other request gets generate()'s greedy tokens, and the next request is served."""
+    culprit = [7, POISON, POISON, 11]
+    bad = []  # the culprit is added by the loop itself after its 2nd step, when the first requests decode
+    failed = fail_on_poison(model, monkeypatch, after_steps=(2, lambda: bad.append(
+        manager.add_request(culprit, max_new_tokens=NEW))))
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    manager.start()
+    try:
+        good = manager.add_requests(prompts, max_new_tokens=NEW)
+        results = finished_results(manager, len(prompts) + 1)
+        assert "poisoned step" in results[bad[0]].error and "alone" in results[bad[0]].error
+        assert [results[rid].error for rid in good] == [None] * len(prompts)
+        assert [results[rid].generated_tokens for rid in good] == expected
+        assert [results[rid].prompt_ids for rid in good] == prompts
+        # failed with others, some of them decoding (restarted from prompt + generated tokens), then alone
+        assert len(failed[0]) > 1 and 1 in failed[0] and len(failed[-1]) == 1, failed
+        served = manager.get_result(request_id=manager.add_request(prompts[2], max_new_tokens=NEW), timeout=60)
+        assert served.error is None and served.generated_tokens == expected[2]
+        assert manager.background_thread_status.fatal_error is None
+    finally:
+        manager.stop(block=True)
+    # generate_batch: the culprit alone failed, and it raises naming it
+    with pytest.raises(RuntimeError, match=r"1 of 6 request\(s\) failed; req_5: RuntimeError: poisoned step"):
+        model.generate_batch(prompts + [culprit], generation_config=greedy(), continuous_batching_config=cb_config())
+
+
+@needs_mla_paged_cache
+def test_a_fault_of_the_batch_not_of_a_request_is_retried_a_bounded_number_of_times(model, prompts, expected,
+                                                                                    monkeypatch):
+    """A step fails whenever it holds more than one request (as running out of memory would): each request passes
+    alone, fails again with the others, and fails for good with the cause at its STEP_FAILURE_LIMIT-th failed step;
+    then a request alone is served."""
+    failed = fail_on_poison(model, monkeypatch, fails_when=lambda ids, n: n > 1)
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    manager.start()
+    try:
+        ids = manager.add_requests(prompts[:3], max_new_tokens=NEW)
+        finished = finished_results(manager, len(ids))
+        results = [finished[rid] for rid in ids]
+        limit = continuous_batching.STEP_FAILURE_LIMIT
+        for out, tokens in zip(results, expected):
+            assert "poisoned step" in out.error and f"in {limit} failed" in out.error
+            assert out.generated_tokens == tokens[:len(out.generated_tokens)]  # what it had was right
+        assert len(failed) == limit and min(map(len, failed)) > 1, failed
+        served = manager.get_result(request_id=manager.add_request(prompts[3], max_new_tokens=NEW), timeout=60)
+        assert served.error is None and served.generated_tokens == expected[3]
+    finally:
+        manager.stop(block=True)
+
+
 @needs_mla_paged_cache
 @pytest.mark.parametrize("how, match", [
     ("latent_cache_dtype", "`latent_cache_dtype` must be None or 'fp8', got 'int4'"),

@@ -5,8 +5,9 @@ subprocess on a loopback port for the module, called by raw HTTP (urllib) and th
 - an empty prompt (the word tokenizer adds no BOS token: it tokenizes to nothing) is a 400, and the server then answers
   a good request with generate()'s tokens;
 - without `Authorization: Bearer KEY`, 401 on every endpoint but /health;
-- a failure inside the batching loop (the probe fails a forward over a poisoned token) is a 500 naming the cause,
-  and the next request is served;
+- a failure inside the batching loop (the probe fails a forward over a poisoned pair of tokens) fails that request
+  alone, a 500 naming the cause, while the good requests of the same step get generate()'s tokens, and the next
+  request is served;
 - a stream the client closes stops generating: the model's forward steps, counted in the server's processes by a
   sitecustomize probe on the subprocess' PYTHONPATH (tests/serve_probe/), stop growing once it is closed.
 
@@ -28,7 +29,7 @@ import torch
 from benchmarks.harness import free_port, serving
 from conftest import random_ids, tiny_model
 from modeling_deepseek.compat import MLA_PAGED_CACHE, PAGED_CACHE_MIN_VERSION
-from test_openai_server import VOCAB, word_tokenizer
+from test_openai_server import SPECIALS, VOCAB, word_tokenizer
 
 needs_serving = pytest.mark.skipif(not MLA_PAGED_CACHE,
                                    reason=f"the server runs on transformers >= {PAGED_CACHE_MIN_VERSION}")
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
 CONTEXT = 2048  # the issue's model
 NO_EOS = VOCAB + 7  # outside the vocabulary: never generated
-POISON = 99  # the probe fails a prefill that starts with this token id
+POISON = 99  # the probe fails a forward whose input ids hold this token id twice in a row
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +161,38 @@ def test_empty_prompt_is_refused_and_the_next_request_is_served(server):
 
 @needs_serving
 def test_a_failure_inside_the_batch_fails_its_request_alone(server):
+    """A poisoned prompt joins a step where good requests decode: that step fails, its requests are retried alone,
+    the poisoned one gets a 500 naming the cause, the good ones generate()'s tokens, and the next request is served."""
+    from concurrent.futures import ThreadPoolExecutor
+
     model_id = str(server["folder"])
-    status, answer = call(server, "/v1/completions", {"model": model_id, "prompt": f"w{POISON} w5", "max_tokens": 4,
-                                                      "temperature": 0})
-    assert status == 500 and answer["error"]["type"] == "server_error", answer
-    assert "poisoned token reached the model" in answer["error"]["message"]
+    before = server["forwards"].read_text().count("\n")
+
+    def complete(prompt_ids, n):
+        return call(server, "/v1/completions", {"model": model_id, "prompt": words(prompt_ids), "max_tokens": n,
+                                                "temperature": 0})
+
+    with ThreadPoolExecutor(3) as pool:
+        long_ids, short_ids = [5, 6, 7], [8, 9, 10, 11]
+        long_answer = pool.submit(complete, long_ids, 120)
+        deadline = time.monotonic() + 60
+        while server["forwards"].read_text().count("\n") < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the long request is decoding
+        poisoned = pool.submit(complete, [POISON, POISON, 5], 4)
+        short_answer = pool.submit(complete, short_ids, 6)
+        status, answer = poisoned.result()
+        assert status == 500 and answer["error"]["type"] == "server_error", answer
+        assert "poisoned token reached the model" in answer["error"]["message"] and "alone" in answer["error"][
+            "message"]
+        for (status, answer), ids, n in [(long_answer.result(), long_ids, 120), (short_answer.result(), short_ids, 6)]:
+            assert status == 200 and answer["usage"]["completion_tokens"] == n, answer
+            assert [int(w[1:]) for w in answer["choices"][0]["text"].split()] == [  # the text leaves out specials
+                token for token in greedy(server["model"], ids, n) if token >= len(SPECIALS)]
+    failures = [int(line.split()[1]) for line in server["forwards"].read_text().splitlines()[before:]
+                if line.startswith("failed")]
+    assert failures[0] > 1 and failures[-1] == 1, failures  # failed among others, then alone
     for _ in range(2):  # the worker goes on
-        status, answer = call(server, "/v1/completions", {"model": model_id, "prompt": "w5 w6 w7", "max_tokens": 4,
-                                                          "temperature": 0})
+        status, answer = complete([5, 6, 7], 4)
         assert status == 200 and [int(w[1:]) for w in answer["choices"][0]["text"].split()] == greedy(
             server["model"], [5, 6, 7], 4)
     assert call(server, "/health", key=None) == (200, {"status": "ok"})
