@@ -61,21 +61,22 @@ def run_layout(layout: str, out: Path) -> None:
     from trainers.pipeline import PipelineRunner, pipeline_mesh
 
     layout_steps, _, n = layout.partition("@")  # `layout@N`: N steps instead of STEPS
-    schedule, _, extra = layout_steps.partition("+")
-    steps = int(n) if n else FP8_STEPS if extra == "fp8" else STEPS
+    schedule, *extras = layout_steps.split("+")
+    fp8, ep, overlap = "fp8" in extras, "ep" in extras, "overlap" in extras
+    steps = int(n) if n else FP8_STEPS if fp8 else STEPS
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = 2 if extra in ("dp", "ep") else 1
-    mesh = pipeline_mesh(world // dp, expert_parallel=extra == "ep")
-    dp_rank = mesh.get_local_rank("ep" if extra == "ep" else "dp")
+    dp = 2 if ep or "dp" in extras else 1
+    mesh = pipeline_mesh(world // dp, expert_parallel=ep)
+    dp_rank = mesh.get_local_rank("ep" if ep else "dp")
     data = batches()
     share = GLOBAL_BATCH // dp
 
     def local(batch):
         return batch[dp_rank * share:(dp_rank + 1) * share]
 
-    model = build(extra == "fp8", world)
-    runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh)
-    if extra == "ep":  # the ep shards gather into the whole model (what save_final writes), in expert order
+    model = build(fp8, world)
+    runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh, overlap_f_b=overlap)
+    if ep:  # the ep shards gather into the whole model (what save_final writes), in expert order
         from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
 
         args = PipelineTrainingArguments(output_dir=str(out / layout), max_steps=1, batch_size=share)
@@ -96,6 +97,10 @@ def run_layout(layout: str, out: Path) -> None:
         opt.step()
         opt.zero_grad()
         record["losses"].append(parts["loss"].item())
+        if ep:  # this rank's all_to_all time, and how much of it ran under the other direction's compute
+            record.setdefault("all_to_all", []).append(runner.all_to_all_seconds())
+    if overlap:
+        record["overlapped_actions"] = runner.overlapped_actions
     record["biases"] = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
     (out / layout).mkdir(parents=True, exist_ok=True)
     torch.save(record, out / layout / f"rank{rank}.pt")
