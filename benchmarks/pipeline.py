@@ -52,11 +52,25 @@ def _instrument(log: list) -> None:
     PipelineStage.backward_weight_one_chunk = timed(PipelineStage.backward_weight_one_chunk, lambda a, k: "W")
 
 
+def model_config(spec: dict, moe_intermediate: int | None = None):
+    """The benchmark's model: `layers` layers of width `hidden`, 8 routed experts top-2 (of width
+    `moe_intermediate`, default hidden / 2) and a shared one, one MTP module, a 512-token vocabulary."""
+    from modeling_deepseek import DeepseekConfig
+
+    hidden = spec["hidden"]
+    return DeepseekConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
+                          moe_intermediate_size=moe_intermediate or hidden // 2, num_hidden_layers=spec["layers"],
+                          num_attention_heads=4, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2,
+                          qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                          n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                          first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=spec["seq"])
+
+
 def worker(spec: dict) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+    from modeling_deepseek import DeepseekForCausalLM
     from trainers.pipeline import SCHEDULES, PipelineRunner, pipeline_mesh
 
     torch.set_num_threads(1)
@@ -64,12 +78,7 @@ def worker(spec: dict) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     log: list = []
     _instrument(log)
-    config = DeepseekConfig(vocab_size=512, hidden_size=spec["hidden"], intermediate_size=2 * spec["hidden"],
-                            moe_intermediate_size=spec["hidden"] // 2, num_hidden_layers=spec["layers"],
-                            num_attention_heads=4, q_lora_rank=spec["hidden"] // 2, kv_lora_rank=spec["hidden"] // 2,
-                            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
-                            n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-                            first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=spec["seq"])
+    config = model_config(spec)
     ids = torch.randint(0, 512, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0))
     results = {}
     for name in SCHEDULES:

@@ -4,7 +4,8 @@ torchrun launch runs every layout named.
     torchrun --nproc_per_node P tests/_pipeline_worker.py OUT LAYOUT [LAYOUT ...]
 
 A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas),
-`{schedule}+ep` (as +dp, the 2 replicas also splitting the routed experts: pipeline x expert parallel) or
+`{schedule}+ep` (as +dp, the 2 replicas also splitting the routed experts: pipeline x expert parallel),
+`{schedule}+ep+overlap` (as +ep, OVERLAP_F_B run overlapped: trainers/pipeline_overlap.py) or
 `{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps;
 `...@N` trains N steps instead of STEPS: the custom autograd functions of the Linears and the
 grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model,
@@ -123,6 +124,9 @@ def check_errors(out: Path) -> None:
         "compiled_under_dualpipev": lambda: PipelineRunner(compiled_model(world), "dualpipev", 4, mesh),
         "more_stages_than_layers": lambda: PipelineRunner(tiny_model(num_hidden_layers=3), "zbv", 4, mesh),
         "tied_under_loop": lambda: PipelineRunner(tiny_model(tie_word_embeddings=True), "1f1b", 4, mesh),
+        "overlap_without_overlap_actions": lambda: PipelineRunner(build(False, world), "1f1b", 4, mesh,
+                                                                  overlap_f_b=True),
+        "overlap_without_experts": lambda: PipelineRunner(build(False, world), "dualpipev", 4, mesh, overlap_f_b=True),
     }
     messages = {}
     for name, attempt in attempts.items():

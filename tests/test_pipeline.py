@@ -6,7 +6,8 @@ first step and every parameter's gradient agree to 1e-5, the AdamW loss curve fo
 layouts other than DualPipeV), and the aux-loss-free biases end where one process puts them after as many steps
 (identical on data-parallel replicas), and `clip_grad_norm_` measures the one-process gradient norm. The `+ep` layouts
 (pp 2 x ep 2: pipeline x expert parallel) compare each rank's expert gradients with its slice of one process's and
-gather the expert shards back into the whole model. FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
+gather the expert shards back into the whole model; `dualpipev+ep+overlap` runs DualPipeV's OVERLAP_F_B actions with the
+forward and the backward side by side (trainers/pipeline_overlap.py) and must give the same numbers. FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
 modules' custom autograd functions) compare with one process over the same micro-batches. The 2-rank launch also
 checks the named errors and a bit-exact resume of trainers.pipeline_training.
 """
@@ -35,7 +36,7 @@ LAUNCHES = {
     2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
     # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
     4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6",
-        "dualpipev+ep@6", "1f1b+ep@6"],
+        "dualpipev+ep@6", "dualpipev+ep+overlap@6", "1f1b+ep@6"],
 }
 
 needs_torchrun = pytest.mark.skipif(
@@ -136,6 +137,13 @@ def test_every_schedule_equals_one_process(launch):
             assert set(full) == set(start), set(full) ^ set(start)
             for name, value in start.items():
                 assert torch.equal(full[name], value), f"{layout}: gathered {name} differs from the model's"
+        if "+overlap" in layout:  # the overlap ran, and some of the exchanges waited under the other thread's compute
+            for r in records:
+                assert r["overlapped_actions"] > 0, layout
+                hidden = sum(s["comm_s"] - s["exposed_s"] for s in r["all_to_all"])
+                assert 0 < hidden <= sum(s["comm_s"] for s in r["all_to_all"]), (layout, r["all_to_all"])
+        elif "+ep" in layout:  # in turn: every exchange is exposed
+            assert all(s["comm_s"] > 0 and s["exposed_s"] == s["comm_s"] for r in records for s in r["all_to_all"])
         norm = torch.stack([g.pow(2).sum() for g in ref["grads"].values()]).sum().sqrt().item()
         for r in records:
             assert abs(r["grad_norm"] - norm) <= 1e-5 * norm, (layout, "clip_grad_norm_", r["grad_norm"], norm)
@@ -161,6 +169,35 @@ def test_pipeline_errors_are_named(launch):
     assert "cannot do through a compiled module" in errors["compiled_under_dualpipev"]
     assert "cannot split 3 decoder layers into 4 pipeline stages" in errors["more_stages_than_layers"]
     assert "tie_word_embeddings under '1f1b'" in errors["tied_under_loop"]
+    assert "schedule '1f1b' has no OVERLAP_F_B actions to overlap" in errors["overlap_without_overlap_actions"]
+    assert "it needs expert parallelism" in errors["overlap_without_experts"]
+
+
+def test_overlap_reads_torch_schedule_internals():
+    """trainers.compat's mirrors of torch's FORWARD / FULL_BACKWARD actions (for OVERLAP_F_B) read these privates of
+    torch.distributed.pipelining (2.13): the nested function they mirror cannot be called, so a torch that renames
+    one fails here by name, beside the 4-rank run that checks the numbers."""
+    import inspect
+
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+    runtime = schedules._PipelineScheduleRuntime
+    assert issubclass(schedules.ScheduleDualPipeV, runtime)
+    assert callable(schedules._wait_batch_p2p)
+    for name in ("_maybe_compute_loss", "_maybe_get_loss", "register_custom_function"):
+        assert callable(getattr(runtime, name)), name
+    step = inspect.getsource(runtime._step_microbatches)  # the state the mirrors share with torch's own runner
+    for name in ("self.fwd_recv_ops", "self.bwd_recv_ops", "self.backward_counter", "self._n_microbatches",
+                 "stage.forward_one_chunk(", "stage.backward_one_chunk(", "set_local_fwd_input",
+                 "set_local_bwd_input", "get_local_bwd_output", "_PipelineContext(", "sub_actions"):
+        assert name in step, name
+    assert {"schedule_ref", "arg_mbs", "kwarg_mbs", "target_mbs"} <= set(inspect.signature(
+        schedules._PipelineContext).parameters)
+    assert {"stage_index", "computation_type", "microbatch_index", "sub_actions"} <= set(schedules._Action._fields)
+    for name in ("forward_one_chunk", "backward_one_chunk", "set_local_fwd_input", "set_local_bwd_input"):
+        assert callable(getattr(_PipelineStageBase, name)), name
+    assert "save_forward_output" in inspect.signature(_PipelineStageBase.forward_one_chunk).parameters
 
 
 @needs_torchrun

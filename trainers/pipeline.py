@@ -144,6 +144,11 @@ class PipelineRunner:
         if overlap_f_b and not spec.overlaps_f_b:
             raise ValueError(f"overlap_f_b: schedule {schedule!r} has no OVERLAP_F_B actions to overlap; "
                              f"{sorted(n for n, s in SCHEDULES.items() if s.overlaps_f_b)} has them")
+        self.device = next(lm.parameters()).device
+        if overlap_f_b and self.device.type != "cpu":
+            raise ValueError(f"overlap_f_b runs on CPU ranks (blocking gloo exchanges handed over between two threads); "
+                             f"the model is on {self.device.type}, where autograd runs the backward on its device "
+                             "thread, outside the baton's hand-over")
         if overlap_f_b and dp_dim != "ep":
             raise ValueError("overlap_f_b overlaps one micro-batch's expert all_to_all with another's compute: it needs "
                              "expert parallelism (a mesh from pipeline_mesh(pp, expert_parallel=True))")
@@ -172,7 +177,6 @@ class PipelineRunner:
             self._overlap = OverlapFB(self.baton) if overlap_f_b else None
         for tracked in (lm, lm.model):  # the optimizer hook follows the DeepseekModel (balancing.track)
             set_balancing_group(tracked, self.dp_group)
-        self.device = next(lm.parameters()).device
         self._schedules = {}  # micro-batch shape (b, T) -> the schedule over stages declared for that shape
         self.has_first = any(m.is_first for m in self.stages)
         self.last = next((m for m in self.stages if m.is_last), None)
