@@ -349,7 +349,8 @@ def main(argv=None) -> dict:
     if args.block_size > max_positions:
         raise SystemExit(f"--block-size {args.block_size} exceeds max_position_embeddings {max_positions}")
     if args.pp_overlap and not (args.pp and args.ep):
-        raise SystemExit("--pp-overlap overlaps the expert all_to_alls of the pipeline's stages: it needs --pp and --ep")
+        raise SystemExit("--pp-overlap overlaps the expert all_to_alls of the pipeline's stages: it needs --pp and "
+                         "--ep")
     if args.ep and not args.pp:
         raise SystemExit("--ep splits the experts of the pipeline stages: it needs --pp (without a pipeline, load the "
                          "model with DistributedConfig(ep_size=...) instead)")

@@ -6,10 +6,11 @@ first step and every parameter's gradient agree to 1e-5, the AdamW loss curve fo
 layouts other than DualPipeV), and the aux-loss-free biases end where one process puts them after as many steps
 (identical on data-parallel replicas), and `clip_grad_norm_` measures the one-process gradient norm. The `+ep` layouts
 (pp 2 x ep 2: pipeline x expert parallel) compare each rank's expert gradients with its slice of one process's and
-gather the expert shards back into the whole model; `dualpipev+ep+overlap` runs DualPipeV's OVERLAP_F_B actions with the
-forward and the backward side by side (trainers/pipeline_overlap.py) and must give the same numbers. FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
-modules' custom autograd functions) compare with one process over the same micro-batches. The 2-rank launch also
-checks the named errors and a bit-exact resume of trainers.pipeline_training.
+gather the expert shards back into the whole model; `dualpipev+ep+overlap` runs DualPipeV's OVERLAP_F_B actions with
+the forward and the backward side by side (trainers/pipeline_overlap.py) and must give the same numbers. FP8 layouts
+(zbv, dualpipev: the weight-gradient split through the FP8 modules' custom autograd functions) compare with one
+process over the same micro-batches. The 2-rank launch also checks the named errors and a bit-exact resume of
+trainers.pipeline_training.
 """
 
 from __future__ import annotations

@@ -133,8 +133,9 @@ class PipelineRunner:
                  overlap_f_b: bool = False):
         """A mesh from `pipeline_mesh(pp, expert_parallel=True)` (an "ep" dimension) also shards the routed experts of
         the local stages over "ep", dispatched by the registered EP implementation `ep_implementation`.
-        `overlap_f_b`: run the schedule's OVERLAP_F_B actions with one micro-batch's expert all_to_alls under the other's
-        compute (trainers/pipeline_overlap.py); needs a schedule that has them (dualpipev) and expert parallelism."""
+        `overlap_f_b`: run the schedule's OVERLAP_F_B actions with one micro-batch's expert all_to_alls under the
+        other's compute (trainers/pipeline_overlap.py); needs a schedule that has them (dualpipev), expert parallelism
+        and CPU ranks."""
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         spec = self.spec = SCHEDULES[schedule]
@@ -146,12 +147,12 @@ class PipelineRunner:
                              f"{sorted(n for n, s in SCHEDULES.items() if s.overlaps_f_b)} has them")
         self.device = next(lm.parameters()).device
         if overlap_f_b and self.device.type != "cpu":
-            raise ValueError(f"overlap_f_b runs on CPU ranks (blocking gloo exchanges handed over between two threads); "
-                             f"the model is on {self.device.type}, where autograd runs the backward on its device "
-                             "thread, outside the baton's hand-over")
+            raise ValueError("overlap_f_b runs on CPU ranks (blocking gloo exchanges handed over between two "
+                             f"threads); the model is on {self.device.type}, where autograd runs the backward on its "
+                             "device thread, outside the baton's hand-over")
         if overlap_f_b and dp_dim != "ep":
-            raise ValueError("overlap_f_b overlaps one micro-batch's expert all_to_all with another's compute: it needs "
-                             "expert parallelism (a mesh from pipeline_mesh(pp, expert_parallel=True))")
+            raise ValueError("overlap_f_b overlaps one micro-batch's expert all_to_all with another's compute: it "
+                             "needs expert parallelism (a mesh from pipeline_mesh(pp, expert_parallel=True))")
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group(dp_dim)
         self.pp_size, self.dp_size = mesh.size(dims.index("pp")), mesh.size(dims.index(dp_dim))
         pp_rank = dist.get_rank(self.pp_group)
