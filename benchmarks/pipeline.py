@@ -12,8 +12,9 @@ its idle time the rest of the step (waiting for a neighbour's activations or gra
 
 DeepSeek's bubble formulas (V3 report, table 2; F, B, W one stage's chunk times, P pipeline ranks):
 1F1B (P-1)(F+B); ZB1P (P-1)(F+B-2W); DualPipeV (P-1)(F&B+B-3W), where F&B, an overlapped forward-backward pair, is F+B
-here (torch runs OVERLAP_F_B as F then B unless a function is registered for it). The measured F, B, W of each
-schedule go into its formula; B is I+W where the schedule splits the backward.
+here (torch runs OVERLAP_F_B as F then B unless a function is registered for it, as benchmarks/pipeline_overlap.py
+does under expert parallelism). The measured F, B, W of each schedule go into its formula; B is I+W where the
+schedule splits the backward.
 
 Writes benchmarks/results/pipeline.json, benchmarks/results/pipeline_timeline_{schedule}.png and the section of
 benchmarks/RESULTS.md between <!-- BEGIN pipeline --> and <!-- END pipeline -->.
@@ -200,9 +201,9 @@ def render(report: dict) -> str:
                   "DeepSeek's formula, and the comparison between schedules is not conclusive on this machine. The "
                   "last stage's loss (lm_head over the vocabulary, the MTP module, the CE) is the largest single "
                   "action of the step at this size: under V placement rank 0 carries it together with the "
-                  "embedding stage, which makes rank 0 the busiest rank of zbv and dualpipev. OVERLAP_F_B (one "
-                  "micro-batch's expert all_to_all under another's compute) is not implemented: torch runs the "
-                  "action as F then B."]
+                  "embedding stage, which makes rank 0 the busiest rank of zbv and dualpipev. OVERLAP_F_B runs as F then "
+                  "B here (torch's default; this model has no expert parallelism to overlap): the overlapped "
+                  "forward-backward under pp x ep is measured by benchmarks/pipeline_overlap.py."]
     return "\n".join(lines) + "\n"
 
 

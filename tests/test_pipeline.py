@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
 from modeling_deepseek.pipeline_stages import stage_layer_counts
 from test_parallel import TORCHRUN, _env, finish
 from trainers.pipeline import SCHEDULES, check_microbatches, stage_indices
+from trainers.pipeline_overlap import Baton, MarkedExperts
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_pipeline_worker.py"
@@ -62,6 +65,78 @@ def test_layer_rule_and_placement():
         check_microbatches("dualpipev", 2, 4)
     with pytest.raises(ValueError, match="a batch of 6 sequences does not split into 4 micro-batches"):
         check_microbatches("gpipe", 4, 2, batch_size=6)
+
+
+def test_baton_hands_the_compute_over_at_an_exchange():
+    """trainers.pipeline_overlap.Baton: a thread entering an exchange gives the rank's compute to the other; back from
+    it, it waits until the other gives it up. The exchange time under the other's compute is hidden, not exposed."""
+    baton, order = Baton(), []
+    in_exchange, computed = threading.Event(), threading.Event()
+
+    def exchanging():  # holds the baton first, then waits in an "all_to_all" until the other has computed a while
+        baton.enter_comm()
+        in_exchange.set()
+        computed.wait()
+        baton.leave_comm()
+        order.append("exchange done, computing again")
+
+    def computing():
+        in_exchange.wait()
+        order.append("computing")
+        time.sleep(0.2)
+        computed.set()
+        time.sleep(0.2)  # still computing: the exchanging thread must wait for the baton
+        order.append("computed")
+
+    baton.overlapping = True
+    first = threading.Thread(target=baton.run, args=(exchanging,))
+    first.start()
+    in_exchange.wait(10)  # it held the baton first, and gave it up entering the exchange
+    second = threading.Thread(target=baton.run, args=(computing,))
+    second.start()
+    first.join(10), second.join(10)
+    assert order == ["computing", "computed", "exchange done, computing again"]
+    assert baton.comm_s >= 0.2 and 0 <= baton.exposed_s < 0.1, (baton.comm_s, baton.exposed_s)
+    baton.reset_clocks()
+    baton.overlapping = False  # outside OVERLAP_F_B: nothing computes under an exchange, all of it is exposed
+    baton.enter_comm()
+    time.sleep(0.05)
+    baton.leave_comm()
+    assert baton.comm_s == baton.exposed_s >= 0.05
+
+
+def test_marked_experts_keep_the_forward_that_fp8_conversion_rebinds():
+    """The overlap's hand-over marks wrap the EP implementation's experts_forward; modeling_deepseek.compat's
+    rebind_engine_forward (convert_to_fp8_training's class swap) still reaches the wrapped bound forward, and the
+    marks are identities with gradients."""
+    from modeling_deepseek.compat import rebind_engine_forward
+    from trainers import pipeline_experts
+
+    class Implementation:  # an EP implementation without the exchanges: the experts on every token
+        def __init__(self, experts_forward):
+            self.experts_forward = experts_forward
+
+        def __call__(self, x_TD, expert_ids_TK, weights_TK):
+            return self.experts_forward(x_TD)
+
+    experts = torch.nn.Linear(4, 4)
+    baton = Baton()
+    impl = Implementation(MarkedExperts(experts.forward, baton))
+    pipeline_experts._install(experts, impl, baton)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = experts(x, None, None)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, experts.weight, experts.bias))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, experts.weight.sum(0).expand(3, 4))
+    assert baton.comm_s > 0  # the marks timed two exchanges each way
+
+    class Swapped(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    experts.__class__ = Swapped
+    assert rebind_engine_forward(experts)
+    torch.testing.assert_close(experts(x, None, None), 2 * torch.nn.functional.linear(x, experts.weight, experts.bias))
 
 
 def one_process(world: int, fp8: bool) -> dict:
