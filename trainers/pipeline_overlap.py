@@ -203,8 +203,5 @@ class OverlapFB:
         finally:
             self.baton.overlapping = False
 
-    def close(self) -> None:
-        self._helper.shutdown(wait=True)
-
 
 __all__ = ["Baton", "MarkedExperts", "OverlapFB", "exchange_ends", "exchange_starts", "stage_ep_meshes"]
