@@ -23,7 +23,8 @@ accelerate launch; the world is pp-way pipelines times world / pp data-parallel 
         --pp-schedule dualpipev                                   (ACCELERATE_USE_CPU=yes: CPU ranks)
 
 --ep makes the data-parallel replicas of each pipeline rank split its routed experts as well (pipeline x expert
-parallel on an (ep, pp) mesh, V3's PP x EP layout: trainers/pipeline_experts.py).
+parallel on an (ep, pp) mesh, V3's PP x EP layout: trainers/pipeline_experts.py); with it, --pp-overlap runs
+DualPipeV's overlapped forward-backward pairs side by side (trainers/pipeline_overlap.py; CPU ranks).
 --batch-size is then the sequences per step per replica, split into --pp-microbatches; trainers/pipeline_training.py
 runs the loop (progress, eval, checkpoints in OUTPUT/pipeline, --resume) and rank 0 saves OUTPUT/final, an ordinary
 checkpoint that loads in one process.
@@ -102,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep", action="store_true",
                    help="with --pp: the world / pp data-parallel replicas also split the routed experts (expert "
                         "parallel, all_to_all dispatch)")
+    p.add_argument("--pp-overlap", action="store_true",
+                   help="with --pp --ep under dualpipev: run each overlapped forward-backward pair side by side, one "
+                        "micro-batch's expert all_to_all under the other's compute (trainers/pipeline_overlap.py)")
     return p.parse_args(argv)
 
 
@@ -344,6 +348,9 @@ def main(argv=None) -> dict:
     max_positions = int(raw_config.get("max_position_embeddings", args.block_size))
     if args.block_size > max_positions:
         raise SystemExit(f"--block-size {args.block_size} exceeds max_position_embeddings {max_positions}")
+    if args.pp_overlap and not (args.pp and args.ep):
+        raise SystemExit("--pp-overlap overlaps the expert all_to_alls of the pipeline's stages: it needs --pp and "
+                         "--ep")
     if args.ep and not args.pp:
         raise SystemExit("--ep splits the experts of the pipeline stages: it needs --pp (without a pipeline, load the "
                          "model with DistributedConfig(ep_size=...) instead)")
@@ -542,7 +549,7 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
     spec = SCHEDULES.get(args.pp_schedule)
     stages = args.pp * (spec.stages_per_rank if spec else 1)
     micro = args.pp_microbatches or max(1, spec.min_microbatches_per_stage * stages if spec else 1)
-    runner = PipelineRunner(model, args.pp_schedule, micro, mesh)
+    runner = PipelineRunner(model, args.pp_schedule, micro, mesh, overlap_f_b=args.pp_overlap)
     ids = lambda ds: torch.tensor(ds["input_ids"], dtype=torch.long, device=runner.device)  # noqa: E731
     warmup = int(args.warmup * args.max_steps) if args.warmup < 1 else int(args.warmup)
     save_steps = max(1, args.max_steps // 4) if args.save_steps is None else args.save_steps

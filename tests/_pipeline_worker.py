@@ -4,7 +4,8 @@ torchrun launch runs every layout named.
     torchrun --nproc_per_node P tests/_pipeline_worker.py OUT LAYOUT [LAYOUT ...]
 
 A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas),
-`{schedule}+ep` (as +dp, the 2 replicas also splitting the routed experts: pipeline x expert parallel) or
+`{schedule}+ep` (as +dp, the 2 replicas also splitting the routed experts: pipeline x expert parallel),
+`{schedule}+ep+overlap` (as +ep, OVERLAP_F_B run overlapped: trainers/pipeline_overlap.py) or
 `{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps;
 `...@N` trains N steps instead of STEPS: the custom autograd functions of the Linears and the
 grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model,
@@ -61,21 +62,22 @@ def run_layout(layout: str, out: Path) -> None:
     from trainers.pipeline import PipelineRunner, pipeline_mesh
 
     layout_steps, _, n = layout.partition("@")  # `layout@N`: N steps instead of STEPS
-    schedule, _, extra = layout_steps.partition("+")
-    steps = int(n) if n else FP8_STEPS if extra == "fp8" else STEPS
+    schedule, *extras = layout_steps.split("+")
+    fp8, ep, overlap = "fp8" in extras, "ep" in extras, "overlap" in extras
+    steps = int(n) if n else FP8_STEPS if fp8 else STEPS
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = 2 if extra in ("dp", "ep") else 1
-    mesh = pipeline_mesh(world // dp, expert_parallel=extra == "ep")
-    dp_rank = mesh.get_local_rank("ep" if extra == "ep" else "dp")
+    dp = 2 if ep or "dp" in extras else 1
+    mesh = pipeline_mesh(world // dp, expert_parallel=ep)
+    dp_rank = mesh.get_local_rank("ep" if ep else "dp")
     data = batches()
     share = GLOBAL_BATCH // dp
 
     def local(batch):
         return batch[dp_rank * share:(dp_rank + 1) * share]
 
-    model = build(extra == "fp8", world)
-    runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh)
-    if extra == "ep":  # the ep shards gather into the whole model (what save_final writes), in expert order
+    model = build(fp8, world)
+    runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh, overlap_f_b=overlap)
+    if ep:  # the ep shards gather into the whole model (what save_final writes), in expert order
         from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
 
         args = PipelineTrainingArguments(output_dir=str(out / layout), max_steps=1, batch_size=share)
@@ -96,6 +98,10 @@ def run_layout(layout: str, out: Path) -> None:
         opt.step()
         opt.zero_grad()
         record["losses"].append(parts["loss"].item())
+        if ep:  # this rank's all_to_all time, and how much of it ran under the other direction's compute
+            record.setdefault("all_to_all", []).append(runner.all_to_all_seconds())
+    if overlap:
+        record["overlapped_actions"] = runner.overlapped_actions
     record["biases"] = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
     (out / layout).mkdir(parents=True, exist_ok=True)
     torch.save(record, out / layout / f"rank{rank}.pt")
@@ -118,6 +124,9 @@ def check_errors(out: Path) -> None:
         "compiled_under_dualpipev": lambda: PipelineRunner(compiled_model(world), "dualpipev", 4, mesh),
         "more_stages_than_layers": lambda: PipelineRunner(tiny_model(num_hidden_layers=3), "zbv", 4, mesh),
         "tied_under_loop": lambda: PipelineRunner(tiny_model(tie_word_embeddings=True), "1f1b", 4, mesh),
+        "overlap_without_overlap_actions": lambda: PipelineRunner(build(False, world), "1f1b", 4, mesh,
+                                                                  overlap_f_b=True),
+        "overlap_without_experts": lambda: PipelineRunner(build(False, world), "dualpipev", 4, mesh, overlap_f_b=True),
     }
     messages = {}
     for name, attempt in attempts.items():

@@ -6,15 +6,19 @@ first step and every parameter's gradient agree to 1e-5, the AdamW loss curve fo
 layouts other than DualPipeV), and the aux-loss-free biases end where one process puts them after as many steps
 (identical on data-parallel replicas), and `clip_grad_norm_` measures the one-process gradient norm. The `+ep` layouts
 (pp 2 x ep 2: pipeline x expert parallel) compare each rank's expert gradients with its slice of one process's and
-gather the expert shards back into the whole model. FP8 layouts (zbv, dualpipev: the weight-gradient split through the FP8
-modules' custom autograd functions) compare with one process over the same micro-batches. The 2-rank launch also
-checks the named errors and a bit-exact resume of trainers.pipeline_training.
+gather the expert shards back into the whole model; `dualpipev+ep+overlap` runs DualPipeV's OVERLAP_F_B actions with
+the forward and the backward side by side (trainers/pipeline_overlap.py) and must give the same numbers. FP8 layouts
+(zbv, dualpipev: the weight-gradient split through the FP8 modules' custom autograd functions) compare with one
+process over the same micro-batches. The 2-rank launch also checks the named errors and a bit-exact resume of
+trainers.pipeline_training.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,7 @@ from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
 from modeling_deepseek.pipeline_stages import stage_layer_counts
 from test_parallel import TORCHRUN, _env, finish
 from trainers.pipeline import SCHEDULES, check_microbatches, stage_indices
+from trainers.pipeline_overlap import Baton, MarkedExperts
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_pipeline_worker.py"
@@ -35,7 +40,7 @@ LAUNCHES = {
     2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
     # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
     4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6",
-        "dualpipev+ep@6", "1f1b+ep@6"],
+        "dualpipev+ep@6", "dualpipev+ep+overlap@6", "1f1b+ep@6"],
 }
 
 needs_torchrun = pytest.mark.skipif(
@@ -60,6 +65,78 @@ def test_layer_rule_and_placement():
         check_microbatches("dualpipev", 2, 4)
     with pytest.raises(ValueError, match="a batch of 6 sequences does not split into 4 micro-batches"):
         check_microbatches("gpipe", 4, 2, batch_size=6)
+
+
+def test_baton_hands_the_compute_over_at_an_exchange():
+    """trainers.pipeline_overlap.Baton: a thread entering an exchange gives the rank's compute to the other; back from
+    it, it waits until the other gives it up. The exchange time under the other's compute is hidden, not exposed."""
+    baton, order = Baton(), []
+    in_exchange, computed = threading.Event(), threading.Event()
+
+    def exchanging():  # holds the baton first, then waits in an "all_to_all" until the other has computed a while
+        baton.enter_comm()
+        in_exchange.set()
+        computed.wait()
+        baton.leave_comm()
+        order.append("exchange done, computing again")
+
+    def computing():
+        in_exchange.wait()
+        order.append("computing")
+        time.sleep(0.2)
+        computed.set()
+        time.sleep(0.2)  # still computing: the exchanging thread must wait for the baton
+        order.append("computed")
+
+    baton.overlapping = True
+    first = threading.Thread(target=baton.run, args=(exchanging,))
+    first.start()
+    in_exchange.wait(10)  # it held the baton first, and gave it up entering the exchange
+    second = threading.Thread(target=baton.run, args=(computing,))
+    second.start()
+    first.join(10), second.join(10)
+    assert order == ["computing", "computed", "exchange done, computing again"]
+    assert baton.comm_s >= 0.2 and 0 <= baton.exposed_s < 0.1, (baton.comm_s, baton.exposed_s)
+    baton.reset_clocks()
+    baton.overlapping = False  # outside OVERLAP_F_B: nothing computes under an exchange, all of it is exposed
+    baton.enter_comm()
+    time.sleep(0.05)
+    baton.leave_comm()
+    assert baton.comm_s == baton.exposed_s >= 0.05
+
+
+def test_marked_experts_keep_the_forward_that_fp8_conversion_rebinds():
+    """The overlap's hand-over marks wrap the EP implementation's experts_forward; modeling_deepseek.compat's
+    rebind_engine_forward (convert_to_fp8_training's class swap) still reaches the wrapped bound forward, and the
+    marks are identities with gradients."""
+    from modeling_deepseek.compat import rebind_engine_forward
+    from trainers import pipeline_experts
+
+    class Implementation:  # an EP implementation without the exchanges: the experts on every token
+        def __init__(self, experts_forward):
+            self.experts_forward = experts_forward
+
+        def __call__(self, x_TD, expert_ids_TK, weights_TK):
+            return self.experts_forward(x_TD)
+
+    experts = torch.nn.Linear(4, 4)
+    baton = Baton()
+    impl = Implementation(MarkedExperts(experts.forward, baton))
+    pipeline_experts._install(experts, impl, baton)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = experts(x, None, None)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, experts.weight, experts.bias))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, experts.weight.sum(0).expand(3, 4))
+    assert baton.comm_s > 0  # the marks timed two exchanges each way
+
+    class Swapped(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    experts.__class__ = Swapped
+    assert rebind_engine_forward(experts)
+    torch.testing.assert_close(experts(x, None, None), 2 * torch.nn.functional.linear(x, experts.weight, experts.bias))
 
 
 def one_process(world: int, fp8: bool) -> dict:
@@ -136,6 +213,13 @@ def test_every_schedule_equals_one_process(launch):
             assert set(full) == set(start), set(full) ^ set(start)
             for name, value in start.items():
                 assert torch.equal(full[name], value), f"{layout}: gathered {name} differs from the model's"
+        if "+overlap" in layout:  # the overlap ran, and some of the exchanges waited under the other thread's compute
+            for r in records:
+                assert r["overlapped_actions"] > 0, layout
+                hidden = sum(s["comm_s"] - s["exposed_s"] for s in r["all_to_all"])
+                assert 0 < hidden <= sum(s["comm_s"] for s in r["all_to_all"]), (layout, r["all_to_all"])
+        elif "+ep" in layout:  # in turn: every exchange is exposed
+            assert all(s["comm_s"] > 0 and s["exposed_s"] == s["comm_s"] for r in records for s in r["all_to_all"])
         norm = torch.stack([g.pow(2).sum() for g in ref["grads"].values()]).sum().sqrt().item()
         for r in records:
             assert abs(r["grad_norm"] - norm) <= 1e-5 * norm, (layout, "clip_grad_norm_", r["grad_norm"], norm)
@@ -161,6 +245,35 @@ def test_pipeline_errors_are_named(launch):
     assert "cannot do through a compiled module" in errors["compiled_under_dualpipev"]
     assert "cannot split 3 decoder layers into 4 pipeline stages" in errors["more_stages_than_layers"]
     assert "tie_word_embeddings under '1f1b'" in errors["tied_under_loop"]
+    assert "schedule '1f1b' has no OVERLAP_F_B actions to overlap" in errors["overlap_without_overlap_actions"]
+    assert "it needs expert parallelism" in errors["overlap_without_experts"]
+
+
+def test_overlap_reads_torch_schedule_internals():
+    """trainers.compat's mirrors of torch's FORWARD / FULL_BACKWARD actions (for OVERLAP_F_B) read these privates of
+    torch.distributed.pipelining (2.13): the nested function they mirror cannot be called, so a torch that renames
+    one fails here by name, beside the 4-rank run that checks the numbers."""
+    import inspect
+
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+    runtime = schedules._PipelineScheduleRuntime
+    assert issubclass(schedules.ScheduleDualPipeV, runtime)
+    assert callable(schedules._wait_batch_p2p)
+    for name in ("_maybe_compute_loss", "_maybe_get_loss", "register_custom_function"):
+        assert callable(getattr(runtime, name)), name
+    step = inspect.getsource(runtime._step_microbatches)  # the state the mirrors share with torch's own runner
+    for name in ("self.fwd_recv_ops", "self.bwd_recv_ops", "self.backward_counter", "self._n_microbatches",
+                 "stage.forward_one_chunk(", "stage.backward_one_chunk(", "set_local_fwd_input",
+                 "set_local_bwd_input", "get_local_bwd_output", "_PipelineContext(", "sub_actions"):
+        assert name in step, name
+    assert {"schedule_ref", "arg_mbs", "kwarg_mbs", "target_mbs"} <= set(inspect.signature(
+        schedules._PipelineContext).parameters)
+    assert {"stage_index", "computation_type", "microbatch_index", "sub_actions"} <= set(schedules._Action._fields)
+    for name in ("forward_one_chunk", "backward_one_chunk", "set_local_fwd_input", "set_local_bwd_input"):
+        assert callable(getattr(_PipelineStageBase, name)), name
+    assert "save_forward_output" in inspect.signature(_PipelineStageBase.forward_one_chunk).parameters
 
 
 @needs_torchrun

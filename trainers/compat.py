@@ -169,3 +169,67 @@ def is_compiled_module(module) -> bool:
 
     return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
                for m in module.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The forward and full-backward actions of torch's action-list schedules (torch.distributed.pipelining)
+#
+# ScheduleDualPipeV marks its overlapped forward-backward pairs as OVERLAP_F_B actions and runs them as F then B unless
+# a function is registered for them (the public `register_custom_function(OVERLAP_F_B, fn)`, called as fn(action,
+# ctx)). A registered function must run the two sub-actions itself, and torch's own way of running one is a function
+# nested inside _PipelineScheduleRuntime._step_microbatches, out of reach. These two mirror it (torch 2.13), reading the
+# schedule's private state: the private _Action's sub_actions / stage_index / microbatch_index, _PipelineContext's
+# arg_mbs / kwarg_mbs / target_mbs, the schedule's fwd_recv_ops / bwd_recv_ops (pending receives by (stage, micro-
+# batch)), backward_counter, _n_microbatches, _stages, _maybe_compute_loss / _maybe_get_loss (the last stage's loss
+# per micro-batch) and the module function _wait_batch_p2p. FSDP-wrapped stages (the schedule's _assert_unsharded) are
+# not handled: the pipeline runner never wraps stages in FSDP.
+
+
+def overlapped_sub_actions(action) -> tuple:
+    """The (forward, full backward) sub-actions of an OVERLAP_F_B action, in the schedule's order."""
+    from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD
+
+    kinds = tuple(a.computation_type for a in action.sub_actions or ())
+    if kinds != (FORWARD, FULL_BACKWARD):
+        raise ValueError(f"an OVERLAP_F_B action of {kinds} sub-actions: expected a forward and a full backward")
+    return tuple(action.sub_actions)
+
+
+def _local_stages(schedule) -> dict:
+    return {stage.stage_index: stage for stage in schedule._stages}
+
+
+def run_forward_action(ctx, action) -> None:
+    """What torch's schedule does for a FORWARD action: wait for the received input, forward one micro-batch (outputs
+    not kept: the runner steps with return_outputs=False), the last stage's loss, and the output handed to the next
+    stage when that stage is on this rank (V placement's turn)."""
+    from torch.distributed.pipelining.schedules import _wait_batch_p2p
+
+    schedule, stages = ctx.schedule_ref, _local_stages(ctx.schedule_ref)
+    s, mb = action.stage_index, action.microbatch_index
+    stage = stages[s]
+    if not stage.is_first and s - 1 not in stages:
+        _wait_batch_p2p(schedule.fwd_recv_ops.pop((s, mb)))
+    output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=False)
+    schedule._maybe_compute_loss(stage, output, ctx.target_mbs, mb)
+    if s + 1 in stages:
+        stages[s + 1].set_local_fwd_input(output, mb)
+
+
+def run_full_backward_action(ctx, action) -> None:
+    """What torch's schedule does for a FULL_BACKWARD action: wait for the received output gradient, backward one
+    micro-batch (the last one of the step flagged so that the stage finishes its gradients), and the input gradient
+    handed to the previous stage when that stage is on this rank."""
+    from torch.distributed.pipelining.schedules import _wait_batch_p2p
+
+    schedule, stages = ctx.schedule_ref, _local_stages(ctx.schedule_ref)
+    s, mb = action.stage_index, action.microbatch_index
+    stage = stages[s]
+    if not stage.is_last and s + 1 not in stages:
+        _wait_batch_p2p(schedule.bwd_recv_ops.pop((s, mb)))
+    loss = schedule._maybe_get_loss(stage, mb)
+    schedule.backward_counter[s] += 1
+    last_backward = schedule.backward_counter[s] == schedule._n_microbatches
+    stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last_backward)
+    if s - 1 in stages:
+        stages[s - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)

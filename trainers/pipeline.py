@@ -28,10 +28,14 @@ already shares of the global batch, so a sum, not a mean).
 Expert parallel. With a mesh from `pipeline_mesh(pp, expert_parallel=True)` the data-parallel dimension is "ep": its
 replicas also split the routed experts of their stages (trainers/pipeline_experts.py); the expert gradients, which
 the all_to_all's backward already summed over the replicas' tokens, are left out of the sum over "ep".
+`overlap_f_b=True` (DualPipeV under expert parallelism) runs each OVERLAP_F_B action's forward and backward side by
+side, one's all_to_all under the other's compute (trainers/pipeline_overlap.py); `all_to_all_seconds()` says how much
+of the step's exchange time was left exposed.
 
 Refused with a named error: micro-batches below what the schedule needs, a batch that does not split into them, a
 compiled module under a schedule that splits I / W (ZBV, DualPipeV), a pipeline with more stages than layers, tied
-embeddings under loop placement (the head would sit on another rank than the embedding).
+embeddings under loop placement (the head would sit on another rank than the embedding), overlap_f_b under a
+schedule without OVERLAP_F_B actions or without expert parallelism.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
                                           ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
+from torch.distributed.pipelining.schedules import OVERLAP_F_B
 
 from modeling_deepseek.balancing import set_balancing_group
 from modeling_deepseek.objective import IGNORE_INDEX, head_cross_entropy, shifted_labels, training_objective
@@ -50,6 +55,7 @@ from modeling_deepseek.pipeline_stages import DeepseekPipelineStage, prune_to_st
 
 from .compat import is_compiled_module
 from .pipeline_experts import expert_grad_sq_norm, shard_experts
+from .pipeline_overlap import Baton, OverlapFB, stage_ep_meshes
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class ScheduleSpec:
     stages_per_rank: int
     min_microbatches_per_stage: int  # the schedule needs n_microbatches >= this * number of stages (0: >= 1)
     splits_weight_grad: bool  # runs I and W separately (no compiled module then)
+    overlaps_f_b: bool = False  # has OVERLAP_F_B actions (a forward and another micro-batch's backward, paired)
 
 
 SCHEDULES = {
@@ -66,7 +73,7 @@ SCHEDULES = {
     "1f1b": ScheduleSpec(Schedule1F1B, "loop", 1, 1, False),
     "interleaved1f1b": ScheduleSpec(ScheduleInterleaved1F1B, "loop", 2, 1, False),
     "zbv": ScheduleSpec(ScheduleZBVZeroBubble, "v", 2, 1, True),
-    "dualpipev": ScheduleSpec(ScheduleDualPipeV, "v", 2, 1, True),
+    "dualpipev": ScheduleSpec(ScheduleDualPipeV, "v", 2, 1, True, overlaps_f_b=True),
 }
 
 
@@ -122,15 +129,30 @@ class _HeadView:
 class PipelineRunner:
     """Trains `lm` (a DeepseekForCausalLM, the same weights on every rank) split over the mesh's "pp" dimension."""
 
-    def __init__(self, lm, schedule: str, n_microbatches: int, mesh: DeviceMesh, ep_implementation: str = "all_to_all"):
+    def __init__(self, lm, schedule: str, n_microbatches: int, mesh: DeviceMesh, ep_implementation: str = "all_to_all",
+                 overlap_f_b: bool = False):
         """A mesh from `pipeline_mesh(pp, expert_parallel=True)` (an "ep" dimension) also shards the routed experts of
-        the local stages over "ep", dispatched by the registered EP implementation `ep_implementation`."""
+        the local stages over "ep", dispatched by the registered EP implementation `ep_implementation`.
+        `overlap_f_b`: run the schedule's OVERLAP_F_B actions with one micro-batch's expert all_to_alls under the
+        other's compute (trainers/pipeline_overlap.py); needs a schedule that has them (dualpipev), expert parallelism
+        and CPU ranks."""
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         spec = self.spec = SCHEDULES[schedule]
         self.lm, self.schedule_name, self.n_microbatches = lm, schedule, n_microbatches
         dims = mesh.mesh_dim_names
         dp_dim = "ep" if "ep" in dims else "dp"  # expert parallel: the ep ranks are the data-parallel replicas
+        if overlap_f_b and not spec.overlaps_f_b:
+            raise ValueError(f"overlap_f_b: schedule {schedule!r} has no OVERLAP_F_B actions to overlap; "
+                             f"{sorted(n for n, s in SCHEDULES.items() if s.overlaps_f_b)} has them")
+        self.device = next(lm.parameters()).device
+        if overlap_f_b and self.device.type != "cpu":
+            raise ValueError("overlap_f_b runs on CPU ranks (blocking gloo exchanges handed over between two "
+                             f"threads); the model is on {self.device.type}, where autograd runs the backward on its "
+                             "device thread, outside the baton's hand-over")
+        if overlap_f_b and dp_dim != "ep":
+            raise ValueError("overlap_f_b overlaps one micro-batch's expert all_to_all with another's compute: it "
+                             "needs expert parallelism (a mesh from pipeline_mesh(pp, expert_parallel=True))")
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group(dp_dim)
         self.pp_size, self.dp_size = mesh.size(dims.index("pp")), mesh.size(dims.index(dp_dim))
         pp_rank = dist.get_rank(self.pp_group)
@@ -147,11 +169,15 @@ class PipelineRunner:
         self.stages = [DeepseekPipelineStage(lm, s, num_stages, ranges[s], carry)
                        for s in stage_indices(pp_rank, self.pp_size, spec)]
         prune_to_stages(lm, self.stages)
-        self.expert_params = (shard_experts(self.stages, mesh["ep"], mesh["tp"], ep_implementation) if dp_dim == "ep"
-                              else [])
+        self.expert_params, self.baton, self._overlap = [], None, None
+        if dp_dim == "ep":  # each stage's exchanges on a group of its own when they overlap (pipeline_overlap.py)
+            self.baton = Baton()
+            meshes = stage_ep_meshes(mesh, len(self.stages)) if overlap_f_b else [mesh["ep"]] * len(self.stages)
+            for stage, ep_mesh in zip(self.stages, meshes):
+                self.expert_params += shard_experts([stage], ep_mesh, mesh["tp"], ep_implementation, self.baton)
+            self._overlap = OverlapFB(self.baton) if overlap_f_b else None
         for tracked in (lm, lm.model):  # the optimizer hook follows the DeepseekModel (balancing.track)
             set_balancing_group(tracked, self.dp_group)
-        self.device = next(lm.parameters()).device
         self._schedules = {}  # micro-batch shape (b, T) -> the schedule over stages declared for that shape
         self.has_first = any(m.is_first for m in self.stages)
         self.last = next((m for m in self.stages if m.is_last), None)
@@ -174,9 +200,11 @@ class PipelineRunner:
 
             torch_stages = [PipelineStage(m, m.index, m.num_stages, self.device, *io(m), group=self.pp_group)
                             for m in self.stages]
-            self._schedules[key] = self.spec.cls(torch_stages if len(torch_stages) > 1 else torch_stages[0],
-                                                 self.n_microbatches, loss_fn=self._micro_batch_loss,
-                                                 scale_grads=False)
+            schedule = self.spec.cls(torch_stages if len(torch_stages) > 1 else torch_stages[0], self.n_microbatches,
+                                     loss_fn=self._micro_batch_loss, scale_grads=False)
+            if self._overlap is not None:
+                schedule.register_custom_function(OVERLAP_F_B, self._overlap)
+            self._schedules[key] = schedule
         return self._schedules[key]
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -228,6 +256,8 @@ class PipelineRunner:
             stage.balance_share = lambda b, n=counts[1]: b / n
             stage.balance_log.clear()
         self._main, self._mtp, self._mtp_balance = [], [], []
+        if self.baton is not None:
+            self.baton.reset_clocks()
         args = (input_ids_BT,) if self.has_first else ()
         target = torch.stack((input_ids_BT, shift_BT), dim=1) if self.last is not None else None
         schedule = self.schedule(input_ids_BT.shape[0] // self.n_microbatches, input_ids_BT.shape[1])
@@ -238,6 +268,18 @@ class PipelineRunner:
                 if p.grad is not None and id(p) not in local:
                     dist.all_reduce(p.grad, group=self.dp_group)
         return self._parts([b for stage in self.stages for b in stage.balance_log])
+
+    @property
+    def overlapped_actions(self) -> int:
+        """How many OVERLAP_F_B actions ran overlapped (0 without overlap_f_b)."""
+        return self._overlap.calls if self._overlap is not None else 0
+
+    def all_to_all_seconds(self) -> dict[str, float]:
+        """This rank's expert all_to_all time in the last train_step: `comm_s`, wall time with at least one exchange
+        in flight, and `exposed_s`, the part of it no compute ran under (all of it when nothing overlaps)."""
+        if self.baton is None:
+            raise ValueError("all_to_all_seconds: no expert parallelism, so no all_to_all to time")
+        return {"comm_s": self.baton.comm_s, "exposed_s": self.baton.exposed_s}
 
     def _parts(self, stage_balance: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The step's loss parts summed over micro-batches, pipeline ranks and replicas: the same on every rank."""

@@ -35,15 +35,18 @@ from torch.distributed.device_mesh import DeviceMesh
 from modeling_deepseek.compat import ep_implementation_class
 from modeling_deepseek.experts import DeepseekExperts
 
+from .pipeline_overlap import MarkedExperts, exchange_ends, exchange_starts
+
 
 def _local_rows(param: nn.Parameter, rank: int, size: int) -> nn.Parameter:
     return nn.Parameter(param.detach().chunk(size, dim=0)[rank].clone(), requires_grad=param.requires_grad)
 
 
 def shard_experts(modules: list[nn.Module], ep_mesh: DeviceMesh, tp_mesh: DeviceMesh,
-                  implementation: str = "all_to_all") -> list[nn.Parameter]:
+                  implementation: str = "all_to_all", baton=None) -> list[nn.Parameter]:
     """Keep this ep rank's slice of every DeepseekExperts under `modules` and route its tokens through the EP
-    implementation named `implementation`. Returns the expert Parameters (local shards), each once."""
+    implementation named `implementation`. Returns the expert Parameters (local shards), each once. `baton`: a
+    trainers.pipeline_overlap.Baton whose hand-over marks go around each exchange (and time it)."""
     ep_rank, ep_size = ep_mesh.get_local_rank(), ep_mesh.size()
     impl_cls = ep_implementation_class(implementation)
     sharded, params = set(), []
@@ -58,17 +61,23 @@ def shard_experts(modules: list[nn.Module], ep_mesh: DeviceMesh, tp_mesh: Device
             params.append(getattr(experts, name))
         experts.num_experts //= ep_size
         experts._is_expert_parallel = True  # the engine's flag: ids >= num_experts are other ranks' experts
-        _install(experts, impl_cls(experts, ep_mesh, tp_mesh))  # the impl takes experts.forward (local ids) first
+        impl = impl_cls(experts, ep_mesh, tp_mesh)  # the impl takes experts.forward (local ids) first
+        if baton is not None:
+            impl.experts_forward = MarkedExperts(impl.experts_forward, baton)
+        _install(experts, impl, baton)
     return params
 
 
-def _install(experts: nn.Module, implementation) -> None:
+def _install(experts: nn.Module, implementation, baton=None) -> None:
     """experts.forward becomes the EP implementation, in a closure over `implementation` shaped as the engine's own
     (EpDispatchExpertsParallel.install_forward), so that compat.rebind_engine_forward reaches it after a class swap
-    (convert_to_fp8_training)."""
+    (convert_to_fp8_training). With a `baton`, hand-over marks before the dispatch and after the combine."""
 
     def ep_forward(x_TD, expert_ids_TK, weights_TK):
-        return implementation(x_TD, expert_ids_TK, weights_TK).to(x_TD.dtype)
+        if baton is None:
+            return implementation(x_TD, expert_ids_TK, weights_TK).to(x_TD.dtype)
+        out_TD = implementation(exchange_starts(x_TD, baton), expert_ids_TK, weights_TK)
+        return exchange_ends(out_TD, baton).to(x_TD.dtype)
 
     experts.forward = ep_forward
 
