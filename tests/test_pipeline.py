@@ -40,7 +40,7 @@ LAUNCHES = {
     2: [*SCHEDULES, "zbv+fp8", "dualpipev+fp8", "errors", "resume"],
     # Every schedule trains the full 20 steps on 2 ranks; on 4, DualPipeV does and the others 6 (the suite's time).
     4: [*(f"{name}@6" for name in SCHEDULES if name != "dualpipev"), "dualpipev", "1f1b+dp@6", "dualpipev+dp@6",
-        "dualpipev+ep@6", "dualpipev+ep+overlap@6", "1f1b+ep@6"],
+        "dualpipev+ep@6", "dualpipev+ep+overlap@6", "1f1b+ep@6", "dualpipev+dp+zero1@6", "resume+zero1"],
 }
 
 needs_torchrun = pytest.mark.skipif(
@@ -150,7 +150,7 @@ def one_process(world: int, fp8: bool) -> dict:
     for fp8, steps, chunks in runs:
         model = worker.build(fp8, world)
         opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
-        losses, biases = [], []
+        losses, biases, params = [], [], []
         for step in range(steps):
             sums = dict.fromkeys(("loss", "main_loss", "mtp_loss", "balance_loss"), 0.0)
             scored = data[step].shape[0] * (data[step].shape[1] - 1)
@@ -167,7 +167,9 @@ def one_process(world: int, fp8: bool) -> dict:
             opt.zero_grad()
             losses.append(sums["loss"])
             biases.append({n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-        out[fp8] = dict(parts=parts, grads=grads, losses=losses, biases=biases)  # biases after each step
+            params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        # biases and parameters after each step
+        out[fp8] = dict(parts=parts, grads=grads, losses=losses, biases=biases, params=params)
     return out
 
 
@@ -182,7 +184,7 @@ def launch(request, tmp_path_factory):
     reference = one_process(world, fp8=any("fp8" in layout for layout in LAUNCHES[world]))  # while the ranks run
     finish(proc, out)
     ranks = {layout: [torch.load(out / layout / f"rank{r}.pt") for r in range(world)]
-             for layout in LAUNCHES[world] if layout not in ("errors", "resume")}
+             for layout in LAUNCHES[world] if layout not in ("errors", "resume", "resume+zero1")}
     errors = json.loads((out / "errors.json").read_text()) if (out / "errors.json").exists() else None
     return world, ranks, reference, errors, out
 
@@ -231,9 +233,31 @@ def test_every_schedule_equals_one_process(launch):
                 torch.testing.assert_close(bias, ref["biases"][steps - 1][name], atol=1e-6, rtol=0,
                                            msg=f"{layout} {name}")
         assert set().union(*(r["biases"] for r in records)) == set(ref["biases"][-1])
+        if "+zero1" in layout:
+            check_zero1(layout, records, ranks[layout.replace("+zero1", "")], ref)
     start = worker.build(False, world)
     moved = [n for n, b in reference[False]["biases"][0].items() if not torch.equal(b, start.get_buffer(n))]
     assert moved, "the balancing biases did not move at the first step: the test would not see a wrong update"
+
+
+def check_zero1(layout: str, records: list[dict], unsharded: list[dict], ref: dict) -> None:
+    """ZeRO-1 (trainers/pipeline_zero.py): after the steps every rank's parameters are bit-identical to the same run
+    with an unsharded AdamW and equal one process's; each data-parallel replica holds about half of its pipeline
+    rank's optimizer state, the two halves adding up to the whole."""
+    steps = len(records[0]["losses"])
+    for r, plain in zip(records, unsharded):
+        for name, value in r["final"].items():
+            assert torch.equal(value, plain["final"][name]), f"{layout} {name}: ZeRO-1 differs from unsharded AdamW"
+            torch.testing.assert_close(value, ref["params"][steps - 1][name], atol=ATOL, rtol=0,
+                                       msg=f"{layout} {name} after {steps} steps")
+    by_pp = {}
+    for r, plain in zip(records, unsharded):
+        by_pp.setdefault(tuple(sorted(r["params"])), []).append((r["optimizer_numel"], plain["optimizer_numel"]))
+    assert len(by_pp) == 2, by_pp.keys()  # pp 2: two pipeline ranks, two replicas each
+    for shards in by_pp.values():
+        assert len(shards) == 2 and shards[0][1] == shards[1][1] > 0
+        assert sum(s for s, _ in shards) == shards[0][1], (layout, shards)
+        assert all(0.3 < s / full < 0.7 for s, full in shards), (layout, shards)
 
 
 @needs_torchrun
@@ -277,14 +301,21 @@ def test_overlap_reads_torch_schedule_internals():
 
 
 @needs_torchrun
-@pytest.mark.parametrize("launch", [2], indirect=True)  # the 2-rank launch checks it
 def test_checkpoints_resume_bit_exact_and_load_in_one_process(launch):
+    """2 ranks: pp 2; 4 ranks: pp 2 x dp 2 under ZeRO-1, each rank's checkpoint file holding its own optimizer shard."""
     world, _, _, _, out = launch
-    history = torch.load(out / "resume" / "history.pt")
+    folder = out / ("resume" if world == 2 else "resume+zero1")
+    history = torch.load(folder / "history.pt")
     assert [h for h in history["resumed"]] == [h for h in history["straight"] if h["step"] > 2]
-    assert (out / "resume" / "cut" / "checkpoint-2").is_dir() and (out / "resume" / "cut" / "checkpoint-4").is_dir()
-    straight = DeepseekForCausalLM.from_pretrained(out / "resume" / "straight_final")
-    resumed = DeepseekForCausalLM.from_pretrained(out / "resume" / "resumed_final")
+    assert (folder / "cut" / "checkpoint-2").is_dir() and (folder / "cut" / "checkpoint-4").is_dir()
+    if world == 4:  # mesh (dp, pp): ranks p and p + 2 are pipeline rank p's replicas, each saving half its state
+        files = [torch.load(folder / "cut" / "checkpoint-2" / f"rank{r}.pt")["optimizer"] for r in range(world)]
+        for p in range(2):
+            shards = [set(files[p + 2 * d]["state"]) for d in range(2)]
+            indices = {i for group in files[p]["param_groups"] for i in group["params"]}
+            assert shards[0] and shards[1] and not shards[0] & shards[1] and shards[0] | shards[1] == indices
+    straight = DeepseekForCausalLM.from_pretrained(folder / "straight_final")
+    resumed = DeepseekForCausalLM.from_pretrained(folder / "resumed_final")
     trained = 0
     start = worker.build(False, world).state_dict()
     for name, value in straight.state_dict().items():
