@@ -6,7 +6,9 @@ torchrun launch runs every layout named.
 A layout is `{schedule}` (pp over the whole world), `{schedule}+dp` (pp = world / 2 with 2 data-parallel replicas),
 `{schedule}+ep` (as +dp, the 2 replicas also splitting the routed experts: pipeline x expert parallel),
 `{schedule}+ep+overlap` (as +ep, OVERLAP_F_B run overlapped: trainers/pipeline_overlap.py),
-`{schedule}+dp+zero1` (as +dp, the AdamW state sharded over the 2 replicas: trainers/pipeline_zero.py) or
+`{schedule}+dp+zero1` (as +dp, the AdamW state sharded over the 2 replicas: trainers/pipeline_zero.py),
+`{schedule}+ep+rep+zero1` (pp = world / 4, 4 replicas, experts split over ep 2 inside them: each expert shard on 2
+replicas, V3's EP64 inside DP128 scaled down; ZeRO-1 over the 4 replicas and the experts' over their 2) or
 `{schedule}+fp8` (FP8 block-wise training, FP8_STEPS steps;
 `...@N` trains N steps instead of STEPS: the custom autograd functions of the Linears and the
 grouped experts under the schedule's I / W split). Every layout builds the same tiny model (conftest.tiny_model,
@@ -68,17 +70,18 @@ def run_layout(layout: str, out: Path) -> None:
     fp8, ep, overlap, zero1 = "fp8" in extras, "ep" in extras, "overlap" in extras, "zero1" in extras
     steps = int(n) if n else FP8_STEPS if fp8 else STEPS
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = 2 if ep or "dp" in extras else 1  # +zero1 comes with +dp
-    mesh = pipeline_mesh(world // dp, expert_parallel=ep)
-    dp_rank = mesh.get_local_rank("ep" if ep else "dp")
+    # +zero1 comes with +dp or +ep; +rep: 4 replicas of a 1-rank pipeline, experts split 2 ways (each on 2 replicas)
+    dp = 4 if "rep" in extras else 2 if ep or "dp" in extras else 1
+    mesh = pipeline_mesh(world // dp, expert_parallel=ep, ep_size=2 if "rep" in extras else None)
     data = batches()
     share = GLOBAL_BATCH // dp
+    model = build(fp8, world)
+    runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh, overlap_f_b=overlap)
+    dp_rank = dist.get_rank(runner.dp_group)
 
     def local(batch):
         return batch[dp_rank * share:(dp_rank + 1) * share]
 
-    model = build(fp8, world)
-    runner = PipelineRunner(model, schedule, micro_batches(world) // dp, mesh, overlap_f_b=overlap)
     if ep:  # the ep shards gather into the whole model (what save_final writes), in expert order
         from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
 
@@ -89,7 +92,8 @@ def run_layout(layout: str, out: Path) -> None:
             torch.save(full, out / layout / "full_state.pt")
     opt = pipeline_optimizer(runner, zero1, lr=LR)
     record = {"params": sorted(n for n, _ in model.named_parameters()), "losses": [], "dp_rank": dp_rank,
-              "dp": dp, "experts": sorted(n for n, p in model.named_parameters()
+              "dp": dp, "ep": mesh.size(mesh.mesh_dim_names.index("ep")) if ep else 1, "ep_rank": runner.ep_rank,
+              "experts": sorted(n for n, p in model.named_parameters()
                                           if any(p is q for q in runner.expert_params))}
     for step in range(steps):
         parts = runner.train_step(local(data[step]), labels_BT=local(data[step]))

@@ -167,7 +167,7 @@ class PipelineTrainer:
         local = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
         names = {n for n, p in lm.named_parameters() if id(p) in experts}  # ep shards: concatenated, not replaced
         gathered = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object((local, self.dp_rank, names), gathered, dst=0)
+        dist.gather_object((local, self.runner.ep_rank, names), gathered, dst=0)
         if self.rank != 0:
             return None
         states, ep_ranks, shard_names = zip(*gathered)

@@ -16,8 +16,10 @@ same per-element update, run once and copied).
 Which group each parameter's state shards over. A parameter replicated over the data-parallel ranks of its pipeline
 rank (every one but the routed experts under expert parallelism) shards over that group (`runner.dp_group`). Under
 expert parallelism on the runner's (ep, pp) mesh, each ep rank's expert shard exists on that rank only: its state is
-already 1/ep of the experts' and has no replica to shard over, so a plain optimizer of the same class steps it. The
-two are stepped as one `ShardedOptimizer` (what an LR scheduler and the trainer take). Each optimizer step fires
+already 1/ep of the experts' and has no replica to shard over, so a plain optimizer of the same class steps it. With
+ep below the replica count (`pipeline_mesh(pp, expert_parallel=True, ep_size=...)`, V3's EP64 inside DP128) each
+expert shard sits on the dp / ep ranks of its "dp_replicate" group, and its state shards over those. The two are
+stepped as one `ShardedOptimizer` (what an LR scheduler and the trainer take). Each optimizer step fires
 torch's optimizer hooks once per inner optimizer: the first one applies the balancing update and resets the counts,
 the later ones find every count zero (sign 0, no change), and every rank of the group makes the same calls, so the
 collective inside stays matched.
@@ -82,7 +84,10 @@ def pipeline_optimizer(runner, zero1: bool = False, optimizer_class: type = torc
     zero = ZeroRedundancyOptimizer(replicated, optimizer_class, process_group=runner.dp_group, **defaults)
     if not experts:
         return zero
-    return ShardedOptimizer([zero, optimizer_class(experts, **defaults)])
+    if runner.expert_replica_group is None:  # each shard on one rank of the pipeline rank's replicas
+        return ShardedOptimizer([zero, optimizer_class(experts, **defaults)])
+    return ShardedOptimizer([zero, ZeroRedundancyOptimizer(experts, optimizer_class,
+                                                           process_group=runner.expert_replica_group, **defaults)])
 
 
 def optimizer_shard_state(optimizer: torch.optim.Optimizer) -> dict:
