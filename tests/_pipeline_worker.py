@@ -135,6 +135,8 @@ def check_errors(out: Path) -> None:
         "overlap_without_overlap_actions": lambda: PipelineRunner(build(False, world), "1f1b", 4, mesh,
                                                                   overlap_f_b=True),
         "overlap_without_experts": lambda: PipelineRunner(build(False, world), "dualpipev", 4, mesh, overlap_f_b=True),
+        "ep_size_not_dividing": lambda: pipeline_mesh(1, expert_parallel=True, ep_size=3),
+        "ep_size_without_ep": lambda: pipeline_mesh(1, ep_size=1),
     }
     messages = {}
     for name, attempt in attempts.items():

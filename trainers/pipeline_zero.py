@@ -31,10 +31,27 @@ same way on the same rank: the partition depends only on the parameters' order a
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from .compat import zero_local_optimizer
+
+_ZERO_MODULE = "torch.distributed.optim.zero_redundancy_optimizer"
+
+
+def _zero_class():
+    # Imported when ZeRO-1 is asked for, not with this module: torch.distributed.optim scripts its functional
+    # optimizers with torch.jit at import, dozens of deprecation warnings for every run that never shards.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer
+
+
+def _is_zero(optimizer) -> bool:
+    """Whether `optimizer` is a ZeroRedundancyOptimizer (none can exist before its module is imported)."""
+    module = sys.modules.get(_ZERO_MODULE)
+    return module is not None and isinstance(optimizer, module.ZeroRedundancyOptimizer)
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -81,20 +98,21 @@ def pipeline_optimizer(runner, zero1: bool = False, optimizer_class: type = torc
     if len(replicated) < runner.dp_size:
         raise ValueError(f"ZeRO-1 over {runner.dp_size} data-parallel ranks needs at least as many parameters to "
                          f"shard, this pipeline rank has {len(replicated)}")
-    zero = ZeroRedundancyOptimizer(replicated, optimizer_class, process_group=runner.dp_group, **defaults)
+    zero_cls = _zero_class()
+    zero = zero_cls(replicated, optimizer_class, process_group=runner.dp_group, **defaults)
     if not experts:
         return zero
     if runner.expert_replica_group is None:  # each shard on one rank of the pipeline rank's replicas
         return ShardedOptimizer([zero, optimizer_class(experts, **defaults)])
-    return ShardedOptimizer([zero, ZeroRedundancyOptimizer(experts, optimizer_class,
-                                                           process_group=runner.expert_replica_group, **defaults)])
+    return ShardedOptimizer([zero, zero_cls(experts, optimizer_class, process_group=runner.expert_replica_group,
+                                            **defaults)])
 
 
 def optimizer_shard_state(optimizer: torch.optim.Optimizer) -> dict:
     """This rank's part of the optimizer state, for its own checkpoint file (see the module docstring)."""
     if isinstance(optimizer, ShardedOptimizer):
         return optimizer.state_dict()
-    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+    if not _is_zero(optimizer):
         return optimizer.state_dict()
     # The ZeroRedundancyOptimizer format with global indices (parameters numbered over its param_groups in order,
     # as its own state_dict numbers them), holding this rank's entries only: its load_state_dict takes exactly those.
@@ -109,7 +127,7 @@ def optimizer_shard_state(optimizer: torch.optim.Optimizer) -> dict:
 def load_optimizer_shard_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Restore what `optimizer_shard_state` saved on this rank."""
     optimizer.load_state_dict(state)
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if _is_zero(optimizer):
         # Its load_state_dict also leaves a copy of the loaded entries in the wrapper's own `state`, which no step
         # reads (the local optimizer holds the live state): dropped, so a resumed rank holds one copy, not two.
         optimizer.state.clear()
@@ -119,7 +137,7 @@ def optimizer_state_numel(optimizer: torch.optim.Optimizer) -> int:
     """Elements of tensor state this rank's optimizer holds (the AdamW moments: 2 per parameter it steps)."""
     if isinstance(optimizer, ShardedOptimizer):
         return sum(optimizer_state_numel(part) for part in optimizer.parts)
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if _is_zero(optimizer):
         optimizer = zero_local_optimizer(optimizer)
     return sum(v.numel() for state in optimizer.state.values() for v in state.values()
                if torch.is_tensor(v) and v.dim() > 0)
