@@ -101,6 +101,12 @@ def run_layout(layout: str, out: Path) -> None:
             record["parts"] = {k: v.item() for k, v in parts.items()}
             record["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             record["grad_norm"] = runner.clip_grad_norm_(1e9).item()  # the whole model's norm; 1e9: no clipping
+            runner.clip_grad_norm_(record["grad_norm"] / 2)  # clipped to half: every gradient scales alike
+            record["clip_scale"] = {n: (p.grad.norm() / record["grads"][n].norm()).item()
+                                    for n, p in model.named_parameters() if p.grad is not None}
+            for n, p in model.named_parameters():  # the run goes on unclipped
+                if p.grad is not None:
+                    p.grad.copy_(record["grads"][n])
         opt.step()
         opt.zero_grad()
         record["losses"].append(parts["loss"].item())

@@ -246,6 +246,8 @@ def test_every_schedule_equals_one_process(launch):
         norm = torch.stack([g.pow(2).sum() for g in ref["grads"].values()]).sum().sqrt().item()
         for r in records:
             assert abs(r["grad_norm"] - norm) <= 1e-5 * norm, (layout, "clip_grad_norm_", r["grad_norm"], norm)
+            scales = [s for n, s in r["clip_scale"].items() if r["grads"][n].norm() > 0]
+            assert scales and all(abs(s - 0.5) < 1e-4 for s in scales), (layout, "clipped to half", r["clip_scale"])
             steps = len(r["losses"])
             assert steps == int(layout.partition("@")[2] or len(ref["losses"]))
             torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"][:steps]), atol=1e-4,

@@ -389,7 +389,7 @@ class PipelineRunner:
         dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
+        for g in grads + [p.grad for p in self.expert_params if p.grad is not None]:  # the experts' clip alike
             g.mul_(scale.to(g.dtype))
         return norm
 
