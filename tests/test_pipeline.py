@@ -9,8 +9,13 @@ layouts other than DualPipeV), and the aux-loss-free biases end where one proces
 gather the expert shards back into the whole model; `dualpipev+ep+overlap` runs DualPipeV's OVERLAP_F_B actions with
 the forward and the backward side by side (trainers/pipeline_overlap.py) and must give the same numbers. FP8 layouts
 (zbv, dualpipev: the weight-gradient split through the FP8 modules' custom autograd functions) compare with one
-process over the same micro-batches. The 2-rank launch also checks the named errors and a bit-exact resume of
-trainers.pipeline_training.
+process over the same micro-batches. `dualpipev+dp+zero1` (pp 2 x dp 2, ZeRO-1: trainers/pipeline_zero.py) ends with
+parameters bit-identical to `dualpipev+dp`, each replica holding half the AdamW moments; `dualpipev+ep+rep+zero1` is
+expert parallelism inside data parallelism (4 replicas of a 1-rank pipeline, experts split 2 ways, each shard on 2
+replicas, its gradient summed over them) with ZeRO-1 over each parameter's holders. Every layout clips to half the
+norm once and checks that every gradient, expert shards included, halves. The 2-rank launch also checks the named
+errors and a bit-exact resume of trainers.pipeline_training; the 4-rank launch the same resume under ZeRO-1 (pp 2 x
+dp 2), each rank's checkpoint file holding its own optimizer shard.
 """
 
 from __future__ import annotations
