@@ -1,7 +1,7 @@
 """Pipeline-parallel training of DeepseekForCausalLM through torch.distributed.pipelining's own schedules.
 
     runner = PipelineRunner(model, "dualpipev", n_microbatches=8, mesh=pipeline_mesh(pp_size=2))
-    optimizer = torch.optim.AdamW(runner.parameters())
+    optimizer = torch.optim.AdamW(runner.parameters())         # or ZeRO-1: trainers.pipeline_zero.pipeline_optimizer
     parts = runner.train_step(input_ids, labels=input_ids)      # loss, main_loss, mtp_loss, balance_loss (global)
     optimizer.step(); optimizer.zero_grad()                      # the balancing bias moves here (balancing.py)
 
