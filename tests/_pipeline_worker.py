@@ -158,8 +158,9 @@ def check_errors(out: Path) -> None:
 
 def check_resume(out: Path, zero1: bool = False) -> None:
     """PipelineTrainer: 4 steps straight through vs 2 steps, a checkpoint, and a fresh process state resuming it; both
-    save a final checkpoint that the test loads in one process. `zero1` (layout `resume+zero1`, 4 ranks): pp 2 x dp 2,
-    the AdamW state sharded over the replicas and saved per rank."""
+    save a final checkpoint that the test loads in one process. `zero1` (layout `resume+zero1`, 4 ranks): pp 2 x ep 2,
+    the replicated parameters' AdamW state sharded over the replicas, the expert shards' stepped where they live
+    (trainers.pipeline_zero.ShardedOptimizer), each rank saving its own."""
     import torch.distributed as dist
 
     from modeling_deepseek import DeepseekForCausalLM
@@ -168,7 +169,7 @@ def check_resume(out: Path, zero1: bool = False) -> None:
 
     world = dist.get_world_size()
     dp = 2 if zero1 else 1
-    mesh, folder = pipeline_mesh(world // dp), out / ("resume+zero1" if zero1 else "resume")
+    mesh, folder = pipeline_mesh(world // dp, expert_parallel=zero1), out / ("resume+zero1" if zero1 else "resume")
     data = batches(2).reshape(-1, SEQ)
 
     def trainer(folder: Path, max_steps: int) -> PipelineTrainer:

@@ -15,7 +15,7 @@ expert parallelism inside data parallelism (4 replicas of a 1-rank pipeline, exp
 replicas, its gradient summed over them) with ZeRO-1 over each parameter's holders. Every layout clips to half the
 norm once and checks that every gradient, expert shards included, halves. The 2-rank launch also checks the named
 errors and a bit-exact resume of trainers.pipeline_training; the 4-rank launch the same resume under ZeRO-1 (pp 2 x
-dp 2), each rank's checkpoint file holding its own optimizer shard.
+ep 2), each rank's checkpoint file holding its own optimizer shard.
 """
 
 from __future__ import annotations
@@ -360,14 +360,17 @@ def test_overlap_reads_torch_schedule_internals():
 
 @needs_torchrun
 def test_checkpoints_resume_bit_exact_and_load_in_one_process(launch):
-    """2 ranks: pp 2; 4 ranks: pp 2 x dp 2 under ZeRO-1, each rank's checkpoint file holding its own optimizer shard."""
+    """2 ranks: pp 2; 4 ranks: pp 2 x ep 2 under ZeRO-1, each rank's checkpoint file holding its own optimizer shard
+    (the replicated parameters' half, and its expert shard's state whole)."""
     world, _, _, _, out = launch
     folder = out / ("resume" if world == 2 else "resume+zero1")
     history = torch.load(folder / "history.pt")
     assert [h for h in history["resumed"]] == [h for h in history["straight"] if h["step"] > 2]
     assert (folder / "cut" / "checkpoint-2").is_dir() and (folder / "cut" / "checkpoint-4").is_dir()
-    if world == 4:  # mesh (dp, pp): ranks p and p + 2 are pipeline rank p's replicas, each saving half its state
-        files = [torch.load(folder / "cut" / "checkpoint-2" / f"rank{r}.pt")["optimizer"] for r in range(world)]
+    if world == 4:  # mesh (ep, pp): ranks p and p + 2 are pipeline rank p's replicas, each saving half its state
+        saved = [torch.load(folder / "cut" / "checkpoint-2" / f"rank{r}.pt")["optimizer"] for r in range(world)]
+        files = [parts["parts"][0] for parts in saved]  # the ZeroRedundancyOptimizer's; [1]: the experts' AdamW
+        assert all(len(parts["parts"]) == 2 and parts["parts"][1]["state"] for parts in saved)
         for p in range(2):
             shards = [set(files[p + 2 * d]["state"]) for d in range(2)]
             indices = {i for group in files[p]["param_groups"] for i in group["params"]}

@@ -64,8 +64,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def __init__(self, parts: list[torch.optim.Optimizer]):
         self.parts = list(parts)
         self.defaults = dict(self.parts[0].defaults)
-        self.param_groups = [group for part in self.parts for group in part.param_groups]
         self.state = {}  # the parts hold the state
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Read anew each time: a part's load_state_dict replaces its group dicts, and a list taken once would leave
+        # the LR scheduler setting "lr" on the old ones after a resume.
+        return [group for part in self.parts for group in part.param_groups]
 
     def step(self, closure=None):
         if closure is not None:
