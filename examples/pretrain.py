@@ -591,7 +591,8 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
     model.config.use_cache = True
     trainer.save_final(final_dir, DeepseekForCausalLM)
     metrics = {"before": before, "after": after, "history": history, "schedule": args.pp_schedule, "pp": args.pp,
-               "dp": runner.dp_size, "ep": args.ep, "ep_size": args.ep_size, "zero1": args.zero1, "micro_batches": micro}
+               "dp": runner.dp_size, "ep": args.ep, "ep_size": args.ep_size, "zero1": args.zero1,
+               "micro_batches": micro}
     if dist.get_rank() == 0:
         tokenizer.save_pretrained(str(final_dir))
         reloaded = DeepseekForCausalLM.from_pretrained(str(final_dir))

@@ -244,6 +244,6 @@ def run_full_backward_action(ctx, action) -> None:
 # _init_local_optimizer: "The local optimizer is saved in self.optim"; torch 2.13).
 
 
-def zero_local_optimizer(zero) -> "torch.optim.Optimizer":
+def zero_local_optimizer(zero):
     """The optimizer a ZeroRedundancyOptimizer steps for this rank's shard of the parameters (`zero.optim`)."""
     return zero.optim
