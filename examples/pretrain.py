@@ -23,8 +23,11 @@ accelerate launch; the world is pp-way pipelines times world / pp data-parallel 
         --pp-schedule dualpipev                                   (ACCELERATE_USE_CPU=yes: CPU ranks)
 
 --ep makes the data-parallel replicas of each pipeline rank split its routed experts as well (pipeline x expert
-parallel on an (ep, pp) mesh, V3's PP x EP layout: trainers/pipeline_experts.py); with it, --pp-overlap runs
-DualPipeV's overlapped forward-backward pairs side by side (trainers/pipeline_overlap.py; CPU ranks).
+parallel on an (ep, pp) mesh, V3's PP x EP layout: trainers/pipeline_experts.py; --ep-size E below the replica count:
+each expert shard on replicas / E ranks); with it, --pp-overlap runs
+DualPipeV's overlapped forward-backward pairs side by side (trainers/pipeline_overlap.py; CPU ranks). --zero1
+shards the AdamW state over the data-parallel replicas of each pipeline rank (ZeRO-1, as V3 trained:
+trainers/pipeline_zero.py); each rank's checkpoint file then holds its own shard.
 --batch-size is then the sequences per step per replica, split into --pp-microbatches; trainers/pipeline_training.py
 runs the loop (progress, eval, checkpoints in OUTPUT/pipeline, --resume) and rank 0 saves OUTPUT/final, an ordinary
 checkpoint that loads in one process.
@@ -103,9 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep", action="store_true",
                    help="with --pp: the world / pp data-parallel replicas also split the routed experts (expert "
                         "parallel, all_to_all dispatch)")
+    p.add_argument("--ep-size", type=int, default=None,
+                   help="with --ep: the expert-parallel width, a divisor of the world / pp replicas (default: all of "
+                        "them); below it each expert shard sits on replicas / ep-size ranks, its gradient summed over "
+                        "them (V3's EP64 inside DP128)")
     p.add_argument("--pp-overlap", action="store_true",
                    help="with --pp --ep under dualpipev: run each overlapped forward-backward pair side by side, one "
                         "micro-batch's expert all_to_all under the other's compute (trainers/pipeline_overlap.py)")
+    p.add_argument("--zero1", action="store_true",
+                   help="with --pp: shard the optimizer state over the data-parallel replicas of each pipeline rank "
+                        "(ZeRO-1, torch's ZeroRedundancyOptimizer: trainers/pipeline_zero.py)")
     return p.parse_args(argv)
 
 
@@ -351,6 +361,11 @@ def main(argv=None) -> dict:
     if args.pp_overlap and not (args.pp and args.ep):
         raise SystemExit("--pp-overlap overlaps the expert all_to_alls of the pipeline's stages: it needs --pp and "
                          "--ep")
+    if args.zero1 and not args.pp:
+        raise SystemExit("--zero1 shards the pipeline runner's optimizer state over its data-parallel replicas: it "
+                         "needs --pp")
+    if args.ep_size is not None and not args.ep:
+        raise SystemExit("--ep-size sets the expert-parallel width: it needs --ep")
     if args.ep and not args.pp:
         raise SystemExit("--ep splits the experts of the pipeline stages: it needs --pp (without a pipeline, load the "
                          "model with DistributedConfig(ep_size=...) instead)")
@@ -543,7 +558,8 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
     from trainers.pipeline import SCHEDULES, PipelineRunner, pipeline_mesh
     from trainers.pipeline_training import PipelineTrainer, PipelineTrainingArguments
 
-    mesh = pipeline_mesh(args.pp, "cuda" if torch.cuda.is_available() else "cpu", expert_parallel=args.ep)
+    mesh = pipeline_mesh(args.pp, "cuda" if torch.cuda.is_available() else "cpu", expert_parallel=args.ep,
+                         ep_size=args.ep_size)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", dist.get_rank() % torch.cuda.device_count()))
     spec = SCHEDULES.get(args.pp_schedule)
@@ -556,9 +572,11 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
     training = PipelineTrainingArguments(
         output_dir=str(out_dir / "pipeline"), max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=warmup, weight_decay=args.weight_decay, logging_steps=args.logging_steps,
-        eval_steps=args.eval_steps or max(1, args.max_steps // 4), save_steps=save_steps, seed=args.seed)
+        eval_steps=args.eval_steps or max(1, args.max_steps // 4), save_steps=save_steps, seed=args.seed,
+        zero1=args.zero1)
     trainer = PipelineTrainer(runner, training, ids(train_ds), ids(eval_ds))
-    replicas = f"{'ep' if args.ep else 'dp'} {runner.dp_size}"
+    ep = f" (ep {args.ep_size or runner.dp_size})" if args.ep else ""
+    replicas = f"dp {runner.dp_size}{ep}{' ZeRO-1' if args.zero1 else ''}"
     trainer.log(f"pipeline: {args.pp_schedule}, pp {args.pp} x {replicas}, {micro} micro-batches of "
                 f"{args.batch_size // micro} sequences; rank 0 holds stages {[s.index for s in runner.stages]} "
                 f"of {runner.stages[0].num_stages}", flush=True)
@@ -573,7 +591,8 @@ def train_with_pipeline(args, model, tokenizer, train_ds, eval_ds, out_dir: Path
     model.config.use_cache = True
     trainer.save_final(final_dir, DeepseekForCausalLM)
     metrics = {"before": before, "after": after, "history": history, "schedule": args.pp_schedule, "pp": args.pp,
-               "dp": runner.dp_size, "ep": args.ep, "micro_batches": micro}
+               "dp": runner.dp_size, "ep": args.ep, "ep_size": args.ep_size, "zero1": args.zero1,
+               "micro_batches": micro}
     if dist.get_rank() == 0:
         tokenizer.save_pretrained(str(final_dir))
         reloaded = DeepseekForCausalLM.from_pretrained(str(final_dir))

@@ -167,7 +167,8 @@ def pipeline_rank_bytes(config, pp_size: int, stages_per_rank: int = 2, placemen
                         optimizer_bytes: int = 4 + 2 + 2) -> list[dict]:
     """What each pipeline rank holds under pp_size ranks x stages_per_rank stages (the layer rule above; placement
     "v": rank r holds stages r and 2P-1-r, "loop": r, r+P, ...), routed experts split over ep_size ranks, and ZeRO-1
-    (optimizer state split over dp_size data-parallel ranks, weights and gradients whole). Counted on a meta-device
+    (optimizer state split over dp_size data-parallel ranks, weights and gradients whole; an expert shard's state over
+    its dp_size / ep_size replicas; dp_size=1: no ZeRO-1). Counted on a meta-device
     model, MTP included. Defaults are V3's recipe: bf16 weights, fp32 gradients, fp32 master weights with bf16 AdamW
     moments (8 B per parameter of optimizer state)."""
     from .modeling import DeepseekForCausalLM
@@ -192,9 +193,14 @@ def pipeline_rank_bytes(config, pp_size: int, stages_per_rank: int = 2, placemen
         params = {id(p): (f"{prefix}.{n}", p.numel()) for prefix, m in modules.items()
                   for n, p in m.named_parameters()}
         held = sum(n / ep_size if ".mlp.experts." in name else n for name, n in params.values())
+        # ZeRO-1 shards each parameter's state over the ranks that hold a copy of it: all dp_size replicas for the
+        # replicated parameters; for an expert shard, the dp_size / ep_size replicas of it (none beyond itself when
+        # ep_size >= dp_size), so an expert's state per rank is n / max(dp_size, ep_size).
+        states = sum(n / max(dp_size, ep_size) if ".mlp.experts." in name else n / dp_size
+                     for name, n in params.values())
         rows.append({"rank": rank, "stages": stages, "layers": sum(len(ranges[s]) for s in stages),
                      "parameters": int(held), "weight_bytes": int(held * weight_bytes),
-                     "grad_bytes": int(held * grad_bytes), "optimizer_bytes": int(held * optimizer_bytes / dp_size)})
+                     "grad_bytes": int(held * grad_bytes), "optimizer_bytes": int(states * optimizer_bytes)})
     return rows
 
 

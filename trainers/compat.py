@@ -233,3 +233,17 @@ def run_full_backward_action(ctx, action) -> None:
     stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last_backward)
     if s - 1 in stages:
         stages[s - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ZeRO-1 optimizer shards (torch.distributed.optim.ZeroRedundancyOptimizer)
+#
+# Per-rank checkpoints of a ZeRO-1 run (trainers/pipeline_zero.py) save each rank's own shard of the optimizer state.
+# ZeroRedundancyOptimizer's public state_dict() needs consolidate_state_dict() first, which gathers every rank's shard
+# onto one rank; the shard itself is the state of the local optimizer it steps, held in the attribute `optim` (its
+# _init_local_optimizer: "The local optimizer is saved in self.optim"; torch 2.13).
+
+
+def zero_local_optimizer(zero):
+    """The optimizer a ZeroRedundancyOptimizer steps for this rank's shard of the parameters (`zero.optim`)."""
+    return zero.optim

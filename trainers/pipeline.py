@@ -1,7 +1,7 @@
 """Pipeline-parallel training of DeepseekForCausalLM through torch.distributed.pipelining's own schedules.
 
     runner = PipelineRunner(model, "dualpipev", n_microbatches=8, mesh=pipeline_mesh(pp_size=2))
-    optimizer = torch.optim.AdamW(runner.parameters())
+    optimizer = torch.optim.AdamW(runner.parameters())         # or ZeRO-1: trainers.pipeline_zero.pipeline_optimizer
     parts = runner.train_step(input_ids, labels=input_ids)      # loss, main_loss, mtp_loss, balance_loss (global)
     optimizer.step(); optimizer.zero_grad()                      # the balancing bias moves here (balancing.py)
 
@@ -28,6 +28,10 @@ already shares of the global batch, so a sum, not a mean).
 Expert parallel. With a mesh from `pipeline_mesh(pp, expert_parallel=True)` the data-parallel dimension is "ep": its
 replicas also split the routed experts of their stages (trainers/pipeline_experts.py); the expert gradients, which
 the all_to_all's backward already summed over the replicas' tokens, are left out of the sum over "ep".
+`pipeline_mesh(pp, expert_parallel=True, ep_size=E)` with E below the world / pp replicas is V3's EP64 inside DP128:
+a (dp_replicate, ep, pp, tp) mesh, all dp_replicate x ep ranks of a pipeline rank data-parallel replicas (the sums
+over "dp" above run over all of them), each expert shard held by the dp / E ranks of its "dp_replicate" group, over
+which its gradient is summed.
 `overlap_f_b=True` (DualPipeV under expert parallelism) runs each OVERLAP_F_B action's forward and backward side by
 side, one's all_to_all under the other's compute (trainers/pipeline_overlap.py); `all_to_all_seconds()` says how much
 of the step's exchange time was left exposed.
@@ -77,15 +81,27 @@ SCHEDULES = {
 }
 
 
-def pipeline_mesh(pp_size: int, device_type: str = "cpu", expert_parallel: bool = False) -> DeviceMesh:
+def pipeline_mesh(pp_size: int, device_type: str = "cpu", expert_parallel: bool = False,
+                  ep_size: int | None = None) -> DeviceMesh:
     """A (dp, pp) mesh over the whole world: consecutive ranks form one pipeline, world / pp_size replicas of it.
     `expert_parallel`: the replicas also split the routed experts (trainers/pipeline_experts.py); the mesh is then
-    (ep, pp, tp) with a size-1 "tp" dimension, the group of ranks holding one batch that the EP implementation takes."""
+    (ep, pp, tp) with a size-1 "tp" dimension, the group of ranks holding one batch that the EP implementation takes.
+    `ep_size` below the replica count (V3's EP64 inside DP128): (dp_replicate, ep, pp, tp), each expert shard on
+    dp / ep_size replicas; the data-parallel replicas are then the dp_replicate x ep ranks of a pipeline rank."""
     world = dist.get_world_size()
     if world % pp_size:
         raise ValueError(f"pp size {pp_size} does not divide the world size {world}")
+    dp = world // pp_size
+    if ep_size is not None and not expert_parallel:
+        raise ValueError("ep_size is the expert-parallel width: pass expert_parallel=True with it")
+    if expert_parallel and ep_size not in (None, dp):
+        if ep_size < 1 or dp % ep_size:
+            raise ValueError(f"ep size {ep_size} does not divide the {dp} data-parallel replicas of a pipeline rank "
+                             f"(world {world} / pp {pp_size})")
+        return init_device_mesh(device_type, (dp // ep_size, ep_size, pp_size, 1),
+                                mesh_dim_names=("dp_replicate", "ep", "pp", "tp"))
     if expert_parallel:
-        return init_device_mesh(device_type, (world // pp_size, pp_size, 1), mesh_dim_names=("ep", "pp", "tp"))
+        return init_device_mesh(device_type, (dp, pp_size, 1), mesh_dim_names=("ep", "pp", "tp"))
     return init_device_mesh(device_type, (world // pp_size, pp_size), mesh_dim_names=("dp", "pp"))
 
 
@@ -105,6 +121,16 @@ def check_microbatches(schedule: str, n_microbatches: int, num_stages: int, batc
     if batch_size is not None and batch_size % n_microbatches:
         raise ValueError(f"a batch of {batch_size} sequences does not split into {n_microbatches} micro-batches of "
                          "equal size: use a per-rank batch that is a multiple of the micro-batch count")
+
+
+def _replica_group(mesh: DeviceMesh):
+    """The process group of all data-parallel replicas of this rank's pipeline rank on a (dp_replicate, ep, pp, tp)
+    mesh: the dp_replicate x ep ranks with its "pp" coordinate, in rank order (replica r * ep + e). Every rank creates
+    every such group (torch's new_subgroups_by_enumeration is collective over the world)."""
+    pp = mesh.mesh_dim_names.index("pp")
+    ranks = mesh.mesh.movedim(pp, 0).reshape(mesh.size(pp), -1).tolist()
+    group, _ = dist.new_subgroups_by_enumeration(ranks)
+    return group
 
 
 class _HeadView:
@@ -141,7 +167,7 @@ class PipelineRunner:
         spec = self.spec = SCHEDULES[schedule]
         self.lm, self.schedule_name, self.n_microbatches = lm, schedule, n_microbatches
         dims = mesh.mesh_dim_names
-        dp_dim = "ep" if "ep" in dims else "dp"  # expert parallel: the ep ranks are the data-parallel replicas
+        dp_dim = "ep" if "ep" in dims else "dp"  # expert parallel: the ep ranks are (among) the data-parallel replicas
         if overlap_f_b and not spec.overlaps_f_b:
             raise ValueError(f"overlap_f_b: schedule {schedule!r} has no OVERLAP_F_B actions to overlap; "
                              f"{sorted(n for n, s in SCHEDULES.items() if s.overlaps_f_b)} has them")
@@ -155,6 +181,14 @@ class PipelineRunner:
                              "needs expert parallelism (a mesh from pipeline_mesh(pp, expert_parallel=True))")
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group(dp_dim)
         self.pp_size, self.dp_size = mesh.size(dims.index("pp")), mesh.size(dims.index(dp_dim))
+        self.ep_group = self.dp_group if dp_dim == "ep" else None
+        self.ep_rank = dist.get_rank(self.ep_group) if self.ep_group is not None else 0
+        # The ranks holding the same expert shard (dp_replicate), whose expert gradients are summed over them; None
+        # where each shard has one holder.
+        self.expert_replica_group = None
+        if "dp_replicate" in dims:
+            self.expert_replica_group = mesh.get_group("dp_replicate")
+            self.dp_group, self.dp_size = _replica_group(mesh), self.dp_size * mesh.size(dims.index("dp_replicate"))
         pp_rank = dist.get_rank(self.pp_group)
         num_stages = self.pp_size * spec.stages_per_rank
         check_microbatches(schedule, n_microbatches, num_stages)
@@ -263,10 +297,14 @@ class PipelineRunner:
         schedule = self.schedule(input_ids_BT.shape[0] // self.n_microbatches, input_ids_BT.shape[1])
         schedule.step(*args, target=target, return_outputs=False)
         if self.dp_size > 1:
-            local = {id(p) for p in self.expert_params}  # their gradients already hold every replica's tokens
+            local = {id(p) for p in self.expert_params}  # their gradients already hold every ep rank's tokens
             for p in self.parameters():
-                if p.grad is not None and id(p) not in local:
+                if p.grad is None:
+                    continue
+                if id(p) not in local:
                     dist.all_reduce(p.grad, group=self.dp_group)
+                elif self.expert_replica_group is not None:  # and the other replicas of the shard hold theirs
+                    dist.all_reduce(p.grad, group=self.expert_replica_group)
         return self._parts([b for stage in self.stages for b in stage.balance_log])
 
     @property
@@ -340,17 +378,18 @@ class PipelineRunner:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over the whole model: each pipeline rank holds different parameters, so the squared
-        norms add over "pp" (replicas over "dp" hold the same, already summed, gradients)."""
+        norms add over "pp" (replicas over "dp" hold the same, already summed, gradients; so do an expert shard's
+        replicas over "dp_replicate", while the ep ranks' shards add over "ep")."""
         local = {id(p) for p in self.expert_params}
         grads = [p.grad for p in self.parameters() if p.grad is not None and id(p) not in local]
         sq = (torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads
               else torch.zeros((), device=self.device))
         if self.expert_params:  # each ep rank holds other experts: their squares add over "ep" too
-            sq = sq + expert_grad_sq_norm(self.expert_params, self.dp_group)
+            sq = sq + expert_grad_sq_norm(self.expert_params, self.ep_group)
         dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
+        for g in grads + [p.grad for p in self.expert_params if p.grad is not None]:  # the experts' clip alike
             g.mul_(scale.to(g.dtype))
         return norm
 

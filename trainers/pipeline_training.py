@@ -11,7 +11,8 @@ step s takes the next global batch of that order, and data-parallel replica d it
 nothing but (seed, step), so a resumed run reads exactly the batches the uninterrupted one would have.
 
 Checkpoints: at every `save_steps`, each rank writes its own part (its stages' weights and balancing biases under the
-full model's names, its optimizer and scheduler state, the step) to OUTPUT/.checkpoint-N.tmp/rank{r}.pt; after a
+full model's names, its optimizer state (under ZeRO-1 its own shard only, `args.zero1`: trainers/pipeline_zero.py) and
+scheduler state, the step) to OUTPUT/.checkpoint-N.tmp/rank{r}.pt; after a
 barrier rank 0 publishes the folder as OUTPUT/checkpoint-N with one rename (trainers.checkpointing.publish), so a
 killed job never leaves a half checkpoint. The final model is gathered to rank 0 and saved with save_pretrained, an
 ordinary checkpoint that loads in one process.
@@ -31,6 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .checkpointing import publish, remove_stale_staging_dirs, staging_dir
 from .pipeline import PipelineRunner
 from .pipeline_experts import gather_expert_shards
+from .pipeline_zero import load_optimizer_shard_state, optimizer_shard_state, pipeline_optimizer
 
 CHECKPOINT = "checkpoint"
 
@@ -48,6 +50,7 @@ class PipelineTrainingArguments:
     eval_steps: int = 0  # 0: no eval during training
     save_steps: int = 0  # 0: no checkpoints
     seed: int = 0
+    zero1: bool = False  # shard the optimizer state over the data-parallel replicas (trainers/pipeline_zero.py)
 
 
 def batch_indices(num_blocks: int, global_batch: int, step: int, seed: int) -> torch.Tensor:
@@ -73,8 +76,8 @@ class PipelineTrainer:
         self.rank = dist.get_rank()
         self.dp_rank = dist.get_rank(runner.dp_group)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
-        self.optimizer = torch.optim.AdamW(runner.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                           weight_decay=args.weight_decay)
+        self.optimizer = pipeline_optimizer(runner, args.zero1, torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95),
+                                            weight_decay=args.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, args.warmup_steps, args.max_steps)
         self.step = 0
         self.history: list[dict] = []
@@ -99,7 +102,7 @@ class PipelineTrainer:
         out = Path(self.args.output_dir)
         staged = staging_dir(out, self.step)
         staged.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.runner.lm.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"model": self.runner.lm.state_dict(), "optimizer": optimizer_shard_state(self.optimizer),
                     "scheduler": self.scheduler.state_dict(), "step": self.step}, staged / f"rank{self.rank}.pt")
         dist.barrier()
         final = out / f"{CHECKPOINT}-{self.step}"
@@ -111,7 +114,7 @@ class PipelineTrainer:
     def load_checkpoint(self, folder: Path) -> None:
         state = torch.load(Path(folder) / f"rank{self.rank}.pt", weights_only=True)
         self.runner.lm.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_shard_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
 
@@ -164,7 +167,7 @@ class PipelineTrainer:
         local = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
         names = {n for n, p in lm.named_parameters() if id(p) in experts}  # ep shards: concatenated, not replaced
         gathered = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object((local, self.dp_rank, names), gathered, dst=0)
+        dist.gather_object((local, self.runner.ep_rank, names), gathered, dst=0)
         if self.rank != 0:
             return None
         states, ep_ranks, shard_names = zip(*gathered)
