@@ -230,3 +230,53 @@ def test_official_v32_layout_round_trips_with_fp8_indexer(tmp_path):
             assert torch.equal(loaded, dequantize_weight_blockwise(w, scale, 128, loaded.dtype))
         assert saved[f"{prefix}.weights_proj.weight"].dtype == torch.float32
         assert torch.equal(ours.get_parameter(f"{prefix}.k_norm.bias"), model.get_parameter(f"{prefix}.k_norm.bias"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rest of the model's machinery over the sparse path
+
+
+def test_output_attentions_show_the_selection(v32_pair):
+    """output_attentions on the sparse path: the gathered probabilities scattered over all keys, equal to the masked
+    path's (eager) probabilities, zero outside each query's top-k."""
+    _, ours = v32_pair
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        masked = set_dsa(ours, "masked")(ids, output_attentions=True).attentions
+        sparse = set_dsa(ours, "sparse")(ids, output_attentions=True).attentions
+    for a, b in zip(masked, sparse):
+        assert a.shape == b.shape == (2, 4, 20, 20) and max_diff(a, b) < 1e-5
+        assert ((b > 0).sum(-1) <= K).all()
+
+
+def test_mtp_speculation_and_compiled_static_decode(v32_pair):
+    """MTP speculative decoding keeps the greedy tokens (its caches carry the indexer keys of the MTP block too), and
+    a static-cache decode step compiles whole (fullgraph) once, with the eager logits."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _, ours = v32_pair
+    ids = random_ids(1, 12)
+    greedy = ours.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, use_mtp=True), greedy)
+
+    ours = tiny_model(num_hidden_layers=1, **DSA).eval()  # one layer: a third of the tracing
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(ours)
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend=counter)
+    ids = random_ids(2, 14)
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("eager", ours), ("compiled", compiled)):
+            cache = DeepseekStaticLatentCache(ours.config, max_cache_len=16)
+            cache.early_initialization(2, torch.float32, "cpu")
+            steps = [model(ids[:, :10], cache=cache, use_cache=True).logits]
+            for t in range(10, 14):
+                steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True,
+                                   position_ids=torch.full((2, 1), t)).logits)
+            logits[name] = torch.cat(steps, dim=1)
+    torch._dynamo.reset()
+    assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
+    assert counter.frame_count == 2  # the prefill and one decode graph for all four steps
