@@ -100,7 +100,8 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
     need_scores = indexer.record or (impl != "dense" and not covered)
     scores_BTS = None
     if need_scores:
-        scores_BTS = indexer.scores(x_BTD, attn.q_a_layernorm(q_low_BTX), cos, sin, index_keys_BSD, allowed_BTS)
+        scores_BTS = indexer.scores(x_BTD, attn.q_a_layernorm(q_low_BTX), cos, sin, index_keys_BSD, allowed_BTS,
+                                    causal=attention_mask is None)
     want_probs = output_attentions or indexer.record
 
     topk_BTK = valid_BTK = None

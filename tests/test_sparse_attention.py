@@ -179,23 +179,34 @@ def test_sparse_gradients_match_masked():
     assert max(max_diff(g_m[n], g_s[n]) for n in g_m) < 1e-5
 
 
-def test_indexer_record_for_the_training_objective():
+def test_indexer_record_for_the_training_objective(monkeypatch):
     """With `indexer.record`, each layer leaves its scores (differentiable), the selection and the main attention's
-    head-summed distribution (normalised over the selected keys) for the KL objectives."""
+    head-summed distribution (normalised over the selected keys) for the KL objectives. Scored one query per block
+    (causal key ranges), the scores and their gradients are the same."""
     model = tiny_model(train=True, **DSA)
     for m in model.modules():
         if isinstance(m, indexer_module.DeepseekIndexer):
             m.record = True
     ids = random_ids(2, 16)
-    model(ids)
-    record = model.model.layers[1].self_attn.indexer.last_record
+    indexer = model.model.layers[1].self_attn.indexer
+    runs = []
+    for block_bytes in (indexer_module.SCORE_BLOCK_BYTES, 1):
+        monkeypatch.setattr(indexer_module, "SCORE_BLOCK_BYTES", block_bytes)
+        model.zero_grad()
+        model(ids)
+        record = indexer.last_record
+        record.scores_BTS.gather(-1, record.topk_BTK).masked_fill(~record.valid_BTK, 0).sum().backward()
+        runs.append((record, indexer.wq_b.weight.grad.clone()))
+    (record, grad), (blocked, blocked_grad) = runs
     assert record.scores_BTS.shape == (2, 16, 16) and record.scores_BTS.requires_grad
     assert torch.isinf(record.scores_BTS[0, 0, 1:]).all()  # causal: query 0 sees key 0 only
     assert record.topk_BTK.shape == record.valid_BTK.shape == record.attention_BTX.shape == (2, 16, K)
     assert torch.allclose(record.attention_BTX.sum(-1), torch.ones(2, 16))
     assert not record.valid_BTK[:, 2, 3:].any() and record.valid_BTK[:, -1].all()
-    record.scores_BTS.gather(-1, record.topk_BTK).masked_fill(~record.valid_BTK, 0).sum().backward()
-    assert model.model.layers[1].self_attn.indexer.wq_b.weight.grad.abs().sum() > 0
+    assert grad.abs().sum() > 0
+    assert torch.equal(record.topk_BTK, blocked.topk_BTK)
+    assert max_diff(record.scores_BTS.nan_to_num(0, 0, 0), blocked.scores_BTS.nan_to_num(0, 0, 0)) < 1e-5
+    assert max_diff(grad, blocked_grad) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
