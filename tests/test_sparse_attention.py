@@ -82,9 +82,12 @@ def test_transformers_v32_config_loads_as_ours(v32_pair):
 
 
 @pytest.mark.parametrize("impl", ["masked", "sparse"])
-def test_logits_match_transformers_v32(v32_pair, impl):
+def test_logits_match_transformers_v32(v32_pair, impl, monkeypatch):
     hf, ours = v32_pair
     set_dsa(ours, impl)
+    gathers = []
+    gathered = sparse_attention.gathered_attention
+    monkeypatch.setattr(sparse_attention, "gathered_attention", lambda *a: gathers.append(1) or gathered(*a))
     ids, mask = padded_batch()
     with torch.no_grad():
         for attention_mask in (None, mask):
@@ -92,7 +95,24 @@ def test_logits_match_transformers_v32(v32_pair, impl):
             got = ours(ids, attention_mask=attention_mask).logits
             keep = slice(None) if attention_mask is None else attention_mask.bool()
             assert max_diff(got[keep], expected[keep]) < TOL, (impl, attention_mask is not None)
+    assert len(gathers) == (6 if impl == "sparse" else 0)  # the sparse path gathered in each layer and call
     set_dsa(ours, "sparse")
+
+
+def test_gather_or_mask_by_cost_at_v32_shapes():
+    """mla_impl="auto": at V3.2's widths a prefill whose queries see few more than k keys runs masked and expanded
+    (cheaper there); decode steps, later prefill chunks and long one-shot prefills gather. mla_impl decides when set."""
+    from types import SimpleNamespace
+
+    attn = SimpleNamespace(mla_impl="auto", kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    k = 2048
+    assert not sparse_attention.gather_is_cheaper(attn, 4096, 4096, k)  # the first 4K chunk of a prompt
+    for T, S in ((1, 2049), (1, 32768), (4096, 16384), (16384, 16384)):
+        assert sparse_attention.gather_is_cheaper(attn, T, S, k), (T, S)
+    attn.mla_impl = "absorbed"
+    assert sparse_attention.gather_is_cheaper(attn, 4096, 4096, k)
+    attn.mla_impl = "expanded"
+    assert not sparse_attention.gather_is_cheaper(attn, 1, 32768, k)
 
 
 def test_dense_impl_ignores_the_indexer(v32_pair):
