@@ -65,6 +65,10 @@ def test_config_fields_and_errors():
             tiny_config(**{**DSA, **bad})
     big = tiny_config(**dict(DSA, index_topk=10_000))  # k beyond any context is fine: every key is kept
     assert big.index_topk == 10_000
+    # transformers' per-layer dense / MoE list must agree with the layout ours derives from first_k_dense_replace
+    assert tiny_config(mlp_layer_types=["dense", "sparse", "sparse"]).is_moe_layer(1)
+    with pytest.raises(ValueError, match="mlp_layer_types"):
+        tiny_config(mlp_layer_types=["dense", "dense", "sparse"])
 
 
 def test_transformers_v32_config_loads_as_ours(v32_pair):
