@@ -315,3 +315,25 @@ def test_mtp_speculation_and_compiled_static_decode(v32_pair):
     torch._dynamo.reset()
     assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
     assert counter.frame_count == 2  # the prefill and one decode graph for all four steps
+
+
+def test_recompute_mla_up_proj_keeps_loss_and_gradients():
+    """The memory option recompute_mla_up_proj reruns the attention core (the gather included) in backward: the LM
+    loss plus a KL-like term on the indexer record give the same gradients as without it."""
+    ids = random_ids(2, 16)
+    runs = []
+    for recompute in (False, True):
+        model = tiny_model(train=True, mla_impl="absorbed", recompute_mla_up_proj=recompute, **DSA)
+        indexers = [layer.self_attn.indexer for layer in model.model.layers[:3]]
+        for indexer in indexers:
+            indexer.record = True
+        out = model(ids, labels=ids)
+        records = [indexer.last_record for indexer in indexers]
+        selected = sum((r.scores_BTS.gather(-1, r.topk_BTK).masked_fill(~r.valid_BTK, 0) * r.attention_BTX).sum()
+                       for r in records)
+        (out.loss + selected).backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_r, grads_r) = runs
+    assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
+    assert any(".indexer." in n for n in grads)
+    assert max(max_diff(grads[n], grads_r[n]) for n in grads) < 1e-6
