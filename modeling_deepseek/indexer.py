@@ -135,7 +135,7 @@ class DeepseekIndexer(nn.Module):
             t1 = min(T, t0 + block)
             s1 = S - T + t1 if causal else S
             scores_BTS[:, t0:t1, :s1] = self._score_block(keys_BSD[:, :s1], q_BTND[:, t0:t1], weights_BTN[:, t0:t1])
-        return scores_BTS.masked_fill(~allowed_BTS, float("-inf"))
+        return scores_BTS.masked_fill_(~allowed_BTS, float("-inf"))  # in place: [T, S] fp32 is a prefill's largest
 
     def _score_block(self, keys_BSD, q_BtND, weights_BtN) -> torch.Tensor:
         """[B, t*N, D] x [B, D, S] -> [B, t*N, S]: one GEMM per sequence, the block's queries and heads as rows; ReLU
