@@ -337,3 +337,21 @@ def test_recompute_mla_up_proj_keeps_loss_and_gradients():
     assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
     assert any(".indexer." in n for n in grads)
     assert max(max_diff(grads[n], grads_r[n]) for n in grads) < 1e-6
+
+
+def test_lora_on_kv_b_proj_falls_back_to_the_masked_form(monkeypatch):
+    """A LoRA adapter on kv_b_proj cannot be absorbed into one matrix: the sparse path applies the same selection as a
+    mask (no gather), and gives the masked path's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(**DSA)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["kv_b_proj"], init_lora_weights=False))
+    lora.eval()
+    gathers = []
+    gathered = sparse_attention.gathered_attention
+    monkeypatch.setattr(sparse_attention, "gathered_attention", lambda *a: gathers.append(1) or gathered(*a))
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        sparse = lora(ids).logits
+        masked = set_dsa(model, "masked")(ids).logits
+    assert not gathers and max_diff(sparse, masked) < TOL
