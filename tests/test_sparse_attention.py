@@ -355,3 +355,18 @@ def test_lora_on_kv_b_proj_falls_back_to_the_masked_form(monkeypatch):
         sparse = lora(ids).logits
         masked = set_dsa(model, "masked")(ids).logits
     assert not gathers and max_diff(sparse, masked) < TOL
+
+
+def test_hub_config_v32_builds_the_indexer_of_every_layer():
+    """hub_configs/deepseek-v3.2 (V3's config plus the index fields) builds, on the meta device, one indexer per
+    decoder layer and MTP block, with V3.2's shapes."""
+    from pathlib import Path
+
+    config = DeepseekConfig.from_pretrained(str(Path(__file__).resolve().parent.parent / "hub_configs" / "deepseek-v3.2"))
+    assert (config.index_topk, config.index_n_heads, config.index_head_dim) == (2048, 64, 128)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+    indexers = [m for m in model.modules() if isinstance(m, indexer_module.DeepseekIndexer)]
+    assert len(indexers) == config.num_hidden_layers + config.num_nextn_predict_layers == 62
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64  # wq_b, wk, k_norm (weight, bias), weights_proj
+    assert all(sum(p.numel() for p in m.parameters()) == per_layer for m in indexers)
