@@ -163,6 +163,8 @@ def test_cached_sparse_decode_matches_masked_full_forward(v32_pair, static):
     assert max_diff(got[keep], expected[keep]) < TOL
     layer = cache.layers[0]
     assert layer.index_keys.shape[-1] == 16 and layer.index_keys.shape[-2] == (32 if static else 20)
+    if not static:  # per token: 3 layers x (latent 32 + rope key 8 + indexer key 16) fp32 values
+        assert cache.nbytes_per_token() == 3 * (32 + 8 + 16) * 4
 
 
 def test_generate_sparse_equals_masked(v32_pair):
@@ -173,6 +175,10 @@ def test_generate_sparse_equals_masked(v32_pair):
     sparse = set_dsa(ours, "sparse").generate(ids, **kwargs)
     static = ours.generate(ids, cache_implementation="static", **kwargs)
     assert torch.equal(sparse, masked) and torch.equal(static, masked)
+    # the FP8 latent cache keeps the indexer keys in the model dtype beside its e4m3 latent: both paths agree on it
+    fp8 = ours.generate(ids, latent_cache_dtype="fp8", **kwargs)
+    assert torch.equal(set_dsa(ours, "masked").generate(ids, latent_cache_dtype="fp8", **kwargs), fp8)
+    set_dsa(ours, "sparse")
 
 
 def test_query_and_gather_blocks_do_not_change_results(v32_pair, monkeypatch):
