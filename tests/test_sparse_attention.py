@@ -271,6 +271,11 @@ def test_official_v32_layout_round_trips_with_fp8_indexer(tmp_path):
             assert torch.equal(loaded, dequantize_weight_blockwise(w, scale, 128, loaded.dtype))
         assert saved[f"{prefix}.weights_proj.weight"].dtype == torch.float32
         assert torch.equal(ours.get_parameter(f"{prefix}.k_norm.bias"), model.get_parameter(f"{prefix}.k_norm.bias"))
+    # Kept in FP8 (the CUDA default), the indexer's projections are FP8 modules with the dequantized model's logits.
+    kept = DeepseekForCausalLM.from_pretrained(fp8, fp8_keep_quantized=True).eval()
+    assert type(kept.model.layers[1].self_attn.indexer.wq_b).__name__ == "DeepseekFP8Linear"
+    with torch.no_grad():
+        assert max_diff(kept(ids).logits, ours(ids).logits) < TOL
 
 
 # ---------------------------------------------------------------------------------------------------------------------
