@@ -31,7 +31,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .compat import CPU_FLASH_ATTENTION
-from .layers import DeepseekRMSNorm
+from .layers import DeepseekRMSNorm, per_head_matmul
 from .parallel import local_shard, replicated_input
 from .recompute import recompute, recompute_active
 from .continuous_batching import is_paged_cache, paged_attention
@@ -285,7 +285,7 @@ class DeepseekAttention(nn.Module):
         # over the tensor-parallel ranks): sum its gradient here.
         latent_B1SC = replicated_input(latent_B1SC, self.kv_b_proj.weight)
         w_uk_HNC, w_uv_HVC = w_HKC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent_BHTC = torch.matmul(q_nope, w_uk_HNC)  # [B, H, T, nope] x [H, nope, C]
+        q_latent_BHTC = per_head_matmul(q_nope, w_uk_HNC)  # [B, H, T, nope] x [H, nope, C]
         # MQA: all H x T query rows of a sequence attend to the same latent keys, so the heads are folded into the
         # rows and each sequence runs one [H*T, C] x [C, S] GEMM. (A matmul broadcasting [B, 1, S, C] over the head
         # dim copies the latent once per head on some backends: an [H, C, S] copy per layer and step in bf16 on CPU.)
@@ -298,5 +298,5 @@ class DeepseekAttention(nn.Module):
             scores_BHTS = scores_BHTS + mask
         probs_BHTS = scores_BHTS.softmax(dim=-1).to(latent_BSC.dtype)
         ctx_BHTC = torch.bmm(probs_BHTS.view(B, H * T, S), latent_BSC).view(B, H, T, C)
-        out_BHTV = torch.matmul(ctx_BHTC, w_uv_HVC.transpose(1, 2))  # [B, H, T, C] x [H, C, v]
+        out_BHTV = per_head_matmul(ctx_BHTC, w_uv_HVC.transpose(1, 2))  # [B, H, T, C] x [H, C, v]
         return out_BHTV.transpose(1, 2), probs_BHTS
