@@ -1,0 +1,117 @@
+"""The lightning indexer's training objective: DeepSeek-V3.2's two stages (DSA; V3.2 report, section 2.1).
+
+The indexer (indexer.py) scores, for every query t, each key s it may attend: I[t, s]. Sparse attention then attends
+to the top-k of those only. The indexer is trained to predict where the main attention looks:
+
+    p[t, :] = L1-normalise( sum over heads h of P_h[t, :] )           (the main attention, head-summed; a target)
+    L_I     = mean over the scored queries t of  KL( p[t, X_t] || softmax(I[t, X_t]) )
+
+- dense warm-up (`stage="dense"`): X_t is every key query t may attend (causal, not padding, the caller's 4-D mask).
+  The main attention runs dense and the main model is frozen: the indexer alone trains, on L_I alone (V3.2: 1000
+  steps of 16 x 128K tokens at a learning rate of 1e-3).
+- sparse stage (`stage="sparse"`): X_t = S_t, the indexer's own top-k. The main attention attends to S_t only, so
+  p[t, S_t] is its actual distribution. The indexer's inputs (the hidden state and the query's low-rank activation)
+  are detached: L_I trains the indexer and nothing else, the language-modelling loss trains the main model and not
+  the indexer (the top-k indices carry no gradient).
+
+p is computed in fp32 and detached: it is a target, not a path for gradients into the main attention. A key outside
+X_t counts in neither distribution: the indexer's softmax is taken over X_t (its other scores are filled with the
+lowest float, so that a query with no key at all still has a finite softmax; it counts in no mean).
+
+Reductions: each layer's L_I is a mean over its scored queries (real tokens with at least one key), the layers' L_I
+are summed as the MoE balance losses are (objective.py): each layer's indexer gets exactly the gradient of its own
+KL, and the two stages' losses compare across batch shapes.
+
+The pieces here are functions of tensors; the attention layer calls `layer_indexer_loss` with what it computed, and
+leaves the result on itself (`last_indexer_loss`) for training_objective to collect.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INDEXER_STAGES = ("dense", "sparse")
+
+
+def check_stage(stage: str | None) -> str | None:
+    """`stage` if it is one of INDEXER_STAGES or None (no indexer loss); anything else raises, naming it."""
+    if stage is not None and stage not in INDEXER_STAGES:
+        raise ValueError(f"indexer training stage {stage!r} is not one of {INDEXER_STAGES} (or None: no indexer loss)")
+    return stage
+
+
+def attention_target(probs_BHTX: torch.Tensor, valid_BTX: torch.Tensor | None = None) -> torch.Tensor:
+    """p: the main attention's probabilities [B, H, T, X] (X: every key, or each query's selected keys) summed over
+    the heads and L1-normalised over X_t (the `valid_BTX` keys; None: all), in fp32 and detached. A row with no
+    probability mass (no valid key) stays all zero."""
+    summed_BTX = probs_BHTX.detach().float().sum(dim=1)
+    if valid_BTX is not None:
+        summed_BTX = summed_BTX.masked_fill(~valid_BTX, 0.0)
+    return summed_BTX / summed_BTX.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@torch.no_grad()
+def head_summed_attention(q_BHTC: torch.Tensor, k_BSC: torch.Tensor, scaling: float, allowed_BTS: torch.Tensor,
+                          head_chunk: int = 16) -> torch.Tensor:
+    """sum over heads of softmax(q_h k^T * scaling) over the allowed keys, [B, T, S] in fp32, for attention where all
+    heads share one key per token (MQA: absorbed MLA attends with [q_nope W_UK | q_rope] against [latent | rope
+    key]). For a main attention whose kernel never materialises its probabilities (SDPA); `head_chunk` heads at a
+    time, so that no [B, H, T, S] tensor exists, only [B, head_chunk, T, S]."""
+    B, H, T, C = q_BHTC.shape
+    k_BCS = k_BSC.float().transpose(1, 2)
+    blocked_B1TS = ~allowed_BTS.unsqueeze(1)
+    summed_BTS = torch.zeros(B, T, k_BSC.shape[1], dtype=torch.float32, device=q_BHTC.device)
+    for h0 in range(0, H, head_chunk):
+        q_BhTC = q_BHTC[:, h0: h0 + head_chunk].float()
+        scores_BhTS = torch.matmul(q_BhTC, k_BCS.unsqueeze(1)) * scaling
+        scores_BhTS = scores_BhTS.masked_fill(blocked_B1TS, torch.finfo(torch.float32).min)
+        summed_BTS += scores_BhTS.softmax(dim=-1).sum(dim=1)
+    return summed_BTS.masked_fill(~allowed_BTS, 0.0)
+
+
+def indexer_kl(index_scores_BTX: torch.Tensor, target_BTX: torch.Tensor, valid_BTX: torch.Tensor,
+               query_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over the scored queries of KL(target || softmax(index scores)), both over each query's valid keys.
+
+    `index_scores_BTX` carry the gradient (to the indexer); `target_BTX` is a distribution over the valid keys
+    (attention_target). A query is scored when `query_mask_BT` (None: all) says it is a real token and it has at
+    least one valid key. 0 when none is scored."""
+    scores_BTX = index_scores_BTX.float().masked_fill(~valid_BTX, torch.finfo(torch.float32).min)
+    log_q_BTX = scores_BTX.log_softmax(dim=-1).masked_fill(~valid_BTX, 0.0)
+    target_BTX = target_BTX.float()
+    # xlogy: 0 log 0 = 0 where the target has no mass.
+    kl_BT = (torch.special.xlogy(target_BTX, target_BTX) - target_BTX * log_q_BTX).sum(dim=-1)
+    scored_BT = valid_BTX.any(dim=-1).expand_as(kl_BT)
+    if query_mask_BT is not None:
+        scored_BT = scored_BT & query_mask_BT.bool()
+    return (kl_BT * scored_BT).sum() / scored_BT.sum().clamp_min(1)
+
+
+def dense_indexer_loss(index_scores_BTS: torch.Tensor, attention_probs_BHTS: torch.Tensor,
+                       allowed_BTS: torch.Tensor, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """The warm-up's L_I: the indexer's scores over every key [B, T, S] against the dense main attention's
+    probabilities [B, H, T, S] (or their head sum [B, T, S], e.g. from head_summed_attention), over the keys each
+    query may attend (`allowed_BTS`)."""
+    if attention_probs_BHTS.dim() == 3:
+        attention_probs_BHTS = attention_probs_BHTS.unsqueeze(1)
+    target_BTS = attention_target(attention_probs_BHTS, allowed_BTS)
+    return indexer_kl(index_scores_BTS, target_BTS, allowed_BTS, query_mask_BT)
+
+
+def select_keys(probs_BHTS: torch.Tensor, topk_BTK: torch.Tensor) -> torch.Tensor:
+    """A dense-masked attention's probabilities [B, H, T, S] at each query's selected keys: [B, H, T, K]."""
+    return probs_BHTS.gather(-1, topk_BTK.long().unsqueeze(1).expand(-1, probs_BHTS.shape[1], -1, -1))
+
+
+def sparse_indexer_loss(index_scores_BTS: torch.Tensor, topk_BTK: torch.Tensor, attention_probs_BHTK: torch.Tensor,
+                        allowed_BTS: torch.Tensor, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """The sparse stage's L_I: the KL over each query's selected keys S_t only.
+
+    `index_scores_BTS`: the indexer's scores over every key; `topk_BTK`: the indices it selected (a query with fewer
+    than k keys selects some it may not attend: they count nowhere); `attention_probs_BHTK`: the sparse main
+    attention's probabilities over those keys, in the order of `topk_BTK` (select_keys takes them out of a
+    dense-masked attention's [B, H, T, S])."""
+    topk_BTK = topk_BTK.long()
+    valid_BTK = allowed_BTS.expand(topk_BTK.shape[0], -1, -1).gather(-1, topk_BTK)
+    target_BTK = attention_target(attention_probs_BHTK, valid_BTK)
+    return indexer_kl(index_scores_BTS.gather(-1, topk_BTK), target_BTK, valid_BTK, query_mask_BT)
