@@ -40,6 +40,50 @@ def check_stage(stage: str | None) -> str | None:
     return stage
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage, as runtime state on the attention layers (not in the config: a checkpoint saved during the warm-up must
+# not load as a model that attends densely), and the losses they leave on themselves.
+
+
+def indexed_attentions(model) -> list:
+    """The attention layers of `model` (a DeepseekModel or a causal LM around one) that have a lightning indexer,
+    the MTP modules' included."""
+    layers = model.get_decoder().layers
+    return [layer.self_attn for layer in layers if getattr(layer.self_attn, "indexer", None) is not None]
+
+
+def set_indexer_training_stage(model, stage: str | None) -> None:
+    """Ask `model` for the indexer loss of `stage` ("dense", "sparse"; None: none) in every training forward, on
+    every attention layer with an indexer. The parameters' requires_grad is the trainer's business
+    (trainers/indexer_training.py). A model without an indexer raises."""
+    check_stage(stage)
+    attentions = indexed_attentions(model)
+    if not attentions:
+        raise ValueError(f"{type(model).__name__} has no lightning indexer: an indexer training stage needs a "
+                         "DeepSeek-V3.2 model (index_topk set in the config)")
+    for attn in attentions:
+        attn.indexer_training_stage = stage
+
+
+def active_stage(attn) -> str | None:
+    """The stage this attention layer trains its indexer in during this forward: the one set, in a training forward
+    that records gradients (eval, generation and no-grad forwards compute no indexer loss)."""
+    stage = getattr(attn, "indexer_training_stage", None)
+    return stage if stage is not None and attn.training and torch.is_grad_enabled() else None
+
+
+def forget_indexer_losses(model) -> None:
+    """Clear what the previous forward left (DeepseekModel.forward, first thing: the MTP modules may not run)."""
+    for attn in indexed_attentions(model):
+        attn.last_indexer_loss = None
+
+
+def recorded_indexer_losses(model) -> list[torch.Tensor]:
+    """The indexer losses this forward's attention layers left on themselves (objective.training_objective)."""
+    return [attn.last_indexer_loss for attn in indexed_attentions(model)
+            if getattr(attn, "last_indexer_loss", None) is not None]
+
+
 def attention_target(probs_BHTX: torch.Tensor, valid_BTX: torch.Tensor | None = None) -> torch.Tensor:
     """p: the main attention's probabilities [B, H, T, X] (X: every key, or each query's selected keys) summed over
     the heads and L1-normalised over X_t (the `valid_BTX` keys; None: all), in fp32 and detached. A row with no
