@@ -22,8 +22,10 @@ Reductions: each layer's L_I is a mean over its scored queries (real tokens with
 are summed as the MoE balance losses are (objective.py): each layer's indexer gets exactly the gradient of its own
 KL, and the two stages' losses compare across batch shapes.
 
-The pieces here are functions of tensors; the attention layer calls `layer_indexer_loss` with what it computed, and
-leaves the result on itself (`last_indexer_loss`) for training_objective to collect.
+The pieces here are functions of tensors. In the model, `set_indexer_training_stage` asks every indexer to record
+its scores, its selection and the main attention's head-summed distribution (indexer.IndexerRecord, left on the
+indexer by sparse_attention.py); objective.training_objective turns the records into the layers' L_I
+(`recorded_indexer_losses`), adds their sum to the loss and reports it as `indexer_loss`.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def check_stage(stage: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The stage, as runtime state on the attention layers (not in the config: a checkpoint saved during the warm-up must
-# not load as a model that attends densely), and the losses they leave on themselves.
+# The stage, as runtime state on the attention layers' indexers (not in the config: a checkpoint saved during the
+# warm-up must not load as a model that attends densely), and the losses of what their forwards recorded.
 
 
 def indexed_attentions(model) -> list:
@@ -54,34 +56,54 @@ def indexed_attentions(model) -> list:
 
 def set_indexer_training_stage(model, stage: str | None) -> None:
     """Ask `model` for the indexer loss of `stage` ("dense", "sparse"; None: none) in every training forward, on
-    every attention layer with an indexer. The parameters' requires_grad is the trainer's business
-    (trainers/indexer_training.py). A model without an indexer raises."""
+    every attention layer with an indexer: each indexer records what its loss needs (indexer.IndexerRecord), the
+    dense warm-up attends densely, the sparse stage detaches the indexer's inputs. The parameters' requires_grad is
+    the trainer's business (trainers/indexer_training.py). A model without an indexer raises."""
     check_stage(stage)
     attentions = indexed_attentions(model)
     if not attentions:
         raise ValueError(f"{type(model).__name__} has no lightning indexer: an indexer training stage needs a "
                          "DeepSeek-V3.2 model (index_topk set in the config)")
     for attn in attentions:
-        attn.indexer_training_stage = stage
+        indexer = attn.indexer
+        indexer.training_stage = stage
+        indexer.record = stage is not None
+        indexer.detach_input = stage == "sparse"
+        indexer.last_record = None
 
 
-def active_stage(attn) -> str | None:
-    """The stage this attention layer trains its indexer in during this forward: the one set, in a training forward
-    that records gradients (eval, generation and no-grad forwards compute no indexer loss)."""
-    stage = getattr(attn, "indexer_training_stage", None)
-    return stage if stage is not None and attn.training and torch.is_grad_enabled() else None
-
-
-def forget_indexer_losses(model) -> None:
-    """Clear what the previous forward left (DeepseekModel.forward, first thing: the MTP modules may not run)."""
+def forget_indexer_records(model) -> None:
+    """Drop what the previous forward's indexers recorded (DeepseekModel.forward, first thing: the MTP modules may
+    not run)."""
     for attn in indexed_attentions(model):
-        attn.last_indexer_loss = None
+        attn.indexer.last_record = None
 
 
-def recorded_indexer_losses(model) -> list[torch.Tensor]:
-    """The indexer losses this forward's attention layers left on themselves (objective.training_objective)."""
-    return [attn.last_indexer_loss for attn in indexed_attentions(model)
-            if getattr(attn, "last_indexer_loss", None) is not None]
+def layer_indexer_loss(record, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One layer's L_I from what its forward recorded (indexer.IndexerRecord): over every allowed key where nothing
+    was selected (dense warm-up; or k covered every key, where the sparse stage's S_t is every allowed key), else
+    over the selected keys. None where the main attention's distribution was not recorded."""
+    if record is None or record.attention_BTX is None:
+        return None
+    scores_BTS = record.scores_BTS
+    if record.topk_BTK is None:
+        return indexer_kl(scores_BTS, record.attention_BTX, torch.isfinite(scores_BTS.detach()), query_mask_BT)
+    return indexer_kl(scores_BTS.gather(-1, record.topk_BTK), record.attention_BTX, record.valid_BTK, query_mask_BT)
+
+
+def recorded_indexer_losses(model, query_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The L_I of every attention layer whose indexer recorded this forward in an indexer training stage, in a
+    forward that records gradients (objective.training_objective). The records are dropped once read: their
+    [B, T, S] scores would otherwise outlive the step."""
+    losses = []
+    for attn in indexed_attentions(model):
+        indexer = attn.indexer
+        if getattr(indexer, "training_stage", None) is not None and attn.training and torch.is_grad_enabled():
+            loss = layer_indexer_loss(indexer.last_record, query_mask_BT)
+            if loss is not None:
+                losses.append(loss)
+            indexer.last_record = None
+    return losses
 
 
 def attention_target(probs_BHTX: torch.Tensor, valid_BTX: torch.Tensor | None = None) -> torch.Tensor:

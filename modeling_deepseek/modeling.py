@@ -39,7 +39,7 @@ from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
 from .experts import DeepseekExperts
 from .generation import DeepseekGenerationMixin
-from .indexer_loss import forget_indexer_losses
+from .indexer_loss import forget_indexer_records
 from .layers import DeepseekRMSNorm
 from .loading import DeepseekLoadingMixin
 from .masks import causal_mask, check_attention_mask, padding_free_tokens
@@ -196,7 +196,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
             moe.last_load_E = moe.last_balance_loss = None
-        forget_indexer_losses(self)
+        forget_indexer_records(self)
         if use_cache and cache is None:
             cache = DeepseekLatentCache(config=cfg)
         if position_ids is None:

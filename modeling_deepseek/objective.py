@@ -8,8 +8,8 @@ One forward's objective is
 - CE_k: the cross-entropy of MTP depth k (mtp.py), position i scored on `shift_labels[i + k]`;
 - balance: the sequence-wise balance loss (DeepSeek-V3 eq. 17, already weighted by alpha) that each MoE layer left
   on itself (moe.py), summed over the layers, MTP modules included;
-- indexer: DeepSeek-V3.2's lightning-indexer loss (indexer_loss.py), summed over the attention layers that left one
-  on themselves: only while an indexer training stage is set (trainers/indexer_training.py);
+- indexer: DeepSeek-V3.2's lightning-indexer loss (indexer_loss.py), summed over the attention layers whose indexer
+  recorded this forward: only while an indexer training stage is set (trainers/indexer_training.py);
 - f: this forward's share of the optimizer step. Without gradient accumulation f = 1 and the loss is a mean. Under
   Trainer's accumulation `num_items_in_batch` counts the scored tokens of the whole step (every micro-batch, every
   data-parallel rank) and f = this forward's scored tokens / num_items_in_batch: the micro-batches' losses, which
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .chunked_ce import IGNORE_INDEX, linear_cross_entropy_sum
 from .indexer_loss import recorded_indexer_losses
+from .masks import padding_free_tokens
 from .mtp import mtp_labels
 
 
@@ -143,7 +144,7 @@ def training_objective(
             "seq_balance_alpha > 0 but no MoE layer produced the sequence-wise balance loss: reentrant "
             "gradient checkpointing (use_reentrant=True) runs the layers without gradients. Use "
             "use_reentrant=False (transformers' default) to train it.", stacklevel=3)
-    indexer_terms = recorded_indexer_losses(lm)
+    indexer_terms = recorded_indexer_losses(lm, padding_free_tokens(attention_mask, shift_labels_BT.shape[1]))
     if indexer_terms:
         indexer_loss = torch.stack(indexer_terms).sum()
         parts_to_add.append(indexer_loss)

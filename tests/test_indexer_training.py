@@ -128,3 +128,136 @@ def test_stage_names_are_checked():
     assert check_stage("dense") == "dense" and check_stage(None) is None
     with pytest.raises(ValueError, match="'warmup'"):
         check_stage("warmup")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two stages in the tiny DeepSeek-V3.2 model: the model's indexer_loss and gradients against the reference above,
+# fed with what the model's layers saw (their inputs, caught by hooks) and attended (output_attentions).
+
+V32 = dict(index_topk=4, index_n_heads=2, index_head_dim=16)  # k = 4 of up to 10 keys: the sparse path gathers
+SEQ = 10
+
+
+def _v32_model(seed: int = 0, **overrides):
+    from conftest import tiny_model
+
+    return tiny_model(seed=seed, train=True, **{**V32, **overrides})
+
+
+def _padded_batch():
+    from conftest import random_ids
+
+    ids = random_ids(2, SEQ, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _reference_indexer_loss(model, ids, mask, stage):
+    """Sum over the layers of the reference L_I (the per-query loop of _reference_kl), from every attention layer's
+    input (a pre-hook) and its attention probabilities (output_attentions), the indexer's scores recomputed with
+    the indexer's own scoring function (parity-tested against transformers' DeepseekV32Indexer elsewhere)."""
+    from modeling_deepseek.indexer import allowed_keys
+    from modeling_deepseek.indexer_loss import indexed_attentions
+
+    inputs = []
+
+    def catch(module, args, kwargs):
+        inputs.append((module, args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"],
+                       kwargs.get("attention_mask")))
+
+    handles = [attn.register_forward_pre_hook(catch, with_kwargs=True) for attn in indexed_attentions(model)]
+    try:
+        with torch.no_grad():
+            probs_per_layer = model(ids, attention_mask=mask, output_attentions=True).attentions
+    finally:
+        for handle in handles:
+            handle.remove()
+    real_BT = mask.bool()
+    total = 0.0
+    for (attn, x_BTD, (cos, sin), attention_mask), probs_BHTS in zip(inputs, probs_per_layer, strict=True):
+        indexer = attn.indexer
+        x_BTD = x_BTD.detach()
+        Bx, Tx, _ = x_BTD.shape
+        allowed_BTS = allowed_keys(attention_mask, Bx, Tx, Tx, x_BTD.device).expand(Bx, -1, -1)
+        q_resid = attn.q_a_layernorm(attn.q_a_proj(x_BTD))
+        scores_BTS = indexer.scores(x_BTD, q_resid, cos, sin, indexer.keys(x_BTD, cos, sin), allowed_BTS)
+        total = total + _reference_kl(scores_BTS, probs_BHTS, allowed_BTS, real_BT,
+                                      topk=indexer.topk if stage == "sparse" else None)
+    return total
+
+
+def _reference_kl(scores_BTS, probs_BHTS, allowed_BTS, real_BT, topk):
+    terms = []
+    for b in range(scores_BTS.shape[0]):
+        for t in range(scores_BTS.shape[1]):
+            keys = allowed_BTS[b, t].nonzero().squeeze(-1)
+            if topk is not None:
+                selected = scores_BTS[b, t].detach().topk(min(topk, scores_BTS.shape[-1])).indices
+                keys = selected[allowed_BTS[b, t, selected]]
+            if not real_BT[b, t] or len(keys) == 0:
+                continue
+            p = probs_BHTS[b, :, t, keys].sum(0)
+            terms.append(F.kl_div(torch.log_softmax(scores_BTS[b, t, keys], -1), p / p.sum(), reduction="sum"))
+    return torch.stack(terms).mean()
+
+
+def _grads_by_name(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_dense_warmup_trains_the_indexers_alone_on_the_reference_loss():
+    from trainers.indexer_training import indexer_parameters, prepare_indexer_stage
+
+    model = _v32_model(num_nextn_predict_layers=0)
+    prepare_indexer_stage(model, "dense")
+    indexer_names = set(indexer_parameters(model))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == indexer_names
+    ids, mask, labels = _padded_batch()
+    out = model(ids, attention_mask=mask, labels=labels)
+    ref = _reference_indexer_loss(model, ids, mask, "dense")
+    torch.testing.assert_close(out.indexer_loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.main_loss + out.balance_loss + out.indexer_loss)
+    out.loss.backward()
+    ref_grads = torch.autograd.grad(ref, [p for n, p in model.named_parameters() if n in indexer_names])
+    for (name, p), g_ref in zip([(n, p) for n, p in model.named_parameters() if n in indexer_names], ref_grads):
+        torch.testing.assert_close(p.grad, g_ref, rtol=1e-4, atol=1e-7, msg=name)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in indexer_names)
+    # The warm-up attends densely: its attention probabilities are nonzero beyond the top-k.
+    with torch.no_grad():
+        probs = model(ids, attention_mask=mask, output_attentions=True).attentions[0]
+    assert int((probs[0, 0, -1] > 0).sum()) == SEQ > V32["index_topk"]
+    prepare_indexer_stage(model, None)  # leaving the warm-up gives the main model back its gradients
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_sparse_stage_splits_the_gradients_between_lm_loss_and_indexer_loss():
+    """The main model's gradients are those of the LM loss alone (the same model with no indexer stage); the
+    indexers' are those of the reference L_I over the selected keys (the LM loss reaches them not at all)."""
+    import copy
+
+    from trainers.indexer_training import indexer_parameters, prepare_indexer_stage
+
+    model = _v32_model(num_nextn_predict_layers=0)
+    plain = copy.deepcopy(model)
+    prepare_indexer_stage(model, "sparse")
+    indexer_names = set(indexer_parameters(model))
+    ids, mask, labels = _padded_batch()
+    out = model(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    plain_out = plain(ids, attention_mask=mask, labels=labels)
+    assert plain_out.indexer_loss is None
+    plain_out.loss.backward()
+    torch.testing.assert_close(out.main_loss, plain_out.main_loss)
+    grads, plain_grads = _grads_by_name(model), _grads_by_name(plain)
+    for name in grads:
+        if name not in indexer_names:
+            torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            assert plain_grads[name] is None or not plain_grads[name].any(), name
+    ref = _reference_indexer_loss(model, ids, mask, "sparse")
+    torch.testing.assert_close(out.indexer_loss, ref, rtol=1e-5, atol=1e-6)
+    names = sorted(indexer_names)
+    ref_grads = torch.autograd.grad(ref, [dict(model.named_parameters())[n] for n in names])
+    for name, g_ref in zip(names, ref_grads):
+        torch.testing.assert_close(grads[name], g_ref, rtol=1e-4, atol=1e-7, msg=name)
