@@ -84,6 +84,8 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
     (out [B, T, H, v], probabilities [B, H, T, S] when output_attentions, else None); with `indexer.record` the
     indexer's IndexerRecord is left on `indexer.last_record`."""
     indexer, impl = attn.indexer, attn.config.dsa_impl
+    if getattr(indexer, "training_stage", None) == "dense" and attn.training:
+        impl = "dense"  # V3.2's dense warm-up (indexer_loss.py): the indexer learns from dense attention
     B, H, T, _ = q_nope.shape
     S = latent_B1SC.shape[2]
     if impl == "sparse" and not attn.absorbable():
