@@ -42,6 +42,55 @@ def check_stage(stage: str | None) -> str | None:
     return stage
 
 
+def indexer_kl(index_scores_BTX: torch.Tensor, target_BTX: torch.Tensor, valid_BTX: torch.Tensor,
+               query_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over the scored queries of KL(target || softmax(index scores)), both over each query's valid keys.
+
+    `index_scores_BTX` carry the gradient (to the indexer); `target_BTX` is a distribution over the valid keys
+    (indexer.head_summed_distribution). A query is scored when `query_mask_BT` (None: all) says it is a real token
+    and it has at least one valid key. 0 when none is scored."""
+    scores_BTX = index_scores_BTX.float().masked_fill(~valid_BTX, torch.finfo(torch.float32).min)
+    log_q_BTX = scores_BTX.log_softmax(dim=-1).masked_fill(~valid_BTX, 0.0)
+    target_BTX = target_BTX.float()
+    # xlogy: 0 log 0 = 0 where the target has no mass.
+    kl_BT = (torch.special.xlogy(target_BTX, target_BTX) - target_BTX * log_q_BTX).sum(dim=-1)
+    scored_BT = valid_BTX.any(dim=-1).expand_as(kl_BT)
+    if query_mask_BT is not None:
+        scored_BT = scored_BT & query_mask_BT.bool()
+    return (kl_BT * scored_BT).sum() / scored_BT.sum().clamp_min(1)
+
+
+def layer_indexer_loss(record, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One layer's L_I from what its forward recorded (indexer.IndexerRecord): over every allowed key where nothing
+    was selected (dense warm-up; or k covered every key, where the sparse stage's S_t is every allowed key), else
+    over the selected keys. None where the main attention's distribution was not recorded."""
+    if record is None or record.attention_BTX is None:
+        return None
+    scores_BTS = record.scores_BTS
+    if record.topk_BTK is None:
+        return indexer_kl(scores_BTS, record.attention_BTX, torch.isfinite(scores_BTS.detach()), query_mask_BT)
+    return indexer_kl(scores_BTS.gather(-1, record.topk_BTK), record.attention_BTX, record.valid_BTK, query_mask_BT)
+
+
+@torch.no_grad()
+def head_summed_attention(q_BHTC: torch.Tensor, k_BSC: torch.Tensor, scaling: float, allowed_BTS: torch.Tensor,
+                          head_chunk: int = 16) -> torch.Tensor:
+    """sum over heads of softmax(q_h k^T * scaling) over the allowed keys, [B, T, S] in fp32, for attention where all
+    heads share one key per token (MQA: absorbed MLA attends with [q_nope W_UK | q_rope] against [latent | rope
+    key]). For a main attention whose kernel never materialises its probabilities (SDPA); `head_chunk` heads at a
+    time, so that no [B, H, T, S] tensor exists, only [B, head_chunk, T, S]."""
+    B, H, T, C = q_BHTC.shape
+    k_BCS = k_BSC.float().transpose(1, 2)
+    blocked_B1TS = ~allowed_BTS.unsqueeze(1)
+    summed_BTS = torch.zeros(B, T, k_BSC.shape[1], dtype=torch.float32, device=q_BHTC.device)
+    for h0 in range(0, H, head_chunk):
+        q_BhTC = q_BHTC[:, h0: h0 + head_chunk].float()
+        scores_BhTS = torch.matmul(q_BhTC, k_BCS.unsqueeze(1)) * scaling
+        scores_BhTS = scores_BhTS.masked_fill(blocked_B1TS, torch.finfo(torch.float32).min)
+        summed_BTS += scores_BhTS.softmax(dim=-1).sum(dim=1)
+    return summed_BTS.masked_fill(~allowed_BTS, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The stage, as runtime state on the attention layers' indexers (not in the config: a checkpoint saved during the
 # warm-up must not load as a model that attends densely), and the losses of what their forwards recorded.
@@ -79,18 +128,6 @@ def forget_indexer_records(model) -> None:
         attn.indexer.last_record = None
 
 
-def layer_indexer_loss(record, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One layer's L_I from what its forward recorded (indexer.IndexerRecord): over every allowed key where nothing
-    was selected (dense warm-up; or k covered every key, where the sparse stage's S_t is every allowed key), else
-    over the selected keys. None where the main attention's distribution was not recorded."""
-    if record is None or record.attention_BTX is None:
-        return None
-    scores_BTS = record.scores_BTS
-    if record.topk_BTK is None:
-        return indexer_kl(scores_BTS, record.attention_BTX, torch.isfinite(scores_BTS.detach()), query_mask_BT)
-    return indexer_kl(scores_BTS.gather(-1, record.topk_BTK), record.attention_BTX, record.valid_BTK, query_mask_BT)
-
-
 def recorded_indexer_losses(model, query_mask_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The L_I of every attention layer whose indexer recorded this forward in an indexer training stage, in a
     forward that records gradients (objective.training_objective). The records are dropped once read: their
@@ -104,80 +141,3 @@ def recorded_indexer_losses(model, query_mask_BT: torch.Tensor | None = None) ->
                 losses.append(loss)
             indexer.last_record = None
     return losses
-
-
-def attention_target(probs_BHTX: torch.Tensor, valid_BTX: torch.Tensor | None = None) -> torch.Tensor:
-    """p: the main attention's probabilities [B, H, T, X] (X: every key, or each query's selected keys) summed over
-    the heads and L1-normalised over X_t (the `valid_BTX` keys; None: all), in fp32 and detached. A row with no
-    probability mass (no valid key) stays all zero."""
-    summed_BTX = probs_BHTX.detach().float().sum(dim=1)
-    if valid_BTX is not None:
-        summed_BTX = summed_BTX.masked_fill(~valid_BTX, 0.0)
-    return summed_BTX / summed_BTX.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-
-
-@torch.no_grad()
-def head_summed_attention(q_BHTC: torch.Tensor, k_BSC: torch.Tensor, scaling: float, allowed_BTS: torch.Tensor,
-                          head_chunk: int = 16) -> torch.Tensor:
-    """sum over heads of softmax(q_h k^T * scaling) over the allowed keys, [B, T, S] in fp32, for attention where all
-    heads share one key per token (MQA: absorbed MLA attends with [q_nope W_UK | q_rope] against [latent | rope
-    key]). For a main attention whose kernel never materialises its probabilities (SDPA); `head_chunk` heads at a
-    time, so that no [B, H, T, S] tensor exists, only [B, head_chunk, T, S]."""
-    B, H, T, C = q_BHTC.shape
-    k_BCS = k_BSC.float().transpose(1, 2)
-    blocked_B1TS = ~allowed_BTS.unsqueeze(1)
-    summed_BTS = torch.zeros(B, T, k_BSC.shape[1], dtype=torch.float32, device=q_BHTC.device)
-    for h0 in range(0, H, head_chunk):
-        q_BhTC = q_BHTC[:, h0: h0 + head_chunk].float()
-        scores_BhTS = torch.matmul(q_BhTC, k_BCS.unsqueeze(1)) * scaling
-        scores_BhTS = scores_BhTS.masked_fill(blocked_B1TS, torch.finfo(torch.float32).min)
-        summed_BTS += scores_BhTS.softmax(dim=-1).sum(dim=1)
-    return summed_BTS.masked_fill(~allowed_BTS, 0.0)
-
-
-def indexer_kl(index_scores_BTX: torch.Tensor, target_BTX: torch.Tensor, valid_BTX: torch.Tensor,
-               query_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """mean over the scored queries of KL(target || softmax(index scores)), both over each query's valid keys.
-
-    `index_scores_BTX` carry the gradient (to the indexer); `target_BTX` is a distribution over the valid keys
-    (attention_target). A query is scored when `query_mask_BT` (None: all) says it is a real token and it has at
-    least one valid key. 0 when none is scored."""
-    scores_BTX = index_scores_BTX.float().masked_fill(~valid_BTX, torch.finfo(torch.float32).min)
-    log_q_BTX = scores_BTX.log_softmax(dim=-1).masked_fill(~valid_BTX, 0.0)
-    target_BTX = target_BTX.float()
-    # xlogy: 0 log 0 = 0 where the target has no mass.
-    kl_BT = (torch.special.xlogy(target_BTX, target_BTX) - target_BTX * log_q_BTX).sum(dim=-1)
-    scored_BT = valid_BTX.any(dim=-1).expand_as(kl_BT)
-    if query_mask_BT is not None:
-        scored_BT = scored_BT & query_mask_BT.bool()
-    return (kl_BT * scored_BT).sum() / scored_BT.sum().clamp_min(1)
-
-
-def dense_indexer_loss(index_scores_BTS: torch.Tensor, attention_probs_BHTS: torch.Tensor,
-                       allowed_BTS: torch.Tensor, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """The warm-up's L_I: the indexer's scores over every key [B, T, S] against the dense main attention's
-    probabilities [B, H, T, S] (or their head sum [B, T, S], e.g. from head_summed_attention), over the keys each
-    query may attend (`allowed_BTS`)."""
-    if attention_probs_BHTS.dim() == 3:
-        attention_probs_BHTS = attention_probs_BHTS.unsqueeze(1)
-    target_BTS = attention_target(attention_probs_BHTS, allowed_BTS)
-    return indexer_kl(index_scores_BTS, target_BTS, allowed_BTS, query_mask_BT)
-
-
-def select_keys(probs_BHTS: torch.Tensor, topk_BTK: torch.Tensor) -> torch.Tensor:
-    """A dense-masked attention's probabilities [B, H, T, S] at each query's selected keys: [B, H, T, K]."""
-    return probs_BHTS.gather(-1, topk_BTK.long().unsqueeze(1).expand(-1, probs_BHTS.shape[1], -1, -1))
-
-
-def sparse_indexer_loss(index_scores_BTS: torch.Tensor, topk_BTK: torch.Tensor, attention_probs_BHTK: torch.Tensor,
-                        allowed_BTS: torch.Tensor, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """The sparse stage's L_I: the KL over each query's selected keys S_t only.
-
-    `index_scores_BTS`: the indexer's scores over every key; `topk_BTK`: the indices it selected (a query with fewer
-    than k keys selects some it may not attend: they count nowhere); `attention_probs_BHTK`: the sparse main
-    attention's probabilities over those keys, in the order of `topk_BTK` (select_keys takes them out of a
-    dense-masked attention's [B, H, T, S])."""
-    topk_BTK = topk_BTK.long()
-    valid_BTK = allowed_BTS.expand(topk_BTK.shape[0], -1, -1).gather(-1, topk_BTK)
-    target_BTK = attention_target(attention_probs_BHTK, valid_BTK)
-    return indexer_kl(index_scores_BTS.gather(-1, topk_BTK), target_BTK, valid_BTK, query_mask_BT)

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_deepseek.indexer_loss import (attention_target, check_stage, dense_indexer_loss, head_summed_attention,
-                                            indexer_kl, select_keys, sparse_indexer_loss)
+from modeling_deepseek.indexer import IndexerRecord, head_summed_distribution
+from modeling_deepseek.indexer_loss import check_stage, head_summed_attention, indexer_kl, layer_indexer_loss
 
 B, T, H, C, HI, DI = 2, 7, 3, 5, 2, 4  # batch, tokens, main heads, main key width, indexer heads, indexer width
 
@@ -34,9 +34,10 @@ def _toy_inputs(seed: int = 0):
     return main_q, main_k, iq, iw, ik, real_BT, allowed_BTS
 
 
-def _index_scores(iq, iw, ik):
-    """I[b, t, s] = sum_h w[b, t, h] relu(q[b, t, h] . k[b, s]): the lightning indexer's score."""
-    return torch.einsum("bth,bths->bts", iw, torch.einsum("bthd,bsd->bths", iq, ik).relu())
+def _index_scores(iq, iw, ik, allowed_BTS):
+    """I[b, t, s] = sum_h w[b, t, h] relu(q[b, t, h] . k[b, s]), -inf where t may not attend s (as the indexer)."""
+    scores_BTS = torch.einsum("bth,bths->bts", iw, torch.einsum("bthd,bsd->bths", iq, ik).relu())
+    return scores_BTS.masked_fill(~allowed_BTS, float("-inf"))
 
 
 def _reference_loss(main_q, main_k, iq, iw, ik, real_BT, allowed_BTS, topk: int | None):
@@ -75,35 +76,40 @@ def _grads(loss, *leaves):
 
 
 def test_dense_loss_and_indexer_gradients_match_reference():
+    """The dense warm-up's record: scores over every key, nothing selected, the dense head-summed distribution."""
     main_q, main_k, iq, iw, ik, real_BT, allowed_BTS = _toy_inputs()
     ref = _reference_loss(main_q, main_k, iq, iw, ik, real_BT, allowed_BTS, topk=None)
-    index_scores_BTS = _index_scores(iq, iw, ik)
-    ours = dense_indexer_loss(index_scores_BTS, _main_probs(main_q, main_k, allowed_BTS), allowed_BTS, real_BT)
+    scores_BTS = _index_scores(iq, iw, ik, allowed_BTS)
+    target_BTS = head_summed_distribution(_main_probs(main_q, main_k, allowed_BTS))
+    ours = layer_indexer_loss(IndexerRecord(scores_BTS, None, None, target_BTS), real_BT)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for g_ours, g_ref in zip(_grads(ours, iq, iw, ik), _grads(ref, iq, iw, ik)):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
-    # The head-summed target computed head-chunk by head-chunk without [B, H, T, S] gives the same loss.
+    # The head-summed target computed head-chunk by head-chunk, without [B, H, T, S], is the same distribution.
     summed_BTS = head_summed_attention(main_q, main_k, C ** -0.5, allowed_BTS, head_chunk=2)
-    torch.testing.assert_close(dense_indexer_loss(index_scores_BTS, summed_BTS, allowed_BTS, real_BT), ours)
+    torch.testing.assert_close(head_summed_distribution(summed_BTS.unsqueeze(1)), target_BTS)
 
 
 @pytest.mark.parametrize("topk", [3, T + 2])  # fewer keys than the context; more (k > context is fine)
 def test_sparse_loss_and_indexer_gradients_match_reference(topk):
+    """The sparse stage's record: the top-k of every query, which of them it may attend, and the sparse main
+    attention's head-summed distribution over them."""
     main_q, main_k, iq, iw, ik, real_BT, allowed_BTS = _toy_inputs(seed=1)
     ref = _reference_loss(main_q, main_k, iq, iw, ik, real_BT, allowed_BTS, topk=topk)
-    index_scores_BTS = _index_scores(iq, iw, ik)
-    masked = index_scores_BTS.detach().masked_fill(~allowed_BTS, float("-inf"))
-    topk_BTK = masked.topk(min(topk, T), dim=-1).indices
+    scores_BTS = _index_scores(iq, iw, ik, allowed_BTS)
+    topk_BTK = scores_BTS.detach().topk(min(topk, T), dim=-1).indices
+    valid_BTK = allowed_BTS.gather(-1, topk_BTK)
     # The sparse main attention: each query attends its selected keys only (dense-masked, then taken at them).
     selected_BTS = torch.zeros(B, T, T, dtype=torch.bool).scatter(-1, topk_BTK, True) & allowed_BTS
-    probs_BHTK = select_keys(_main_probs(main_q, main_k, selected_BTS), topk_BTK)
-    ours = sparse_indexer_loss(index_scores_BTS, topk_BTK, probs_BHTK, allowed_BTS, real_BT)
+    probs_BHTK = _main_probs(main_q, main_k, selected_BTS).gather(-1, topk_BTK.unsqueeze(1).expand(-1, H, -1, -1))
+    record = IndexerRecord(scores_BTS, topk_BTK, valid_BTK, head_summed_distribution(probs_BHTK))
+    ours = layer_indexer_loss(record, real_BT)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for g_ours, g_ref in zip(_grads(ours, iq, iw, ik), _grads(ref, iq, iw, ik)):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
     if topk > T:  # S_t is every key t may attend: the sparse loss is the dense one
-        dense = dense_indexer_loss(index_scores_BTS, _main_probs(main_q, main_k, allowed_BTS), allowed_BTS, real_BT)
-        torch.testing.assert_close(ours, dense)
+        dense = IndexerRecord(scores_BTS, None, None, head_summed_distribution(_main_probs(main_q, main_k, allowed_BTS)))
+        torch.testing.assert_close(ours, layer_indexer_loss(dense, real_BT))
 
 
 def test_kl_gradient_is_softmax_minus_target_and_target_is_detached():
@@ -113,7 +119,7 @@ def test_kl_gradient_is_softmax_minus_target_and_target_is_detached():
     scores = torch.randn(B, T, T, generator=g, requires_grad=True)
     probs = torch.rand(B, H, T, T, generator=g, requires_grad=True)
     allowed = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
-    p = attention_target(probs, allowed)
+    p = head_summed_distribution(probs.masked_fill(~allowed[:, None], 0.0))
     assert not p.requires_grad
     torch.testing.assert_close(p.sum(-1), torch.ones(B, T))
     loss = indexer_kl(scores, p, allowed)
