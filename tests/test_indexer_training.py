@@ -267,3 +267,59 @@ def test_sparse_stage_splits_the_gradients_between_lm_loss_and_indexer_loss():
     ref_grads = torch.autograd.grad(ref, [dict(model.named_parameters())[n] for n in names])
     for name, g_ref in zip(names, ref_grads):
         torch.testing.assert_close(grads[name], g_ref, rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer: the warm-up, then the sparse stage, on the tiny V3.2 model with its MTP module (which has an indexer too).
+
+
+def test_trainer_runs_the_warmup_then_the_sparse_stage(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from conftest import random_ids, routers
+    from trainers.indexer_training import DeepseekIndexerTrainer, indexer_parameters, prepare_indexer_stage
+
+    model = _v32_model()
+    ids = random_ids(2, SEQ, seed=4).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    def args(lr, steps):
+        return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=lr,
+                                 max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                 disable_tqdm=True, seed=0, dataloader_num_workers=0)
+
+    def snapshot():
+        return ({n: p.detach().clone() for n, p in model.named_parameters()},
+                [r.e_score_correction_bias.clone() for r in routers(model)])
+
+    def changed(before):
+        params, biases = before
+        return ({n for n, p in model.named_parameters() if not torch.equal(p, params[n])},
+                any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(biases, routers(model))))
+
+    indexer_names = set(indexer_parameters(model))
+    assert any(".layers.3." in n for n in indexer_names)  # the MTP module's indexer
+    before = snapshot()
+    warmup = DeepseekIndexerTrainer(model=model, args=args(1e-2, 6), train_dataset=data, indexer_stage="dense")
+    warmup.train()
+    moved, bias_moved = changed(before)
+    assert moved == indexer_names and not bias_moved  # the main model frozen whole, its balancing bias included
+    kl = [h["indexer_loss"] for h in warmup.state.log_history if "indexer_loss" in h]
+    assert len(kl) == 6 and kl[-1] < kl[0]  # the indexers learn where the (dense) attention looks
+    assert all("lm_loss" in h for h in warmup.state.log_history if "indexer_loss" in h)
+
+    before = snapshot()
+    sparse = DeepseekIndexerTrainer(model=model, args=args(1e-3, 2), train_dataset=data, indexer_stage="sparse")
+    sparse.train()
+    moved, bias_moved = changed(before)
+    assert indexer_names < moved and bias_moved  # main model (LM loss) and indexers (their KL) both train
+    assert len([h for h in sparse.state.log_history if "indexer_loss" in h]) == 2
+
+    # A trainer whose model was moved to another stage before train() refuses, rather than train the wrong set.
+    stale = DeepseekIndexerTrainer(model=model, args=args(1e-3, 1), train_dataset=data, indexer_stage="dense")
+    prepare_indexer_stage(model, "sparse")
+    with pytest.raises(RuntimeError, match="indexer stage 'dense'"):
+        stale.train()
+    with pytest.raises(ValueError, match="no lightning indexer"):
+        prepare_indexer_stage(_v32_model(index_topk=None), "dense")

@@ -20,12 +20,15 @@ it builds the optimizer, that the model is still in its stage. The model's `loss
 CE + ... + indexer KL: in the warm-up the CE has no gradient (its parameters are frozen); DeepseekTrainerCallback logs
 `indexer_loss` next to `lm_loss`.
 
-Leaving the warm-up (a later stage, or None) gives back requires_grad to exactly the parameters the warm-up froze: a
-parameter the user had frozen before stays frozen.
+The warm-up freezes the main model whole: its parameters, and its routers' aux-loss-free balancing bias (a buffer
+the optimizer step would otherwise move; `bias_frozen`, modeling_deepseek/balancing.py). Leaving the warm-up (a later
+stage, or None) gives back requires_grad to exactly the parameters the warm-up froze (a parameter the user had frozen
+before stays frozen) and lets the biases move again.
 """
 
 from __future__ import annotations
 
+from modeling_deepseek.balancing import balancing_routers
 from modeling_deepseek.indexer_loss import check_stage, indexed_attentions, set_indexer_training_stage
 
 from .trainer import DeepseekTrainer
@@ -54,6 +57,8 @@ def prepare_indexer_stage(model, stage: str | None) -> str | None:
         for p in frozen:
             p.requires_grad_(False)
         setattr(model, _FROZEN_BY_WARMUP, frozen)
+    for router in balancing_routers(model):  # the aux-loss-free balancing bias is the main model's too
+        router.bias_frozen = stage == "dense"
     for p in indexer.values():
         if p.is_floating_point():
             p.requires_grad_(True)
@@ -75,7 +80,7 @@ class DeepseekIndexerTrainer(DeepseekTrainer):
         optimizer = super().create_optimizer(*args, **kwargs)
         # The stage may have been changed since this trainer was built (another trainer, prepare_indexer_stage):
         # Trainer would then train what that stage left trainable, not this one's parameters.
-        stage_now = {getattr(attn, "indexer_training_stage", None) for attn in indexed_attentions(self.model)}
+        stage_now = {getattr(attn.indexer, "training_stage", None) for attn in indexed_attentions(self.model)}
         if stage_now != {self.indexer_stage}:
             raise RuntimeError(
                 f"the model is no longer in the indexer stage {self.indexer_stage!r} this trainer was built for "
