@@ -72,23 +72,35 @@ def layer_indexer_loss(record, query_mask_BT: torch.Tensor | None = None) -> tor
     return indexer_kl(scores_BTS.gather(-1, record.topk_BTK), record.attention_BTX, record.valid_BTK, query_mask_BT)
 
 
+# Upper bound on the fp32 [B, heads, T, S] block of main-attention scores dense_attention_target holds at once.
+TARGET_BLOCK_BYTES = 256 * 2**20
+
+
 @torch.no_grad()
-def head_summed_attention(q_BHTC: torch.Tensor, k_BSC: torch.Tensor, scaling: float, allowed_BTS: torch.Tensor,
-                          head_chunk: int = 16) -> torch.Tensor:
-    """sum over heads of softmax(q_h k^T * scaling) over the allowed keys, [B, T, S] in fp32, for attention where all
-    heads share one key per token (MQA: absorbed MLA attends with [q_nope W_UK | q_rope] against [latent | rope
-    key]). For a main attention whose kernel never materialises its probabilities (SDPA); `head_chunk` heads at a
-    time, so that no [B, H, T, S] tensor exists, only [B, head_chunk, T, S]."""
-    B, H, T, C = q_BHTC.shape
-    k_BCS = k_BSC.float().transpose(1, 2)
+def dense_attention_target(attn, q_nope_BHTN: torch.Tensor, q_rope_BHTR: torch.Tensor, latent_B1SC: torch.Tensor,
+                           k_rope_B1SR: torch.Tensor, allowed_BTS: torch.Tensor) -> torch.Tensor:
+    """The dense warm-up's target p [B, T, S] (fp32), without the main attention's [B, H, T, S] probabilities.
+
+    The attention layer `attn` (absorbable: attention.DeepseekAttention.absorbable) then runs its usual kernel, which
+    never materialises them (SDPA); p is recomputed beside it in MLA's absorbed form, where every head attends as
+    MQA with [q_nope W_UK | q_rope] against the cached [latent | rope key] rows, a few heads at a time so that at
+    most TARGET_BLOCK_BYTES of scores exist at once. The same p as head_summed_distribution of the probabilities
+    (tests/test_indexer_training.py: the warm-up's loss against the eager probabilities)."""
+    B, H, T, nope = q_nope_BHTN.shape
+    C, S = attn.kv_lora_rank, latent_B1SC.shape[2]
+    w_uk_HNC = attn.absorbed_weight(q_nope_BHTN.dtype).view(H, -1, C)[:, :nope].float()
+    keys_BXS = torch.cat((latent_B1SC.squeeze(1), k_rope_B1SR.squeeze(1)), dim=-1).float().transpose(1, 2)
     blocked_B1TS = ~allowed_BTS.unsqueeze(1)
-    summed_BTS = torch.zeros(B, T, k_BSC.shape[1], dtype=torch.float32, device=q_BHTC.device)
-    for h0 in range(0, H, head_chunk):
-        q_BhTC = q_BHTC[:, h0: h0 + head_chunk].float()
-        scores_BhTS = torch.matmul(q_BhTC, k_BCS.unsqueeze(1)) * scaling
-        scores_BhTS = scores_BhTS.masked_fill(blocked_B1TS, torch.finfo(torch.float32).min)
-        summed_BTS += scores_BhTS.softmax(dim=-1).sum(dim=1)
-    return summed_BTS.masked_fill(~allowed_BTS, 0.0)
+    heads = max(1, TARGET_BLOCK_BYTES // (4 * B * T * S))
+    summed_BTS = torch.zeros(B, T, S, dtype=torch.float32, device=q_nope_BHTN.device)
+    for h0 in range(0, H, heads):
+        h1 = min(H, h0 + heads)
+        q_latent_BhTC = torch.matmul(q_nope_BHTN[:, h0:h1].float(), w_uk_HNC[h0:h1])
+        q_BhTX = torch.cat((q_latent_BhTC, q_rope_BHTR[:, h0:h1].float()), dim=-1)
+        scores_BhTS = torch.matmul(q_BhTX, keys_BXS.unsqueeze(1)) * attn.scaling
+        summed_BTS += scores_BhTS.masked_fill(blocked_B1TS, torch.finfo(torch.float32).min).softmax(-1).sum(1)
+    summed_BTS = summed_BTS.masked_fill(~allowed_BTS, 0.0)
+    return summed_BTS / summed_BTS.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .indexer import IndexerRecord, allowed_keys, head_summed_distribution
+from .indexer_loss import dense_attention_target
 from .parallel import replicated_input
 
 # Upper bound on the rows gathered at once in a query block ([block, k, latent + rope] in the model dtype).
@@ -96,7 +97,11 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
     scores_BTS = None
     if need_scores:
         scores_BTS = indexer.scores(x_BTD, attn.q_a_layernorm(q_low_BTX), cos, sin, index_keys_BSD, allowed_BTS)
-    want_probs = output_attentions or indexer.record
+    # The dense target of the indexer's loss comes from indexer_loss.py beside the usual kernel, not from [B, H, T, S]
+    # probabilities (all that the eager kernel would materialise them for).
+    dense_target = (indexer.record and not output_attentions and (impl == "dense" or covered)
+                    and attn.absorbable())
+    want_probs = output_attentions or (indexer.record and not dense_target)
 
     topk_BTK = valid_BTK = None
     if impl == "dense" or covered:
@@ -117,7 +122,10 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
                 probs = selected_probs.new_zeros(B, H, T, S).scatter_(
                     -1, topk_BTK.unsqueeze(1).expand(-1, H, -1, -1), selected_probs * valid_BTK.unsqueeze(1))
     if indexer.record:
-        attention = None if selected_probs is None else head_summed_distribution(
-            selected_probs if valid_BTK is None else selected_probs * valid_BTK.unsqueeze(1))
+        if dense_target:
+            attention = dense_attention_target(attn, q_nope, q_rope, latent_B1SC, k_rope_B1SR, allowed_BTS)
+        else:
+            attention = None if selected_probs is None else head_summed_distribution(
+                selected_probs if valid_BTK is None else selected_probs * valid_BTK.unsqueeze(1))
         indexer.last_record = IndexerRecord(scores_BTS, topk_BTK, valid_BTK, attention)
     return out_BTHV, (probs if output_attentions else None)
