@@ -179,20 +179,115 @@ def test_sparse_gradients_match_masked():
     assert max(max_diff(g_m[n], g_s[n]) for n in g_m) < 1e-5
 
 
-def test_indexer_record_for_the_training_objective():
+def test_indexer_record_for_the_training_objective(monkeypatch):
     """With `indexer.record`, each layer leaves its scores (differentiable), the selection and the main attention's
-    head-summed distribution (normalised over the selected keys) for the KL objectives."""
+    head-summed distribution (normalised over the selected keys) for the KL objectives. Scored one query per block
+    (causal key ranges), the scores and their gradients are the same."""
     model = tiny_model(train=True, **DSA)
     for m in model.modules():
         if isinstance(m, indexer_module.DeepseekIndexer):
             m.record = True
     ids = random_ids(2, 16)
-    model(ids)
-    record = model.model.layers[1].self_attn.indexer.last_record
+    indexer = model.model.layers[1].self_attn.indexer
+    runs = []
+    for block_bytes in (indexer_module.SCORE_BLOCK_BYTES, 1):
+        monkeypatch.setattr(indexer_module, "SCORE_BLOCK_BYTES", block_bytes)
+        model.zero_grad()
+        model(ids)
+        record = indexer.last_record
+        record.scores_BTS.gather(-1, record.topk_BTK).masked_fill(~record.valid_BTK, 0).sum().backward()
+        runs.append((record, indexer.wq_b.weight.grad.clone()))
+    (record, grad), (blocked, blocked_grad) = runs
     assert record.scores_BTS.shape == (2, 16, 16) and record.scores_BTS.requires_grad
     assert torch.isinf(record.scores_BTS[0, 0, 1:]).all()  # causal: query 0 sees key 0 only
     assert record.topk_BTK.shape == record.valid_BTK.shape == record.attention_BTX.shape == (2, 16, K)
     assert torch.allclose(record.attention_BTX.sum(-1), torch.ones(2, 16))
     assert not record.valid_BTK[:, 2, 3:].any() and record.valid_BTK[:, -1].all()
-    record.scores_BTS.gather(-1, record.topk_BTK).masked_fill(~record.valid_BTK, 0).sum().backward()
-    assert model.model.layers[1].self_attn.indexer.wq_b.weight.grad.abs().sum() > 0
+    assert grad.abs().sum() > 0
+    assert torch.equal(record.topk_BTK, blocked.topk_BTK)
+    assert max_diff(record.scores_BTS.nan_to_num(0, 0, 0), blocked.scores_BTS.nan_to_num(0, 0, 0)) < 1e-5
+    assert max_diff(grad, blocked_grad) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSeek's official V3.2 layout (export.py): config, FP8 indexer projections, MTP
+
+
+def test_official_v32_layout_round_trips_with_fp8_indexer(tmp_path):
+    """export_official writes a V3.2 model as DeepSeek's release lays it out (model_type deepseek_v32, the indexer's
+    wq_b / wk in e4m3 with 128 x 128 block scales, MTP included); transformers' DeepseekV32 reads the bf16/fp32
+    export with our logits, and our loader dequantizes the FP8 export to exactly fp8 x scale."""
+    from safetensors.torch import load_file
+    from transformers import DeepseekV32ForCausalLM
+
+    from modeling_deepseek.export import export_official
+    from modeling_deepseek.fp8_format import dequantize_weight_blockwise
+
+    model = tiny_model(seed=3, **DSA).eval()
+    ids = random_ids(2, 20)
+    plain = export_official(model, tmp_path / "plain")
+    hf = DeepseekV32ForCausalLM.from_pretrained(plain, use_kernels=False).eval()
+    fp8 = export_official(model, tmp_path / "fp8", fp8=True)
+    saved = load_file(fp8 / "model.safetensors")
+    ours = DeepseekForCausalLM.from_pretrained(fp8).eval()
+    with torch.no_grad():
+        assert max_diff(hf(ids).logits, model(ids).logits) < TOL
+    for layer in (0, 3):  # a main layer and the MTP block
+        prefix = f"model.layers.{layer}.self_attn.indexer"
+        for name in ("wq_b", "wk"):
+            w, scale = saved[f"{prefix}.{name}.weight"], saved[f"{prefix}.{name}.weight_scale_inv"]
+            assert w.dtype == torch.float8_e4m3fn
+            loaded = ours.get_parameter(f"{prefix}.{name}.weight")
+            assert torch.equal(loaded, dequantize_weight_blockwise(w, scale, 128, loaded.dtype))
+        assert saved[f"{prefix}.weights_proj.weight"].dtype == torch.float32
+        assert torch.equal(ours.get_parameter(f"{prefix}.k_norm.bias"), model.get_parameter(f"{prefix}.k_norm.bias"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rest of the model's machinery over the sparse path
+
+
+def test_output_attentions_show_the_selection(v32_pair):
+    """output_attentions on the sparse path: the gathered probabilities scattered over all keys, equal to the masked
+    path's (eager) probabilities, zero outside each query's top-k."""
+    _, ours = v32_pair
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        masked = set_dsa(ours, "masked")(ids, output_attentions=True).attentions
+        sparse = set_dsa(ours, "sparse")(ids, output_attentions=True).attentions
+    for a, b in zip(masked, sparse):
+        assert a.shape == b.shape == (2, 4, 20, 20) and max_diff(a, b) < 1e-5
+        assert ((b > 0).sum(-1) <= K).all()
+
+
+def test_mtp_speculation_and_compiled_static_decode(v32_pair):
+    """MTP speculative decoding keeps the greedy tokens (its caches carry the indexer keys of the MTP block too), and
+    a static-cache decode step compiles whole (fullgraph) once, with the eager logits."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _, ours = v32_pair
+    ids = random_ids(1, 12)
+    greedy = ours.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, use_mtp=True), greedy)
+
+    ours = tiny_model(num_hidden_layers=1, **DSA).eval()  # one layer: a third of the tracing
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(ours)
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend=counter)
+    ids = random_ids(2, 14)
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("eager", ours), ("compiled", compiled)):
+            cache = DeepseekStaticLatentCache(ours.config, max_cache_len=16)
+            cache.early_initialization(2, torch.float32, "cpu")
+            steps = [model(ids[:, :10], cache=cache, use_cache=True).logits]
+            for t in range(10, 14):
+                steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True,
+                                   position_ids=torch.full((2, 1), t)).logits)
+            logits[name] = torch.cat(steps, dim=1)
+    torch._dynamo.reset()
+    assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
+    assert counter.frame_count == 2  # the prefill and one decode graph for all four steps
