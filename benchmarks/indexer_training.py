@@ -19,6 +19,11 @@ Measured on held-out blocks after each stage (eval mode, no gradients):
   for the k most recent keys (a sliding window, what a sparse pattern without an indexer would keep).
 
 Outputs: a markdown table on stdout, <out>/indexer_training.json, and with the default --out the RESULTS.md section.
+
+    python -m benchmarks.indexer_training --warmup-memory     # one warm-up step's time and peak memory instead
+
+measures the dense warm-up's target at V3.2's layer shape (V32_LAYER) and long contexts: taken from the eager
+kernel's [B, H, T, S] probabilities, or recomputed beside SDPA (indexer_loss.dense_attention_target).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def parse_args():
     p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup-memory", action="store_true",
+                   help="measure instead one warm-up step's memory at V3.2's layer shape (module docstring)")
+    p.add_argument("--memory-lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--out", default=str(RESULTS_DIR),
                    help="folder of the outputs; the default (benchmarks/results) also rewrites the RESULTS.md section")
     return p.parse_args()
@@ -117,6 +125,60 @@ def measure(model, eval_ids: torch.Tensor, k: int) -> dict:
     return out
 
 
+# V3.2's latent width and indexer shape (kv_lora_rank 512, rope 64, nope / v 128, 64 indexer heads x 128) in one
+# layer with 16 heads and a narrow body, for the warm-up's memory at a long context on a CPU.
+V32_LAYER = dict(vocab_size=1024, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, first_k_dense_replace=1,
+                 num_attention_heads=16, q_lora_rank=512, kv_lora_rank=512, qk_nope_head_dim=128,
+                 qk_rope_head_dim=64, v_head_dim=128, num_nextn_predict_layers=0, index_topk=2048, index_n_heads=64,
+                 index_head_dim=128, max_position_embeddings=8192)
+
+
+def warmup_memory(args) -> list[dict]:
+    """One dense warm-up step (forward and backward, only the indexer trains) at each context length, with the
+    target taken from the eager kernel's [B, H, T, S] probabilities (h27a's first cut) and recomputed beside SDPA
+    by indexer_loss.dense_attention_target: time and peak memory."""
+    from benchmarks.measure import PeakMemory
+
+    from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+    from trainers.indexer_training import prepare_indexer_stage
+
+    model = DeepseekForCausalLM(DeepseekConfig(**V32_LAYER)).train()
+    prepare_indexer_stage(model, "dense")
+    attn = model.model.layers[0].self_attn
+    rows = []
+    for T in args.memory_lengths:
+        ids = torch.randint(3, V32_LAYER["vocab_size"], (1, T), generator=torch.Generator().manual_seed(0))
+        for target in ("eager probabilities", "dense_attention_target"):
+            # Where kv_b_proj cannot be absorbed the layer falls back to the eager probabilities: the first cut.
+            attn.absorbable = (lambda: False) if target.startswith("eager") else type(attn).absorbable.__get__(attn)
+            seconds = []
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                with PeakMemory("cpu") as peak:
+                    start = time.perf_counter()
+                    model(ids, labels=ids).loss.backward()
+                    seconds.append(time.perf_counter() - start)
+            rows.append({"tokens": T, "target": target, "seconds": min(seconds), "peak_bytes": peak.bytes,
+                         "peak_kind": peak.kind})
+            print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def memory_section(rows, report) -> str:
+    lines = harness.section_head("DeepSeek-V3.2 indexer warm-up step: memory of the dense target (indexer_training "
+                                 "--warmup-memory)", report, " (shared machine: other jobs ran at the same time)")
+    lines += [f"Model: one layer at V3.2's latent width and indexer shape ({harness.config_line(V32_LAYER)}), fp32, "
+              "batch 1; one dense warm-up step (forward and backward, the indexer alone trains); min of 2 runs, the "
+              "peak RSS of the second.", ""]
+    lines.append(harness.markdown_table(["tokens", "target from", "step s", "peak memory GiB"],
+                                        [[r["tokens"], r["target"], f"{r['seconds']:.2f}",
+                                          f"{r['peak_bytes'] / 2**30:.2f}"] for r in rows]))
+    lines += ["", "What remains is mostly the indexer's own autograd state: its ReLU'd products, fp32 "
+              "[T, S, index_n_heads], kept for backward (T^2 x 64 x 4 bytes: 1 GiB at 2K tokens, 4 GiB at 4K, per "
+              "layer)."]
+    return "\n".join(lines) + "\n"
+
+
 def summarise(rows, args, info, report, total_s, config: dict) -> str:
     lines = harness.section_head("DeepSeek-V3.2 indexer training: dense warm-up, then sparse (indexer_training)",
                                  report, " (shared machine: other jobs ran at the same time)")
@@ -146,6 +208,14 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = harness.report_head("indexer_training")
+    if args.warmup_memory:
+        rows = warmup_memory(args)
+        section = memory_section(rows, report)
+        print(section)
+        harness.write_json(out / "indexer_warmup_memory.json", {"args": vars(args), **report, "rows": rows})
+        if out.resolve() == RESULTS_DIR.resolve():
+            harness.write_section("indexer-warmup-memory", section)
+        return
     t0 = time.perf_counter()
 
     from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
