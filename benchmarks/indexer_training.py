@@ -59,7 +59,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup-memory", action="store_true",
                    help="measure instead one warm-up step's memory at V3.2's layer shape (module docstring)")
-    p.add_argument("--memory-lengths", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--memory-lengths", type=int, nargs="+", default=[1024])
     p.add_argument("--out", default=str(RESULTS_DIR),
                    help="folder of the outputs; the default (benchmarks/results) also rewrites the RESULTS.md section")
     return p.parse_args()
@@ -125,10 +125,10 @@ def measure(model, eval_ids: torch.Tensor, k: int) -> dict:
     return out
 
 
-# V3.2's latent width and indexer shape (kv_lora_rank 512, rope 64, nope / v 128, 64 indexer heads x 128) in one
-# layer with 16 heads and a narrow body, for the warm-up's memory at a long context on a CPU.
+# V3.2's attention (128 heads, kv_lora_rank 512, rope 64, nope / v 128) and indexer (64 heads x 128) in one layer
+# with a narrow body, for the warm-up's memory at a long context on a CPU.
 V32_LAYER = dict(vocab_size=1024, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, first_k_dense_replace=1,
-                 num_attention_heads=16, q_lora_rank=512, kv_lora_rank=512, qk_nope_head_dim=128,
+                 num_attention_heads=128, q_lora_rank=512, kv_lora_rank=512, qk_nope_head_dim=128,
                  qk_rope_head_dim=64, v_head_dim=128, num_nextn_predict_layers=0, index_topk=2048, index_n_heads=64,
                  index_head_dim=128, max_position_embeddings=8192)
 

@@ -73,7 +73,7 @@ def layer_indexer_loss(record, query_mask_BT: torch.Tensor | None = None) -> tor
 
 
 # Upper bound on the fp32 [B, heads, T, S] block of main-attention scores dense_attention_target holds at once.
-TARGET_BLOCK_BYTES = 256 * 2**20
+TARGET_BLOCK_BYTES = 64 * 2**20
 
 
 @torch.no_grad()
