@@ -44,8 +44,8 @@ def indexer_parameters(model) -> dict[str, object]:
 
 def prepare_indexer_stage(model, stage: str | None) -> str | None:
     """Put `model` (a DeepSeek-V3.2 causal LM) in an indexer training stage: "dense" freezes every parameter but the
-    indexers'; "sparse" and None train what was trainable before the warm-up, the indexers included (None: no
-    indexer loss). Returns the stage."""
+    indexers'; "sparse" trains what was trainable before the warm-up, the indexers included; None ends indexer
+    training (no indexer loss; the parameters the warm-up froze train again). Returns the stage."""
     check_stage(stage)
     set_indexer_training_stage(model, stage)  # raises for a model without an indexer
     indexer = indexer_parameters(model)
@@ -59,8 +59,8 @@ def prepare_indexer_stage(model, stage: str | None) -> str | None:
         setattr(model, _FROZEN_BY_WARMUP, frozen)
     for router in balancing_routers(model):  # the aux-loss-free balancing bias is the main model's too
         router.bias_frozen = stage == "dense"
-    for p in indexer.values():
-        if p.is_floating_point():
+    if stage is not None:  # both stages train the indexers
+        for p in indexer.values():
             p.requires_grad_(True)
     return stage
 
