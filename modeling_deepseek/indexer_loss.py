@@ -109,10 +109,12 @@ def dense_attention_target(attn, q_nope_BHTN: torch.Tensor, q_rope_BHTR: torch.T
 
 
 def indexed_attentions(model) -> list:
-    """The attention layers of `model` (a DeepseekModel or a causal LM around one) that have a lightning indexer,
-    the MTP modules' included."""
-    layers = model.get_decoder().layers
-    return [layer.self_attn for layer in layers if getattr(layer.self_attn, "indexer", None) is not None]
+    """The attention layers of `model` (a DeepseekModel, or anything whose `.model` is one: the causal LM, the
+    pipeline's head view) that have a lightning indexer, the MTP modules' included."""
+    layers = model.layers if isinstance(getattr(model, "layers", None), torch.nn.ModuleList) else model.model.layers
+    # (getattr: a pipeline stage holds placeholders for the layers of other stages)
+    attentions = [getattr(layer, "self_attn", None) for layer in layers]
+    return [attn for attn in attentions if getattr(attn, "indexer", None) is not None]
 
 
 def set_indexer_training_stage(model, stage: str | None) -> None:
