@@ -324,3 +324,28 @@ def test_trainer_runs_the_warmup_then_the_sparse_stage(tmp_path):
         stale.train()
     with pytest.raises(ValueError, match="no lightning indexer"):
         prepare_indexer_stage(_v32_model(index_topk=None), "dense")
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_activation_checkpointing_gives_the_same_indexer_loss_and_gradients(stage):
+    """Layers re-run in backward (non-reentrant checkpointing; in the warm-up no input of a layer requires grad)."""
+    import copy
+
+    from conftest import random_ids
+    from trainers.indexer_training import prepare_indexer_stage
+
+    plain = _v32_model(num_nextn_predict_layers=0)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ids = random_ids(2, SEQ, seed=5)
+    results = []
+    for model in (plain, checkpointed):
+        prepare_indexer_stage(model, stage)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.indexer_loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads_ckpt.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
