@@ -324,6 +324,8 @@ def test_trainer_runs_the_warmup_then_the_sparse_stage(tmp_path):
         stale.train()
     with pytest.raises(ValueError, match="no lightning indexer"):
         prepare_indexer_stage(_v32_model(index_topk=None), "dense")
+    with pytest.raises(ValueError, match="indexer_stage='dense' or 'sparse'"):
+        DeepseekIndexerTrainer(model=model, args=args(1e-3, 1), train_dataset=data, indexer_stage=None)
 
 
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
