@@ -65,6 +65,10 @@ def test_config_fields_and_errors():
             tiny_config(**{**DSA, **bad})
     big = tiny_config(**dict(DSA, index_topk=10_000))  # k beyond any context is fine: every key is kept
     assert big.index_topk == 10_000
+    # transformers' per-layer dense / MoE list must agree with the layout ours derives from first_k_dense_replace
+    assert tiny_config(mlp_layer_types=["dense", "sparse", "sparse"]).is_moe_layer(1)
+    with pytest.raises(ValueError, match="mlp_layer_types"):
+        tiny_config(mlp_layer_types=["dense", "dense", "sparse"])
 
 
 def test_transformers_v32_config_loads_as_ours(v32_pair):
@@ -82,9 +86,12 @@ def test_transformers_v32_config_loads_as_ours(v32_pair):
 
 
 @pytest.mark.parametrize("impl", ["masked", "sparse"])
-def test_logits_match_transformers_v32(v32_pair, impl):
+def test_logits_match_transformers_v32(v32_pair, impl, monkeypatch):
     hf, ours = v32_pair
     set_dsa(ours, impl)
+    gathers = []
+    gathered = sparse_attention.gathered_attention
+    monkeypatch.setattr(sparse_attention, "gathered_attention", lambda *a: gathers.append(1) or gathered(*a))
     ids, mask = padded_batch()
     with torch.no_grad():
         for attention_mask in (None, mask):
@@ -92,7 +99,24 @@ def test_logits_match_transformers_v32(v32_pair, impl):
             got = ours(ids, attention_mask=attention_mask).logits
             keep = slice(None) if attention_mask is None else attention_mask.bool()
             assert max_diff(got[keep], expected[keep]) < TOL, (impl, attention_mask is not None)
+    assert len(gathers) == (6 if impl == "sparse" else 0)  # the sparse path gathered in each layer and call
     set_dsa(ours, "sparse")
+
+
+def test_gather_or_mask_by_cost_at_v32_shapes():
+    """mla_impl="auto": at V3.2's widths a prefill whose queries see few more than k keys runs masked and expanded
+    (cheaper there); decode steps, later prefill chunks and long one-shot prefills gather. mla_impl decides when set."""
+    from types import SimpleNamespace
+
+    attn = SimpleNamespace(mla_impl="auto", kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    k = 2048
+    assert not sparse_attention.gather_is_cheaper(attn, 4096, 4096, k)  # the first 4K chunk of a prompt
+    for T, S in ((1, 2049), (1, 32768), (4096, 16384), (16384, 16384)):
+        assert sparse_attention.gather_is_cheaper(attn, T, S, k), (T, S)
+    attn.mla_impl = "absorbed"
+    assert sparse_attention.gather_is_cheaper(attn, 4096, 4096, k)
+    attn.mla_impl = "expanded"
+    assert not sparse_attention.gather_is_cheaper(attn, 1, 32768, k)
 
 
 def test_dense_impl_ignores_the_indexer(v32_pair):
@@ -291,3 +315,58 @@ def test_mtp_speculation_and_compiled_static_decode(v32_pair):
     torch._dynamo.reset()
     assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
     assert counter.frame_count == 2  # the prefill and one decode graph for all four steps
+
+
+def test_recompute_mla_up_proj_keeps_loss_and_gradients():
+    """The memory option recompute_mla_up_proj reruns the attention core (the gather included) in backward: the LM
+    loss plus a KL-like term on the indexer record give the same gradients as without it."""
+    ids = random_ids(2, 16)
+    runs = []
+    for recompute in (False, True):
+        model = tiny_model(train=True, mla_impl="absorbed", recompute_mla_up_proj=recompute, **DSA)
+        indexers = [layer.self_attn.indexer for layer in model.model.layers[:3]]
+        for indexer in indexers:
+            indexer.record = True
+        out = model(ids, labels=ids)
+        records = [indexer.last_record for indexer in indexers]
+        selected = sum((r.scores_BTS.gather(-1, r.topk_BTK).masked_fill(~r.valid_BTK, 0) * r.attention_BTX).sum()
+                       for r in records)
+        (out.loss + selected).backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_r, grads_r) = runs
+    assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
+    assert any(".indexer." in n for n in grads)
+    assert max(max_diff(grads[n], grads_r[n]) for n in grads) < 1e-6
+
+
+def test_lora_on_kv_b_proj_falls_back_to_the_masked_form(monkeypatch):
+    """A LoRA adapter on kv_b_proj cannot be absorbed into one matrix: the sparse path applies the same selection as a
+    mask (no gather), and gives the masked path's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(**DSA)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["kv_b_proj"], init_lora_weights=False))
+    lora.eval()
+    gathers = []
+    gathered = sparse_attention.gathered_attention
+    monkeypatch.setattr(sparse_attention, "gathered_attention", lambda *a: gathers.append(1) or gathered(*a))
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        sparse = lora(ids).logits
+        masked = set_dsa(model, "masked")(ids).logits
+    assert not gathers and max_diff(sparse, masked) < TOL
+
+
+def test_hub_config_v32_builds_the_indexer_of_every_layer():
+    """hub_configs/deepseek-v3.2 (V3's config plus the index fields) builds, on the meta device, one indexer per
+    decoder layer and MTP block, with V3.2's shapes."""
+    from pathlib import Path
+
+    config = DeepseekConfig.from_pretrained(str(Path(__file__).resolve().parent.parent / "hub_configs" / "deepseek-v3.2"))
+    assert (config.index_topk, config.index_n_heads, config.index_head_dim) == (2048, 64, 128)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+    indexers = [m for m in model.modules() if isinstance(m, indexer_module.DeepseekIndexer)]
+    assert len(indexers) == config.num_hidden_layers + config.num_nextn_predict_layers == 62
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64  # wq_b, wk, k_norm (weight, bias), weights_proj
+    assert all(sum(p.numel() for p in m.parameters()) == per_layer for m in indexers)
