@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from .indexer import SCORE_BLOCK_BYTES
+
 INDEXER_STAGES = ("dense", "sparse")
 
 
@@ -60,16 +62,69 @@ def indexer_kl(index_scores_BTX: torch.Tensor, target_BTX: torch.Tensor, valid_B
     return (kl_BT * scored_BT).sum() / scored_BT.sum().clamp_min(1)
 
 
+def _keys_of(record):
+    """(the indexer's scores over X, which keys of X count) of a record: every allowed key, or the selected ones."""
+    if record.topk_BTK is None:
+        return record.scores_BTS, torch.isfinite(record.scores_BTS.detach())
+    return record.scores_BTS.gather(-1, record.topk_BTK), record.valid_BTK
+
+
 def layer_indexer_loss(record, query_mask_BT: torch.Tensor | None = None) -> torch.Tensor | None:
     """One layer's L_I from what its forward recorded (indexer.IndexerRecord): over every allowed key where nothing
     was selected (dense warm-up; or k covered every key, where the sparse stage's S_t is every allowed key), else
-    over the selected keys. None where the main attention's distribution was not recorded."""
+    over the selected keys. None where the main attention's distribution was not recorded. A record with `rescore`
+    (an indexer training stage) gets its gradient from _RescoredIndexerKL."""
     if record is None or record.attention_BTX is None:
         return None
-    scores_BTS = record.scores_BTS
-    if record.topk_BTK is None:
-        return indexer_kl(scores_BTS, record.attention_BTX, torch.isfinite(scores_BTS.detach()), query_mask_BT)
-    return indexer_kl(scores_BTS.gather(-1, record.topk_BTK), record.attention_BTX, record.valid_BTK, query_mask_BT)
+    if record.rescore is not None:
+        params = tuple(p for p in record.indexer.parameters() if p.requires_grad)
+        return _RescoredIndexerKL.apply(record, query_mask_BT, record.keys_BSD, *params)
+    scores_BTX, valid_BTX = _keys_of(record)
+    return indexer_kl(scores_BTX, record.attention_BTX, valid_BTX, query_mask_BT)
+
+
+class _RescoredIndexerKL(torch.autograd.Function):
+    """L_I of one layer whose indexer scores were computed without a graph: the loss from those scores; in backward,
+    dL/dI[t, x] = (softmax(I[t, X_t])[x] sum_x p[t, x] - p[t, x]) / scored queries (0 outside X_t), then the scores are
+    recomputed one query block at a time (`record.rescore`) and that gradient is pulled through each block's graph to
+    the indexer's parameters and its keys. Autograd would keep the whole [T, S, heads] of ReLU'd products between
+    forward and backward (T^2 x 256 bytes per layer at V3.2's 64 heads); this holds one block of it, for one more
+    pass of the scoring GEMMs."""
+
+    @staticmethod
+    def forward(ctx, record, query_mask_BT, keys_BSD, *params):
+        scores_BTX, valid_BTX = _keys_of(record)
+        ctx.record, ctx.query_mask_BT = record, query_mask_BT
+        ctx.save_for_backward(keys_BSD, *params)
+        return indexer_kl(scores_BTX, record.attention_BTX, valid_BTX, query_mask_BT)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        keys_BSD, *params = ctx.saved_tensors
+        record, query_mask_BT = ctx.record, ctx.query_mask_BT
+        # The analytic gradient of indexer_kl with respect to the scores, on the whole [B, T, X] (no graph kept).
+        with torch.enable_grad():
+            scores_BTX, valid_BTX = _keys_of(record)
+            scores_BTX = scores_BTX.detach().requires_grad_()
+            loss = indexer_kl(scores_BTX, record.attention_BTX, valid_BTX, query_mask_BT)
+            (grad_BTX,) = torch.autograd.grad(loss, scores_BTX, grad_loss)
+        if record.topk_BTK is not None:  # back to the S keys the selection was taken from
+            grad_BTX = torch.zeros_like(record.scores_BTS).scatter_(-1, record.topk_BTK, grad_BTX)
+        B, T, S = grad_BTX.shape
+        keys = keys_BSD.detach().requires_grad_(keys_BSD.requires_grad)
+        leaves = [t for t in (keys, *params) if t.requires_grad]
+        grads = [None] * len(leaves)
+        block = max(1, SCORE_BLOCK_BYTES // (4 * record.indexer.n_heads * S * B))
+        for t0 in range(0, T, block):
+            t1 = min(T, t0 + block)
+            with torch.enable_grad():
+                scores_BtS = record.rescore(t0, t1, keys)
+                # -inf at forbidden keys, whose gradient is 0: keep it out of the product.
+                grad_BtS = grad_BTX[:, t0:t1].masked_fill(~torch.isfinite(scores_BtS.detach()), 0.0)
+                block_grads = torch.autograd.grad(scores_BtS, leaves, grad_BtS, allow_unused=True)
+            grads = [g if b is None else (b if g is None else g + b) for g, b in zip(grads, block_grads)]
+        by_leaf = dict(zip(map(id, leaves), grads))
+        return (None, None, by_leaf.get(id(keys)), *(by_leaf.get(id(p)) for p in params))
 
 
 # Upper bound on the fp32 [B, heads, T, S] block of main-attention scores dense_attention_target holds at once.

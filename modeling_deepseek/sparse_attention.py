@@ -134,10 +134,18 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
     covered = indexer.topk >= S  # every allowed key is selected: plain attention is the same computation
     allowed_BTS = allowed_keys(attention_mask, B, T, S, q_nope.device)
     need_scores = indexer.record or (impl != "dense" and not covered)
-    scores_BTS = None
+    scores_BTS = rescore = None
     if need_scores:
-        scores_BTS = indexer.scores(x_BTD, attn.q_a_layernorm(q_low_BTX), cos, sin, index_keys_BSD, allowed_BTS,
-                                    causal=attention_mask is None)
+        q_resid_BTX = attn.q_a_layernorm(q_low_BTX)
+        # In an indexer training stage the scores keep no graph ([T, S, heads] of it); the loss recomputes them query
+        # block by query block in backward (indexer_loss.py).
+        if indexer.record and getattr(indexer, "training_stage", None) and torch.is_grad_enabled():
+            def rescore(t0, t1, keys_BSD):
+                return indexer.scores(x_BTD[:, t0:t1], q_resid_BTX[:, t0:t1], cos[:, t0:t1], sin[:, t0:t1], keys_BSD,
+                                      allowed_BTS[:, t0:t1])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and rescore is None):
+            scores_BTS = indexer.scores(x_BTD, q_resid_BTX, cos, sin, index_keys_BSD, allowed_BTS,
+                                        causal=attention_mask is None)
     # The dense target of the indexer's loss comes from indexer_loss.py beside the usual kernel, not from [B, H, T, S]
     # probabilities (all that the eager kernel would materialise them for).
     dense_target = (indexer.record and not output_attentions and (impl == "dense" or covered)
@@ -168,5 +176,6 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
         else:
             attention = None if selected_probs is None else head_summed_distribution(
                 selected_probs if valid_BTK is None else selected_probs * valid_BTK.unsqueeze(1))
-        indexer.last_record = IndexerRecord(scores_BTS, topk_BTK, valid_BTK, attention)
+        indexer.last_record = IndexerRecord(scores_BTS, topk_BTK, valid_BTK, attention, rescore,
+                                            *((index_keys_BSD, indexer) if rescore is not None else ()))
     return out_BTHV, (probs if output_attentions else None)

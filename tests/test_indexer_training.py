@@ -216,6 +216,7 @@ def test_dense_warmup_trains_the_indexers_alone_on_the_reference_loss(monkeypatc
     from trainers.indexer_training import indexer_parameters, prepare_indexer_stage
 
     monkeypatch.setattr(indexer_loss, "TARGET_BLOCK_BYTES", 1)
+    monkeypatch.setattr(indexer_loss, "SCORE_BLOCK_BYTES", 1)  # backward rescoring one query at a time
     model = _v32_model(num_nextn_predict_layers=0)
     prepare_indexer_stage(model, "dense")
     indexer_names = set(indexer_parameters(model))
@@ -238,12 +239,20 @@ def test_dense_warmup_trains_the_indexers_alone_on_the_reference_loss(monkeypatc
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_sparse_stage_splits_the_gradients_between_lm_loss_and_indexer_loss():
+def test_sparse_stage_splits_the_gradients_between_lm_loss_and_indexer_loss(monkeypatch):
     """The main model's gradients are those of the LM loss alone (the same model with no indexer stage); the
-    indexers' are those of the reference L_I over the selected keys (the LM loss reaches them not at all)."""
+    indexers' are those of the reference L_I over the selected keys (the LM loss reaches them not at all), through
+    the scores recomputed in backward three queries at a time."""
     import copy
 
+    from modeling_deepseek import indexer_loss
     from trainers.indexer_training import indexer_parameters, prepare_indexer_stage
+
+    monkeypatch.setattr(indexer_loss, "SCORE_BLOCK_BYTES", 4 * V32["index_n_heads"] * SEQ * 2 * 3)
+    rescored = []
+    record_loss = indexer_loss.layer_indexer_loss
+    monkeypatch.setattr(indexer_loss, "layer_indexer_loss",
+                        lambda record, mask=None: rescored.append(record.rescore is not None) or record_loss(record, mask))
 
     model = _v32_model(num_nextn_predict_layers=0)
     plain = copy.deepcopy(model)
@@ -252,6 +261,7 @@ def test_sparse_stage_splits_the_gradients_between_lm_loss_and_indexer_loss():
     ids, mask, labels = _padded_batch()
     out = model(ids, attention_mask=mask, labels=labels)
     out.loss.backward()
+    assert rescored == [True] * 3  # every layer's scores kept no graph in forward
     plain_out = plain(ids, attention_mask=mask, labels=labels)
     assert plain_out.indexer_loss is None
     plain_out.loss.backward()
