@@ -22,8 +22,9 @@ Outputs: a markdown table on stdout, <out>/indexer_training.json, and with the d
 
     python -m benchmarks.indexer_training --warmup-memory     # one warm-up step's time and peak memory instead
 
-measures the dense warm-up's target at V3.2's layer shape (V32_LAYER) and long contexts: taken from the eager
-kernel's [B, H, T, S] probabilities, or recomputed beside SDPA (indexer_loss.dense_attention_target).
+measures the dense warm-up at V3.2's layer shape (V32_LAYER) and long contexts: its target taken from the eager
+kernel's [B, H, T, S] probabilities or recomputed beside SDPA (indexer_loss.dense_attention_target), the indexer's
+scores kept with their autograd graph or recomputed block by block in backward.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup-memory", action="store_true",
                    help="measure instead one warm-up step's memory at V3.2's layer shape (module docstring)")
-    p.add_argument("--memory-lengths", type=int, nargs="+", default=[1024])
+    p.add_argument("--memory-lengths", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--eager-max-tokens", type=int, default=1024,
+                   help="longest context of the eager-probabilities variant (its [128, T, T] fp32 copies)")
     p.add_argument("--out", default=str(RESULTS_DIR),
                    help="folder of the outputs; the default (benchmarks/results) also rewrites the RESULTS.md section")
     return p.parse_args()
@@ -133,51 +136,69 @@ V32_LAYER = dict(vocab_size=1024, hidden_size=1024, intermediate_size=1024, num_
                  index_head_dim=128, max_position_embeddings=8192)
 
 
+VARIANTS = {  # (target from eager probabilities, scores' autograd graph kept), see warmup_memory
+    "eager probabilities, scores' graph kept": (True, True),
+    "dense_attention_target, scores' graph kept": (False, True),
+    "dense_attention_target, rescored in backward": (False, False),
+}
+
+
 def warmup_memory(args) -> list[dict]:
-    """One dense warm-up step (forward and backward, only the indexer trains) at each context length, with the
-    target taken from the eager kernel's [B, H, T, S] probabilities (h27a's first cut) and recomputed beside SDPA
-    by indexer_loss.dense_attention_target: time and peak memory."""
+    """One dense warm-up step (forward and backward, only the indexer trains) at each context length, three ways:
+    the target from the eager kernel's [B, H, T, S] probabilities or recomputed beside SDPA (indexer_loss.
+    dense_attention_target), and the indexer's scores kept with their autograd graph (what plain autograd keeps:
+    h27a's first cut, both) or recomputed block by block in backward (_RescoredIndexerKL). Time and peak memory."""
     from benchmarks.measure import PeakMemory
 
     from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+    from modeling_deepseek.indexer_loss import layer_indexer_loss
     from trainers.indexer_training import prepare_indexer_stage
 
-    model = DeepseekForCausalLM(DeepseekConfig(**V32_LAYER)).train()
+    model = DeepseekForCausalLM(DeepseekConfig(**V32_LAYER, dsa_impl="dense")).train()
     prepare_indexer_stage(model, "dense")
     attn = model.model.layers[0].self_attn
     rows = []
     for T in args.memory_lengths:
         ids = torch.randint(3, V32_LAYER["vocab_size"], (1, T), generator=torch.Generator().manual_seed(0))
-        for target in ("eager probabilities", "dense_attention_target"):
-            # Where kv_b_proj cannot be absorbed the layer falls back to the eager probabilities: the first cut.
-            attn.absorbable = (lambda: False) if target.startswith("eager") else type(attn).absorbable.__get__(attn)
+        for name, (eager, graph_kept) in VARIANTS.items():
+            if eager and T > args.eager_max_tokens:
+                continue
+            # Where kv_b_proj cannot be absorbed the layer falls back to the eager probabilities.
+            attn.absorbable = (lambda: False) if eager else type(attn).absorbable.__get__(attn)
+            # Without a training stage a recording indexer keeps its scores' graph: the loss is then taken here.
+            attn.indexer.training_stage = None if graph_kept else "dense"
             seconds = []
             for _ in range(2):
                 model.zero_grad(set_to_none=True)
                 with PeakMemory("cpu") as peak:
                     start = time.perf_counter()
-                    model(ids, labels=ids).loss.backward()
+                    if graph_kept:
+                        model(ids)
+                        layer_indexer_loss(attn.indexer.last_record).backward()
+                    else:
+                        model(ids, labels=ids).loss.backward()
                     seconds.append(time.perf_counter() - start)
-            rows.append({"tokens": T, "target": target, "seconds": min(seconds), "peak_bytes": peak.bytes,
+                attn.indexer.last_record = None
+            rows.append({"tokens": T, "variant": name, "seconds": min(seconds), "peak_bytes": peak.bytes,
                          "peak_kind": peak.kind})
             print(rows[-1], file=sys.stderr)
     return rows
 
 
 def memory_section(rows, report) -> str:
-    lines = harness.section_head("DeepSeek-V3.2 indexer warm-up step: memory of the dense target (indexer_training "
+    lines = harness.section_head("DeepSeek-V3.2 indexer warm-up step: time and memory (indexer_training "
                                  "--warmup-memory)", report, " (shared machine: other jobs ran at the same time)")
     lines += [f"Model: one layer at V3.2's latent width and indexer shape ({harness.config_line(V32_LAYER)}), fp32, "
               "batch 1; one dense warm-up step (forward and backward, the indexer alone trains); min of 2 runs, the "
               "peak RSS of the second.", ""]
-    lines.append(harness.markdown_table(["tokens", "target from", "step s", "peak memory GiB"],
-                                        [[r["tokens"], r["target"], f"{r['seconds']:.2f}",
+    lines.append(harness.markdown_table(["tokens", "dense target; indexer scores", "step s", "peak memory GiB"],
+                                        [[r["tokens"], r["variant"], f"{r['seconds']:.2f}",
                                           f"{r['peak_bytes'] / 2**30:.2f}"] for r in rows]))
-    lines += ["", "The eager kernel materialises the 128 heads' [T, S] scores and probabilities in fp32; the "
-              "recomputed target holds [T, S] and 64 MiB blocks of heads, at the price of a second pass over the "
-              "scores. Not reduced here: the indexer's own autograd state, its ReLU'd products kept for backward, "
-              "fp32 [T, S, index_n_heads] = T^2 x 256 bytes per layer (0.25 GiB at 1K tokens, 1 GiB at 2K, 4 GiB "
-              "at 4K), which dominates at longer contexts."]
+    lines += ["", "The eager kernel materialises the 128 heads' [T, S] scores and probabilities in fp32; "
+              "dense_attention_target holds [T, S] and 64 MiB blocks of heads, for a second pass over the scores. "
+              "Autograd keeps the indexer's ReLU'd products, fp32 [T, S, index_n_heads] = T^2 x 256 bytes per layer "
+              "(0.25 GiB at 1K tokens, 1 GiB at 2K, 4 GiB at 4K); rescored in backward, one block of them (64 MiB) "
+              "exists at a time, for one more pass of the scoring GEMMs."]
     return "\n".join(lines) + "\n"
 
 
