@@ -26,6 +26,13 @@ The pieces here are functions of tensors. In the model, `set_indexer_training_st
 its scores, its selection and the main attention's head-summed distribution (indexer.IndexerRecord, left on the
 indexer by sparse_attention.py); objective.training_objective turns the records into the layers' L_I
 (`recorded_indexer_losses`), adds their sum to the loss and reports it as `indexer_loss`.
+
+Memory, which is what limits the context a stage trains at: autograd would keep, per layer, the indexer's ReLU'd
+products (fp32 [T, S, index_n_heads]: 4 GiB at 4K tokens with V3.2's 64 heads) and, for the dense target, the main
+attention's [H, T, S] probabilities. In a stage the indexer's scores are computed without a graph and
+_RescoredIndexerKL's backward recomputes them one query block at a time; the dense target is recomputed beside the
+attention kernel a few heads at a time (dense_attention_target). Both are checked against plain autograd and the
+eager probabilities in tests/test_indexer_training.py.
 """
 
 from __future__ import annotations
