@@ -163,6 +163,8 @@ def test_cached_sparse_decode_matches_masked_full_forward(v32_pair, static):
     assert max_diff(got[keep], expected[keep]) < TOL
     layer = cache.layers[0]
     assert layer.index_keys.shape[-1] == 16 and layer.index_keys.shape[-2] == (32 if static else 20)
+    if not static:  # per token: 3 layers x (latent 32 + rope key 8 + indexer key 16) fp32 values
+        assert cache.nbytes_per_token() == 3 * (32 + 8 + 16) * 4
 
 
 def test_generate_sparse_equals_masked(v32_pair):
@@ -173,6 +175,10 @@ def test_generate_sparse_equals_masked(v32_pair):
     sparse = set_dsa(ours, "sparse").generate(ids, **kwargs)
     static = ours.generate(ids, cache_implementation="static", **kwargs)
     assert torch.equal(sparse, masked) and torch.equal(static, masked)
+    # the FP8 latent cache keeps the indexer keys in the model dtype beside its e4m3 latent: both paths agree on it
+    fp8 = ours.generate(ids, latent_cache_dtype="fp8", **kwargs)
+    assert torch.equal(set_dsa(ours, "masked").generate(ids, latent_cache_dtype="fp8", **kwargs), fp8)
+    set_dsa(ours, "sparse")
 
 
 def test_query_and_gather_blocks_do_not_change_results(v32_pair, monkeypatch):
@@ -265,6 +271,11 @@ def test_official_v32_layout_round_trips_with_fp8_indexer(tmp_path):
             assert torch.equal(loaded, dequantize_weight_blockwise(w, scale, 128, loaded.dtype))
         assert saved[f"{prefix}.weights_proj.weight"].dtype == torch.float32
         assert torch.equal(ours.get_parameter(f"{prefix}.k_norm.bias"), model.get_parameter(f"{prefix}.k_norm.bias"))
+    # Kept in FP8 (the CUDA default), the indexer's projections are FP8 modules with the dequantized model's logits.
+    kept = DeepseekForCausalLM.from_pretrained(fp8, fp8_keep_quantized=True).eval()
+    assert type(kept.model.layers[1].self_attn.indexer.wq_b).__name__ == "DeepseekFP8Linear"
+    with torch.no_grad():
+        assert max_diff(kept(ids).logits, ours(ids).logits) < TOL
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,3 +381,37 @@ def test_hub_config_v32_builds_the_indexer_of_every_layer():
     assert len(indexers) == config.num_hidden_layers + config.num_nextn_predict_layers == 62
     per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64  # wq_b, wk, k_norm (weight, bias), weights_proj
     assert all(sum(p.numel() for p in m.parameters()) == per_layer for m in indexers)
+
+
+def test_absorbed_factors_follow_in_place_weight_writes():
+    """Without autograd the absorbed path keeps contiguous copies of kv_b_proj's W_UK / W_UV halves: a write into the
+    weight (an optimizer step between generations) makes the next forward use the new weight, dense and sparse."""
+    for overrides in ({}, DSA):
+        model = tiny_model(mla_impl="absorbed", **overrides).eval()
+        ids = random_ids(2, 20)
+        with torch.no_grad():
+            model(ids)  # builds the copies
+            for layer in model.model.layers:
+                layer.self_attn.kv_b_proj.weight.mul_(1.5)
+            got = model(ids).logits
+            fresh = copy_of(model)
+            expected = fresh(ids).logits
+        assert max_diff(got, expected) == 0
+        attn = model.model.layers[0].self_attn
+        with torch.no_grad():
+            w_uk, w_uv = attn.absorbed_factors(torch.float32)
+        weight = attn.kv_b_proj.weight
+        assert w_uk.is_contiguous() and w_uv.is_contiguous() and w_uk.data_ptr() != weight.data_ptr()
+        assert torch.equal(w_uk, attn.kv_b_proj.weight.view(4, 32, 32)[:, :16])
+        assert torch.equal(w_uv, attn.kv_b_proj.weight.view(4, 32, 32)[:, 16:].transpose(1, 2))
+        # under autograd: views of the weight, through which gradients flow
+        assert attn.absorbed_factors(torch.float32)[0].data_ptr() == weight.data_ptr()
+
+
+def copy_of(model):
+    import copy
+
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        module.__dict__.pop("_absorbed_factors", None)
+    return fresh
