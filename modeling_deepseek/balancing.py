@@ -12,7 +12,8 @@ How the counts travel:
 - a MoE layer leaves its per-forward counts on itself (`last_load_E`);
 - the model's forward (never re-run by gradient checkpointing, unlike a layer) adds them to each router's
   `pending_load` buffer, and only for training forwards with gradients on: eval, `torch.no_grad()` generation and
-  reference-model forwards never count;
+  reference-model forwards never count, nor do the routers of a frozen main model (`router.bias_frozen`, set by
+  trainers/indexer_training.py for DeepSeek-V3.2's dense warm-up, where only the indexers train);
 - `update_balancing_bias(model)` applies the sign rule and resets the counts. It runs automatically from a global
   torch optimizer step pre-hook, once per real optimizer step, for every tracked model that owns parameters of
   that optimizer. This covers a plain PyTorch loop, transformers' Trainer, TRL and accelerate without extra code,
@@ -80,7 +81,8 @@ def record_loads(moe_layers: list[nn.Module], config) -> None:
     if not (torch.is_grad_enabled() and bias_update_enabled(config)):
         return
     for moe in moe_layers:
-        if moe.training and moe.last_load_E is not None and moe.gate.e_score_correction_bias is not None:
+        if (moe.training and moe.last_load_E is not None and moe.gate.e_score_correction_bias is not None
+                and not getattr(moe.gate, "bias_frozen", False)):
             gate = moe.gate
             gate.pending_load.add_(moe.last_load_E.to(gate.pending_load.device))
             gate.has_pending_load = True

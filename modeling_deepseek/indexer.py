@@ -27,6 +27,7 @@ probabilities (detached), over all keys (dense and masked paths) or over the sel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,12 +52,19 @@ class IndexerRecord:
         ones too, which attention ignores); None with topk_BTK None.
     attention_BTX: the main attention's probabilities summed over heads and L1-normalised, detached: over the keys
         (X = S) when topk_BTK is None, else over the selected keys (X = K, zero where not valid).
+    rescore: in an indexer training stage (indexer_loss.py), scores_BTS carry no graph and rescore(t0, t1, keys_BSD)
+        recomputes queries t0:t1's scores with it, against `keys_BSD` (the record's keys_BSD or a detached copy),
+        for a backward that holds one query block's graph at a time; keys_BSD: the keys scored, with their graph;
+        indexer: the DeepseekIndexer that recorded (its parameters receive that backward's gradients).
     """
 
     scores_BTS: torch.Tensor
     topk_BTK: torch.Tensor | None
     valid_BTK: torch.Tensor | None
     attention_BTX: torch.Tensor | None = None
+    rescore: Callable | None = None
+    keys_BSD: torch.Tensor | None = None
+    indexer: nn.Module | None = None
 
 
 def head_summed_distribution(probs_BHTX: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from .configuration import DeepseekConfig
 from .decoder import DeepseekDecoderLayer
 from .experts import DeepseekExperts
 from .generation import DeepseekGenerationMixin
+from .indexer_loss import forget_indexer_records
 from .layers import DeepseekRMSNorm
 from .loading import DeepseekLoadingMixin
 from .masks import causal_mask, check_attention_mask, padding_free_tokens
@@ -70,6 +71,7 @@ class DeepseekCausalLMOutput(MoeCausalLMOutputWithPast):
     expert_load: torch.Tensor | None = None
     max_violation: torch.Tensor | None = None
     mtp_logits: tuple[torch.Tensor, ...] | None = None
+    indexer_loss: torch.Tensor | None = None  # V3.2's lightning-indexer KL, while an indexer training stage is set
 
 
 class DeepseekPreTrainedModel(DeepseekLoadingMixin, PreTrainedModel):
@@ -195,6 +197,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         for moe in self.moe_layers():  # forget the previous forward's routing statistics (MTP layers may not run)
             moe.last_load_E = moe.last_balance_loss = None
+        forget_indexer_records(self)
         if use_cache and cache is None:
             cache = DeepseekLatentCache(config=cfg)
         if position_ids is None:
@@ -321,6 +324,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, DeepseekGenerationMixin):
             expert_load=expert_load,
             max_violation=max_vio,
             mtp_logits=objective.mtp_logits,
+            indexer_loss=objective.indexer_loss,
             **cache_kwargs(getattr(outputs, CACHE_NAME)),
         )
 

@@ -2,12 +2,14 @@
 
 One forward's objective is
 
-    loss = f * (CE_main + mtp_loss_weight * mean_k CE_k + balance)
+    loss = f * (CE_main + mtp_loss_weight * mean_k CE_k + balance + indexer)
 
 - CE_main: next-token cross-entropy, position i scored on `shift_labels[i]` (-100: not scored);
 - CE_k: the cross-entropy of MTP depth k (mtp.py), position i scored on `shift_labels[i + k]`;
 - balance: the sequence-wise balance loss (DeepSeek-V3 eq. 17, already weighted by alpha) that each MoE layer left
   on itself (moe.py), summed over the layers, MTP modules included;
+- indexer: DeepSeek-V3.2's lightning-indexer loss (indexer_loss.py), summed over the attention layers whose indexer
+  recorded this forward: only while an indexer training stage is set (trainers/indexer_training.py);
 - f: this forward's share of the optimizer step. Without gradient accumulation f = 1 and the loss is a mean. Under
   Trainer's accumulation `num_items_in_batch` counts the scored tokens of the whole step (every micro-batch, every
   data-parallel rank) and f = this forward's scored tokens / num_items_in_batch: the micro-batches' losses, which
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .chunked_ce import IGNORE_INDEX, linear_cross_entropy_sum
+from .indexer_loss import recorded_indexer_losses
+from .masks import padding_free_tokens
 from .mtp import mtp_labels
 
 
@@ -87,6 +91,7 @@ class Objective:
     mtp_loss: torch.Tensor | None = None  # mean over depths of the MTP CE (unweighted)
     balance_loss: torch.Tensor | None = None  # sequence-wise balance loss, summed over the MoE layers
     mtp_logits: tuple[torch.Tensor, ...] | None = None  # [B, T, V] per depth (None under chunked_cross_entropy)
+    indexer_loss: torch.Tensor | None = None  # the lightning indexers' KL, summed over the layers (indexer_loss.py)
 
 
 def training_objective(
@@ -114,7 +119,7 @@ def training_objective(
     the next sequence is not scored. `fraction` is f (`step_fraction`)."""
     cfg = lm.config
     parts_to_add = []
-    main_loss = mtp_loss = balance_loss = mtp_logits = None
+    main_loss = mtp_loss = balance_loss = mtp_logits = indexer_loss = None
     if logits_BTV is not None or main_ce is not None:
         lm_loss = mean_cross_entropy(logits_BTV, shift_labels_BT) if main_ce is None else main_ce
         main_loss = fraction * lm_loss
@@ -139,8 +144,12 @@ def training_objective(
             "seq_balance_alpha > 0 but no MoE layer produced the sequence-wise balance loss: reentrant "
             "gradient checkpointing (use_reentrant=True) runs the layers without gradients. Use "
             "use_reentrant=False (transformers' default) to train it.", stacklevel=3)
+    indexer_terms = recorded_indexer_losses(lm, padding_free_tokens(attention_mask, shift_labels_BT.shape[1]))
+    if indexer_terms:
+        indexer_loss = torch.stack(indexer_terms).sum()
+        parts_to_add.append(indexer_loss)
     loss = fraction * sum(parts_to_add) if parts_to_add else None
-    return Objective(loss, main_loss, mtp_loss, balance_loss, mtp_logits)
+    return Objective(loss, main_loss, mtp_loss, balance_loss, mtp_logits, indexer_loss)
 
 
 def max_violation(load_LE: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .indexer import IndexerRecord, allowed_keys, head_summed_distribution
+from .indexer_loss import dense_attention_target
 from .layers import per_head_matmul
 from .parallel import replicated_input
 
@@ -128,6 +129,8 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
     (out [B, T, H, v], probabilities [B, H, T, S] when output_attentions, else None); with `indexer.record` the
     indexer's IndexerRecord is left on `indexer.last_record`."""
     indexer, impl = attn.indexer, attn.config.dsa_impl
+    if getattr(indexer, "training_stage", None) == "dense" and attn.training:
+        impl = "dense"  # V3.2's dense warm-up (indexer_loss.py): the indexer learns from dense attention
     B, H, T, _ = q_nope.shape
     S = latent_B1SC.shape[2]
     if impl == "sparse" and not (attn.absorbable() and gather_is_cheaper(attn, T, S, min(indexer.topk, S))):
@@ -135,11 +138,23 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
     covered = indexer.topk >= S  # every allowed key is selected: plain attention is the same computation
     allowed_BTS = allowed_keys(attention_mask, B, T, S, q_nope.device)
     need_scores = indexer.record or (impl != "dense" and not covered)
-    scores_BTS = None
+    scores_BTS = rescore = None
     if need_scores:
-        scores_BTS = indexer.scores(x_BTD, attn.q_a_layernorm(q_low_BTX), cos, sin, index_keys_BSD, allowed_BTS,
-                                    causal=attention_mask is None)
-    want_probs = output_attentions or indexer.record
+        q_resid_BTX = attn.q_a_layernorm(q_low_BTX)
+        # In an indexer training stage the scores keep no graph ([T, S, heads] of it); the loss recomputes them query
+        # block by query block in backward (indexer_loss.py).
+        if indexer.record and getattr(indexer, "training_stage", None) and torch.is_grad_enabled():
+            def rescore(t0, t1, keys_BSD):
+                return indexer.scores(x_BTD[:, t0:t1], q_resid_BTX[:, t0:t1], cos[:, t0:t1], sin[:, t0:t1], keys_BSD,
+                                      allowed_BTS[:, t0:t1])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and rescore is None):
+            scores_BTS = indexer.scores(x_BTD, q_resid_BTX, cos, sin, index_keys_BSD, allowed_BTS,
+                                        causal=attention_mask is None)
+    # The dense target of the indexer's loss comes from indexer_loss.py beside the usual kernel, not from [B, H, T, S]
+    # probabilities (all that the eager kernel would materialise them for).
+    dense_target = (indexer.record and not output_attentions and (impl == "dense" or covered)
+                    and attn.absorbable())
+    want_probs = output_attentions or (indexer.record and not dense_target)
 
     topk_BTK = valid_BTK = None
     if impl == "dense" or covered:
@@ -160,7 +175,11 @@ def indexed_attention(attn, x_BTD, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rop
                 probs = selected_probs.new_zeros(B, H, T, S).scatter_(
                     -1, topk_BTK.unsqueeze(1).expand(-1, H, -1, -1), selected_probs * valid_BTK.unsqueeze(1))
     if indexer.record:
-        attention = None if selected_probs is None else head_summed_distribution(
-            selected_probs if valid_BTK is None else selected_probs * valid_BTK.unsqueeze(1))
-        indexer.last_record = IndexerRecord(scores_BTS, topk_BTK, valid_BTK, attention)
+        if dense_target:
+            attention = dense_attention_target(attn, q_nope, q_rope, latent_B1SC, k_rope_B1SR, allowed_BTS)
+        else:
+            attention = None if selected_probs is None else head_summed_distribution(
+                selected_probs if valid_BTK is None else selected_probs * valid_BTK.unsqueeze(1))
+        indexer.last_record = IndexerRecord(scores_BTS, topk_BTK, valid_BTK, attention, rescore,
+                                            *((index_keys_BSD, indexer) if rescore is not None else ()))
     return out_BTHV, (probs if output_attentions else None)

@@ -21,6 +21,8 @@ _LAZY = {
     "DeepseekSFTTrainer": "trainers.sft",
     "DeepseekTrainer": "trainers.trainer",
     "DeepseekTrainerMixin": "trainers.trainer",
+    "DeepseekIndexerTrainer": "trainers.indexer_training",
+    "prepare_indexer_stage": "trainers.indexer_training",
     "make_checkpoints_atomic": "trainers.checkpointing",
     "AtomicCheckpointMixin": "trainers.checkpointing",
     "GRPOTrainer": "trainers.grpo",

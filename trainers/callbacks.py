@@ -4,8 +4,9 @@ Works with transformers' Trainer and TRL's trainers (trainers.DeepseekTrainer / 
 themselves). It does nothing for models without a DeepSeek causal LM inside, so it is safe in any trainer. It
 
 - adds the parts of the training signal to the train logs: `lm_loss` (the main next-token CE, comparable with any
-  other causal LM), `mtp_loss`, `balance_loss` (the sequence-wise term) and `maxvio` (MaxVio over the MoE layers),
-  averaged over the forwards since the previous log, next to `loss` (the total objective that is trained);
+  other causal LM), `mtp_loss`, `balance_loss` (the sequence-wise term), `maxvio` (MaxVio over the MoE layers) and,
+  while a DeepSeek-V3.2 indexer trains (trainers/indexer_training.py), `indexer_loss`, averaged over the forwards
+  since the previous log, next to `loss` (the total objective that is trained);
 - adds `eval_lm_loss`, `eval_mtp_loss` and `eval_perplexity` = exp(eval_lm_loss) to every evaluation's metrics
   (`eval_loss` is the total objective, CE + mtp_loss_weight * MTP, not comparable across models), so they land in
   the dict `trainer.evaluate()` returns, in `state.log_history` and in every reporting integration;
@@ -91,7 +92,7 @@ def forward_parts(output, kwargs: dict, split: str) -> dict:
     if split == "eval":
         return {"lm_loss": lm_loss, "mtp_loss": output.mtp_loss}
     return {"lm_loss": lm_loss, "mtp_loss": output.mtp_loss, "balance_loss": output.balance_loss,
-            "maxvio": output.max_violation}
+            "maxvio": output.max_violation, "indexer_loss": getattr(output, "indexer_loss", None)}
 
 
 class ForwardMetrics:
