@@ -16,6 +16,9 @@ attention can run two ways over the same cache:
   S x kv_lora_rank x heads x (nope + v) per step, whatever T is.
 
 `DeepseekAttention.forward` picks the cheaper path from the FLOP counts of both (`mla_impl="auto"`), or as told.
+
+A DeepSeek-V3.2 layer (config.index_topk set) also has a lightning indexer (`self.indexer`, indexer.py) whose key is
+cached beside the latent; sparse_attention.py then restricts each query to its top-k keys.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from .layers import DeepseekRMSNorm
 from .parallel import local_shard, replicated_input
 from .recompute import recompute, recompute_active
 from .continuous_batching import is_paged_cache, paged_attention
+from .cache import update_latent_cache
+from .indexer import DeepseekIndexer
 from .rope import apply_rope, softmax_scale
+from .sparse_attention import indexed_attention
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -123,6 +129,8 @@ class DeepseekAttention(nn.Module):
         # Per head: [W_UK (nope rows) | W_UV (v rows)] stacked, head-major.
         self.kv_b_proj = nn.Linear(C, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+        # DeepSeek-V3.2: the lightning indexer choosing each query's top-k keys (sparse_attention.py).
+        self.indexer = DeepseekIndexer(config, layer_idx) if config.index_topk is not None else None
 
     # ------------------------------------------------------------------------------------------------------------
     def project_query(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -197,16 +205,24 @@ class DeepseekAttention(nn.Module):
         latent_B1TC, k_rope_B1TR = self.compress_kv(hidden_states)
         cos, sin = position_embeddings
         k_rope_B1TR = apply_rope(k_rope_B1TR, cos, sin, self.config.rope_interleave)
+        index_keys_BSD = None if self.indexer is None else self.indexer.keys(hidden_states, cos, sin)
 
         if is_paged_cache(cache):  # continuous batching: many requests packed in one row (continuous_batching.py)
+            if self.indexer is not None:
+                raise NotImplementedError("continuous batching does not run DeepSeek-V3.2's sparse attention "
+                                          "(index_topk) yet: use generate()")
             q_nope, q_rope = self.rotated_query(q_low_BTX, cos, sin)
             out_BTHV = paged_attention(self, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs)
             return self.o_proj(out_BTHV.reshape(B, T, -1)), None
-        if cache is not None:  # the cache sees only the compressed pair
-            latent_B1TC, k_rope_B1TR = cache.update(latent_B1TC, k_rope_B1TR, self.layer_idx)
+        if cache is not None:  # the cache sees only the compressed pair (and the indexer's key)
+            latent_B1TC, k_rope_B1TR, index_keys_BSD = update_latent_cache(
+                cache, self.layer_idx, latent_B1TC, k_rope_B1TR, index_keys_BSD)
 
         def attend(q_low_BTX, latent_B1SC, k_rope_B1SR, cos, sin):
             q_nope, q_rope = self.rotated_query(q_low_BTX, cos, sin)
+            if self.indexer is not None:
+                return indexed_attention(self, hidden_states, q_low_BTX, q_nope, q_rope, latent_B1SC, k_rope_B1SR,
+                                         index_keys_BSD, cos, sin, attention_mask, output_attentions, **kwargs)
             return self.attend(q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask, output_attentions, **kwargs)
 
         args = (q_low_BTX, latent_B1TC, k_rope_B1TR, cos, sin)

@@ -15,6 +15,10 @@ nothing here depends on how `DynamicLayer` keeps its own):
   as new tokens arrive, unlike a per-tensor scale frozen on the prompt. Reads dequantize to the compute dtype; the
   tokens of the forward that writes them are attended in full precision.
 
+A DeepSeek-V3.2 model (config.index_topk set) also caches its lightning indexer's key per token and layer (stream
+"index_keys", [B, 1, S, index_head_dim] in the model dtype: 256 bytes per token and layer in bf16 for V3.2, beside the
+latent's 1152); `update_latent_cache` writes all streams of a layer at once.
+
 `DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., latent_cache_dtype="fp8")` or
 `config.latent_cache_dtype = "fp8"` does the same inside generate.
 
@@ -28,6 +32,8 @@ pair; the model has it build these (`latent_cache_for_generate`, through compat.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
@@ -62,8 +68,11 @@ class LatentLayer(CacheLayerMixin):
     is_sliding = False
     streams = ("keys", "values")
 
-    def __init__(self, **kwargs):
+    def __init__(self, index_dim: int | None = None, **kwargs):
         super().__init__()
+        self.index_dim = index_dim
+        if index_dim:  # DeepSeek-V3.2: the indexer's key, one more stream (an instance attribute from here on)
+            self.streams = type(self).streams + ("index_keys",)
         self._buffers = dict.fromkeys(self.streams)
 
     def lazy_initialization(self, key_states, value_states):
@@ -74,7 +83,19 @@ class LatentLayer(CacheLayerMixin):
 
     def stream_layout(self, key_states, value_states) -> dict[str, tuple[int, torch.dtype]]:
         """Per stream: last dimension and dtype of what is stored (the static layers preallocate from it)."""
-        return {"keys": (key_states.shape[-1], key_states.dtype), "values": (value_states.shape[-1], value_states.dtype)}
+        return {"keys": (key_states.shape[-1], key_states.dtype), "values": (value_states.shape[-1], value_states.dtype),
+                **self._index_layout(key_states)}
+
+    def _index_layout(self, key_states) -> dict[str, tuple[int, torch.dtype]]:
+        return {"index_keys": (self.index_dim, key_states.dtype)} if self.index_dim else {}
+
+    def _index_stream(self, index_keys) -> dict[str, torch.Tensor]:
+        """The indexer-key stream of an update, checked against the layer's streams."""
+        if (index_keys is None) != (not self.index_dim):
+            raise ValueError("a DeepSeek-V3.2 layer's cache holds its indexer keys: build the cache from the model's "
+                             "config (index_topk) and pass index_keys with every update" if self.index_dim else
+                             "this latent cache was built without an indexer-key stream (config.index_topk unset)")
+        return {} if index_keys is None else {"index_keys": index_keys}
 
     def _write(self, **new):
         """Store the new tokens of every stream; returns where they went, for `_put`."""
@@ -88,10 +109,10 @@ class LatentLayer(CacheLayerMixin):
         """Write `new` into a read-back copy of a stream at the slots `_write` returned (the last `slots` tokens)."""
         full[..., -slots:, :] = new
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, *args, index_keys=None, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._write(keys=key_states, values=value_states)
+        self._write(keys=key_states, values=value_states, **self._index_stream(index_keys))
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -151,11 +172,11 @@ class FP8LatentLayer(LatentLayer):
 
     streams = ("keys", "key_scales", "values", "value_scales")
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, *args, index_keys=None, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         (qk, sk), (qv, sv) = quantize_per_token(key_states), quantize_per_token(value_states)
-        slots = self._write(keys=qk, key_scales=sk, values=qv, value_scales=sv)
+        slots = self._write(keys=qk, key_scales=sk, values=qv, value_scales=sv, **self._index_stream(index_keys))
         # The tokens being written attend to themselves in full precision (a prompt's own logits are exact); what
         # later forwards read back is the e4m3 copy.
         keys, values = self.dequantized()
@@ -165,7 +186,8 @@ class FP8LatentLayer(LatentLayer):
 
     def stream_layout(self, key_states, value_states) -> dict[str, tuple[int, torch.dtype]]:
         C, R = key_states.shape[-1], value_states.shape[-1]
-        return {"keys": (C, FP8), "key_scales": (1, torch.float32), "values": (R, FP8), "value_scales": (1, torch.float32)}
+        return {"keys": (C, FP8), "key_scales": (1, torch.float32), "values": (R, FP8), "value_scales": (1, torch.float32),
+                **self._index_layout(key_states)}
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (dequantize_per_token(self.keys, self.key_scales, self.dtype),
@@ -179,8 +201,8 @@ class StaticLatentLayer(LatentLayer):
 
     is_compileable = True
 
-    def __init__(self, max_cache_len: int, **kwargs):
-        super().__init__()
+    def __init__(self, max_cache_len: int, index_dim: int | None = None, **kwargs):
+        super().__init__(index_dim)
         self.max_cache_len = max_cache_len
         self.cumulative_length = torch.tensor(0, dtype=torch.long)
 
@@ -303,6 +325,23 @@ class LatentCacheMixin:
         return self._per_token(LatentLayer.nbytes_allocated)
 
 
+def index_dim(config) -> int | None:
+    """Width of the indexer-key stream a cache for `config` holds: index_head_dim for DeepSeek-V3.2, else none."""
+    return config.index_head_dim if config is not None and getattr(config, "index_topk", None) is not None else None
+
+
+def update_latent_cache(cache, layer_idx: int, latent_B1TC, k_rope_B1TR, index_keys_BTD=None):
+    """Write one layer's new tokens (latent, rope key and, for DeepSeek-V3.2, the indexer key [B, T, D]) into `cache`;
+    returns all of its cached (latent, rope key, indexer keys [B, S, D] or None)."""
+    if index_keys_BTD is None:
+        return (*cache.update(latent_B1TC, k_rope_B1TR, layer_idx), None)
+    if not isinstance(cache, LatentCacheMixin):
+        raise ValueError(f"{type(cache).__name__} cannot hold DeepSeek-V3.2's indexer keys: use the model's own "
+                         "DeepseekLatentCache or DeepseekStaticLatentCache")
+    latent_B1SC, k_rope_B1SR = cache.update(latent_B1TC, k_rope_B1TR, layer_idx, index_keys=index_keys_BTD.unsqueeze(1))
+    return latent_B1SC, k_rope_B1SR, cache.layers[layer_idx].index_keys.squeeze(1)
+
+
 class DeepseekLatentCache(LatentCacheMixin, DynamicCache):
     """transformers' DynamicCache over latent layers, created lazily per layer index (main layers and MTP layers
     alike): what generate() and a forward with use_cache=True start from.
@@ -316,8 +355,8 @@ class DeepseekLatentCache(LatentCacheMixin, DynamicCache):
         self.fp8 = fp8 if fp8 is not None else config is not None and config.latent_cache_dtype == "fp8"
         # DynamicCache's own __init__ builds per-head layers from the config; the latent layers are replicated per
         # layer index instead, on the first write to it.
-        Cache.__init__(self, layer_class_to_replicate=FP8LatentLayer if self.fp8 else LatentLayer,
-                       offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
+        layer = partial(FP8LatentLayer if self.fp8 else LatentLayer, index_dim=index_dim(config))
+        Cache.__init__(self, layer_class_to_replicate=layer, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
 
 
 class DeepseekStaticLatentCache(LatentCacheMixin, StaticCache):
@@ -345,7 +384,7 @@ class DeepseekStaticLatentCache(LatentCacheMixin, StaticCache):
         layer = StaticFP8LatentLayer if self.fp8 else StaticLatentLayer
         n = config.num_hidden_layers if num_layers is None else num_layers
         # StaticCache's own __init__ builds per-head layers from the config; these hold the latent pair.
-        Cache.__init__(self, layers=[layer(max_cache_len) for _ in range(n)])
+        Cache.__init__(self, layers=[layer(max_cache_len, index_dim(config)) for _ in range(n)])
 
     def early_initialization(self, batch_size: int, dtype: torch.dtype, device, layers=None) -> None:
         """Allocate the buffers of `layers` (indices; default: all) now rather than on their first write: needed when

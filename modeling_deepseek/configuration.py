@@ -26,6 +26,16 @@ backward for activation memory, and none changes a loss or a gradient (tests/tes
     cross_entropy_chunk_tokens
                         tokens per chunk of that cross-entropy (the transient logits are chunk x vocab)
 
+and DeepSeek-V3.2's sparse attention (DSA, sparse_attention.py), on when `index_topk` is set (transformers'
+deepseek_v32 names; an official V3.2 config.json sets all three):
+
+    index_topk          k: each query attends to the k earlier tokens its lightning indexer scores highest (V3.2: 2048)
+    index_n_heads, index_head_dim
+                        the indexer's heads and their width (V3.2: 64 x 128); its key is one index_head_dim vector
+    dsa_impl            "sparse" (default: each query gathers its k latent rows), "masked" (dense attention under
+                        the top-k mask, as transformers' DeepseekV32 and DeepSeek's reference code run it) or
+                        "dense" (the indexer runs but attention ignores it: V3.2's dense warm-up)
+
 quant.fp8_training.convert_to_fp8_training turns all four on (V3's recipe); its FP8TrainingConfig switches each off.
 
 Invalid combinations raise a ValueError that names the field, at construction time rather than deep in a forward.
@@ -47,6 +57,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 MLA_IMPLS = ("auto", "absorbed", "expanded")  # attention.py: which MLA path runs
 LATENT_CACHE_DTYPES = (None, "fp8")  # None: the model dtype
 # The memory options (module docstring): booleans, off by default; FP8 training turns them all on.
+DSA_IMPLS = ("sparse", "masked", "dense")  # sparse_attention.py: how the indexer's top-k is applied
 MEMORY_OPTIONS = ("recompute_norms", "recompute_mla_up_proj", "recompute_swiglu", "chunked_cross_entropy")
 
 
@@ -170,6 +181,11 @@ class DeepseekConfig(PreTrainedConfig):
         recompute_swiglu: bool = False,
         chunked_cross_entropy: bool = False,
         cross_entropy_chunk_tokens: int = 1024,
+        # --- DeepSeek-V3.2 sparse attention (see the module docstring); index_topk None: no indexer (V3) ---
+        index_topk: int | None = None,
+        index_n_heads: int = 64,
+        index_head_dim: int = 128,
+        dsa_impl: str = "sparse",
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -221,6 +237,10 @@ class DeepseekConfig(PreTrainedConfig):
         self.recompute_swiglu = recompute_swiglu
         self.chunked_cross_entropy = chunked_cross_entropy
         self.cross_entropy_chunk_tokens = cross_entropy_chunk_tokens
+        self.index_topk = index_topk
+        self.index_n_heads = index_n_heads
+        self.index_head_dim = index_head_dim
+        self.dsa_impl = dsa_impl
         # transformers' rope machinery reads `head_dim` for the rotary width: in MLA only the RoPE part rotates.
         self.head_dim = qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -230,7 +250,7 @@ class DeepseekConfig(PreTrainedConfig):
             self.rope_parameters["rope_type"] = self.rope_parameters.pop("type")
         # Fields of official files that we do not model, dropped so they do not pollute the saved config.
         for legacy in ("aux_loss_alpha", "seq_aux", "ep_size", "scoring_func_v2", "pretraining_tp", "qk_head_dim",
-                       "head_dim", "router_aux_loss_coef", "num_experts", "mlp_bias"):
+                       "head_dim", "router_aux_loss_coef", "num_experts", "mlp_bias", "mlp_layer_types", "layer_types"):
             kwargs.pop(legacy, None)
         kwargs.pop("model_type", None)
         self.validate_deepseek()  # before transformers' own rope checks, so errors name our fields
@@ -255,6 +275,8 @@ class DeepseekConfig(PreTrainedConfig):
             if config_dict["model_type"] == "deepseek_v2" and not any(
                     k in config_dict for k in ("num_nextn_predict_layers", "num_mtp_layers")):
                 config_dict = dict(config_dict, num_nextn_predict_layers=0)  # DeepSeek-V2 has no MTP module
+            if config_dict["model_type"] == "deepseek_v32":  # transformers' defaults, where a file omits them
+                config_dict = {"index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128, **config_dict}
             config_dict = dict(config_dict, model_type=cls.model_type)
         return config_dict, kwargs
 
@@ -291,6 +313,7 @@ class DeepseekConfig(PreTrainedConfig):
         self._validate_routing()
         self._validate_training_knobs()
         self._validate_memory_options()
+        self._validate_sparse_attention()
         if self.mla_impl not in MLA_IMPLS:
             raise ValueError(f"`mla_impl` must be one of {MLA_IMPLS}, got {self.mla_impl!r}")
         check_latent_cache_dtype(self.latent_cache_dtype)
@@ -341,6 +364,29 @@ class DeepseekConfig(PreTrainedConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         _positive_int(self, "cross_entropy_chunk_tokens")
+
+    def _validate_sparse_attention(self) -> None:
+        if self.dsa_impl not in DSA_IMPLS:
+            raise ValueError(f"`dsa_impl` must be one of {DSA_IMPLS}, got {self.dsa_impl!r}")
+        if self.index_topk is None:
+            return
+        k = self.index_topk
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:  # k > context is fine: every token is kept
+            raise ValueError(f"`index_topk` must be a positive integer (tokens each query attends to) or null, "
+                             f"got {k!r}")
+        _positive_int(self, "index_n_heads")
+        _positive_int(self, "index_head_dim")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ValueError(f"`index_head_dim` ({self.index_head_dim}) must be >= `qk_rope_head_dim` "
+                             f"({self.qk_rope_head_dim}): the indexer rotates that many of its dimensions")
+        if self.q_lora_rank is None:
+            raise ValueError("the lightning indexer (`index_topk` set) reads the query's low-rank activation: "
+                             "`q_lora_rank` must be set")
+
+    @property
+    def uses_sparse_attention(self) -> bool:
+        """Whether the layers carry a lightning indexer (DeepSeek-V3.2)."""
+        return self.index_topk is not None
 
     # ------------------------------------------------------------------------------------------------------------
     def is_moe_layer(self, layer_idx: int) -> bool:

@@ -87,6 +87,7 @@ class DeepseekPreTrainedModel(DeepseekLoadingMixin, PreTrainedModel):
     # data-dependent branch: torch.compile(fullgraph=True) traces it whole (tests/test_compile.py).
     _can_compile_fullgraph = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _keep_in_fp32_modules = ["indexer.weights_proj"]  # DeepSeek-V3.2 (as transformers keeps it)
     # What transformers' output capturing records in DeepseekModel.forward (hooks on these modules' outputs). The MTP
     # modules (DeepseekMTPLayer is a DeepseekDecoderLayer) run after that forward has returned, so they add nothing.
     _can_record_outputs = {

@@ -1,0 +1,142 @@
+"""DeepSeek-V3.2's lightning indexer: which earlier tokens each query attends to under sparse attention (DSA).
+
+Per query t and earlier token s the indexer scores
+
+    I[t, s] = sum_h  w[t, h] * ReLU(q[t, h] . k[s])          (h over index_n_heads, V3.2: 64)
+
+with q[t, h] = wq_b(q_a_layernorm(q_a_proj(x_t))) (the main attention's low-rank query, index_head_dim wide, V3.2:
+128), one key per token k[s] = LayerNorm(wk(x_s)) shared by all heads, RoPE (half-split pairs, not the main
+attention's interleaved ones) on the first qk_rope_head_dim dimensions of both, and per-head weights w[t] =
+weights_proj(x_t). The scale is transformers' (and DeepSeek's reference code's): head_dim^-0.5 on the dot product and
+n_heads^-0.5 on the weights. DeepSeek's kernels also Hadamard-rotate q and k and score in FP8; the rotation is
+orthogonal (q . k is unchanged) and the FP8 rounding is a precision choice, so the scores here are fp32 and equal to
+transformers' DeepseekV32Indexer on the same weights.
+
+Each query keeps the `index_topk` tokens of highest score among those its attention mask allows; sparse_attention.py
+applies that selection. The key is what the cache keeps beside the latent (cache.py, stream "index_keys"): index_head_dim
+values per token and layer, against the latent's 576.
+
+The scores are computed query block by query block so that the fp32 [T, heads, S] intermediate of a long prefill stays
+within `SCORE_BLOCK_BYTES` (16K queries x 64 heads x 16K keys would be 64 GiB in one piece). Under autograd the
+scores keep their graph (the indexer's training objective, indexer_loss.py, needs it); at inference they are plain.
+
+What a forward leaves for the training objective (`DeepseekIndexer.record = True`): `last_record`, an IndexerRecord
+with the indexer's scores over the keys, the selected indices, and the main attention's head-summed, L1-normalised
+probabilities (detached), over all keys (dense and masked paths) or over the selected ones (sparse path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+# Upper bound on the fp32 [queries, heads, keys] block scored at once (the head-weighted sum needs it whole).
+SCORE_BLOCK_BYTES = 256 * 2**20
+
+
+@dataclass
+class IndexerRecord:
+    """One attention layer's indexer state after a forward (`DeepseekIndexer.record`): what the KL objectives read.
+
+    scores_BTS: indexer scores I[t, s], fp32, -inf where the attention mask forbids s (with the graph to the
+        indexer's weights when autograd recorded the forward).
+    topk_BTK: the selected keys' indices (int64), or None where nothing was selected (dsa_impl "dense", or k >= the
+        number of keys so that every allowed key is attended).
+    valid_BTK: which of the selected keys the mask allows (a query with fewer than k allowed keys selects forbidden
+        ones too, which attention ignores); None with topk_BTK None.
+    attention_BTX: the main attention's probabilities summed over heads and L1-normalised, detached: over the keys
+        (X = S) when topk_BTK is None, else over the selected keys (X = K, zero where not valid).
+    """
+
+    scores_BTS: torch.Tensor
+    topk_BTK: torch.Tensor | None
+    valid_BTK: torch.Tensor | None
+    attention_BTX: torch.Tensor | None = None
+
+
+def head_summed_distribution(probs_BHTX: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities [B, H, T, X] -> their sum over heads, L1-normalised per query, fp32, detached: the
+    distribution V3.2 trains the indexer towards."""
+    summed_BTX = probs_BHTX.detach().float().sum(1)
+    return summed_BTX / summed_BTX.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def allowed_keys(attention_mask: torch.Tensor | None, B: int, T: int, S: int, device) -> torch.Tensor:
+    """The keys each query may attend to, as bool [B or 1, T, S], from what the attention layers receive: a bool
+    ("may attend") or additive float [B, 1, T, S] mask, or None (causal: the queries are the last T of S keys)."""
+    if attention_mask is None:
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T).unsqueeze(0)
+    mask = attention_mask[:, 0, -T:, -S:] if attention_mask.dim() == 4 else attention_mask[..., -T:, -S:]
+    if mask.dtype == torch.bool:
+        return mask
+    # transformers' additive masks put dtype.min (not -inf) at forbidden keys.
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+class DeepseekIndexer(nn.Module):
+    """The lightning indexer of one attention layer; parameter names are transformers' (and the official V3.2 keys
+    under `self_attn.indexer.`): wq_b, wk, k_norm (a LayerNorm, with bias), weights_proj."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.topk = config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.softmax_scale = self.head_dim**-0.5
+        # Training-objective hooks (indexer_loss.py / trainers): keep this forward's IndexerRecord, and compute the
+        # indexer from detached inputs (V3.2's sparse stage: its loss trains the indexer alone).
+        self.record = False
+        self.detach_input = False
+        self.last_record: IndexerRecord | None = None
+
+    def _rotate(self, x_BNTD: torch.Tensor, cos, sin) -> torch.Tensor:
+        """RoPE on the first rope_dim dimensions (half-split pairs), the rest passed through."""
+        rot, rest = x_BNTD.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((apply_rope(rot, cos, sin, interleave=False), rest), dim=-1)
+
+    def keys(self, x_BTD: torch.Tensor, cos, sin) -> torch.Tensor:
+        """The per-token key [B, T, index_head_dim], rotated: what the cache stores."""
+        if self.detach_input:
+            x_BTD = x_BTD.detach()
+        k_B1TD = self.k_norm(self.wk(x_BTD)).unsqueeze(1)
+        return self._rotate(k_B1TD, cos, sin).squeeze(1)
+
+    def scores(self, x_BTD, q_resid_BTX, cos, sin, keys_BSD, allowed_BTS) -> torch.Tensor:
+        """I[t, s] for the T current queries over the S keys, fp32 [B, T, S], -inf where `allowed_BTS` is False."""
+        if self.detach_input:
+            x_BTD, q_resid_BTX = x_BTD.detach(), q_resid_BTX.detach()
+        B, T, _ = x_BTD.shape
+        S = keys_BSD.shape[1]
+        q_BNTD = self.wq_b(q_resid_BTX).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q_BTND = self._rotate(q_BNTD, cos, sin).transpose(1, 2).float()
+        weights_BTN = self.weights_proj(x_BTD.to(self.weights_proj.weight.dtype)).float()
+        weights_BTN = weights_BTN * (self.n_heads**-0.5 * self.softmax_scale)  # ReLU(a x) = a ReLU(x), a > 0
+        keys_BDS = keys_BSD.float().transpose(1, 2)
+        block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * S * B))
+        out = []
+        for t0 in range(0, T, block):
+            t1 = min(T, t0 + block)
+            # [B, t, N, D] x [B, D, S] -> [B, t*N, S]: one GEMM per sequence, heads folded into the rows.
+            dots_BXS = torch.bmm(q_BTND[:, t0:t1].reshape(B, -1, self.head_dim), keys_BDS)
+            relu_BtNS = F.relu(dots_BXS).view(B, t1 - t0, self.n_heads, S)
+            out.append(torch.matmul(weights_BTN[:, t0:t1].unsqueeze(-2), relu_BtNS).squeeze(-2))
+        scores_BTS = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        return scores_BTS.masked_fill(~allowed_BTS, float("-inf"))
+
+    def select(self, scores_BTS: torch.Tensor, allowed_BTS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k keys of each query: (indices [B, T, K] int64, valid [B, T, K]), K = min(index_topk, S). A query
+        with fewer than K allowed keys also gets forbidden ones (score -inf), marked not valid."""
+        K = min(self.topk, scores_BTS.shape[-1])
+        topk_BTK = scores_BTS.detach().topk(K, dim=-1).indices
+        valid_BTK = allowed_BTS.expand(scores_BTS.shape[0], -1, -1).gather(-1, topk_BTK)
+        return topk_BTK, valid_BTK
