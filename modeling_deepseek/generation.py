@@ -163,11 +163,10 @@ class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
                 use_paged_latent_rows(manager, index_head_dim, latent_fp8=latent_cache_dtype == "fp8",
                                       index_fp8=index_cache_dtype == "fp8")
         elif (manager.latent_cache_dtype, manager.index_cache_dtype) != (latent_cache_dtype, index_cache_dtype):
-            kept, asked = ((dtype or "the model dtype" for dtype in pair) for pair in (
+            kept, asked = ("{} (indexer keys: {})".format(*(dtype or "the model dtype" for dtype in pair)) for pair in (
                 (manager.latent_cache_dtype, manager.index_cache_dtype), (latent_cache_dtype, index_cache_dtype)))
-            raise ValueError("the kept continuous-batching manager stores the latent / indexer keys as {} / {}, this "
-                             "call asks for {} / {}: call model.destroy_cached_continuous_batching_manager() "
-                             "first".format(*kept, *asked))
+            raise ValueError(f"the kept continuous-batching manager stores the latent as {kept}, this call asks for "
+                             f"{asked}: call model.destroy_cached_continuous_batching_manager() first")
         return manager
 
     def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, **kwargs):
