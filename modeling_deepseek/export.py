@@ -56,6 +56,7 @@ TRAINING_ONLY_FIELDS = (
     "mtp_late_fraction",
     "mla_impl",
     "latent_cache_dtype",
+    "dsa_impl",
 )
 
 # Fields copied unchanged, in the order of the official config.json (which is alphabetical).
@@ -112,12 +113,14 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # ----------------------------------------------------------------------------------------------------------------
 # config.json
 def official_config_dict(config: DeepseekConfig, torch_dtype: torch.dtype | None = None, fp8: bool = False) -> dict:
-    """The official config.json content for `config` (DeepSeek-V3 layout; V2 for softmax-routed models)."""
+    """The official config.json content for `config` (DeepSeek-V3 layout; V2 for softmax-routed models; V3.2, with
+    its indexer fields, when the model has a lightning indexer)."""
     v3 = config.scoring_func == "sigmoid" or config.topk_method == "noaux_tc"
-    out: dict = {
-        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
-    }
+    kind = "V32" if config.index_topk is not None else "V3" if v3 else "V2"
+    out: dict = {"architectures": [f"Deepseek{kind}ForCausalLM"], "model_type": f"deepseek_{kind.lower()}"}
+    if config.index_topk is not None:
+        out.update(index_topk=config.index_topk, index_n_heads=config.index_n_heads,
+                   index_head_dim=config.index_head_dim)
     for name in _COPIED_FIELDS:
         out[name] = getattr(config, name)
     # The official names of the sequence-wise balance loss, and fields the official files always carry.

@@ -45,9 +45,11 @@ FP8_QUANTIZATION_CONFIG = {
 }
 
 # The weights DeepSeek's release stores in FP8: the attention and FFN projections of every block (experts, shared
-# experts and MTP blocks included). Embedding, heads, norms, the router and MTP's eh_proj stay in high precision.
+# experts and MTP blocks included; V3.2's indexer wq_b and wk). Embedding, heads, norms, the router, MTP's eh_proj and
+# the indexer's weights_proj stay in high precision.
 FP8_WEIGHT_PATTERN = re.compile(
-    r"^(model\.)?layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"^(model\.)?layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj"
+    r"|indexer\.wq_b|indexer\.wk)"
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
 )
 

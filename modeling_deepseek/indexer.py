@@ -112,24 +112,27 @@ class DeepseekIndexer(nn.Module):
         return self._rotate(k_B1TD, cos, sin).squeeze(1)
 
     def scores(self, x_BTD, q_resid_BTX, cos, sin, keys_BSD, allowed_BTS) -> torch.Tensor:
-        """I[t, s] for the T current queries over the S keys, fp32 [B, T, S], -inf where `allowed_BTS` is False."""
+        """I[t, s] for the T current queries over the S keys, fp32 [B, T, S], -inf where `allowed_BTS` is False.
+
+        The dot products run in the keys' dtype (the model's: fp32 as transformers' indexer, bf16 GEMMs with fp32
+        accumulation in a bf16 model, where DeepSeek's kernel uses FP8), keys times queries so that the long side
+        (S) is the GEMM's rows; the ReLU'd products are weighted and summed over heads in fp32."""
         if self.detach_input:
             x_BTD, q_resid_BTX = x_BTD.detach(), q_resid_BTX.detach()
         B, T, _ = x_BTD.shape
-        S = keys_BSD.shape[1]
-        q_BNTD = self.wq_b(q_resid_BTX).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q_BTND = self._rotate(q_BNTD, cos, sin).transpose(1, 2).float()
+        S, N, D = keys_BSD.shape[1], self.n_heads, self.head_dim
+        q_BNTD = self.wq_b(q_resid_BTX).view(B, T, N, D).transpose(1, 2)
+        q_BTND = self._rotate(q_BNTD, cos, sin).transpose(1, 2).to(keys_BSD.dtype)
         weights_BTN = self.weights_proj(x_BTD.to(self.weights_proj.weight.dtype)).float()
-        weights_BTN = weights_BTN * (self.n_heads**-0.5 * self.softmax_scale)  # ReLU(a x) = a ReLU(x), a > 0
-        keys_BDS = keys_BSD.float().transpose(1, 2)
-        block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * S * B))
+        weights_BTN = weights_BTN * (N**-0.5 * self.softmax_scale)  # ReLU(a x) = a ReLU(x) for a > 0
+        block = max(1, SCORE_BLOCK_BYTES // (4 * N * S * B))
         out = []
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
-            # [B, t, N, D] x [B, D, S] -> [B, t*N, S]: one GEMM per sequence, heads folded into the rows.
-            dots_BXS = torch.bmm(q_BTND[:, t0:t1].reshape(B, -1, self.head_dim), keys_BDS)
-            relu_BtNS = F.relu(dots_BXS).view(B, t1 - t0, self.n_heads, S)
-            out.append(torch.matmul(weights_BTN[:, t0:t1].unsqueeze(-2), relu_BtNS).squeeze(-2))
+            # [B, S, D] x [B, D, t*N] -> [B, S, t*N]: one GEMM per sequence, the block's queries and heads as columns.
+            dots_BSX = torch.bmm(keys_BSD, q_BTND[:, t0:t1].reshape(B, -1, D).transpose(1, 2))
+            relu_BStN = F.relu(dots_BSX).view(B, S, t1 - t0, N).float()
+            out.append(torch.einsum("bstn,btn->bts", relu_BStN, weights_BTN[:, t0:t1]))
         scores_BTS = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         return scores_BTS.masked_fill(~allowed_BTS, float("-inf"))
 

@@ -196,3 +196,37 @@ def test_indexer_record_for_the_training_objective():
     assert not record.valid_BTK[:, 2, 3:].any() and record.valid_BTK[:, -1].all()
     record.scores_BTS.gather(-1, record.topk_BTK).masked_fill(~record.valid_BTK, 0).sum().backward()
     assert model.model.layers[1].self_attn.indexer.wq_b.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSeek's official V3.2 layout (export.py): config, FP8 indexer projections, MTP
+
+
+def test_official_v32_layout_round_trips_with_fp8_indexer(tmp_path):
+    """export_official writes a V3.2 model as DeepSeek's release lays it out (model_type deepseek_v32, the indexer's
+    wq_b / wk in e4m3 with 128 x 128 block scales, MTP included); transformers' DeepseekV32 reads the bf16/fp32
+    export with our logits, and our loader dequantizes the FP8 export to exactly fp8 x scale."""
+    from safetensors.torch import load_file
+    from transformers import DeepseekV32ForCausalLM
+
+    from modeling_deepseek.export import export_official
+    from modeling_deepseek.fp8_format import dequantize_weight_blockwise
+
+    model = tiny_model(seed=3, **DSA).eval()
+    ids = random_ids(2, 20)
+    plain = export_official(model, tmp_path / "plain")
+    hf = DeepseekV32ForCausalLM.from_pretrained(plain, use_kernels=False).eval()
+    fp8 = export_official(model, tmp_path / "fp8", fp8=True)
+    saved = load_file(fp8 / "model.safetensors")
+    ours = DeepseekForCausalLM.from_pretrained(fp8).eval()
+    with torch.no_grad():
+        assert max_diff(hf(ids).logits, model(ids).logits) < TOL
+    for layer in (0, 3):  # a main layer and the MTP block
+        prefix = f"model.layers.{layer}.self_attn.indexer"
+        for name in ("wq_b", "wk"):
+            w, scale = saved[f"{prefix}.{name}.weight"], saved[f"{prefix}.{name}.weight_scale_inv"]
+            assert w.dtype == torch.float8_e4m3fn
+            loaded = ours.get_parameter(f"{prefix}.{name}.weight")
+            assert torch.equal(loaded, dequantize_weight_blockwise(w, scale, 128, loaded.dtype))
+        assert saved[f"{prefix}.weights_proj.weight"].dtype == torch.float32
+        assert torch.equal(ours.get_parameter(f"{prefix}.k_norm.bias"), model.get_parameter(f"{prefix}.k_norm.bias"))
