@@ -11,6 +11,7 @@ generate() whose cached indexer keys went through e4m3.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -157,26 +158,37 @@ def test_generate_batch_matches_generate_and_decode_reads_only_the_top_k_rows(mo
     assert any(D > 1 and S > K for D, S, _ in steps), "no batched decode step beyond k"
 
 
-@needs_mla_paged_cache
-def test_fp8_indexer_keys_give_generate_tokens_with_e4m3_cached_keys(model, prompts, monkeypatch):
-    """index_cache_dtype="fp8": the indexer scores cached keys read back from e4m3 (this step's own in full
-    precision): the tokens of generate() whose cached indexer keys are rounded the same way. One-step prefills, so that
-    generate's prompt forward and the engine's see the same fresh rows."""
+@contextmanager
+def e4m3_cached_index_keys():
+    """generate()'s caches hand the indexer its cached keys (all but this forward's own) rounded through e4m3 with
+    per-token scales: what the paged rows with index_cache_dtype="fp8" hand it."""
     from modeling_deepseek import attention
     from modeling_deepseek.fp8_format import dequantize_per_token, quantize_per_token
 
-    results = model.generate_batch(prompts, generation_config=greedy(),
-                                   continuous_batching_config=cb_config(max_batch_tokens=64), index_cache_dtype="fp8")
     update = attention.update_latent_cache
 
-    def e4m3_cached_keys(cache, layer_idx, latent, k_rope, index_keys_BTD):
+    def rounded(cache, layer_idx, latent, k_rope, index_keys_BTD):
         latent, k_rope, keys_BSD = update(cache, layer_idx, latent, k_rope, index_keys_BTD)
         T = index_keys_BTD.shape[1]
-        rounded = dequantize_per_token(*quantize_per_token(keys_BSD[:, :-T]), keys_BSD.dtype)
-        return latent, k_rope, torch.cat([rounded, keys_BSD[:, -T:]], dim=1)
+        cached = dequantize_per_token(*quantize_per_token(keys_BSD[:, :-T]), keys_BSD.dtype)
+        return latent, k_rope, torch.cat([cached, keys_BSD[:, -T:]], dim=1)
 
-    monkeypatch.setattr(attention, "update_latent_cache", e4m3_cached_keys)
-    assert tokens_of(results) == [alone(model, p) for p in prompts]
+    attention.update_latent_cache = rounded
+    try:
+        yield
+    finally:
+        attention.update_latent_cache = update
+
+
+@needs_mla_paged_cache
+def test_fp8_indexer_keys_give_generate_tokens_with_e4m3_cached_keys(model, prompts):
+    """index_cache_dtype="fp8": the indexer scores cached keys read back from e4m3 (this step's own in full
+    precision): the tokens of generate() whose cached indexer keys are rounded the same way. One-step prefills, so that
+    generate's prompt forward and the engine's see the same fresh rows."""
+    results = model.generate_batch(prompts, generation_config=greedy(),
+                                   continuous_batching_config=cb_config(max_batch_tokens=64), index_cache_dtype="fp8")
+    with e4m3_cached_index_keys():
+        assert tokens_of(results) == [alone(model, p) for p in prompts]
 
 
 @needs_mla_paged_cache
@@ -187,3 +199,45 @@ def test_index_cache_dtype_is_checked_before_the_loop(prompts):
     with pytest.raises(ValueError, match="index_cache_dtype must be one of"):
         tiny_model(seed=0, **DSA).eval().generate_batch(prompts[:1], generation_config=greedy(),
                                                         index_cache_dtype="int8")
+
+
+@needs_mla_paged_cache
+def test_the_server_serves_a_v32_model_sparsely(tmp_path):
+    """`python -m modeling_deepseek.serve --continuous-batching` over a saved V3.2 folder (FP8 indexer keys from its
+    config.json): concurrent completions through the openai client equal generate() with the same e4m3 indexer keys
+    (as test_fp8_indexer_keys_... builds them), prompts longer than k."""
+    import os
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from benchmarks.harness import free_port, serving
+    from test_openai_server import REPO, VOCAB, word_tokenizer
+
+    model = tiny_model(seed=0, bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=VOCAB, **DSA).eval()
+    model.config.index_cache_dtype = "fp8"
+    model.generation_config.update(do_sample=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    prompts = [random_ids(1, n, seed=n, vocab=VOCAB)[0].tolist() for n in (5, 13, 26)]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("DEEPSEEK_API_KEY", None)
+    cmd = [sys.executable, "-m", "modeling_deepseek.serve", str(tmp_path), "--continuous-batching", "--host",
+           "127.0.0.1", "--port", str(port), "--device", "cpu", "--cb-num-blocks", "16", "--cb-block-size", "16"]
+    with serving(cmd, port, tmp_path / "server.log", env, timeout=240):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def complete(ids):
+            text = " ".join(f"w{i}" for i in ids)
+            return client.completions.create(model=str(tmp_path), prompt=text, max_tokens=6, temperature=0)
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = [r.choices[0].text for r in pool.map(complete, prompts)]
+    for ids, text in zip(prompts, answers):
+        with torch.no_grad(), e4m3_cached_index_keys():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=6)[0, len(ids):].tolist()
+        if 1 in expected:  # EOS: generation stops there, the server does not print it
+            expected = expected[: expected.index(1)]
+        assert [int(word[1:]) for word in text.split()] == expected
