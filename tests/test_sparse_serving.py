@@ -119,6 +119,7 @@ def test_rows_hold_the_indexer_key_in_its_dtype(latent_fp8, index_fp8, row_bytes
     assert latent.shape == (12, 1, 512) and value.shape == (12, 1, 192)
 
 
+@needs_mla_paged_cache
 def test_index_fp8_without_an_indexer_raises():
     with pytest.raises(ValueError, match="index_head_dim"):
         _allocator(0, False, True)
