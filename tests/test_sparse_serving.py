@@ -159,6 +159,17 @@ def test_generate_batch_matches_generate_and_decode_reads_only_the_top_k_rows(mo
     assert any(D > 1 and S > K for D, S, _ in steps), "no batched decode step beyond k"
 
 
+@needs_mla_paged_cache
+def test_masked_path_through_the_engine_gives_the_same_tokens(prompts):
+    """dsa_impl="masked" (dense attention under the top-k mask) runs decode tokens through whole rows: the tokens of
+    generate() on the sparse path (test_sparse_attention.py ties the two)."""
+    model = tiny_model(seed=0, **DSA).eval()
+    expected = [alone(model, p) for p in prompts]
+    model.config.dsa_impl = "masked"
+    results = model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
+    assert tokens_of(results) == expected
+
+
 @contextmanager
 def e4m3_cached_index_keys():
     """generate()'s caches hand the indexer its cached keys (all but this forward's own) rounded through e4m3 with
