@@ -258,6 +258,14 @@ def main(argv=None) -> dict:
                 row[variant] = harness.run_worker(retrieval_worker, spec)
                 print(f"retrieval {variant:11s} {row[variant]['tokens']} ({row[variant]['seconds']:.1f} s)", flush=True)
             report["retrieval"] = row
+    previous = Path(args.json_out)
+    if set(parts) != set(PARTS) and previous.is_file():  # a partial re-run keeps the other parts of the last report
+        kept = json.loads(previous.read_text())
+        if kept.get("config") == report["config"]:
+            for part in set(PARTS) - set(parts):
+                report[part] = kept.get(part)
+            report["earlier_parts_command"] = kept.get("earlier_parts_command", kept["command"])
+            report["earlier_parts_machine"] = kept.get("earlier_parts_machine", kept["machine"])
     harness.publish(report, "sparse_attention", render_section(report), args)
     return report
 
@@ -266,6 +274,9 @@ def render_section(report) -> str:
     s, c = report["settings"], report["config"]
     head = harness.section_head(f"DeepSeek-V3.2 sparse attention: ours vs transformers' DeepseekV32 (cpu, "
                                 f"{s['dtype']})", report, " (machine shared with other jobs)")
+    if report.get("earlier_parts_command"):
+        head += [f"Parts not re-run come from: `{report['earlier_parts_command']}` on "
+                 f"{harness.machine_line(report['earlier_parts_machine'])}  "]
     lines = head + [
         f"Model: DeepseekV32Config({harness.config_line(c)}); random weights saved by transformers, loaded by both. "
         "Each figure from a fresh process.", ""]
@@ -307,7 +318,34 @@ def render_section(report) -> str:
                                           for v in ("ours", "ours_masked", "peer")]),
                   "", f"Sparse == dense-masked reference: {'yes' if same else 'NO'}; == transformers: "
                   f"{'yes' if same_peer else 'NO'}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + targets(report))
+
+
+def targets(report) -> list[str]:
+    """Issue 27's targets, each with the figure that decides it."""
+    out = []
+    if report["decode"]:
+        best = {(r["context"], v): min(r[v]["ms_all"]) for r in report["decode"] for v in ("ours", "peer")}
+        low = min(r["context"] for r in report["decode"])
+        for r in report["decode"]:
+            ctx = r["context"]
+            if ctx >= 16384:
+                up, own = best[ctx, "peer"] / best[ctx, "ours"], best[ctx, "ours"] / best[low, "ours"]
+                out.append(f"- decode at {ctx}: {up:.1f}x transformers' step (target >= 4x: "
+                           f"{'met' if up >= 4 else 'NOT met'}); {own:.2f}x our step at {low} (target <= 1.5x: "
+                           f"{'met' if own <= 1.5 else 'NOT met'})")
+    if report["prefill"]:
+        o, p = report["prefill"]["ours"], report["prefill"]["peer"]
+        out.append(f"- prefill at {report['prefill']['context']}: {p['seconds'] / o['seconds']:.2f}x transformers' "
+                   f"speed (target > 1: {'met' if o['seconds'] < p['seconds'] else 'NOT met'}), peak "
+                   f"{o['peak_bytes'] / 2**20:,.0f} MiB vs {p['peak_bytes'] / 2**20:,.0f} MiB (target below: "
+                   f"{'met' if o['peak_bytes'] < p['peak_bytes'] else 'NOT met'})")
+    if report["retrieval"]:
+        r = report["retrieval"]
+        same = r["ours"]["tokens"] == r["ours_masked"]["tokens"]
+        out.append(f"- greedy tokens on the retrieval prompt equal to the dense-masked reference: "
+                   f"{'met' if same else 'NOT met'}")
+    return ["Targets (issue 27):", "", *out] if out else []
 
 
 if __name__ == "__main__":
