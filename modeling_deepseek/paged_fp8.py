@@ -22,8 +22,8 @@ R = 64, I = 128), `row_bytes`:
 from the allocator's bytes per block, so a `num_blocks` cache takes that share of the memory and a
 `max_memory_percent` cache holds that many more tokens.
 
-The engine's `cache.update(key, value, ...)` carries two tensors: the latent as the key, and [RoPE key | indexer key]
-side by side as the value, split again by the attention (continuous_batching.paged_attention).
+The engine's `cache.update(key, value, ...)` carries two tensors: the latent as the key, and the RoPE key and the
+indexer key side by side as the value, split again by the attention (continuous_batching.paged_attention).
 
 Reads dequantize to the compute dtype. As in the FP8 layers of generate()'s cache, the tokens a forward writes are
 attended (and scored by the indexer) in full precision by that forward, and later forwards read the e4m3 copy. So a
@@ -133,8 +133,8 @@ class LatentRowAllocator(MLACacheAllocator):
         return dequantize_per_token(values, scales_NK.index_select(0, rows_S)[:, k : k + 1], dtype)
 
     def update(self, key_states, value_states, layer_idx, read_index, write_index):
-        """The engine's update: writes the new tokens (latent [T, 1, C] as the key, [RoPE key | indexer key]
-        [T, 1, R (+ I)] as the value) and returns every row of `read_index` ([S, 1, *], the batch's requests one after
+        """The engine's update: writes the new tokens (latent [T, 1, C] as the key, RoPE key and indexer key side by
+        side, [T, 1, R (+ I)], as the value) and returns every row of `read_index` ([S, 1, *], the batch's requests one after
         the other) in the compute dtype (see PagedRows)."""
         widths = [w for _, w, _ in self.streams[1:]]
         new = dict(zip(self.stream_names, (key_states.flatten(1), *value_states.flatten(1).split(widths, -1))))
