@@ -117,6 +117,8 @@ def test_rows_hold_the_indexer_key_in_its_dtype(latent_fp8, index_fp8, row_bytes
     latent, value = allocator.update(fresh["latent"][:, None], torch.cat([fresh["rope"], fresh["index"]], -1)[:, None],
                                      0, torch.cat([slots, torch.tensor([50, 51])]), torch.tensor([50, 51]))
     assert latent.shape == (12, 1, 512) and value.shape == (12, 1, 192)
+    assert torch.equal(latent[:, 0], rows.read(("latent",))[0])
+    assert torch.equal(value[:, 0], torch.cat(rows.read(("rope", "index")), dim=-1))
 
 
 @needs_mla_paged_cache
