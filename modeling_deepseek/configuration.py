@@ -250,10 +250,16 @@ class DeepseekConfig(PreTrainedConfig):
             self.rope_parameters["rope_type"] = self.rope_parameters.pop("type")
         # Fields of official files that we do not model, dropped so they do not pollute the saved config.
         for legacy in ("aux_loss_alpha", "seq_aux", "ep_size", "scoring_func_v2", "pretraining_tp", "qk_head_dim",
-                       "head_dim", "router_aux_loss_coef", "num_experts", "mlp_bias", "mlp_layer_types", "layer_types"):
+                       "head_dim", "router_aux_loss_coef", "num_experts", "mlp_bias", "layer_types"):
             kwargs.pop(legacy, None)
+        # transformers' deepseek_v32 spells the dense / MoE layout out per layer; ours derives it (is_moe_layer).
+        mlp_layer_types = kwargs.pop("mlp_layer_types", None)
         kwargs.pop("model_type", None)
         self.validate_deepseek()  # before transformers' own rope checks, so errors name our fields
+        derived = ["sparse" if self.is_moe_layer(i) else "dense" for i in range(num_hidden_layers)]
+        if mlp_layer_types is not None and list(mlp_layer_types) != derived:
+            raise ValueError(f"`mlp_layer_types` {mlp_layer_types} differs from the layout first_k_dense_replace="
+                             f"{first_k_dense_replace} and moe_layer_freq={moe_layer_freq} give ({derived})")
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, experts_implementation=experts_implementation,
                          rope_theta=rope_theta, **kwargs)

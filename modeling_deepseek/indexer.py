@@ -36,7 +36,7 @@ from torch import nn
 from .rope import apply_rope
 
 # Upper bound on the fp32 [queries, heads, keys] block scored at once (the head-weighted sum needs it whole).
-SCORE_BLOCK_BYTES = 256 * 2**20
+SCORE_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -111,12 +111,14 @@ class DeepseekIndexer(nn.Module):
         k_B1TD = self.k_norm(self.wk(x_BTD)).unsqueeze(1)
         return self._rotate(k_B1TD, cos, sin).squeeze(1)
 
-    def scores(self, x_BTD, q_resid_BTX, cos, sin, keys_BSD, allowed_BTS) -> torch.Tensor:
+    def scores(self, x_BTD, q_resid_BTX, cos, sin, keys_BSD, allowed_BTS, causal: bool = False) -> torch.Tensor:
         """I[t, s] for the T current queries over the S keys, fp32 [B, T, S], -inf where `allowed_BTS` is False.
+        `causal`: the queries are the last T of the S keys and see no later key, so a query block scores only the
+        keys up to its last query (half the work of a one-shot prefill).
 
         The dot products run in the keys' dtype (the model's: fp32 as transformers' indexer, bf16 GEMMs with fp32
-        accumulation in a bf16 model, where DeepSeek's kernel uses FP8), keys times queries so that the long side
-        (S) is the GEMM's rows; the ReLU'd products are weighted and summed over heads in fp32."""
+        accumulation in a bf16 model, where DeepSeek's kernel uses FP8); the ReLU'd products are weighted and
+        summed over heads in fp32."""
         if self.detach_input:
             x_BTD, q_resid_BTX = x_BTD.detach(), q_resid_BTX.detach()
         B, T, _ = x_BTD.shape
@@ -126,15 +128,25 @@ class DeepseekIndexer(nn.Module):
         weights_BTN = self.weights_proj(x_BTD.to(self.weights_proj.weight.dtype)).float()
         weights_BTN = weights_BTN * (N**-0.5 * self.softmax_scale)  # ReLU(a x) = a ReLU(x) for a > 0
         block = max(1, SCORE_BLOCK_BYTES // (4 * N * S * B))
-        out = []
+        if T <= block:  # decode and short forwards: one block, no copy
+            return self._score_block(keys_BSD, q_BTND, weights_BTN).masked_fill(~allowed_BTS, float("-inf"))
+        scores_BTS = torch.full((B, T, S), float("-inf"), device=x_BTD.device)
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
-            # [B, S, D] x [B, D, t*N] -> [B, S, t*N]: one GEMM per sequence, the block's queries and heads as columns.
-            dots_BSX = torch.bmm(keys_BSD, q_BTND[:, t0:t1].reshape(B, -1, D).transpose(1, 2))
-            relu_BStN = F.relu(dots_BSX).view(B, S, t1 - t0, N).float()
-            out.append(torch.einsum("bstn,btn->bts", relu_BStN, weights_BTN[:, t0:t1]))
-        scores_BTS = torch.cat(out, dim=1) if len(out) > 1 else out[0]
-        return scores_BTS.masked_fill(~allowed_BTS, float("-inf"))
+            s1 = S - T + t1 if causal else S
+            scores_BTS[:, t0:t1, :s1] = self._score_block(keys_BSD[:, :s1], q_BTND[:, t0:t1], weights_BTN[:, t0:t1])
+        return scores_BTS.masked_fill_(~allowed_BTS, float("-inf"))  # in place: [T, S] fp32 is a prefill's largest
+
+    def _score_block(self, keys_BSD, q_BtND, weights_BtN) -> torch.Tensor:
+        """[B, t*N, D] x [B, D, S] -> [B, t*N, S]: one GEMM per sequence, the block's queries and heads as rows; ReLU
+        in place, then per query the weighted sum over heads as a [1, N] x [N, S] product in fp32 -> [B, t, S]. (This
+        orientation reads the products once after the GEMM; summing heads from a [S, t*N] product needs a permuted
+        copy, 2.5x slower overall on CPU.)"""
+        B, S, D = keys_BSD.shape
+        t = q_BtND.shape[1]
+        dots_BXS = torch.bmm(q_BtND.reshape(B, -1, D), keys_BSD.transpose(1, 2))
+        relu_BtNS = dots_BXS.relu_().float().view(B, t, self.n_heads, S)
+        return torch.matmul(weights_BtN.unsqueeze(-2), relu_BtNS).squeeze(-2)
 
     def select(self, scores_BTS: torch.Tensor, allowed_BTS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k keys of each query: (indices [B, T, K] int64, valid [B, T, K]), K = min(index_topk, S). A query

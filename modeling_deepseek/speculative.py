@@ -186,7 +186,7 @@ def mtp_generate(model, call: MTPCall, generation_config, fp8_cache=False, cache
 
     valid_BS = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
     positions_BP = (valid_BS.long().cumsum(-1) - 1).clamp_min(0)
-    main_cache, mtp_cache = caches or (DeepseekLatentCache(fp8=fp8_cache), DeepseekLatentCache(fp8=fp8_cache))
+    main_cache, mtp_cache = caches or tuple(DeepseekLatentCache(model.config, fp8=fp8_cache) for _ in range(2))
     # A static cache attends over all of its slots: every forward gets a mask as wide as the cache.
     width = main_cache.max_cache_len if main_cache.is_compileable else None
     sampler = _Sampler(gc, input_ids)

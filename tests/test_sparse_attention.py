@@ -65,6 +65,10 @@ def test_config_fields_and_errors():
             tiny_config(**{**DSA, **bad})
     big = tiny_config(**dict(DSA, index_topk=10_000))  # k beyond any context is fine: every key is kept
     assert big.index_topk == 10_000
+    # transformers' per-layer dense / MoE list must agree with the layout ours derives from first_k_dense_replace
+    assert tiny_config(mlp_layer_types=["dense", "sparse", "sparse"]).is_moe_layer(1)
+    with pytest.raises(ValueError, match="mlp_layer_types"):
+        tiny_config(mlp_layer_types=["dense", "dense", "sparse"])
 
 
 def test_transformers_v32_config_loads_as_ours(v32_pair):
@@ -82,9 +86,12 @@ def test_transformers_v32_config_loads_as_ours(v32_pair):
 
 
 @pytest.mark.parametrize("impl", ["masked", "sparse"])
-def test_logits_match_transformers_v32(v32_pair, impl):
+def test_logits_match_transformers_v32(v32_pair, impl, monkeypatch):
     hf, ours = v32_pair
     set_dsa(ours, impl)
+    gathers = []
+    gathered = sparse_attention.gathered_attention
+    monkeypatch.setattr(sparse_attention, "gathered_attention", lambda *a: gathers.append(1) or gathered(*a))
     ids, mask = padded_batch()
     with torch.no_grad():
         for attention_mask in (None, mask):
@@ -92,7 +99,24 @@ def test_logits_match_transformers_v32(v32_pair, impl):
             got = ours(ids, attention_mask=attention_mask).logits
             keep = slice(None) if attention_mask is None else attention_mask.bool()
             assert max_diff(got[keep], expected[keep]) < TOL, (impl, attention_mask is not None)
+    assert len(gathers) == (6 if impl == "sparse" else 0)  # the sparse path gathered in each layer and call
     set_dsa(ours, "sparse")
+
+
+def test_gather_or_mask_by_cost_at_v32_shapes():
+    """mla_impl="auto": at V3.2's widths a prefill whose queries see few more than k keys runs masked and expanded
+    (cheaper there); decode steps, later prefill chunks and long one-shot prefills gather. mla_impl decides when set."""
+    from types import SimpleNamespace
+
+    attn = SimpleNamespace(mla_impl="auto", kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    k = 2048
+    assert not sparse_attention.gather_is_cheaper(attn, 4096, 4096, k)  # the first 4K chunk of a prompt
+    for T, S in ((1, 2049), (1, 32768), (4096, 16384), (16384, 16384)):
+        assert sparse_attention.gather_is_cheaper(attn, T, S, k), (T, S)
+    attn.mla_impl = "absorbed"
+    assert sparse_attention.gather_is_cheaper(attn, 4096, 4096, k)
+    attn.mla_impl = "expanded"
+    assert not sparse_attention.gather_is_cheaper(attn, 1, 32768, k)
 
 
 def test_dense_impl_ignores_the_indexer(v32_pair):
@@ -139,6 +163,8 @@ def test_cached_sparse_decode_matches_masked_full_forward(v32_pair, static):
     assert max_diff(got[keep], expected[keep]) < TOL
     layer = cache.layers[0]
     assert layer.index_keys.shape[-1] == 16 and layer.index_keys.shape[-2] == (32 if static else 20)
+    if not static:  # per token: 3 layers x (latent 32 + rope key 8 + indexer key 16) fp32 values
+        assert cache.nbytes_per_token() == 3 * (32 + 8 + 16) * 4
 
 
 def test_generate_sparse_equals_masked(v32_pair):
@@ -149,6 +175,10 @@ def test_generate_sparse_equals_masked(v32_pair):
     sparse = set_dsa(ours, "sparse").generate(ids, **kwargs)
     static = ours.generate(ids, cache_implementation="static", **kwargs)
     assert torch.equal(sparse, masked) and torch.equal(static, masked)
+    # the FP8 latent cache keeps the indexer keys in the model dtype beside its e4m3 latent: both paths agree on it
+    fp8 = ours.generate(ids, latent_cache_dtype="fp8", **kwargs)
+    assert torch.equal(set_dsa(ours, "masked").generate(ids, latent_cache_dtype="fp8", **kwargs), fp8)
+    set_dsa(ours, "sparse")
 
 
 def test_query_and_gather_blocks_do_not_change_results(v32_pair, monkeypatch):
@@ -179,23 +209,34 @@ def test_sparse_gradients_match_masked():
     assert max(max_diff(g_m[n], g_s[n]) for n in g_m) < 1e-5
 
 
-def test_indexer_record_for_the_training_objective():
+def test_indexer_record_for_the_training_objective(monkeypatch):
     """With `indexer.record`, each layer leaves its scores (differentiable), the selection and the main attention's
-    head-summed distribution (normalised over the selected keys) for the KL objectives."""
+    head-summed distribution (normalised over the selected keys) for the KL objectives. Scored one query per block
+    (causal key ranges), the scores and their gradients are the same."""
     model = tiny_model(train=True, **DSA)
     for m in model.modules():
         if isinstance(m, indexer_module.DeepseekIndexer):
             m.record = True
     ids = random_ids(2, 16)
-    model(ids)
-    record = model.model.layers[1].self_attn.indexer.last_record
+    indexer = model.model.layers[1].self_attn.indexer
+    runs = []
+    for block_bytes in (indexer_module.SCORE_BLOCK_BYTES, 1):
+        monkeypatch.setattr(indexer_module, "SCORE_BLOCK_BYTES", block_bytes)
+        model.zero_grad()
+        model(ids)
+        record = indexer.last_record
+        record.scores_BTS.gather(-1, record.topk_BTK).masked_fill(~record.valid_BTK, 0).sum().backward()
+        runs.append((record, indexer.wq_b.weight.grad.clone()))
+    (record, grad), (blocked, blocked_grad) = runs
     assert record.scores_BTS.shape == (2, 16, 16) and record.scores_BTS.requires_grad
     assert torch.isinf(record.scores_BTS[0, 0, 1:]).all()  # causal: query 0 sees key 0 only
     assert record.topk_BTK.shape == record.valid_BTK.shape == record.attention_BTX.shape == (2, 16, K)
     assert torch.allclose(record.attention_BTX.sum(-1), torch.ones(2, 16))
     assert not record.valid_BTK[:, 2, 3:].any() and record.valid_BTK[:, -1].all()
-    record.scores_BTS.gather(-1, record.topk_BTK).masked_fill(~record.valid_BTK, 0).sum().backward()
-    assert model.model.layers[1].self_attn.indexer.wq_b.weight.grad.abs().sum() > 0
+    assert grad.abs().sum() > 0
+    assert torch.equal(record.topk_BTK, blocked.topk_BTK)
+    assert max_diff(record.scores_BTS.nan_to_num(0, 0, 0), blocked.scores_BTS.nan_to_num(0, 0, 0)) < 1e-5
+    assert max_diff(grad, blocked_grad) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,3 +271,113 @@ def test_official_v32_layout_round_trips_with_fp8_indexer(tmp_path):
             assert torch.equal(loaded, dequantize_weight_blockwise(w, scale, 128, loaded.dtype))
         assert saved[f"{prefix}.weights_proj.weight"].dtype == torch.float32
         assert torch.equal(ours.get_parameter(f"{prefix}.k_norm.bias"), model.get_parameter(f"{prefix}.k_norm.bias"))
+    # Kept in FP8 (the CUDA default), the indexer's projections are FP8 modules with the dequantized model's logits.
+    kept = DeepseekForCausalLM.from_pretrained(fp8, fp8_keep_quantized=True).eval()
+    assert type(kept.model.layers[1].self_attn.indexer.wq_b).__name__ == "DeepseekFP8Linear"
+    with torch.no_grad():
+        assert max_diff(kept(ids).logits, ours(ids).logits) < TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rest of the model's machinery over the sparse path
+
+
+def test_output_attentions_show_the_selection(v32_pair):
+    """output_attentions on the sparse path: the gathered probabilities scattered over all keys, equal to the masked
+    path's (eager) probabilities, zero outside each query's top-k."""
+    _, ours = v32_pair
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        masked = set_dsa(ours, "masked")(ids, output_attentions=True).attentions
+        sparse = set_dsa(ours, "sparse")(ids, output_attentions=True).attentions
+    for a, b in zip(masked, sparse):
+        assert a.shape == b.shape == (2, 4, 20, 20) and max_diff(a, b) < 1e-5
+        assert ((b > 0).sum(-1) <= K).all()
+
+
+def test_mtp_speculation_and_compiled_static_decode(v32_pair):
+    """MTP speculative decoding keeps the greedy tokens (its caches carry the indexer keys of the MTP block too), and
+    a static-cache decode step compiles whole (fullgraph) once, with the eager logits."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _, ours = v32_pair
+    ids = random_ids(1, 12)
+    greedy = ours.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, use_mtp=True), greedy)
+
+    ours = tiny_model(num_hidden_layers=1, **DSA).eval()  # one layer: a third of the tracing
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(ours)
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend=counter)
+    ids = random_ids(2, 14)
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("eager", ours), ("compiled", compiled)):
+            cache = DeepseekStaticLatentCache(ours.config, max_cache_len=16)
+            cache.early_initialization(2, torch.float32, "cpu")
+            steps = [model(ids[:, :10], cache=cache, use_cache=True).logits]
+            for t in range(10, 14):
+                steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True,
+                                   position_ids=torch.full((2, 1), t)).logits)
+            logits[name] = torch.cat(steps, dim=1)
+    torch._dynamo.reset()
+    assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
+    assert counter.frame_count == 2  # the prefill and one decode graph for all four steps
+
+
+def test_recompute_mla_up_proj_keeps_loss_and_gradients():
+    """The memory option recompute_mla_up_proj reruns the attention core (the gather included) in backward: the LM
+    loss plus a KL-like term on the indexer record give the same gradients as without it."""
+    ids = random_ids(2, 16)
+    runs = []
+    for recompute in (False, True):
+        model = tiny_model(train=True, mla_impl="absorbed", recompute_mla_up_proj=recompute, **DSA)
+        indexers = [layer.self_attn.indexer for layer in model.model.layers[:3]]
+        for indexer in indexers:
+            indexer.record = True
+        out = model(ids, labels=ids)
+        records = [indexer.last_record for indexer in indexers]
+        selected = sum((r.scores_BTS.gather(-1, r.topk_BTK).masked_fill(~r.valid_BTK, 0) * r.attention_BTX).sum()
+                       for r in records)
+        (out.loss + selected).backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_r, grads_r) = runs
+    assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
+    assert any(".indexer." in n for n in grads)
+    assert max(max_diff(grads[n], grads_r[n]) for n in grads) < 1e-6
+
+
+def test_lora_on_kv_b_proj_falls_back_to_the_masked_form(monkeypatch):
+    """A LoRA adapter on kv_b_proj cannot be absorbed into one matrix: the sparse path applies the same selection as a
+    mask (no gather), and gives the masked path's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(**DSA)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["kv_b_proj"], init_lora_weights=False))
+    lora.eval()
+    gathers = []
+    gathered = sparse_attention.gathered_attention
+    monkeypatch.setattr(sparse_attention, "gathered_attention", lambda *a: gathers.append(1) or gathered(*a))
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        sparse = lora(ids).logits
+        masked = set_dsa(model, "masked")(ids).logits
+    assert not gathers and max_diff(sparse, masked) < TOL
+
+
+def test_hub_config_v32_builds_the_indexer_of_every_layer():
+    """hub_configs/deepseek-v3.2 (V3's config plus the index fields) builds, on the meta device, one indexer per
+    decoder layer and MTP block, with V3.2's shapes."""
+    from pathlib import Path
+
+    config = DeepseekConfig.from_pretrained(str(Path(__file__).resolve().parent.parent / "hub_configs" / "deepseek-v3.2"))
+    assert (config.index_topk, config.index_n_heads, config.index_head_dim) == (2048, 64, 128)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+    indexers = [m for m in model.modules() if isinstance(m, indexer_module.DeepseekIndexer)]
+    assert len(indexers) == config.num_hidden_layers + config.num_nextn_predict_layers == 62
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64  # wq_b, wk, k_norm (weight, bias), weights_proj
+    assert all(sum(p.numel() for p in m.parameters()) == per_layer for m in indexers)
