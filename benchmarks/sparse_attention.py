@@ -210,6 +210,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from-json", default=None, help="only re-render RESULTS.md's section from this report")
+    p.add_argument("--section", default="sparse_attention", help="RESULTS.md section to write (parts run with "
+                   "another model shape go in their own)")
     harness.output_arguments(p, "sparse_attention_cpu.json")
     return p.parse_args(argv)
 
@@ -218,7 +220,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:  # re-render a finished run's section (e.g. after a change to this renderer)
         report = json.loads(Path(args.from_json).read_text())
-        harness.write_section("sparse_attention", render_section(report), args.results_md)
+        harness.write_section(args.section, render_section(report), args.results_md)
         return report
     parts = args.parts.split(",")
     unknown = sorted(set(parts) - set(PARTS))
@@ -277,13 +279,14 @@ def main(argv=None) -> dict:
                 report[part] = kept.get(part)
             report["earlier_parts_command"] = kept.get("earlier_parts_command", kept["command"])
             report["earlier_parts_machine"] = kept.get("earlier_parts_machine", kept["machine"])
-    harness.publish(report, "sparse_attention", render_section(report), args)
+    harness.publish(report, args.section, render_section(report), args)
     return report
 
 
 def render_section(report) -> str:
     s, c = report["settings"], report["config"]
-    head = harness.section_head(f"DeepSeek-V3.2 sparse attention: ours vs transformers' DeepseekV32 (cpu, "
+    parts = ", ".join(part for part in PARTS if report.get(part))
+    head = harness.section_head(f"DeepSeek-V3.2 sparse attention: ours vs transformers' DeepseekV32, {parts} (cpu, "
                                 f"{s['dtype']})", report, " (machine shared with other jobs)")
     if report.get("earlier_parts_command"):
         head += [f"Parts not re-run come from: `{report['earlier_parts_command']}` on "
