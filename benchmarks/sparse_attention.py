@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import harness
+from benchmarks import harness, models
 from benchmarks.harness import RESULTS_DIR
 from benchmarks.measure import PeakMemory, median
 from benchmarks.models import DTYPES
@@ -72,11 +72,7 @@ def make_checkpoint(path, seed: int, **shape) -> dict:
     harness.quiet()
     torch.manual_seed(seed)
     model = DeepseekV32ForCausalLM(DeepseekV32Config(**shape))
-    with torch.no_grad():
-        for module in model.modules():
-            bias = getattr(module, "e_score_correction_bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.uniform_(-0.02, 0.02)
+    models.randomize_routing_bias_(model)
     model.save_pretrained(str(path))
     return model.config.to_dict()
 
