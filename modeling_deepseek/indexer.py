@@ -138,14 +138,19 @@ class DeepseekIndexer(nn.Module):
         return scores_BTS.masked_fill_(~allowed_BTS, float("-inf"))  # in place: [T, S] fp32 is a prefill's largest
 
     def _score_block(self, keys_BSD, q_BtND, weights_BtN) -> torch.Tensor:
-        """[B, t*N, D] x [B, D, S] -> [B, t*N, S]: one GEMM per sequence, the block's queries and heads as rows; ReLU
-        in place, then per query the weighted sum over heads as a [1, N] x [N, S] product in fp32 -> [B, t, S]. (This
-        orientation reads the products once after the GEMM; summing heads from a [S, t*N] product needs a permuted
-        copy, 2.5x slower overall on CPU.)"""
+        """The scores of t queries over S keys, [B, t, S]: one GEMM per sequence, ReLU in place, then the weighted sum
+        over heads in fp32. A decode step (t = 1) multiplies keys [S, D] by the query's [D, N] and sums heads as an
+        [S, N] x [N, 1] product: the cache is read in its own layout (CPU bf16 GEMMs copy a transposed operand, which
+        would be the whole key cache). A block of queries multiplies [t*N, D] by the keys' [D, S] instead: the
+        products are then read once per query as [1, N] x [N, S] (summing heads from [S, t*N] needs a permuted
+        copy, 2.5x slower overall on CPU)."""
         B, S, D = keys_BSD.shape
-        t = q_BtND.shape[1]
+        t, N = q_BtND.shape[1], self.n_heads
+        if t == 1:
+            dots_BSN = torch.bmm(keys_BSD, q_BtND.reshape(B, N, D).transpose(1, 2))
+            return torch.bmm(dots_BSN.relu_().float(), weights_BtN.transpose(1, 2)).transpose(1, 2)
         dots_BXS = torch.bmm(q_BtND.reshape(B, -1, D), keys_BSD.transpose(1, 2))
-        relu_BtNS = dots_BXS.relu_().float().view(B, t, self.n_heads, S)
+        relu_BtNS = dots_BXS.relu_().float().view(B, t, N, S)
         return torch.matmul(weights_BtN.unsqueeze(-2), relu_BtNS).squeeze(-2)
 
     def select(self, scores_BTS: torch.Tensor, allowed_BTS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Small building blocks shared by attention, MoE and MTP: RMSNorm and the SwiGLU MLP.
+"""Small building blocks shared by attention, MoE and MTP: RMSNorm, the SwiGLU MLP, and the per-head product that
+absorbed MLA multiplies by W_UK / W_UV (per_head_matmul).
 
 Both honour the model's memory options (configuration.py, recompute.py) when given the config: `recompute_norms`
 keeps a norm's input only, `recompute_swiglu` keeps an MLP's gate and up outputs only (act(gate) * up, the largest
@@ -65,3 +66,12 @@ class DeepseekMLP(nn.Module):
 
     def swiglu_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(gate) * up)
+
+
+def per_head_matmul(x_BHTI: torch.Tensor, w_HIO: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, I] times w [H, I, O] -> [B, H, T, O], as one bmm over heads with B x T rows each. (torch.matmul
+    broadcasts w over B and reshapes the expanded view, which copies all of w when it is strided, as kv_b_proj's
+    W_UK / W_UV halves are: 16 MB per layer and decode step in bf16 at V3's widths.)"""
+    B, H, T, I = x_BHTI.shape
+    out_HXO = torch.bmm(x_BHTI.transpose(0, 1).reshape(H, B * T, I), w_HIO)
+    return out_HXO.view(H, B, T, -1).transpose(0, 1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .indexer import IndexerRecord, allowed_keys, head_summed_distribution
+from .layers import per_head_matmul
 from .parallel import replicated_input
 
 # Upper bound on the rows gathered at once in a query block ([block, k, latent + rope] in the model dtype).
@@ -72,14 +73,17 @@ def sparse_latent_attention(q_latent_BHTC, q_rope_BHTR, latent_BSC, k_rope_BSR, 
         n = B * (t1 - t0)
         idx_BtK = topk_BTK[:, t0:t1]
         # One gather of k rows per query, shared by all H heads.
-        latent_XKC, k_rope_XKR = gather_rows(latent_BSC, idx_BtK, latent_buf), gather_rows(k_rope_BSR, idx_BtK, k_rope_buf)
+        latent_XKC = gather_rows(latent_BSC, idx_BtK, latent_buf)
+        k_rope_XKR = gather_rows(k_rope_BSR, idx_BtK, k_rope_buf)
         q_latent_XHC = q_latent_BHTC[:, :, t0:t1].transpose(1, 2).reshape(n, H, C)
         q_rope_XHR = q_rope_BHTR[:, :, t0:t1].transpose(1, 2).reshape(n, H, R)
-        scores_XHK = torch.bmm(q_rope_XHR, k_rope_XKR.transpose(1, 2))
-        scores_XHK = torch.baddbmm(scores_XHK, q_latent_XHC, latent_XKC.transpose(1, 2)).float() * scaling
+        # Keys as the GEMMs' row operand, [K, 576] x [576, H]: the gathered rows are read as they lie (a transposed
+        # bf16 operand is copied first on CPU) and only the small query side is transposed.
+        scores_XKH = torch.bmm(k_rope_XKR, q_rope_XHR.transpose(1, 2))
+        scores_XKH = torch.baddbmm(scores_XKH, latent_XKC, q_latent_XHC.transpose(1, 2)).float() * scaling
         # dtype.min rather than -inf: a query with no allowed key (a padding row) gets a finite, ignored output.
-        invalid_X1K = ~valid_BTK[:, t0:t1].reshape(n, 1, K)
-        probs_XHK = scores_XHK.masked_fill(invalid_X1K, torch.finfo(torch.float32).min).softmax(-1)
+        invalid_XK1 = ~valid_BTK[:, t0:t1].reshape(n, K, 1)
+        probs_XHK = scores_XKH.masked_fill(invalid_XK1, torch.finfo(torch.float32).min).softmax(1).transpose(1, 2)
         context_XHC = torch.bmm(probs_XHK.to(latent_XKC.dtype), latent_XKC)
         if reuse:
             context_BTHC[:, t0:t1] = context_XHC.view(B, t1 - t0, H, C)
@@ -95,15 +99,13 @@ def sparse_latent_attention(q_latent_BHTC, q_rope_BHTR, latent_BSC, k_rope_BSR, 
 def gathered_attention(attn, q_nope, q_rope, latent_B1SC, k_rope_B1SR, topk_BTK, valid_BTK, want_probs: bool):
     """The "sparse" path of one attention layer: absorb W_UK into the queries, attend over the selected latent rows,
     apply W_UV. Returns (out [B, T, H, v], probabilities [B, H, T, K] or None)."""
-    H, C = q_nope.shape[1], attn.kv_lora_rank
-    w_HKC = attn.absorbed_weight(q_nope.dtype).view(H, attn.qk_nope_head_dim + attn.v_head_dim, C)
-    w_uk_HNC, w_uv_HVC = w_HKC.split([attn.qk_nope_head_dim, attn.v_head_dim], dim=1)
+    w_uk_HNC, w_uv_HCV = attn.absorbed_factors(q_nope.dtype)
     latent_B1SC = replicated_input(latent_B1SC, attn.kv_b_proj.weight)  # as in absorbed_attention (tensor parallel)
-    q_latent_BHTC = torch.matmul(q_nope, w_uk_HNC)
+    q_latent_BHTC = per_head_matmul(q_nope, w_uk_HNC)
     context_BTHC, probs_BHTK = sparse_latent_attention(
         q_latent_BHTC, q_rope, latent_B1SC.squeeze(1), k_rope_B1SR.squeeze(1), topk_BTK, valid_BTK, attn.scaling,
         want_probs)
-    out_BHTV = torch.matmul(context_BTHC.transpose(1, 2), w_uv_HVC.transpose(1, 2))
+    out_BHTV = per_head_matmul(context_BTHC.transpose(1, 2), w_uv_HCV)
     return out_BHTV.transpose(1, 2), probs_BHTK
 
 
