@@ -334,7 +334,8 @@ def render_section(report) -> str:
                                           for v in ("ours", "ours_masked", "peer")]),
                   "", f"Sparse == dense-masked reference: {'yes' if same else 'NO'}; == transformers: "
                   f"{'yes' if same_peer else 'NO'}.", ""]
-    return "\n".join(lines + targets(report))
+    note = [report["note"], ""] if report.get("note") else []
+    return "\n".join(lines + targets(report) + ([""] + note if note else []))
 
 
 def targets(report) -> list[str]:
