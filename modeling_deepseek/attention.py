@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .compat import CPU_FLASH_ATTENTION, tensor_version
+from .compat import CPU_FLASH_ATTENTION
 from .layers import DeepseekRMSNorm, per_head_matmul
 from .parallel import local_shard, replicated_input
 from .recompute import recompute, recompute_active
@@ -176,25 +176,6 @@ class DeepseekAttention(nn.Module):
             self._absorbed_weight = cached
         return cached[1]
 
-    def absorbed_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [H, nope, C], W_UV transposed [H, C, v]): kv_b_proj's two halves as the absorbed path multiplies by
-        them. They are strided views of kv_b_proj's weight, which CPU bf16 GEMMs copy whole at every call (16 MB per
-        layer and decode step at V3's widths, half of a step's time at 128 heads); without autograd contiguous
-        copies are kept instead (kv_b_proj's size once more per layer), remade when the weight is written in place,
-        replaced, or changes dtype or device. Under autograd or torch.compile the views are used."""
-        w = self.absorbed_weight(dtype)
-        nope, v = self.qk_nope_head_dim, self.v_head_dim
-        w_uk_HNC, w_uv_HVC = w.view(-1, nope + v, self.kv_lora_rank).split([nope, v], dim=1)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return w_uk_HNC, w_uv_HVC.transpose(1, 2)
-        # Keyed by address and write count; the cache holds `w` itself, so that no other tensor can take its address.
-        key = (w.data_ptr(), tensor_version(w), w.dtype, w.device)
-        cached = getattr(self, "_absorbed_factors", None)
-        if cached is None or cached[0] != key:
-            cached = (key, w, w_uk_HNC.contiguous(), w_uv_HVC.transpose(1, 2).contiguous())
-            self._absorbed_factors = cached
-        return cached[2], cached[3]
-
     def use_absorbed(self, T: int, S: int) -> bool:
         if self.mla_impl != "auto":
             return self.mla_impl == "absorbed" and self.absorbable()
@@ -297,10 +278,11 @@ class DeepseekAttention(nn.Module):
     def absorbed_attention(self, q_nope, q_rope, latent_B1SC, k_rope_B1SR, attention_mask):
         B, H, T, _ = q_nope.shape
         C, S = self.kv_lora_rank, latent_B1SC.shape[2]
-        w_uk_HNC, w_uv_HCV = self.absorbed_factors(q_nope.dtype)
+        w_HKC = self.absorbed_weight(q_nope.dtype).view(H, self.qk_nope_head_dim + self.v_head_dim, C)
         # The latent feeds this rank's heads directly (not through kv_b_proj, whose input gradient the engine sums
         # over the tensor-parallel ranks): sum its gradient here.
         latent_B1SC = replicated_input(latent_B1SC, self.kv_b_proj.weight)
+        w_uk_HNC, w_uv_HVC = w_HKC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent_BHTC = per_head_matmul(q_nope, w_uk_HNC)  # [B, H, T, nope] x [H, nope, C]
         # MQA: all H x T query rows of a sequence attend to the same latent keys, so the heads are folded into the
         # rows and each sequence runs one [H*T, C] x [C, S] GEMM. (A matmul broadcasting [B, 1, S, C] over the head
@@ -314,5 +296,5 @@ class DeepseekAttention(nn.Module):
             scores_BHTS = scores_BHTS + mask
         probs_BHTS = scores_BHTS.softmax(dim=-1).to(latent_BSC.dtype)
         ctx_BHTC = torch.bmm(probs_BHTS.view(B, H * T, S), latent_BSC).view(B, H, T, C)
-        out_BHTV = per_head_matmul(ctx_BHTC, w_uv_HCV)  # [B, H, T, C] x [H, C, v]
+        out_BHTV = per_head_matmul(ctx_BHTC, w_uv_HVC.transpose(1, 2))  # [B, H, T, C] x [H, C, v]
         return out_BHTV.transpose(1, 2), probs_BHTS

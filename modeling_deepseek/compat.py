@@ -158,12 +158,6 @@ def mark_static_address(tensor: torch.Tensor) -> None:
     torch._dynamo.mark_static_address(tensor)
 
 
-def tensor_version(tensor: torch.Tensor) -> int:
-    """torch's count of in-place writes into `tensor` (`Tensor._version`; no public name): a copy derived from a weight
-    is stale once an optimizer step or load_state_dict has written into the weight in place."""
-    return tensor._version
-
-
 def compile_on_any_device(compile_config):
     """Let generate() compile with `compile_config` on any device: transformers compiles automatically only on
     accelerators unless the private CompileConfig._compile_all_devices flag is set (its own tests set it for CPU)."""

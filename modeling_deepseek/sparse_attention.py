@@ -99,13 +99,15 @@ def sparse_latent_attention(q_latent_BHTC, q_rope_BHTR, latent_BSC, k_rope_BSR, 
 def gathered_attention(attn, q_nope, q_rope, latent_B1SC, k_rope_B1SR, topk_BTK, valid_BTK, want_probs: bool):
     """The "sparse" path of one attention layer: absorb W_UK into the queries, attend over the selected latent rows,
     apply W_UV. Returns (out [B, T, H, v], probabilities [B, H, T, K] or None)."""
-    w_uk_HNC, w_uv_HCV = attn.absorbed_factors(q_nope.dtype)
+    H, C = q_nope.shape[1], attn.kv_lora_rank
+    w_HKC = attn.absorbed_weight(q_nope.dtype).view(H, attn.qk_nope_head_dim + attn.v_head_dim, C)
+    w_uk_HNC, w_uv_HVC = w_HKC.split([attn.qk_nope_head_dim, attn.v_head_dim], dim=1)
     latent_B1SC = replicated_input(latent_B1SC, attn.kv_b_proj.weight)  # as in absorbed_attention (tensor parallel)
     q_latent_BHTC = per_head_matmul(q_nope, w_uk_HNC)
     context_BTHC, probs_BHTK = sparse_latent_attention(
         q_latent_BHTC, q_rope, latent_B1SC.squeeze(1), k_rope_B1SR.squeeze(1), topk_BTK, valid_BTK, attn.scaling,
         want_probs)
-    out_BHTV = per_head_matmul(context_BTHC.transpose(1, 2), w_uv_HCV)
+    out_BHTV = per_head_matmul(context_BTHC.transpose(1, 2), w_uv_HVC.transpose(1, 2))
     return out_BHTV.transpose(1, 2), probs_BHTK
 
 

@@ -381,37 +381,3 @@ def test_hub_config_v32_builds_the_indexer_of_every_layer():
     assert len(indexers) == config.num_hidden_layers + config.num_nextn_predict_layers == 62
     per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64  # wq_b, wk, k_norm (weight, bias), weights_proj
     assert all(sum(p.numel() for p in m.parameters()) == per_layer for m in indexers)
-
-
-def test_absorbed_factors_follow_in_place_weight_writes():
-    """Without autograd the absorbed path keeps contiguous copies of kv_b_proj's W_UK / W_UV halves: a write into the
-    weight (an optimizer step between generations) makes the next forward use the new weight, dense and sparse."""
-    for overrides in ({}, DSA):
-        model = tiny_model(mla_impl="absorbed", **overrides).eval()
-        ids = random_ids(2, 20)
-        with torch.no_grad():
-            model(ids)  # builds the copies
-            for layer in model.model.layers:
-                layer.self_attn.kv_b_proj.weight.mul_(1.5)
-            got = model(ids).logits
-            fresh = copy_of(model)
-            expected = fresh(ids).logits
-        assert max_diff(got, expected) == 0
-        attn = model.model.layers[0].self_attn
-        with torch.no_grad():
-            w_uk, w_uv = attn.absorbed_factors(torch.float32)
-        weight = attn.kv_b_proj.weight
-        assert w_uk.is_contiguous() and w_uv.is_contiguous() and w_uk.data_ptr() != weight.data_ptr()
-        assert torch.equal(w_uk, attn.kv_b_proj.weight.view(4, 32, 32)[:, :16])
-        assert torch.equal(w_uv, attn.kv_b_proj.weight.view(4, 32, 32)[:, 16:].transpose(1, 2))
-        # under autograd: views of the weight, through which gradients flow
-        assert attn.absorbed_factors(torch.float32)[0].data_ptr() == weight.data_ptr()
-
-
-def copy_of(model):
-    import copy
-
-    fresh = copy.deepcopy(model)
-    for module in fresh.modules():
-        module.__dict__.pop("_absorbed_factors", None)
-    return fresh
