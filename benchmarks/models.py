@@ -58,13 +58,18 @@ def make_checkpoint(path: str | os.PathLike, seed: int = 0, **config_overrides) 
     torch.manual_seed(seed)
     config = peer_config(**config_overrides)
     model = DeepseekV3ForCausalLM(config)
-    with torch.no_grad():
-        for module in model.modules():
-            bias = getattr(module, "e_score_correction_bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.uniform_(-0.02, 0.02)
+    randomize_routing_bias_(model)
     model.save_pretrained(str(path))
     return config.to_dict()
+
+
+@torch.no_grad()
+def randomize_routing_bias_(model) -> None:
+    """Small random values in the routers' `e_score_correction_bias` (zeros at init), so that loading it counts."""
+    for module in model.modules():
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.uniform_(-0.02, 0.02)
 
 
 def load_peer(path, dtype: torch.dtype, device: str, **kwargs):

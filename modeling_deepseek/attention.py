@@ -208,11 +208,9 @@ class DeepseekAttention(nn.Module):
         index_keys_BSD = None if self.indexer is None else self.indexer.keys(hidden_states, cos, sin)
 
         if is_paged_cache(cache):  # continuous batching: many requests packed in one row (continuous_batching.py)
-            if self.indexer is not None:
-                raise NotImplementedError("continuous batching does not run DeepSeek-V3.2's sparse attention "
-                                          "(index_topk) yet: use generate()")
             q_nope, q_rope = self.rotated_query(q_low_BTX, cos, sin)
-            out_BTHV = paged_attention(self, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs)
+            indexer_inputs = None if self.indexer is None else (hidden_states, q_low_BTX, index_keys_BSD, cos, sin)
+            out_BTHV = paged_attention(self, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs, indexer_inputs)
             return self.o_proj(out_BTHV.reshape(B, T, -1)), None
         if cache is not None:  # the cache sees only the compressed pair (and the indexer's key)
             latent_B1TC, k_rope_B1TR, index_keys_BSD = update_latent_cache(

@@ -13,7 +13,9 @@ transformers' own DeepseekV3 expands all sum S_i rows through kv_b_proj at every
 paths as any other forward (attention.py): absorbed (MQA over the latent rows, nothing per head per cached token) for
 decode tokens, expanded for prefill chunks, whichever the FLOP count says. Decode tokens of several requests are
 attended in one padded batch. With latent_cache_dtype="fp8" the rows are e4m3 with per-token scales (paged_fp8.py);
-attention gets them dequantized, like any other.
+attention gets them dequantized, like any other. A DeepSeek-V3.2 model (lightning indexer) keeps its indexer key in the
+same rows and attends sparsely: decode tokens read their indexer keys and only their top-k latent rows
+(paged_sparse.py); index_cache_dtype="fp8" stores the indexer key in e4m3.
 
 What the paged engine cannot do is refused before it starts (`check_continuous_batching`), since inside its loop an
 exception only marks requests as failed; `raise_failed_requests` turns such failures back into an exception.
@@ -41,6 +43,7 @@ from .configuration import check_latent_cache_dtype
 # 8192-token batches, whose [batch tokens x cached tokens] mask alone can outgrow the cache).
 CPU_MAX_BATCH_TOKENS = 512
 CPU_DEFAULT_CACHE_TOKENS = 32 * 1024
+INDEX_CACHE_DTYPES = (None, "fp8")  # how the paged rows hold a V3.2 model's indexer keys (paged_fp8.py)
 # Generation options (with their no-op values) that the engine's logits processors do not apply.
 UNBATCHABLE_OPTIONS = (("min_length", 0), ("min_new_tokens", None), ("repetition_penalty", 1.0),
                        ("encoder_repetition_penalty", 1.0))
@@ -59,10 +62,19 @@ def _segments(kwargs, total_q: int) -> list[tuple[int, int, int, int]]:
             if cu_q[i + 1] > cu_q[i] and cu_q[i + 1] <= total_q]
 
 
-def paged_attention(attn, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs) -> torch.Tensor:
+def paged_attention(attn, q_nope, q_rope, latent_B1TC, k_rope_B1TR, cache, kwargs,
+                    indexer_inputs=None) -> torch.Tensor:
     """Write this step's latent rows into the paged cache and attend request by request; returns [1, sum T_i, H, V].
 
-    q_nope / q_rope [1, H, sum T_i, *]; latent / k_rope [1, 1, sum T_i, *] (rope already applied)."""
+    q_nope / q_rope [1, H, sum T_i, *]; latent / k_rope [1, 1, sum T_i, *] (rope already applied). A V3.2 layer
+    (with a lightning indexer) passes `indexer_inputs` = (hidden states, q_low, its keys, cos, sin) and attends
+    sparsely (paged_sparse.py)."""
+    if indexer_inputs is not None:
+        from .paged_sparse import paged_indexed_attention
+
+        x_1TD, q_low_1TX, index_keys_1TI, cos, sin = indexer_inputs
+        return paged_indexed_attention(attn, x_1TD, q_low_1TX, q_nope, q_rope, latent_B1TC[:, 0], k_rope_B1TR[:, 0],
+                                       index_keys_1TI, cos, sin, cache, kwargs, _segments)
     latent_B1SC, k_rope_B1SR = cache.update(latent_B1TC, k_rope_B1TR, attn.layer_idx, kwargs)
     H, total_q = q_nope.shape[1], q_nope.shape[2]
     out_BTHV = q_nope.new_zeros(1, total_q, H, attn.v_head_dim)
@@ -126,6 +138,13 @@ def check_continuous_batching(model, generation_config) -> None:
             "upgrade transformers."
         )
     check_latent_cache_dtype(latent_cache_dtype_of(model, generation_config))
+    index_cache_dtype = index_cache_dtype_of(model, generation_config)
+    if index_cache_dtype not in INDEX_CACHE_DTYPES:
+        raise ValueError(f"index_cache_dtype must be one of {INDEX_CACHE_DTYPES} (None: the model dtype), got "
+                         f"{index_cache_dtype!r}")
+    if index_cache_dtype is not None and getattr(model.config, "index_topk", None) is None:
+        raise ValueError(f"index_cache_dtype={index_cache_dtype!r} needs a model with DeepSeek-V3.2's lightning "
+                         "indexer (config.index_topk set); this one has none")
     if generation_config is not None and getattr(generation_config, "use_mtp", False):
         raise ValueError(
             "Continuous batching with use_mtp=True is not supported: transformers' continuous-batching engine has no "
@@ -267,6 +286,12 @@ def latent_cache_dtype_of(model, generation_config) -> str | None:
     """The latent cache dtype a generation asks for: the generation config's `latent_cache_dtype` where it has one
     (generate_batch(latent_cache_dtype=...) puts it there), else the model config's."""
     return getattr(generation_config, "latent_cache_dtype", model.config.latent_cache_dtype)
+
+
+def index_cache_dtype_of(model, generation_config) -> str | None:
+    """How the paged cache stores a V3.2 model's indexer keys: the generation config's `index_cache_dtype` where it
+    has one (generate_batch(index_cache_dtype=...) puts it there), else the model config's, else the model dtype."""
+    return getattr(generation_config, "index_cache_dtype", getattr(model.config, "index_cache_dtype", None))
 
 
 def cpu_batching_defaults(cb_config, workload_hints, page_size: int):

@@ -30,6 +30,7 @@ from .continuous_batching import (
     check_continuous_batching,
     cpu_batching_defaults,
     guard_requests,
+    index_cache_dtype_of,
     latent_cache_dtype_of,
     raise_failed_requests,
 )
@@ -151,15 +152,19 @@ class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
             generation_config=gc, continuous_batching_config=continuous_batching_config,
             workload_hints=workload_hints)
         latent_cache_dtype = latent_cache_dtype_of(self, gc)
+        index_cache_dtype = index_cache_dtype_of(self, gc)
         if not hasattr(manager, "latent_cache_dtype"):  # a new manager, its cache not built yet
-            manager.latent_cache_dtype = latent_cache_dtype
+            manager.latent_cache_dtype, manager.index_cache_dtype = latent_cache_dtype, index_cache_dtype
             guard_requests(manager)  # one request cannot stop it (the server's runs for good)
-            if latent_cache_dtype == "fp8":
-                from .paged_fp8 import use_fp8_latent_cache
+            if latent_cache_dtype == "fp8" or getattr(self.config, "index_topk", None) is not None:
+                from .paged_fp8 import use_paged_latent_rows
 
-                use_fp8_latent_cache(manager)
-        elif manager.latent_cache_dtype != latent_cache_dtype:
-            kept, asked = (dtype or "the model dtype" for dtype in (manager.latent_cache_dtype, latent_cache_dtype))
+                index_head_dim = self.config.index_head_dim if getattr(self.config, "index_topk", None) is not None else 0
+                use_paged_latent_rows(manager, index_head_dim, latent_fp8=latent_cache_dtype == "fp8",
+                                      index_fp8=index_cache_dtype == "fp8")
+        elif (manager.latent_cache_dtype, manager.index_cache_dtype) != (latent_cache_dtype, index_cache_dtype):
+            kept, asked = ("{} (indexer keys: {})".format(*(dtype or "the model dtype" for dtype in pair)) for pair in (
+                (manager.latent_cache_dtype, manager.index_cache_dtype), (latent_cache_dtype, index_cache_dtype)))
             raise ValueError(f"the kept continuous-batching manager stores the latent as {kept}, this call asks for "
                              f"{asked}: call model.destroy_cached_continuous_batching_manager() first")
         return manager
@@ -173,8 +178,9 @@ class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
         gc = generation_config if generation_config is not None else self.generation_config
         # Settings given as arguments go on a copy of the generation config, where the manager reads them.
         overrides = {"use_mtp": True} if kwargs.pop("use_mtp", False) else {}
-        if "latent_cache_dtype" in kwargs:
-            overrides["latent_cache_dtype"] = kwargs.pop("latent_cache_dtype")
+        for name in ("latent_cache_dtype", "index_cache_dtype"):
+            if name in kwargs:
+                overrides[name] = kwargs.pop(name)
         if overrides:
             generation_config = gc = copy.deepcopy(gc)
             for name, value in overrides.items():
