@@ -119,6 +119,32 @@ def train_sft(model, tokenizer, rows, out_dir: Path, name: str, steps: int, lr: 
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir: Path, log) -> dict:
+    """The base model (computation steps only) and stage 1, the cold start (a few worked traces, one valid
+    solution each), both measured: {"model" (the cold start), "base_state", "cold_state", "base" and
+    "cold_start_sft" (held-out figures), "final_train_loss", "train_examples", "base_seconds",
+    "cold_start_seconds"}. benchmarks/grpo_sweep.py saves its output to run many GRPO settings from it."""
+    facts = lambda rng: fact_line(rng, ops=args.ops)  # noqa: E731
+    started = time.time()
+    model = build_model(tokenizer, seed=args.seed)
+    log(f"task: Countdown, 3 numbers from 1 to 9, operations {args.ops!r}; {len(held_out)} problems held out, "
+        f"{len(train_problems)} for training; base model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, {args.facts_steps} steps of computation steps")
+    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=facts)
+    base_state = copy.deepcopy(model.state_dict())
+    base = measure(model, tokenizer, held_out, args)
+    base_seconds = round(time.time() - started, 1)
+    log(f"base model: held-out pass@1 {base['heldout_pass@1']:.1%}, format {base['heldout_format_rate']:.1%}")
+    started = time.time()
+    cold_set = train_problems[: args.cold_start_examples]
+    losses = train_sft(model, tokenizer, trace_rows(cold_set, seed=args.seed + 3), out_dir / "trainer",
+                       "cold_start_sft", args.cold_start_steps, args.cold_start_lr, args.seed)
+    cold = measure(model, tokenizer, held_out, args)
+    return {"model": model, "base_state": base_state, "cold_state": copy.deepcopy(model.state_dict()),
+            "base": base, "cold_start_sft": cold, "final_train_loss": losses[-1], "train_examples": len(cold_set),
+            "base_seconds": base_seconds, "cold_start_seconds": round(time.time() - started, 1)}
+
+
 def run_grpo(model, tokenizer, train_problems, args, out_dir: Path, name: str, reward) -> list[dict]:
     """GRPO with `reward` on the training problems (rows carry `numbers` and `target` for the reward); TRL's logs
     at every step (reward, frac_reward_zero_std, dynamic_sampling/kept_groups, completion length, ...)."""
@@ -326,32 +352,19 @@ def main(argv=None) -> list[dict]:
             log(f"WARNING {stage}: {entry['warning']}")
         return entry
 
-    # The base model: computation steps only.
-    started = time.time()
-    model = build_model(tokenizer, seed=args.seed)
-    log(f"task: Countdown, 3 numbers from 1 to 9, operations {args.ops!r}; {len(held_out)} problems held out, "
-        f"{len(train_problems)} for training; base model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, {args.facts_steps} steps of computation steps")
-    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=facts)
-    base_state = copy.deepcopy(model.state_dict())
-    base = measure(model, tokenizer, held_out, args)
+    made = base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir, log)
+    base, base_state, cold_state, model = made["base"], made["base_state"], made["cold_state"], made["model"]
     by_name["base"] = base
-    timings["base"] = round(time.time() - started, 1)
-    log(f"base model: held-out pass@1 {base['heldout_pass@1']:.1%}, format {base['heldout_format_rate']:.1%}")
+    timings["base"] = made["base_seconds"]
 
     def from_base():
         m = build_model(tokenizer, seed=args.seed)
         m.load_state_dict(base_state)
         return m
 
-    # 1. Cold start: a few worked traces (one valid solution each).
-    started = time.time()
-    cold_set = train_problems[: args.cold_start_examples]
-    losses = train_sft(model, tokenizer, trace_rows(cold_set, seed=args.seed + 3), out_dir / "trainer",
-                       "cold_start_sft", args.cold_start_steps, args.cold_start_lr, args.seed)
-    finish("cold_start_sft", model, started, reference="base", train_examples=len(cold_set),
-           final_train_loss=losses[-1])
-    cold_state = copy.deepcopy(model.state_dict())
+    finish("cold_start_sft", model, time.time() - made["cold_start_seconds"], reference="base",
+           figures=made["cold_start_sft"], train_examples=made["train_examples"],
+           final_train_loss=made["final_train_loss"])
 
     # 2. Reasoning RL: GRPO with the Countdown reward.
     started = time.time()

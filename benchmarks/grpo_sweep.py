@@ -1,0 +1,163 @@
+"""GRPO settings for the R1 recipe chosen by measurement: many GRPO runs from ONE saved cold start, one table.
+
+    python -m benchmarks.grpo_sweep cold-start --output runs/cs2 --seed 2            # base + cold start, saved once
+    python -m benchmarks.grpo_sweep grpo --cold-start runs/cs2 --table runs/sweep.jsonl --grpo-lr 1e-3 --grpo-steps 100
+    python -m benchmarks.grpo_sweep table --table runs/sweep.jsonl                   # the markdown table
+
+Why a saved cold start: GRPO's gain is measured against the model it starts from, and the cold start differs from
+seed to seed (benchmarks/RESULTS.md: pass@1 1.7-11.0%), so settings compared across seeds compare cold starts. Here
+every GRPO run starts from the same weights and is scored on the same held-out problems with the same evaluation
+samples as its starting point, so the difference between two rows is the setting's.
+
+`cold-start` runs examples/r1_pipeline.py's base and cold-start stages (its functions, its options) and saves the
+weights, the arguments and the held-out figures. `grpo` loads them and runs the pipeline's GRPO stage with any of
+its GRPO options (learning rate, steps, temperature, loss, scale_rewards, ...) plus `--well-formed` (the reward of a
+well-formed wrong answer: the format share of the reward) and `--random-reward` (the control), then appends one row
+to the table: the settings, held-out pass@1 / pass@8 / format before and after, the change with its standard error,
+a summary of the per-step logs and the seconds. `--eval-held-out N` scores the first N of the held-out problems (a
+cheaper sweep; the cold start is re-scored on the same N so that a row compares like with like).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import REPO_ROOT, markdown_table
+
+_spec = importlib.util.spec_from_file_location("r1_pipeline", REPO_ROOT / "examples" / "r1_pipeline.py")
+pipeline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pipeline)
+
+# the pipeline options a GRPO run may change (everything else comes from the saved cold start's arguments)
+GRPO_OPTIONS = ("grpo_steps", "prompts_per_step", "num_generations", "grpo_lr", "grpo_temperature", "loss_type",
+                "scale_rewards", "kl_beta", "epsilon_high", "dynamic_sampling", "max_completion_length")
+
+
+def cold_start(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="grpo_sweep cold-start")
+    p.add_argument("--output", required=True)
+    known, rest = p.parse_known_args(argv)
+    args = pipeline.parse_args(["--output", known.output, *rest])
+    torch.set_num_threads(args.threads)
+    out = Path(known.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tokenizer = pipeline.build_tokenizer()
+    held_out, train_problems = pipeline.split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops)
+    models = pipeline.base_and_cold_start(args, tokenizer, held_out, train_problems, out,
+                                          lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True))
+    torch.save(models["cold_state"], out / "cold_start.pt")
+    torch.save(models["base_state"], out / "base.pt")
+    info = {"args": vars(args), "base": models["base"], "cold_start_sft": models["cold_start_sft"],
+            "seconds": round(time.time() - t0, 1)}
+    (out / "cold_start.json").write_text(json.dumps(info, indent=1))
+    print(f"saved {out}/cold_start.pt ({info['seconds']:.0f}s)")
+
+
+def grpo(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="grpo_sweep grpo")
+    p.add_argument("--cold-start", required=True, help="a directory written by `cold-start`")
+    p.add_argument("--table", required=True, help="JSON-lines file the row is appended to")
+    p.add_argument("--eval-held-out", type=int, default=0, help="score the first N held-out problems (0: all)")
+    p.add_argument("--well-formed", type=float, default=0.1, help="reward of a well-formed wrong answer")
+    p.add_argument("--random-reward", action="store_true", help="the random-reward control of these settings")
+    p.add_argument("--from-base", action="store_true", help="R1-Zero: GRPO from the base model")
+    p.add_argument("--note", default="")
+    known, rest = p.parse_known_args(argv)
+    src = Path(known.cold_start)
+    info = json.loads((src / "cold_start.json").read_text())
+    saved = info["args"]
+    base_argv = ["--output", str(src / "sweep"), "--seed", str(saved["seed"]), "--ops", saved["ops"],
+                 "--held-out", str(saved["held_out"]), "--eval-samples", str(saved["eval_samples"]),
+                 "--threads", str(saved["threads"])]
+    args = pipeline.parse_args(base_argv + rest)
+    torch.set_num_threads(args.threads)
+    from trainers.rewards import make_countdown_reward, random_reward_control
+
+    tokenizer = pipeline.build_tokenizer()
+    held_out, train_problems = pipeline.split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops)
+    scored = held_out[: known.eval_held_out] if known.eval_held_out else held_out
+    model = pipeline.build_model(tokenizer, seed=args.seed)
+    model.load_state_dict(torch.load(src / ("base.pt" if known.from_base else "cold_start.pt")))
+    before = pipeline.measure(model, tokenizer, scored, args)
+    reward = make_countdown_reward(well_formed=known.well_formed)
+    if known.random_reward:
+        reward = random_reward_control(reward, seed=args.seed)
+    t0 = time.time()
+    logs = pipeline.run_grpo(model, tokenizer, train_problems, args, src / "sweep", "grpo", reward)
+    seconds = time.time() - t0
+    after = pipeline.measure(model, tokenizer, scored, args)
+    row = {"settings": {k: getattr(args, k) for k in GRPO_OPTIONS} | {"well_formed": known.well_formed,
+                                                                       "random_reward": known.random_reward,
+                                                                       "from_base": known.from_base},
+           "cold_start": str(src), "held_out_scored": len(scored), "eval_samples": args.eval_samples,
+           "before": {k: v for k, v in before.items() if k != "heldout_example"},
+           "after": {k: v for k, v in after.items() if k != "heldout_example"},
+           "example_after": after["heldout_example"],
+           "pass@1_change": after["heldout_pass@1"] - before["heldout_pass@1"],
+           "pass@1_change_se": math.hypot(after["heldout_pass@1_se"], before["heldout_pass@1_se"]),
+           "logs": log_summary(logs), "grpo_seconds": round(seconds, 1), "note": known.note,
+           "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    with open(known.table, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in ("settings", "pass@1_change", "pass@1_change_se", "logs")}, indent=1))
+    print(f"pass@1 {before['heldout_pass@1']:.1%} -> {after['heldout_pass@1']:.1%}, pass@8 "
+          f"{before['heldout_pass@8']:.1%} -> {after['heldout_pass@8']:.1%}, format {after['heldout_format_rate']:.1%}"
+          f" ({seconds:.0f}s of GRPO)")
+    return row
+
+
+def log_summary(logs: list[dict]) -> dict:
+    """Per-step logs in thirds (first, middle, last): the figures that say whether and why the policy moved."""
+    keys = ("reward", "frac_reward_zero_std", "dynamic_sampling/kept_groups", "entropy", "grad_norm",
+            "clip_ratio/region_mean", "completions/clipped_ratio", "completions/mean_length")
+    n = len(logs)
+    parts = [logs[: max(1, n // 3)], logs[n // 3: max(n // 3 + 1, 2 * n // 3)], logs[2 * n // 3:] or logs[-1:]]
+    return {k: [round(sum(h.get(k, 0.0) for h in part) / len(part), 4) for part in parts]
+            for k in keys if logs and k in logs[0]}
+
+
+def table(argv: list[str]) -> str:
+    p = argparse.ArgumentParser(prog="grpo_sweep table")
+    p.add_argument("--table", required=True)
+    known = p.parse_args(argv)
+    rows = [json.loads(line) for line in Path(known.table).read_text().splitlines() if line.strip()]
+    headers = ["cold start", "lr", "steps", "T", "scale", "loss", "well-formed", "control", "pass@1 before -> after",
+               "change (se)", "pass@8 before -> after", "format after", "reward (thirds)", "zero-std (thirds)",
+               "entropy (thirds)", "s"]
+    out = []
+    for r in rows:
+        s, b, a = r["settings"], r["before"], r["after"]
+        out.append([Path(r["cold_start"]).name, f"{s['grpo_lr']:g}", s["grpo_steps"], s["grpo_temperature"],
+                    s["scale_rewards"], s["loss_type"], s["well_formed"],
+                    "random" if s["random_reward"] else ("R1-Zero" if s.get("from_base") else ""),
+                    f"{b['heldout_pass@1']:.1%} -> {a['heldout_pass@1']:.1%}",
+                    f"{r['pass@1_change'] * 100:+.1f} ({r['pass@1_change_se'] * 100:.1f})",
+                    f"{b['heldout_pass@8']:.1%} -> {a['heldout_pass@8']:.1%}", f"{a['heldout_format_rate']:.1%}",
+                    " / ".join(f"{v:.2f}" for v in r["logs"].get("reward", [])),
+                    " / ".join(f"{v:.2f}" for v in r["logs"].get("frac_reward_zero_std", [])),
+                    " / ".join(f"{v:.2f}" for v in r["logs"].get("entropy", [])), r["grpo_seconds"]])
+    text = markdown_table(headers, out)
+    print(text)
+    return text
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"cold-start": cold_start, "grpo": grpo, "table": table}
+    if not argv or argv[0] not in commands:
+        raise SystemExit(f"usage: python -m benchmarks.grpo_sweep {{{'|'.join(commands)}}} ... (see the docstring)")
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
