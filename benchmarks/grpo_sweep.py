@@ -11,8 +11,9 @@ samples as its starting point, so the difference between two rows is the setting
 
 `cold-start` runs examples/r1_pipeline.py's base and cold-start stages (its functions, its options) and saves the
 weights, the arguments and the held-out figures. `grpo` loads them and runs the pipeline's GRPO stage with any of
-its GRPO options (learning rate, steps, temperature, loss, scale_rewards, ...) plus `--well-formed` (the reward of a
-well-formed wrong answer: the format share of the reward) and `--random-reward` (the control), then appends one row
+its GRPO options (learning rate, steps, temperature, loss, scale_rewards, `--well-formed`: the reward of a
+well-formed wrong answer, i.e. the format share of the reward, ...) plus `--random-reward` (the control) or
+`--from-base` (R1-Zero), then appends one row
 to the table: the settings, held-out pass@1 / pass@8 / format before and after, the change with its standard error,
 a summary of the per-step logs and the seconds. `--eval-held-out N` scores the first N of the held-out problems (a
 cheaper sweep; the cold start is re-scored on the same N so that a row compares like with like).
@@ -39,7 +40,7 @@ _spec.loader.exec_module(pipeline)
 
 # the pipeline options a GRPO run may change (everything else comes from the saved cold start's arguments)
 GRPO_OPTIONS = ("grpo_steps", "prompts_per_step", "num_generations", "grpo_lr", "grpo_temperature", "loss_type",
-                "scale_rewards", "kl_beta", "epsilon_high", "dynamic_sampling", "max_completion_length")
+                "scale_rewards", "kl_beta", "epsilon_high", "dynamic_sampling", "max_completion_length", "well_formed")
 
 
 def cold_start(argv: list[str]) -> None:
@@ -68,9 +69,12 @@ def grpo(argv: list[str]) -> dict:
     p.add_argument("--cold-start", required=True, help="a directory written by `cold-start`")
     p.add_argument("--table", required=True, help="JSON-lines file the row is appended to")
     p.add_argument("--eval-held-out", type=int, default=0, help="score the first N held-out problems (0: all)")
-    p.add_argument("--well-formed", type=float, default=0.1, help="reward of a well-formed wrong answer")
     p.add_argument("--random-reward", action="store_true", help="the random-reward control of these settings")
     p.add_argument("--from-base", action="store_true", help="R1-Zero: GRPO from the base model")
+    p.add_argument("--eval-train", type=int, default=0,
+                   help="also score the first N training problems before and after (memorisation vs transfer)")
+    p.add_argument("--bias-update-speed", type=float, default=None,
+                   help="the MoE routers' bias update speed during GRPO (default: the model's own, 0.001)")
     p.add_argument("--note", default="")
     known, rest = p.parse_known_args(argv)
     src = Path(known.cold_start)
@@ -89,22 +93,30 @@ def grpo(argv: list[str]) -> dict:
     model = pipeline.build_model(tokenizer, seed=args.seed)
     model.load_state_dict(torch.load(src / ("base.pt" if known.from_base else "cold_start.pt")))
     before = pipeline.measure(model, tokenizer, scored, args)
-    reward = make_countdown_reward(well_formed=known.well_formed)
+    train_scored = train_problems[: known.eval_train]
+    train_before = pipeline.measure(model, tokenizer, train_scored, args) if train_scored else None
+    if known.bias_update_speed is not None:
+        model.config.bias_update_speed = known.bias_update_speed
+    reward = make_countdown_reward(well_formed=args.well_formed)
     if known.random_reward:
         reward = random_reward_control(reward, seed=args.seed)
     t0 = time.time()
     logs = pipeline.run_grpo(model, tokenizer, train_problems, args, src / "sweep", "grpo", reward)
     seconds = time.time() - t0
     after = pipeline.measure(model, tokenizer, scored, args)
-    row = {"settings": {k: getattr(args, k) for k in GRPO_OPTIONS} | {"well_formed": known.well_formed,
-                                                                       "random_reward": known.random_reward,
-                                                                       "from_base": known.from_base},
+    train_after = pipeline.measure(model, tokenizer, train_scored, args) if train_scored else None
+    row = {"settings": {k: getattr(args, k) for k in GRPO_OPTIONS} | {"random_reward": known.random_reward,
+                                                                       "from_base": known.from_base,
+                                                                       "bias_update_speed":
+                                                                           model.config.bias_update_speed},
            "cold_start": str(src), "held_out_scored": len(scored), "eval_samples": args.eval_samples,
            "before": {k: v for k, v in before.items() if k != "heldout_example"},
            "after": {k: v for k, v in after.items() if k != "heldout_example"},
            "example_after": after["heldout_example"],
            "pass@1_change": after["heldout_pass@1"] - before["heldout_pass@1"],
            "pass@1_change_se": math.hypot(after["heldout_pass@1_se"], before["heldout_pass@1_se"]),
+           "train_pass@1": [train_before["heldout_pass@1"], train_after["heldout_pass@1"]] if train_scored else None,
+           "train_pass@8": [train_before["heldout_pass@8"], train_after["heldout_pass@8"]] if train_scored else None,
            "logs": log_summary(logs), "grpo_seconds": round(seconds, 1), "note": known.note,
            "load_avg": [round(x, 2) for x in os.getloadavg()]}
     with open(known.table, "a") as f:

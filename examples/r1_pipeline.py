@@ -269,15 +269,17 @@ def parse_args(argv=None):
     p.add_argument("--ops", default="+-", help="operations of the problems ('+-*' adds products, '+-*/' exact "
                    "division; at this model size '+-*' leaves the cold start near 0%%: benchmarks/RESULTS.md)")
     p.add_argument("--held-out", type=int, default=300, help="held-out problems, never trained on by any stage")
-    p.add_argument("--facts-steps", type=int, default=600, help="base model: steps on computation steps")
+    p.add_argument("--facts-steps", type=int, default=1200, help="base model: steps on computation steps")
     p.add_argument("--cold-start-examples", type=int, default=1024, help="worked traces in the cold-start set")
-    p.add_argument("--cold-start-steps", type=int, default=300)
+    p.add_argument("--cold-start-steps", type=int, default=800)
     p.add_argument("--cold-start-lr", type=float, default=3e-3)
     p.add_argument("--grpo-steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
     p.add_argument("--grpo-temperature", type=float, default=1.0, help="rollout temperature (R1: 1.0)")
+    p.add_argument("--well-formed", type=float, default=0.1,
+                   help="GRPO reward of a well-formed wrong answer (TinyZero: 0.1; correct answers get 1.0)")
     p.add_argument("--loss-type", default="dapo", help="TRL's GRPO loss type")
     p.add_argument("--scale-rewards", default="group", choices=("group", "batch", "none"))
     p.add_argument("--kl-beta", type=float, default=0.0, help="KL coefficient (TRL's beta)")
@@ -326,7 +328,7 @@ def main(argv=None) -> list[dict]:
     from transformers import set_seed
 
     from trainers.rejection_sampling import rejection_sample
-    from trainers.rewards import countdown_reward, random_reward_control
+    from trainers.rewards import countdown_reward, make_countdown_reward, random_reward_control
 
     set_seed(args.seed)
     tokenizer = build_tokenizer()
@@ -368,8 +370,8 @@ def main(argv=None) -> list[dict]:
 
     # 2. Reasoning RL: GRPO with the Countdown reward.
     started = time.time()
-    grpo_logs["grpo"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "grpo",
-                                 countdown_reward)
+    reward = make_countdown_reward(well_formed=args.well_formed)
+    grpo_logs["grpo"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "grpo", reward)
     finish("grpo", model, started, reference="cold_start_sft", **grpo_summary(grpo_logs["grpo"]))
 
     # 3. Rejection sampling from the RL policy on training problems.
@@ -434,13 +436,13 @@ def main(argv=None) -> list[dict]:
         model.load_state_dict(cold_state)
         grpo_logs["grpo_random_reward"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer",
                                                    "grpo_random_reward",
-                                                   random_reward_control(countdown_reward, seed=args.seed))
+                                                   random_reward_control(reward, seed=args.seed))
         finish("grpo_random_reward", model, started, reference="cold_start_sft",
                **grpo_summary(grpo_logs["grpo_random_reward"]))
         started = time.time()
         model = from_base()
         grpo_logs["r1_zero"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "r1_zero",
-                                        countdown_reward)
+                                        reward)
         finish("r1_zero", model, started, reference="base", **grpo_summary(grpo_logs["r1_zero"]))
 
     (out_dir / "stages.json").write_text(json.dumps(stages, indent=1))
