@@ -58,8 +58,9 @@ def cold_start(argv: list[str]) -> None:
                                           lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True))
     torch.save(models["cold_state"], out / "cold_start.pt")
     torch.save(models["base_state"], out / "base.pt")
-    info = {"args": vars(args), "base": models["base"], "cold_start_sft": models["cold_start_sft"],
-            "seconds": round(time.time() - t0, 1)}
+    info = {"args": vars(args), "seconds": round(time.time() - t0, 1),
+            **{k: models[k] for k in ("base", "cold_start_sft", "final_train_loss", "train_examples", "base_seconds",
+                                      "cold_start_seconds")}}
     (out / "cold_start.json").write_text(json.dumps(info, indent=1))
     print(f"saved {out}/cold_start.pt ({info['seconds']:.0f}s)")
 

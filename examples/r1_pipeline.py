@@ -145,6 +145,29 @@ def base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir: Path
             "base_seconds": base_seconds, "cold_start_seconds": round(time.time() - started, 1)}
 
 
+# the arguments that decide the base and the cold start: a saved cold start is used only where they match
+COLD_START_ARGS = ("seed", "ops", "held_out", "facts_steps", "cold_start_examples", "cold_start_steps",
+                   "cold_start_lr", "eval_samples", "max_completion_length")
+
+
+def load_cold_start(args, tokenizer, path: Path, log) -> dict:
+    """base_and_cold_start's result from a directory written by `python -m benchmarks.grpo_sweep cold-start` (the
+    weights and figures it measured), refused unless it was made with this run's arguments."""
+    info = json.loads((path / "cold_start.json").read_text())
+    differ = {k: (info["args"][k], getattr(args, k)) for k in COLD_START_ARGS if info["args"][k] != getattr(args, k)}
+    if differ:
+        raise SystemExit(f"--from-cold-start {path} was made with other arguments (saved, this run): {differ}")
+    model = build_model(tokenizer, seed=args.seed)
+    base_state = torch.load(path / "base.pt")
+    cold_state = torch.load(path / "cold_start.pt")
+    model.load_state_dict(cold_state)
+    log(f"base model and cold start loaded from {path} (made in {info['seconds']:.0f}s)")
+    return {"model": model, "base_state": base_state, "cold_state": cold_state, "base": info["base"],
+            "cold_start_sft": info["cold_start_sft"], "final_train_loss": info["final_train_loss"],
+            "train_examples": info["train_examples"], "base_seconds": info["base_seconds"],
+            "cold_start_seconds": info["cold_start_seconds"]}
+
+
 def run_grpo(model, tokenizer, train_problems, args, out_dir: Path, name: str, reward) -> list[dict]:
     """GRPO with `reward` on the training problems (rows carry `numbers` and `target` for the reward); TRL's logs
     at every step (reward, frac_reward_zero_std, dynamic_sampling/kept_groups, completion length, ...)."""
@@ -298,6 +321,8 @@ def parse_args(argv=None):
                    help="steps of TRL's on-policy distillation after the student's SFT (0: SFT only, as R1)")
     p.add_argument("--on-policy-lr", type=float, default=1e-4)
     p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out problem (pass@1, pass@8)")
+    p.add_argument("--from-cold-start", default=None, help="load the base and cold start saved by `python -m "
+                   "benchmarks.grpo_sweep cold-start` (same arguments) instead of training them")
     p.add_argument("--no-controls", action="store_true", help="skip the random-reward and R1-Zero runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny matmuls run fastest)")
     args = p.parse_args(argv)
@@ -354,7 +379,10 @@ def main(argv=None) -> list[dict]:
             log(f"WARNING {stage}: {entry['warning']}")
         return entry
 
-    made = base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir, log)
+    if args.from_cold_start:
+        made = load_cold_start(args, tokenizer, Path(args.from_cold_start), log)
+    else:
+        made = base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir, log)
     base, base_state, cold_state, model = made["base"], made["base_state"], made["cold_state"], made["model"]
     by_name["base"] = base
     timings["base"] = made["base_seconds"]

@@ -10,8 +10,8 @@ import pytest
 from benchmarks import grpo_sweep
 
 TINY = ["--facts-steps", "4", "--cold-start-steps", "4", "--cold-start-examples", "16", "--held-out", "8",
-        "--eval-samples", "2"]
-GRPO = ["--grpo-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "12"]
+        "--eval-samples", "8"]
+GRPO = ["--grpo-steps", "2", "--prompts-per-step", "2", "--num-generations", "2"]
 
 
 @pytest.fixture(scope="module")
