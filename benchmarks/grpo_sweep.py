@@ -145,7 +145,8 @@ def table(argv: list[str]) -> str:
     known = p.parse_args(argv)
     rows = [json.loads(line) for line in Path(known.table).read_text().splitlines() if line.strip()]
     headers = ["cold start", "lr", "steps", "T", "scale", "loss", "well-formed", "control", "pass@1 before -> after",
-               "change (se)", "pass@8 before -> after", "format after", "reward (thirds)", "zero-std (thirds)",
+               "change (se)", "pass@8 before -> after", "greedy before -> after", "format after",
+               "training-set pass@1", "reward (thirds)", "zero-std (thirds)",
                "entropy (thirds)", "s"]
     out = []
     for r in rows:
@@ -155,10 +156,13 @@ def table(argv: list[str]) -> str:
                     "random" if s["random_reward"] else ("R1-Zero" if s.get("from_base") else ""),
                     f"{b['heldout_pass@1']:.1%} -> {a['heldout_pass@1']:.1%}",
                     f"{r['pass@1_change'] * 100:+.1f} ({r['pass@1_change_se'] * 100:.1f})",
-                    f"{b['heldout_pass@8']:.1%} -> {a['heldout_pass@8']:.1%}", f"{a['heldout_format_rate']:.1%}",
+                    f"{b['heldout_pass@8']:.1%} -> {a['heldout_pass@8']:.1%}",
+                    f"{b['heldout_greedy_accuracy']:.1%} -> {a['heldout_greedy_accuracy']:.1%}",
+                    f"{a['heldout_format_rate']:.1%}",
+                    " -> ".join(f"{v:.1%}" for v in r["train_pass@1"]) if r.get("train_pass@1") else "",
                     " / ".join(f"{v:.2f}" for v in r["logs"].get("reward", [])),
                     " / ".join(f"{v:.2f}" for v in r["logs"].get("frac_reward_zero_std", [])),
-                    " / ".join(f"{v:.2f}" for v in r["logs"].get("entropy", [])), r["grpo_seconds"]])
+                    " / ".join(f"{v:.2f}" for v in r["logs"].get("entropy", [])), f"{r['grpo_seconds']:.0f}"])
     text = markdown_table(headers, out)
     print(text)
     return text

@@ -12,7 +12,8 @@ problem, target or R1 format. Then R1's stages, in order:
 
 1. cold_start_sft: trainers.DeepseekSFTTrainer on a few worked traces (one valid solution each, no search shown);
 2. grpo: trainers.GRPOTrainer with trainers.rewards.countdown_reward (TinyZero's shaping: 1.0 / 0.1 / 0), DAPO's
-   dynamic sampling (`--dynamic-sampling`), on training problems;
+   dynamic sampling (`--dynamic-sampling`), on training problems; rollouts at T=0.6 (R1 samples its RL rollouts at
+   1.0; here 0.6 was chosen by measurement from one saved cold start: benchmarks/grpo_sweep.py, RESULTS.md);
 3. rejection_sampling: trainers.rejection_sample draws N completions per training problem from the RL policy and
    keeps the correct ones, deduplicated; its held-out figures are those of the policy it sampled from;
 4. sft: as in R1, the *base* model fine-tuned on the kept samples;
@@ -32,7 +33,8 @@ object per stage and control), OUTPUT/grpo_logs.json (TRL's per-step logs of the
 frac_reward_zero_std, ...), OUTPUT/rejection_sampled (datasets.save_to_disk), OUTPUT/student (plain transformers
 loads it), OUTPUT/r1_stages.png and OUTPUT/run.json (command, machine, timings, arguments, the base model's figures).
 Seeded throughout (data, sampling, training, evaluation): the same command on the same machine and releases gives
-the same figures.
+the same figures. `--from-cold-start DIR` takes the base and cold start saved by `python -m benchmarks.grpo_sweep
+cold-start` (made with the same arguments) instead of training them again.
 """
 
 from __future__ import annotations
@@ -300,7 +302,9 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
-    p.add_argument("--grpo-temperature", type=float, default=1.0, help="rollout temperature (R1: 1.0)")
+    p.add_argument("--grpo-temperature", type=float, default=0.6,
+                   help="rollout temperature (R1: 1.0; 0.6, the evaluation temperature, chosen by measurement: "
+                   "benchmarks/RESULTS.md)")
     p.add_argument("--well-formed", type=float, default=0.1,
                    help="GRPO reward of a well-formed wrong answer (TinyZero: 0.1; correct answers get 1.0)")
     p.add_argument("--loss-type", default="dapo", help="TRL's GRPO loss type")
