@@ -3,6 +3,7 @@
     python -m benchmarks.grpo_sweep cold-start --output runs/cs2 --seed 2            # base + cold start, saved once
     python -m benchmarks.grpo_sweep grpo --cold-start runs/cs2 --table runs/sweep.jsonl --grpo-lr 1e-3 --grpo-steps 100
     python -m benchmarks.grpo_sweep table --table runs/sweep.jsonl                   # the markdown table
+    python -m benchmarks.grpo_sweep sft --cold-start runs/cs2 --data RUN/rejection_sampled --table T --sft-steps 800
 
 Why a saved cold start: GRPO's gain is measured against the model it starts from, and the cold start differs from
 seed to seed (benchmarks/RESULTS.md: pass@1 1.7-11.0%), so settings compared across seeds compare cold starts. Here
@@ -129,6 +130,42 @@ def grpo(argv: list[str]) -> dict:
     return row
 
 
+def sft(argv: list[str]) -> dict:
+    """Stage 4 alone: the saved base fine-tuned on a saved rejection-sampled set (OUTPUT/rejection_sampled of a
+    pipeline run) with the given --sft-steps / --sft-lr, scored on the held-out problems: how many steps the stage
+    needs, without re-running the stages before it."""
+    p = argparse.ArgumentParser(prog="grpo_sweep sft")
+    p.add_argument("--cold-start", required=True, help="a directory written by `cold-start` (its base is used)")
+    p.add_argument("--data", required=True, help="a rejection-sampled dataset (datasets.save_to_disk)")
+    p.add_argument("--table", required=True)
+    known, rest = p.parse_known_args(argv)
+    import datasets
+
+    src = Path(known.cold_start)
+    saved = json.loads((src / "cold_start.json").read_text())["args"]
+    args = pipeline.parse_args(["--output", str(src / "sweep"), "--seed", str(saved["seed"]), "--ops", saved["ops"],
+                                "--held-out", str(saved["held_out"]), "--eval-samples", str(saved["eval_samples"]),
+                                "--threads", str(saved["threads"]), *rest])
+    torch.set_num_threads(args.threads)
+    tokenizer = pipeline.build_tokenizer()
+    held_out, _ = pipeline.split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops)
+    model = pipeline.build_model(tokenizer, seed=args.seed)
+    model.load_state_dict(torch.load(src / "base.pt"))
+    rows = datasets.load_from_disk(known.data).to_list()
+    t0 = time.time()
+    losses = pipeline.train_sft(model, tokenizer, rows, src / "sweep", "sft", args.sft_steps, args.sft_lr, args.seed)
+    after = pipeline.measure(model, tokenizer, held_out, args)
+    row = {"stage": "sft", "data": known.data, "train_examples": len(rows), "sft_steps": args.sft_steps,
+           "sft_lr": args.sft_lr, "final_train_loss": losses[-1], "seconds": round(time.time() - t0, 1),
+           "after": {k: v for k, v in after.items() if k != "heldout_example"},
+           "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    with open(known.table, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"sft {args.sft_steps} steps at lr {args.sft_lr:g} on {len(rows)} samples: loss {losses[-1]:.3f}, held-out "
+          f"pass@1 {after['heldout_pass@1']:.1%}, pass@8 {after['heldout_pass@8']:.1%}")
+    return row
+
+
 def log_summary(logs: list[dict]) -> dict:
     """Per-step logs in thirds (first, middle, last): the figures that say whether and why the policy moved."""
     keys = ("reward", "frac_reward_zero_std", "dynamic_sampling/kept_groups", "entropy", "grad_norm",
@@ -144,6 +181,7 @@ def table(argv: list[str]) -> str:
     p.add_argument("--table", required=True)
     known = p.parse_args(argv)
     rows = [json.loads(line) for line in Path(known.table).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "settings" in r]  # GRPO rows (`sft` rows are read from the file)
     headers = ["cold start", "lr", "steps", "T", "scale", "loss", "well-formed", "control", "pass@1 before -> after",
                "change (se)", "pass@8 before -> after", "greedy before -> after", "format after",
                "training-set pass@1", "reward (thirds)", "zero-std (thirds)",
@@ -170,7 +208,7 @@ def table(argv: list[str]) -> str:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"cold-start": cold_start, "grpo": grpo, "table": table}
+    commands = {"cold-start": cold_start, "grpo": grpo, "sft": sft, "table": table}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m benchmarks.grpo_sweep {{{'|'.join(commands)}}} ... (see the docstring)")
     commands[argv[0]](argv[1:])
