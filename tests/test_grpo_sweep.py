@@ -48,3 +48,21 @@ def test_rows_start_from_the_saved_cold_start_and_record_their_settings(saved):
 def test_unknown_command_is_refused():
     with pytest.raises(SystemExit, match="cold-start"):
         grpo_sweep.main(["sweep"])
+
+
+def test_the_pipeline_starts_from_a_saved_cold_start_made_with_its_arguments(saved):
+    import torch
+
+    pipeline = grpo_sweep.pipeline
+    cs = saved / "cs"
+    info = json.loads((cs / "cold_start.json").read_text())
+    args = pipeline.parse_args(["--output", str(saved / "run"), "--from-cold-start", str(cs), *TINY])
+    tokenizer = pipeline.build_tokenizer()
+    made = pipeline.load_cold_start(args, tokenizer, cs, log=lambda m: None)
+    assert made["cold_start_sft"] == info["cold_start_sft"] and made["base"] == info["base"]
+    saved_state = torch.load(cs / "cold_start.pt")
+    assert all(torch.equal(v, saved_state[k]) for k, v in made["model"].state_dict().items())
+    assert not all(torch.equal(made["base_state"][k], saved_state[k]) for k in saved_state)
+    other = pipeline.parse_args(["--output", str(saved / "run"), *TINY, "--cold-start-steps", "5"])
+    with pytest.raises(SystemExit, match="cold_start_steps"):
+        pipeline.load_cold_start(other, tokenizer, cs, log=lambda m: None)
