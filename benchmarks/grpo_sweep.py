@@ -66,6 +66,15 @@ def cold_start(argv: list[str]) -> None:
     print(f"saved {out}/cold_start.pt ({info['seconds']:.0f}s)")
 
 
+def saved_arguments(src: Path, rest: list[str]):
+    """The pipeline's arguments for a run from the cold start saved in `src`: its seed, task, held-out set and
+    evaluation as saved, then `rest` (the settings under test)."""
+    saved = json.loads((src / "cold_start.json").read_text())["args"]
+    return pipeline.parse_args(["--output", str(src / "sweep"), "--seed", str(saved["seed"]), "--ops", saved["ops"],
+                                "--held-out", str(saved["held_out"]), "--eval-samples", str(saved["eval_samples"]),
+                                "--threads", str(saved["threads"]), *rest])
+
+
 def grpo(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="grpo_sweep grpo")
     p.add_argument("--cold-start", required=True, help="a directory written by `cold-start`")
@@ -80,12 +89,7 @@ def grpo(argv: list[str]) -> dict:
     p.add_argument("--note", default="")
     known, rest = p.parse_known_args(argv)
     src = Path(known.cold_start)
-    info = json.loads((src / "cold_start.json").read_text())
-    saved = info["args"]
-    base_argv = ["--output", str(src / "sweep"), "--seed", str(saved["seed"]), "--ops", saved["ops"],
-                 "--held-out", str(saved["held_out"]), "--eval-samples", str(saved["eval_samples"]),
-                 "--threads", str(saved["threads"])]
-    args = pipeline.parse_args(base_argv + rest)
+    args = saved_arguments(src, rest)
     torch.set_num_threads(args.threads)
     from trainers.rewards import make_countdown_reward, random_reward_control
 
@@ -138,30 +142,35 @@ def sft(argv: list[str]) -> dict:
     p.add_argument("--cold-start", required=True, help="a directory written by `cold-start` (its base is used)")
     p.add_argument("--data", required=True, help="a rejection-sampled dataset (datasets.save_to_disk)")
     p.add_argument("--table", required=True)
+    p.add_argument("--student", action="store_true", help="stage 5 instead: the dense student, pre-trained on the "
+                   "computation steps (--student-facts-steps), then --student-sft-steps at --sft-lr")
     known, rest = p.parse_known_args(argv)
     import datasets
 
     src = Path(known.cold_start)
-    saved = json.loads((src / "cold_start.json").read_text())["args"]
-    args = pipeline.parse_args(["--output", str(src / "sweep"), "--seed", str(saved["seed"]), "--ops", saved["ops"],
-                                "--held-out", str(saved["held_out"]), "--eval-samples", str(saved["eval_samples"]),
-                                "--threads", str(saved["threads"]), *rest])
+    args = saved_arguments(src, rest)
     torch.set_num_threads(args.threads)
     tokenizer = pipeline.build_tokenizer()
     held_out, _ = pipeline.split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops)
-    model = pipeline.build_model(tokenizer, seed=args.seed)
-    model.load_state_dict(torch.load(src / "base.pt"))
     rows = datasets.load_from_disk(known.data).to_list()
     t0 = time.time()
-    losses = pipeline.train_sft(model, tokenizer, rows, src / "sweep", "sft", args.sft_steps, args.sft_lr, args.seed)
+    if known.student:
+        model, steps = pipeline.build_student(tokenizer, seed=args.seed), args.student_sft_steps
+        pipeline.pretrain_facts(model, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=print,
+                                line=lambda rng: pipeline.fact_line(rng, ops=args.ops))
+    else:
+        model, steps = pipeline.build_model(tokenizer, seed=args.seed), args.sft_steps
+        model.load_state_dict(torch.load(src / "base.pt"))
+    losses = pipeline.train_sft(model, tokenizer, rows, src / "sweep", "sft", steps, args.sft_lr, args.seed)
     after = pipeline.measure(model, tokenizer, held_out, args)
-    row = {"stage": "sft", "data": known.data, "train_examples": len(rows), "sft_steps": args.sft_steps,
+    row = {"stage": "distill" if known.student else "sft", "data": known.data, "train_examples": len(rows),
+           "sft_steps": steps,
            "sft_lr": args.sft_lr, "final_train_loss": losses[-1], "seconds": round(time.time() - t0, 1),
            "after": {k: v for k, v in after.items() if k != "heldout_example"},
            "load_avg": [round(x, 2) for x in os.getloadavg()]}
     with open(known.table, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"sft {args.sft_steps} steps at lr {args.sft_lr:g} on {len(rows)} samples: loss {losses[-1]:.3f}, held-out "
+    print(f"{row['stage']} {steps} steps at lr {args.sft_lr:g} on {len(rows)} samples: loss {losses[-1]:.3f}, held-out "
           f"pass@1 {after['heldout_pass@1']:.1%}, pass@8 {after['heldout_pass@8']:.1%}")
     return row
 

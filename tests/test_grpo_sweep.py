@@ -66,3 +66,22 @@ def test_the_pipeline_starts_from_a_saved_cold_start_made_with_its_arguments(sav
     other = pipeline.parse_args(["--output", str(saved / "run"), *TINY, "--cold-start-steps", "5"])
     with pytest.raises(SystemExit, match="cold_start_steps"):
         pipeline.load_cold_start(other, tokenizer, cs, log=lambda m: None)
+
+
+def test_sft_stage_alone_from_the_saved_base_and_a_saved_dataset(saved):
+    import datasets
+
+    from examples.countdown_task import split_problems, trace_rows
+
+    _, train = split_problems(8, seed=10_002, ops="+-")
+    data = saved / "kept"
+    datasets.Dataset.from_list(trace_rows(train[:16], seed=0)).save_to_disk(str(data))
+    table = saved / "sft.jsonl"
+    common = ["--cold-start", str(saved / "cs"), "--data", str(data), "--table", str(table)]
+    row = grpo_sweep.sft([*common, "--sft-steps", "3", "--sft-lr", "2e-3"])
+    assert row["stage"] == "sft" and row["sft_steps"] == 3 and row["sft_lr"] == 2e-3 and row["train_examples"] == 16
+    student = grpo_sweep.sft([*common, "--student", "--student-facts-steps", "2", "--student-sft-steps", "2"])
+    assert student["stage"] == "distill" and student["sft_steps"] == 2
+    for r in (row, student):
+        assert 0 <= r["after"]["heldout_pass@1"] <= r["after"]["heldout_pass@8"] <= 1 and r["final_train_loss"] > 0
+    assert [json.loads(line)["stage"] for line in table.read_text().splitlines()] == ["sft", "distill"]
