@@ -46,7 +46,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
