@@ -316,11 +316,12 @@ def parse_args(argv=None):
     p.add_argument("--rs-prompts", type=int, default=2000, help="training problems to sample from (0: all)")
     p.add_argument("--rs-samples", type=int, default=8, help="completions per problem")
     p.add_argument("--rs-temperature", type=float, default=EVAL_TEMPERATURE)
-    p.add_argument("--sft-steps", type=int, default=800, help="stage 4: base model SFT on the kept samples (300 "
-                   "steps at 1e-3 left it at 1%%, 800 at 3e-3 at 20%%: benchmarks/RESULTS.md)")
+    p.add_argument("--sft-steps", type=int, default=1500, help="stage 4: base model SFT on the kept samples (300 "
+                   "steps at 1e-3 left it at 1%%, 800 at 3e-3 at 20%%, 1500 at 3e-3 at 46%%: benchmarks/RESULTS.md)")
     p.add_argument("--sft-lr", type=float, default=3e-3, help="stages 4 and 5")
     p.add_argument("--student-facts-steps", type=int, default=400, help="the dense student's own pre-training")
-    p.add_argument("--student-sft-steps", type=int, default=300)
+    p.add_argument("--student-sft-steps", type=int, default=800,
+                   help="300 at lr 3e-3 gave 88%% of the teacher's pass@1, 800 gave 137%%: benchmarks/RESULTS.md")
     p.add_argument("--on-policy-steps", type=int, default=0,
                    help="steps of TRL's on-policy distillation after the student's SFT (0: SFT only, as R1)")
     p.add_argument("--on-policy-lr", type=float, default=1e-4)
