@@ -12,7 +12,8 @@ problem, target or R1 format. Then R1's stages, in order:
 
 1. cold_start_sft: trainers.DeepseekSFTTrainer on a few worked traces (one valid solution each, no search shown);
 2. grpo: trainers.GRPOTrainer with trainers.rewards.countdown_reward (TinyZero's shaping: 1.0 / 0.1 / 0), DAPO's
-   dynamic sampling (`--dynamic-sampling`), on training problems;
+   dynamic sampling (`--dynamic-sampling`), on training problems; rollouts at T=0.6 (R1 samples its RL rollouts at
+   1.0; here 0.6 was chosen by measurement from one saved cold start: benchmarks/grpo_sweep.py, RESULTS.md);
 3. rejection_sampling: trainers.rejection_sample draws N completions per training problem from the RL policy and
    keeps the correct ones, deduplicated; its held-out figures are those of the policy it sampled from;
 4. sft: as in R1, the *base* model fine-tuned on the kept samples;
@@ -32,7 +33,8 @@ object per stage and control), OUTPUT/grpo_logs.json (TRL's per-step logs of the
 frac_reward_zero_std, ...), OUTPUT/rejection_sampled (datasets.save_to_disk), OUTPUT/student (plain transformers
 loads it), OUTPUT/r1_stages.png and OUTPUT/run.json (command, machine, timings, arguments, the base model's figures).
 Seeded throughout (data, sampling, training, evaluation): the same command on the same machine and releases gives
-the same figures.
+the same figures. `--from-cold-start DIR` takes the base and cold start saved by `python -m benchmarks.grpo_sweep
+cold-start` (made with the same arguments) instead of training them again.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,55 @@ def train_sft(model, tokenizer, rows, out_dir: Path, name: str, steps: int, lr: 
                           processing_class=tokenizer)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir: Path, log) -> dict:
+    """The base model (computation steps only) and stage 1, the cold start (a few worked traces, one valid
+    solution each), both measured: {"model" (the cold start), "base_state", "cold_state", "base" and
+    "cold_start_sft" (held-out figures), "final_train_loss", "train_examples", "base_seconds",
+    "cold_start_seconds"}. benchmarks/grpo_sweep.py saves its output to run many GRPO settings from it."""
+    facts = lambda rng: fact_line(rng, ops=args.ops)  # noqa: E731
+    started = time.time()
+    model = build_model(tokenizer, seed=args.seed)
+    log(f"task: Countdown, 3 numbers from 1 to 9, operations {args.ops!r}; {len(held_out)} problems held out, "
+        f"{len(train_problems)} for training; base model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, {args.facts_steps} steps of computation steps")
+    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=facts)
+    base_state = copy.deepcopy(model.state_dict())
+    base = measure(model, tokenizer, held_out, args)
+    base_seconds = round(time.time() - started, 1)
+    log(f"base model: held-out pass@1 {base['heldout_pass@1']:.1%}, format {base['heldout_format_rate']:.1%}")
+    started = time.time()
+    cold_set = train_problems[: args.cold_start_examples]
+    losses = train_sft(model, tokenizer, trace_rows(cold_set, seed=args.seed + 3), out_dir / "trainer",
+                       "cold_start_sft", args.cold_start_steps, args.cold_start_lr, args.seed)
+    cold = measure(model, tokenizer, held_out, args)
+    return {"model": model, "base_state": base_state, "cold_state": copy.deepcopy(model.state_dict()),
+            "base": base, "cold_start_sft": cold, "final_train_loss": losses[-1], "train_examples": len(cold_set),
+            "base_seconds": base_seconds, "cold_start_seconds": round(time.time() - started, 1)}
+
+
+# the arguments that decide the base and the cold start: a saved cold start is used only where they match
+COLD_START_ARGS = ("seed", "ops", "held_out", "facts_steps", "cold_start_examples", "cold_start_steps",
+                   "cold_start_lr", "eval_samples", "max_completion_length")
+
+
+def load_cold_start(args, tokenizer, path: Path, log) -> dict:
+    """base_and_cold_start's result from a directory written by `python -m benchmarks.grpo_sweep cold-start` (the
+    weights and figures it measured), refused unless it was made with this run's arguments."""
+    info = json.loads((path / "cold_start.json").read_text())
+    differ = {k: (info["args"][k], getattr(args, k)) for k in COLD_START_ARGS if info["args"][k] != getattr(args, k)}
+    if differ:
+        raise SystemExit(f"--from-cold-start {path} was made with other arguments (saved, this run): {differ}")
+    model = build_model(tokenizer, seed=args.seed)
+    base_state = torch.load(path / "base.pt")
+    cold_state = torch.load(path / "cold_start.pt")
+    model.load_state_dict(cold_state)
+    log(f"base model and cold start loaded from {path} (made in {info['seconds']:.0f}s)")
+    return {"model": model, "base_state": base_state, "cold_state": cold_state, "base": info["base"],
+            "cold_start_sft": info["cold_start_sft"], "final_train_loss": info["final_train_loss"],
+            "train_examples": info["train_examples"], "base_seconds": info["base_seconds"],
+            "cold_start_seconds": info["cold_start_seconds"]}
 
 
 def run_grpo(model, tokenizer, train_problems, args, out_dir: Path, name: str, reward) -> list[dict]:
@@ -243,15 +293,19 @@ def parse_args(argv=None):
     p.add_argument("--ops", default="+-", help="operations of the problems ('+-*' adds products, '+-*/' exact "
                    "division; at this model size '+-*' leaves the cold start near 0%%: benchmarks/RESULTS.md)")
     p.add_argument("--held-out", type=int, default=300, help="held-out problems, never trained on by any stage")
-    p.add_argument("--facts-steps", type=int, default=600, help="base model: steps on computation steps")
+    p.add_argument("--facts-steps", type=int, default=1200, help="base model: steps on computation steps")
     p.add_argument("--cold-start-examples", type=int, default=1024, help="worked traces in the cold-start set")
-    p.add_argument("--cold-start-steps", type=int, default=300)
+    p.add_argument("--cold-start-steps", type=int, default=800)
     p.add_argument("--cold-start-lr", type=float, default=3e-3)
     p.add_argument("--grpo-steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
-    p.add_argument("--grpo-temperature", type=float, default=1.0, help="rollout temperature (R1: 1.0)")
+    p.add_argument("--grpo-temperature", type=float, default=0.6,
+                   help="rollout temperature (R1: 1.0; 0.6, the evaluation temperature, chosen by measurement: "
+                   "benchmarks/RESULTS.md)")
+    p.add_argument("--well-formed", type=float, default=0.1,
+                   help="GRPO reward of a well-formed wrong answer (TinyZero: 0.1; correct answers get 1.0)")
     p.add_argument("--loss-type", default="dapo", help="TRL's GRPO loss type")
     p.add_argument("--scale-rewards", default="group", choices=("group", "batch", "none"))
     p.add_argument("--kl-beta", type=float, default=0.0, help="KL coefficient (TRL's beta)")
@@ -262,14 +316,18 @@ def parse_args(argv=None):
     p.add_argument("--rs-prompts", type=int, default=2000, help="training problems to sample from (0: all)")
     p.add_argument("--rs-samples", type=int, default=8, help="completions per problem")
     p.add_argument("--rs-temperature", type=float, default=EVAL_TEMPERATURE)
-    p.add_argument("--sft-steps", type=int, default=300, help="stage 4: base model SFT on the kept samples")
-    p.add_argument("--sft-lr", type=float, default=1e-3, help="stages 4 and 5")
+    p.add_argument("--sft-steps", type=int, default=1500, help="stage 4: base model SFT on the kept samples (300 "
+                   "steps at 1e-3 left it at 1%%, 800 at 3e-3 at 20%%, 1500 at 3e-3 at 46%%: benchmarks/RESULTS.md)")
+    p.add_argument("--sft-lr", type=float, default=3e-3, help="stages 4 and 5")
     p.add_argument("--student-facts-steps", type=int, default=400, help="the dense student's own pre-training")
-    p.add_argument("--student-sft-steps", type=int, default=300)
+    p.add_argument("--student-sft-steps", type=int, default=800,
+                   help="300 at lr 3e-3 gave 88%% of the teacher's pass@1, 800 gave 137%%: benchmarks/RESULTS.md")
     p.add_argument("--on-policy-steps", type=int, default=0,
                    help="steps of TRL's on-policy distillation after the student's SFT (0: SFT only, as R1)")
     p.add_argument("--on-policy-lr", type=float, default=1e-4)
     p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out problem (pass@1, pass@8)")
+    p.add_argument("--from-cold-start", default=None, help="load the base and cold start saved by `python -m "
+                   "benchmarks.grpo_sweep cold-start` (same arguments) instead of training them")
     p.add_argument("--no-controls", action="store_true", help="skip the random-reward and R1-Zero runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny matmuls run fastest)")
     args = p.parse_args(argv)
@@ -300,7 +358,7 @@ def main(argv=None) -> list[dict]:
     from transformers import set_seed
 
     from trainers.rejection_sampling import rejection_sample
-    from trainers.rewards import countdown_reward, random_reward_control
+    from trainers.rewards import countdown_reward, make_countdown_reward, random_reward_control
 
     set_seed(args.seed)
     tokenizer = build_tokenizer()
@@ -326,37 +384,27 @@ def main(argv=None) -> list[dict]:
             log(f"WARNING {stage}: {entry['warning']}")
         return entry
 
-    # The base model: computation steps only.
-    started = time.time()
-    model = build_model(tokenizer, seed=args.seed)
-    log(f"task: Countdown, 3 numbers from 1 to 9, operations {args.ops!r}; {len(held_out)} problems held out, "
-        f"{len(train_problems)} for training; base model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, {args.facts_steps} steps of computation steps")
-    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=facts)
-    base_state = copy.deepcopy(model.state_dict())
-    base = measure(model, tokenizer, held_out, args)
+    if args.from_cold_start:
+        made = load_cold_start(args, tokenizer, Path(args.from_cold_start), log)
+    else:
+        made = base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir, log)
+    base, base_state, cold_state, model = made["base"], made["base_state"], made["cold_state"], made["model"]
     by_name["base"] = base
-    timings["base"] = round(time.time() - started, 1)
-    log(f"base model: held-out pass@1 {base['heldout_pass@1']:.1%}, format {base['heldout_format_rate']:.1%}")
+    timings["base"] = made["base_seconds"]
 
     def from_base():
         m = build_model(tokenizer, seed=args.seed)
         m.load_state_dict(base_state)
         return m
 
-    # 1. Cold start: a few worked traces (one valid solution each).
-    started = time.time()
-    cold_set = train_problems[: args.cold_start_examples]
-    losses = train_sft(model, tokenizer, trace_rows(cold_set, seed=args.seed + 3), out_dir / "trainer",
-                       "cold_start_sft", args.cold_start_steps, args.cold_start_lr, args.seed)
-    finish("cold_start_sft", model, started, reference="base", train_examples=len(cold_set),
-           final_train_loss=losses[-1])
-    cold_state = copy.deepcopy(model.state_dict())
+    finish("cold_start_sft", model, time.time() - made["cold_start_seconds"], reference="base",
+           figures=made["cold_start_sft"], train_examples=made["train_examples"],
+           final_train_loss=made["final_train_loss"])
 
     # 2. Reasoning RL: GRPO with the Countdown reward.
     started = time.time()
-    grpo_logs["grpo"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "grpo",
-                                 countdown_reward)
+    reward = make_countdown_reward(well_formed=args.well_formed)
+    grpo_logs["grpo"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "grpo", reward)
     finish("grpo", model, started, reference="cold_start_sft", **grpo_summary(grpo_logs["grpo"]))
 
     # 3. Rejection sampling from the RL policy on training problems.
@@ -421,13 +469,13 @@ def main(argv=None) -> list[dict]:
         model.load_state_dict(cold_state)
         grpo_logs["grpo_random_reward"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer",
                                                    "grpo_random_reward",
-                                                   random_reward_control(countdown_reward, seed=args.seed))
+                                                   random_reward_control(reward, seed=args.seed))
         finish("grpo_random_reward", model, started, reference="cold_start_sft",
                **grpo_summary(grpo_logs["grpo_random_reward"]))
         started = time.time()
         model = from_base()
         grpo_logs["r1_zero"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "r1_zero",
-                                        countdown_reward)
+                                        reward)
         finish("r1_zero", model, started, reference="base", **grpo_summary(grpo_logs["r1_zero"]))
 
     (out_dir / "stages.json").write_text(json.dumps(stages, indent=1))
