@@ -307,11 +307,11 @@ class LatentCacheMixin:
 
     def nbytes_per_token(self) -> float:
         """Bytes held per cached token, summed over layers (scales included for FP8)."""
-        return self._per_token(LatentLayer.nbytes)
+        return self._per_token(lambda layer: layer.nbytes())
 
     def nbytes_allocated_per_token(self) -> float:
         """Bytes allocated per cached token (the buffers, spare room included)."""
-        return self._per_token(LatentLayer.nbytes_allocated)
+        return self._per_token(lambda layer: layer.nbytes_allocated())
 
 
 def index_dim(config) -> int | None:
