@@ -3,7 +3,8 @@
 The option is a validated config field; generate() (dynamic and static caches, with the latent in the model dtype or
 in e4m3) then gives the tokens, and the scores, of generate() over model-dtype caches whose cached indexer keys are
 rounded through e4m3 with per-token scales (the fresh tokens' own in full precision): test_sparse_serving.py's
-reference for the paged rows, which hold the same format. Bytes per token are the paged rows' figures.
+reference for the paged rows, which hold the same format. Bytes per token are the paged rows' figures, and the
+static cache still decodes compiled (one graph).
 """
 
 from __future__ import annotations
@@ -81,3 +82,33 @@ def test_bytes_per_token_are_the_paged_rows(latent_fp8, index_fp8, row_bytes):
             assert (cached - want).abs().le(amax * 2**-4 + 1e-6).all() and not torch.equal(cached, want)
         else:
             assert torch.equal(cached, want)
+
+
+def test_compiled_static_decode_with_e4m3_indexer_keys():
+    """The e4m3 indexer-key streams keep the static cache compileable: a decode step compiles whole (fullgraph) once,
+    with the eager logits."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from conftest import max_diff
+
+    eager = tiny_model(num_hidden_layers=1, **DSA).eval()
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(eager)
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend=counter)
+    ids, logits = random_ids(2, 14), {}
+    with torch.no_grad():
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            cache = DeepseekStaticLatentCache(eager.config, max_cache_len=16, fp8=True, index_fp8=True)
+            cache.early_initialization(2, torch.float32, "cpu")
+            steps = [model(ids[:, :10], cache=cache, use_cache=True).logits]
+            for t in range(10, 14):
+                steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True,
+                                   position_ids=torch.full((2, 1), t)).logits)
+            logits[name] = torch.cat(steps, dim=1)
+    torch._dynamo.reset()
+    assert cache.layers[0].index_keys.dtype == FP8_DTYPE
+    assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
+    assert counter.frame_count == 2  # the prefill and one decode graph for all four steps
