@@ -282,8 +282,9 @@ def latent_cache_dtype_of(model, generation_config) -> str | None:
 
 
 def index_cache_dtype_of(model, generation_config) -> str | None:
-    """How the paged cache stores a V3.2 model's indexer keys: the generation config's `index_cache_dtype` where it
-    has one (generate_batch(index_cache_dtype=...) puts it there), else the model config's, else the model dtype."""
+    """How the caches (paged, and generate()'s) store a V3.2 model's indexer keys: the generation config's
+    `index_cache_dtype` where it has one (generate / generate_batch(index_cache_dtype=...) put it there), else the
+    model config's (None: the model dtype)."""
     return getattr(generation_config, "index_cache_dtype", model.config.index_cache_dtype)
 
 
