@@ -15,12 +15,11 @@ nothing here depends on how `DynamicLayer` keeps its own):
   as new tokens arrive, unlike a per-tensor scale frozen on the prompt. Reads dequantize to the compute dtype; the
   tokens of the forward that writes them are attended in full precision.
 
-A DeepSeek-V3.2 model (config.index_topk set) also caches its lightning indexer's key per token and layer (stream
-"index_keys", [B, 1, S, index_head_dim] in the model dtype: 256 bytes per token and layer in bf16 for V3.2, beside the
-latent's 1152); `update_latent_cache` writes all streams of a layer at once.
+A DeepSeek-V3.2 model (config.index_topk set) also caches its lightning indexer's key per token and layer, in the
+model dtype or (index_cache_dtype="fp8") in e4m3: index_cache.py; `update_latent_cache` writes all streams at once.
 
 `DeepseekLatentCache(fp8=True)` selects the FP8 layers; `generate(..., latent_cache_dtype="fp8")` or
-`config.latent_cache_dtype = "fp8"` does the same inside generate.
+`config.latent_cache_dtype = "fp8"` does the same inside generate (`index_fp8` / index_cache_dtype: the indexer key).
 
 `DeepseekStaticLatentCache(config, max_cache_len)` is the fixed-size kind, for `torch.compile` and CUDA graphs: every
 layer preallocates `[B, 1, max_cache_len, C]` and `[B, 1, max_cache_len, R]` (e4m3 plus scales with fp8=True) at
@@ -40,6 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Stati
 
 from .compat import mark_static_address
 from .fp8_format import FP8_DTYPE as FP8, dequantize_per_token, quantize_per_token
+from .index_cache import IndexKeyStream
 
 
 def _append(buf, view, new):
@@ -60,7 +60,7 @@ def _append(buf, view, new):
     return buf, buf[..., : n + t, :]
 
 
-class LatentLayer(CacheLayerMixin):
+class LatentLayer(IndexKeyStream, CacheLayerMixin):
     """One layer's latent cache. Its per-token tensors (`streams`) are views of growing buffers; every operation of
     the Cache API (crop, batch selection / repetition, beam reordering, reset) applies to all of them alike."""
 
@@ -68,11 +68,10 @@ class LatentLayer(CacheLayerMixin):
     is_sliding = False
     streams = ("keys", "values")
 
-    def __init__(self, index_dim: int | None = None, **kwargs):
+    def __init__(self, index_dim: int | None = None, index_fp8: bool = False, **kwargs):
         super().__init__()
-        self.index_dim = index_dim
-        if index_dim:  # DeepSeek-V3.2: the indexer's key, one more stream (an instance attribute from here on)
-            self.streams = type(self).streams + ("index_keys",)
+        self.index_dim, self.index_fp8 = index_dim, bool(index_dim) and index_fp8
+        self.streams = type(self).streams + self._index_streams()  # DeepSeek-V3.2: the indexer's key (index_cache.py)
         self._buffers = dict.fromkeys(self.streams)
 
     def lazy_initialization(self, key_states, value_states):
@@ -85,17 +84,6 @@ class LatentLayer(CacheLayerMixin):
         """Per stream: last dimension and dtype of what is stored (the static layers preallocate from it)."""
         return {"keys": (key_states.shape[-1], key_states.dtype), "values": (value_states.shape[-1], value_states.dtype),
                 **self._index_layout(key_states)}
-
-    def _index_layout(self, key_states) -> dict[str, tuple[int, torch.dtype]]:
-        return {"index_keys": (self.index_dim, key_states.dtype)} if self.index_dim else {}
-
-    def _index_stream(self, index_keys) -> dict[str, torch.Tensor]:
-        """The indexer-key stream of an update, checked against the layer's streams."""
-        if (index_keys is None) != (not self.index_dim):
-            raise ValueError("a DeepSeek-V3.2 layer's cache holds its indexer keys: build the cache from the model's "
-                             "config (index_topk) and pass index_keys with every update" if self.index_dim else
-                             "this latent cache was built without an indexer-key stream (config.index_topk unset)")
-        return {} if index_keys is None else {"index_keys": index_keys}
 
     def _write(self, **new):
         """Store the new tokens of every stream; returns where they went, for `_put`."""
@@ -112,7 +100,7 @@ class LatentLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, index_keys=None, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._write(keys=key_states, values=value_states, **self._index_stream(index_keys))
+        self._slots = self._write(keys=key_states, values=value_states, **self._index_stream(index_keys))
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -176,7 +164,8 @@ class FP8LatentLayer(LatentLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         (qk, sk), (qv, sv) = quantize_per_token(key_states), quantize_per_token(value_states)
-        slots = self._write(keys=qk, key_scales=sk, values=qv, value_scales=sv, **self._index_stream(index_keys))
+        slots = self._slots = self._write(keys=qk, key_scales=sk, values=qv, value_scales=sv,
+                                          **self._index_stream(index_keys))
         # The tokens being written attend to themselves in full precision (a prompt's own logits are exact); what
         # later forwards read back is the e4m3 copy.
         keys, values = self.dequantized()
@@ -201,8 +190,8 @@ class StaticLatentLayer(LatentLayer):
 
     is_compileable = True
 
-    def __init__(self, max_cache_len: int, index_dim: int | None = None, **kwargs):
-        super().__init__(index_dim)
+    def __init__(self, max_cache_len: int, index_dim: int | None = None, index_fp8: bool = False, **kwargs):
+        super().__init__(index_dim, index_fp8)
         self.max_cache_len = max_cache_len
         self.cumulative_length = torch.tensor(0, dtype=torch.long)
 
@@ -318,11 +307,11 @@ class LatentCacheMixin:
 
     def nbytes_per_token(self) -> float:
         """Bytes held per cached token, summed over layers (scales included for FP8)."""
-        return self._per_token(LatentLayer.nbytes)
+        return self._per_token(lambda layer: layer.nbytes())
 
     def nbytes_allocated_per_token(self) -> float:
         """Bytes allocated per cached token (the buffers, spare room included)."""
-        return self._per_token(LatentLayer.nbytes_allocated)
+        return self._per_token(lambda layer: layer.nbytes_allocated())
 
 
 def index_dim(config) -> int | None:
@@ -339,7 +328,7 @@ def update_latent_cache(cache, layer_idx: int, latent_B1TC, k_rope_B1TR, index_k
         raise ValueError(f"{type(cache).__name__} cannot hold DeepSeek-V3.2's indexer keys: use the model's own "
                          "DeepseekLatentCache or DeepseekStaticLatentCache")
     latent_B1SC, k_rope_B1SR = cache.update(latent_B1TC, k_rope_B1TR, layer_idx, index_keys=index_keys_BTD.unsqueeze(1))
-    return latent_B1SC, k_rope_B1SR, cache.layers[layer_idx].index_keys.squeeze(1)
+    return latent_B1SC, k_rope_B1SR, cache.layers[layer_idx].read_index_keys(index_keys_BTD.unsqueeze(1)).squeeze(1)
 
 
 class DeepseekLatentCache(LatentCacheMixin, DynamicCache):
@@ -347,15 +336,19 @@ class DeepseekLatentCache(LatentCacheMixin, DynamicCache):
     alike): what generate() and a forward with use_cache=True start from.
 
     Takes what transformers passes to a DynamicCache: `config` (its `latent_cache_dtype` picks the FP8 layers unless
-    `fp8` says otherwise) and `offloading` (each layer's tokens go to the CPU between its uses; CUDA only).
+    `fp8` says otherwise, its `index_cache_dtype` e4m3 indexer keys unless `index_fp8` does) and `offloading` (each
+    layer's tokens go to the CPU between its uses; CUDA only).
     """
 
     def __init__(self, config=None, fp8: bool | None = None, offloading: bool = False,
-                 offload_only_non_sliding: bool = False):
+                 offload_only_non_sliding: bool = False, index_fp8: bool | None = None):
         self.fp8 = fp8 if fp8 is not None else config is not None and config.latent_cache_dtype == "fp8"
+        self.index_fp8 = (index_fp8 if index_fp8 is not None else
+                          config is not None and config.index_cache_dtype == "fp8")
         # DynamicCache's own __init__ builds per-head layers from the config; the latent layers are replicated per
         # layer index instead, on the first write to it.
-        layer = partial(FP8LatentLayer if self.fp8 else LatentLayer, index_dim=index_dim(config))
+        layer = partial(FP8LatentLayer if self.fp8 else LatentLayer, index_dim=index_dim(config),
+                        index_fp8=self.index_fp8)
         Cache.__init__(self, layer_class_to_replicate=layer, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
 
 
@@ -373,18 +366,19 @@ class DeepseekStaticLatentCache(LatentCacheMixin, StaticCache):
     """
 
     def __init__(self, config, max_cache_len: int, fp8: bool | None = None, num_layers: int | None = None,
-                 offloading: bool = False):
+                 offloading: bool = False, index_fp8: bool | None = None):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive integer, got {max_cache_len!r}")
         if offloading:
             raise ValueError("a static latent cache cannot be offloaded: its buffers keep fixed addresses")
         self.fp8 = fp8 if fp8 is not None else config.latent_cache_dtype == "fp8"
+        self.index_fp8 = index_fp8 if index_fp8 is not None else config.index_cache_dtype == "fp8"
         self.max_cache_len = max_cache_len
         self.latent_widths = (config.kv_lora_rank, config.qk_rope_head_dim)
         layer = StaticFP8LatentLayer if self.fp8 else StaticLatentLayer
         n = config.num_hidden_layers if num_layers is None else num_layers
         # StaticCache's own __init__ builds per-head layers from the config; these hold the latent pair.
-        Cache.__init__(self, layers=[layer(max_cache_len, index_dim(config)) for _ in range(n)])
+        Cache.__init__(self, layers=[layer(max_cache_len, index_dim(config), self.index_fp8) for _ in range(n)])
 
     def early_initialization(self, batch_size: int, dtype: torch.dtype, device, layers=None) -> None:
         """Allocate the buffers of `layers` (indices; default: all) now rather than on their first write: needed when
@@ -398,7 +392,7 @@ class DeepseekStaticLatentCache(LatentCacheMixin, StaticCache):
 
 def static_latent_cache_for_generate(model, generation_config, batch_size: int, needed: int, fp8: bool,
                                      prompt_length: int | None = None, slots_per_token: int = 1,
-                                     layers=None) -> DeepseekStaticLatentCache:
+                                     layers=None, index_fp8: bool | None = None) -> DeepseekStaticLatentCache:
     """The DeepseekStaticLatentCache of one generate call of `model`, which writes `needed` slots (the prompt's tokens
     and `slots_per_token` per new token but the last, which never goes through a forward). The generation config's
     `max_cache_len` must hold them (a clear error now, not a failed write mid-generation); without it, never shorter
@@ -414,7 +408,7 @@ def static_latent_cache_for_generate(model, generation_config, batch_size: int, 
                 f"the prompt and max_new_tokens{each} need {needed} slots, more than")
         raise ValueError(f"cache_implementation='static': {what} max_cache_len={length}")
     layers = range(model.config.num_hidden_layers) if layers is None else layers
-    cache = DeepseekStaticLatentCache(model.config, length, fp8=fp8, num_layers=max(layers) + 1)
+    cache = DeepseekStaticLatentCache(model.config, length, fp8=fp8, num_layers=max(layers) + 1, index_fp8=index_fp8)
     rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     cache.early_initialization(rows, model.dtype, model.device, layers)
     return cache
@@ -433,13 +427,13 @@ def uses_static_cache(generation_config, config) -> bool:
     return implementation == "static"
 
 
-def latent_cache_for_generate(model, generation_config, batch_size: int, max_cache_length: int,
-                              fp8: bool) -> DeepseekLatentCache | DeepseekStaticLatentCache:
+def latent_cache_for_generate(model, generation_config, batch_size: int, max_cache_length: int, fp8: bool,
+                              index_fp8: bool | None = None) -> DeepseekLatentCache | DeepseekStaticLatentCache:
     """The cache transformers' generate() starts `model` from, in place of its own DynamicCache / StaticCache (which
     hold per-head keys and values): a DeepseekLatentCache, or with cache_implementation="static" a
     DeepseekStaticLatentCache for the `max_cache_length` slots generate computed for the call."""
     if not uses_static_cache(generation_config, model.config):
-        return DeepseekLatentCache(config=model.config, fp8=fp8)
+        return DeepseekLatentCache(config=model.config, fp8=fp8, index_fp8=index_fp8)
     new = generation_config.max_new_tokens
     return static_latent_cache_for_generate(model, generation_config, batch_size, max_cache_length, fp8,
-                                            prompt_length=None if new is None else max_cache_length + 1 - new)
+                                            index_fp8=index_fp8, prompt_length=None if new is None else max_cache_length + 1 - new)

@@ -69,6 +69,18 @@ def check_latent_cache_dtype(value: str | None) -> str | None:
     return value
 
 
+def check_index_cache_dtype(value: str | None, index_topk: int | None) -> str | None:
+    """`value` if it is how a cache may hold DeepSeek-V3.2's indexer keys (None: the model dtype; "fp8": e4m3 with a
+    per-token scale) for a config with this `index_topk`, else ValueError naming the field. The config, generate() and
+    the paged engine all check the setting with it."""
+    if value not in LATENT_CACHE_DTYPES:
+        raise ValueError(f"`index_cache_dtype` must be None or 'fp8', got {value!r}")
+    if value is not None and index_topk is None:
+        raise ValueError(f"`index_cache_dtype`={value!r} needs DeepSeek-V3.2's lightning indexer (`index_topk` set); "
+                         "this config has none")
+    return value
+
+
 class DeepseekConfig(PreTrainedConfig):
     model_type = "deepseek"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -169,6 +181,7 @@ class DeepseekConfig(PreTrainedConfig):
         # --- serving knobs ---
         mla_impl: str = "auto",  # "auto" | "absorbed" | "expanded": see attention.py
         latent_cache_dtype: str | None = None,  # None (model dtype) or "fp8": e4m3 latent cache, half the bytes
+        index_cache_dtype: str | None = None,  # None (model dtype) or "fp8": V3.2's cached indexer keys in e4m3
         # generate() prefills prompts longer than this in chunks of this many tokens, so activation memory stays
         # bounded at any context (each chunk attends to the latent cache of the ones before); None: one shot. An
         # explicit generate(prefill_chunk_size=...) wins. (Not named prefill_chunk_size: transformers would copy
@@ -231,6 +244,7 @@ class DeepseekConfig(PreTrainedConfig):
         self.output_router_logits = output_router_logits
         self.mla_impl = mla_impl
         self.latent_cache_dtype = latent_cache_dtype
+        self.index_cache_dtype = index_cache_dtype
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.recompute_norms = recompute_norms
         self.recompute_mla_up_proj = recompute_mla_up_proj
@@ -323,6 +337,7 @@ class DeepseekConfig(PreTrainedConfig):
         if self.mla_impl not in MLA_IMPLS:
             raise ValueError(f"`mla_impl` must be one of {MLA_IMPLS}, got {self.mla_impl!r}")
         check_latent_cache_dtype(self.latent_cache_dtype)
+        check_index_cache_dtype(self.index_cache_dtype, self.index_topk)
         chunk = self.prefill_chunk_tokens
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ValueError(f"`prefill_chunk_tokens` must be a positive integer or null, got {chunk!r}")

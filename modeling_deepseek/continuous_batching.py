@@ -37,13 +37,12 @@ from .compat import (
     installed_transformers_version,
 )
 from .compat_batching import schedule_alone, survive_step_failures
-from .configuration import check_latent_cache_dtype
+from .configuration import check_index_cache_dtype, check_latent_cache_dtype
 
 # CPU defaults when the caller sizes nothing (transformers' default takes 60% of the RAM for the cache on CPU and
 # 8192-token batches, whose [batch tokens x cached tokens] mask alone can outgrow the cache).
 CPU_MAX_BATCH_TOKENS = 512
 CPU_DEFAULT_CACHE_TOKENS = 32 * 1024
-INDEX_CACHE_DTYPES = (None, "fp8")  # how the paged rows hold a V3.2 model's indexer keys (paged_fp8.py)
 # Generation options (with their no-op values) that the engine's logits processors do not apply.
 UNBATCHABLE_OPTIONS = (("min_length", 0), ("min_new_tokens", None), ("repetition_penalty", 1.0),
                        ("encoder_repetition_penalty", 1.0))
@@ -138,13 +137,7 @@ def check_continuous_batching(model, generation_config) -> None:
             "upgrade transformers."
         )
     check_latent_cache_dtype(latent_cache_dtype_of(model, generation_config))
-    index_cache_dtype = index_cache_dtype_of(model, generation_config)
-    if index_cache_dtype not in INDEX_CACHE_DTYPES:
-        raise ValueError(f"index_cache_dtype must be one of {INDEX_CACHE_DTYPES} (None: the model dtype), got "
-                         f"{index_cache_dtype!r}")
-    if index_cache_dtype is not None and getattr(model.config, "index_topk", None) is None:
-        raise ValueError(f"index_cache_dtype={index_cache_dtype!r} needs a model with DeepSeek-V3.2's lightning "
-                         "indexer (config.index_topk set); this one has none")
+    check_index_cache_dtype(index_cache_dtype_of(model, generation_config), model.config.index_topk)
     if generation_config is not None and getattr(generation_config, "use_mtp", False):
         raise ValueError(
             "Continuous batching with use_mtp=True is not supported: transformers' continuous-batching engine has no "
@@ -289,9 +282,10 @@ def latent_cache_dtype_of(model, generation_config) -> str | None:
 
 
 def index_cache_dtype_of(model, generation_config) -> str | None:
-    """How the paged cache stores a V3.2 model's indexer keys: the generation config's `index_cache_dtype` where it
-    has one (generate_batch(index_cache_dtype=...) puts it there), else the model config's, else the model dtype."""
-    return getattr(generation_config, "index_cache_dtype", getattr(model.config, "index_cache_dtype", None))
+    """How the caches (paged, and generate()'s) store a V3.2 model's indexer keys: the generation config's
+    `index_cache_dtype` where it has one (generate / generate_batch(index_cache_dtype=...) put it there), else the
+    model config's (None: the model dtype)."""
+    return getattr(generation_config, "index_cache_dtype", model.config.index_cache_dtype)
 
 
 def cpu_batching_defaults(cb_config, workload_hints, page_size: int):

@@ -56,6 +56,7 @@ TRAINING_ONLY_FIELDS = (
     "mtp_late_fraction",
     "mla_impl",
     "latent_cache_dtype",
+    "index_cache_dtype",
     "dsa_impl",
 )
 

@@ -4,9 +4,9 @@
 
 - generate() starts from a latent cache of ours where transformers would build its per-head one
   (compat.BuildsGenerationCache asks `generation_cache`): a DeepseekLatentCache (a DynamicCache; FP8 with
-  `latent_cache_dtype="fp8"` or config.latent_cache_dtype), or with `cache_implementation="static"` a
-  DeepseekStaticLatentCache (a StaticCache) sized for the call, which a compiled forward decodes over without
-  recompiling. The per-head caches of the other cache_implementations cannot hold the latent and are refused.
+  `latent_cache_dtype="fp8"` or config.latent_cache_dtype; V3.2's indexer keys in e4m3 with index_cache_dtype="fp8"),
+  or with `cache_implementation="static"` a DeepseekStaticLatentCache (a StaticCache) sized for the call, which a
+  compiled forward decodes over without recompiling. The per-head caches of the other cache_implementations cannot hold the latent and are refused.
 - prompts longer than config.prefill_chunk_tokens are prefilled in chunks, so activation memory stays bounded.
 - `use_mtp=True` dispatches to the self-speculative loop of speculative.py, which checks its own arguments.
 - init_continuous_batching / generate_batch run transformers' continuous-batching engine over its paged cache
@@ -23,9 +23,9 @@ from transformers import GenerationMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .cache import latent_cache_for_generate, static_latent_cache_for_generate, uses_static_cache
+from .cache import DeepseekLatentCache, latent_cache_for_generate, static_latent_cache_for_generate, uses_static_cache
 from .compat import CACHE_NAME, BuildsGenerationCache, pop_cache_argument
-from .configuration import check_latent_cache_dtype
+from .configuration import check_index_cache_dtype, check_latent_cache_dtype
 from .continuous_batching import (
     check_continuous_batching,
     cpu_batching_defaults,
@@ -66,16 +66,18 @@ class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
         base = generation_config if generation_config is not None else self.generation_config
         latent_cache_dtype = check_latent_cache_dtype(
             kwargs.pop("latent_cache_dtype", latent_cache_dtype_of(self, base)))
+        index_cache_dtype = check_index_cache_dtype(
+            kwargs.pop("index_cache_dtype", index_cache_dtype_of(self, base)), self.config.index_topk)
         use_mtp = kwargs.pop("use_mtp", None)
         if use_mtp is None:
             use_mtp = bool(getattr(base, "use_mtp", False))
         draft_tokens = kwargs.pop("mtp_draft_tokens", None)
         kwargs.update(self._long_prompt_chunking(inputs, base, kwargs))
         # The one copy of the generation config, with this call's settings in it: generation_cache() reads the cache
-        # to start from off it (latent_cache_dtype, cache_implementation, max_cache_len).
+        # to start from off it (latent_cache_dtype, index_cache_dtype, cache_implementation, max_cache_len).
         gc = copy.deepcopy(base)
         gc.use_mtp = False
-        gc.latent_cache_dtype = latent_cache_dtype
+        gc.latent_cache_dtype, gc.index_cache_dtype = latent_cache_dtype, index_cache_dtype
         if use_mtp:
             return self._mtp_generate(inputs, gc, kwargs, draft_tokens)
         model_kwargs = gc.update(**kwargs)
@@ -89,13 +91,15 @@ class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
         """The cache transformers' generate() starts from (compat.BuildsGenerationCache): a latent cache, never its
         per-head DynamicCache / StaticCache."""
         fp8 = latent_cache_dtype_of(self, generation_config) == "fp8"
-        return latent_cache_for_generate(self, generation_config, batch_size, max_cache_length, fp8)
+        index_fp8 = index_cache_dtype_of(self, generation_config) == "fp8"
+        return latent_cache_for_generate(self, generation_config, batch_size, max_cache_length, fp8, index_fp8)
 
     def _mtp_generate(self, inputs, generation_config, kwargs, draft_tokens):
         """generate(use_mtp=True): speculative.py checks the arguments and runs the loop; `generation_config` is this
         call's own copy."""
         call = mtp_arguments(self, inputs, generation_config, kwargs, draft_tokens)
-        caches, fp8 = None, generation_config.latent_cache_dtype == "fp8"
+        fp8, index_fp8 = generation_config.latent_cache_dtype == "fp8", generation_config.index_cache_dtype == "fp8"
+        caches = tuple(DeepseekLatentCache(self.config, fp8=fp8, index_fp8=index_fp8) for _ in range(2))
         if uses_static_cache(generation_config, self.config):  # each step appends k + 1 slots, rejected drafts as holes
             (B, P), N = call.input_ids.shape, self.config.num_hidden_layers
             new = generation_config.max_new_tokens
@@ -103,7 +107,8 @@ class DeepseekGenerationMixin(BuildsGenerationCache, GenerationMixin):
                 new = generation_config.max_length - P
             k = call.draft_tokens
             caches = tuple(static_latent_cache_for_generate(self, generation_config, B, P + (k + 1) * new - 1, fp8,
-                                                            prompt_length=P, slots_per_token=k + 1, layers=layers)
+                                                            prompt_length=P, slots_per_token=k + 1, layers=layers,
+                                                            index_fp8=index_fp8)
                            for layers in (range(N), [N]))
         sequences, stats = mtp_generate(self, call, generation_config, fp8_cache=fp8, caches=caches)
         self.last_mtp_stats = stats

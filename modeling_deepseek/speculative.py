@@ -50,7 +50,7 @@ from .mtp import DeepseekMTPLayer
 _IMPLEMENTED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p", "eos_token_id",
     "pad_token_id", "bos_token_id", "prefill_chunk_size", "return_dict_in_generate", "use_cache",
-    "cache_implementation", "max_cache_len", "latent_cache_dtype", "use_mtp", "transformers_version",
+    "cache_implementation", "max_cache_len", "latent_cache_dtype", "index_cache_dtype", "use_mtp", "transformers_version",
     "disable_compile", "compile_config",
 }
 # Values that switch an option off, which callers such as TRL set explicitly: accepted like the defaults.

@@ -54,10 +54,10 @@ def prompts():
 
 
 @torch.no_grad()
-def alone(model, prompt: list[int]) -> list[int]:
+def alone(model, prompt: list[int], **kwargs) -> list[int]:
     """generate()'s greedy continuation of one prompt alone; asserts no near-tie along the way."""
     out = model.generate(torch.tensor([prompt]), generation_config=greedy(), output_scores=True,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, **kwargs)
     top2 = torch.stack(out.scores).float().topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > MARGIN, "near-tie in the fixture: pick another seed"
     return out.sequences[0, len(prompt):].tolist()
@@ -197,12 +197,14 @@ def e4m3_cached_index_keys():
 @needs_mla_paged_cache
 def test_fp8_indexer_keys_give_generate_tokens_with_e4m3_cached_keys(model, prompts):
     """index_cache_dtype="fp8": the indexer scores cached keys read back from e4m3 (this step's own in full
-    precision): the tokens of generate() whose cached indexer keys are rounded the same way. One-step prefills, so that
-    generate's prompt forward and the engine's see the same fresh rows."""
+    precision): the tokens of generate() whose cached indexer keys are rounded the same way, and those of
+    generate(index_cache_dtype="fp8"), whose caches store them so. One-step prefills, so that generate's prompt forward
+    and the engine's see the same fresh rows."""
     results = model.generate_batch(prompts, generation_config=greedy(),
                                    continuous_batching_config=cb_config(max_batch_tokens=64), index_cache_dtype="fp8")
     with e4m3_cached_index_keys():
         assert tokens_of(results) == [alone(model, p) for p in prompts]
+    assert tokens_of(results) == [alone(model, p, index_cache_dtype="fp8") for p in prompts]
 
 
 @needs_mla_paged_cache
@@ -210,7 +212,7 @@ def test_index_cache_dtype_is_checked_before_the_loop(prompts):
     v3 = tiny_model(seed=0).eval()
     with pytest.raises(ValueError, match="lightning"):
         v3.generate_batch(prompts[:1], generation_config=greedy(), index_cache_dtype="fp8")
-    with pytest.raises(ValueError, match="index_cache_dtype must be one of"):
+    with pytest.raises(ValueError, match="`index_cache_dtype` must be None or 'fp8'"):
         tiny_model(seed=0, **DSA).eval().generate_batch(prompts[:1], generation_config=greedy(),
                                                         index_cache_dtype="int8")
 
