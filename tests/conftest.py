@@ -224,3 +224,30 @@ def hub_commits(monkeypatch):
         monkeypatch.setattr(huggingface_hub.HfApi, forbidden, no_network)
     monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(card_not_found))
     return commits
+
+
+def eager_and_compiled_static_decode(model, make_cache, ids: torch.Tensor, prefill: int):
+    """Logits of a prefill of `prefill` tokens then one decode step per remaining token of `ids`, through a static
+    cache from `make_cache(model)`, for `model` and for a deep copy whose forward is compiled whole (fullgraph):
+    ({"eager": logits, "compiled": logits}, the compile counter, the compiled run's cache)."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend=counter)
+    B, T = ids.shape
+    logits = {}
+    with torch.no_grad():
+        for name, m in (("eager", model), ("compiled", compiled)):
+            cache = make_cache(model)
+            cache.early_initialization(B, torch.float32, "cpu")
+            steps = [m(ids[:, :prefill], cache=cache, use_cache=True).logits]
+            for t in range(prefill, T):
+                steps.append(m(ids[:, t:t + 1], cache=cache, use_cache=True,
+                               position_ids=torch.full((B, 1), t)).logits)
+            logits[name] = torch.cat(steps, dim=1)
+    torch._dynamo.reset()
+    return logits, counter, cache

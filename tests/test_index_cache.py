@@ -87,28 +87,12 @@ def test_bytes_per_token_are_the_paged_rows(latent_fp8, index_fp8, row_bytes):
 def test_compiled_static_decode_with_e4m3_indexer_keys():
     """The e4m3 indexer-key streams keep the static cache compileable: a decode step compiles whole (fullgraph) once,
     with the eager logits."""
-    import copy
-
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    from conftest import max_diff
+    from conftest import eager_and_compiled_static_decode, max_diff
 
     eager = tiny_model(num_hidden_layers=1, **DSA).eval()
-    counter = CompileCounterWithBackend("eager")
-    torch._dynamo.reset()
-    compiled = copy.deepcopy(eager)
-    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend=counter)
-    ids, logits = random_ids(2, 14), {}
-    with torch.no_grad():
-        for name, model in (("eager", eager), ("compiled", compiled)):
-            cache = DeepseekStaticLatentCache(eager.config, max_cache_len=16, fp8=True, index_fp8=True)
-            cache.early_initialization(2, torch.float32, "cpu")
-            steps = [model(ids[:, :10], cache=cache, use_cache=True).logits]
-            for t in range(10, 14):
-                steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True,
-                                   position_ids=torch.full((2, 1), t)).logits)
-            logits[name] = torch.cat(steps, dim=1)
-    torch._dynamo.reset()
+    logits, counter, cache = eager_and_compiled_static_decode(
+        eager, lambda m: DeepseekStaticLatentCache(m.config, max_cache_len=16, fp8=True, index_fp8=True),
+        random_ids(2, 14), prefill=10)
     assert cache.layers[0].index_keys.dtype == FP8_DTYPE
     assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
     assert counter.frame_count == 2  # the prefill and one decode graph for all four steps

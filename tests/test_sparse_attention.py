@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HF_TINY, max_diff, random_ids, randomize_, tiny_config, tiny_model
+from conftest import HF_TINY, eager_and_compiled_static_decode, max_diff, random_ids, randomize_, tiny_config, tiny_model
 from modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
 from modeling_deepseek import indexer as indexer_module
 from modeling_deepseek import sparse_attention
@@ -298,32 +298,14 @@ def test_output_attentions_show_the_selection(v32_pair):
 def test_mtp_speculation_and_compiled_static_decode(v32_pair):
     """MTP speculative decoding keeps the greedy tokens (its caches carry the indexer keys of the MTP block too), and
     a static-cache decode step compiles whole (fullgraph) once, with the eager logits."""
-    import copy
-
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     _, ours = v32_pair
     ids = random_ids(1, 12)
     greedy = ours.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, use_mtp=True), greedy)
 
     ours = tiny_model(num_hidden_layers=1, **DSA).eval()  # one layer: a third of the tracing
-    counter = CompileCounterWithBackend("eager")
-    torch._dynamo.reset()
-    compiled = copy.deepcopy(ours)
-    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend=counter)
-    ids = random_ids(2, 14)
-    logits = {}
-    with torch.no_grad():
-        for name, model in (("eager", ours), ("compiled", compiled)):
-            cache = DeepseekStaticLatentCache(ours.config, max_cache_len=16)
-            cache.early_initialization(2, torch.float32, "cpu")
-            steps = [model(ids[:, :10], cache=cache, use_cache=True).logits]
-            for t in range(10, 14):
-                steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True,
-                                   position_ids=torch.full((2, 1), t)).logits)
-            logits[name] = torch.cat(steps, dim=1)
-    torch._dynamo.reset()
+    logits, counter, _ = eager_and_compiled_static_decode(
+        ours, lambda m: DeepseekStaticLatentCache(m.config, max_cache_len=16), random_ids(2, 14), prefill=10)
     assert max_diff(logits["eager"], logits["compiled"]) < 1e-5
     assert counter.frame_count == 2  # the prefill and one decode graph for all four steps
 
