@@ -40,6 +40,7 @@ cold-start` (made with the same arguments) instead of training them again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -125,12 +126,13 @@ def base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir: Path
     solution each), both measured: {"model" (the cold start), "base_state", "cold_state", "base" and
     "cold_start_sft" (held-out figures), "final_train_loss", "train_examples", "base_seconds",
     "cold_start_seconds"}. benchmarks/grpo_sweep.py saves its output to run many GRPO settings from it."""
-    facts = lambda rng: fact_line(rng, ops=args.ops)  # noqa: E731
+    facts = lambda rng: fact_line(rng, ops=args.ops, max_number=args.max_number)  # noqa: E731
     started = time.time()
     model = build_model(tokenizer, seed=args.seed)
-    log(f"task: Countdown, 3 numbers from 1 to 9, operations {args.ops!r}; {len(held_out)} problems held out, "
-        f"{len(train_problems)} for training; base model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, {args.facts_steps} steps of computation steps")
+    log(f"task: Countdown, 3 numbers from 1 to {args.max_number}, operations {args.ops!r}; {len(held_out)} problems "
+        f"held out, {len(train_problems)} for training; base model "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.facts_steps} steps of computation "
+        f"steps")
     pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=facts)
     base_state = copy.deepcopy(model.state_dict())
     base = measure(model, tokenizer, held_out, args)
@@ -147,8 +149,8 @@ def base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir: Path
 
 
 # the arguments that decide the base and the cold start: a saved cold start is used only where they match
-COLD_START_ARGS = ("seed", "ops", "held_out", "facts_steps", "cold_start_examples", "cold_start_steps",
-                   "cold_start_lr", "eval_samples", "max_completion_length")
+COLD_START_ARGS = ("seed", "ops", "max_number", "held_out", "facts_steps", "cold_start_examples",
+                   "cold_start_steps", "cold_start_lr", "eval_samples", "max_completion_length")
 
 
 def load_cold_start(args, tokenizer, path: Path, log) -> dict:
@@ -185,6 +187,86 @@ def run_grpo(model, tokenizer, train_problems, args, out_dir: Path, name: str, r
     trainer.train()
     return [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in trainer.state.log_history
             if "reward" in h]
+
+
+def run_controls(args, tokenizer, held_out, train_problems, base_state, cold_state, out_dir: Path) -> dict:
+    """The two controls with stage 2's budget and settings: GRPO from the cold start with the reward's values shuffled
+    within each batch (grpo_random_reward), and GRPO from the base model (r1_zero). {name: {"figures" (held-out),
+    "logs" (TRL's per-step logs), "seconds"}}."""
+    from trainers.rewards import make_countdown_reward, random_reward_control
+
+    reward = make_countdown_reward(well_formed=args.well_formed)
+    results = {}
+    for name, start, control_reward in (("grpo_random_reward", cold_state, random_reward_control(reward, args.seed)),
+                                        ("r1_zero", base_state, reward)):
+        started = time.time()
+        model = build_model(tokenizer, seed=args.seed)
+        model.load_state_dict(start)
+        logs = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", name, control_reward)
+        results[name] = {"figures": measure(model, tokenizer, held_out, args), "logs": logs,
+                         "seconds": round(time.time() - started, 1)}
+    return results
+
+
+class Controls:
+    """The controls of a run, started when the base and the cold start exist and read when stages 2-5 are done.
+
+    With `--controls-process` (the default) they run in a second process (this script with `--controls-from DIR`,
+    DIR holding the two starting states; its output in DIR/controls.log), on the machine's second core while this
+    process runs stages 2-5: the recipe's wall time is that of its longer branch. Without it they run here, after
+    stage 5. Seeded the same way in both cases, so the figures are the same (tests/test_r1_pipeline.py). A context
+    manager: leaving it stops the second process if it is still running (a failed stage stops the run).
+    """
+
+    def __init__(self, args, argv, tokenizer, held_out, train_problems, base_state, cold_state, out_dir: Path, log):
+        self.run_here = lambda: run_controls(args, tokenizer, held_out, train_problems, base_state, cold_state,
+                                             out_dir)
+        self.process = None
+        if args.controls_process:
+            import subprocess
+
+            self.dir = out_dir / "controls"
+            self.dir.mkdir(parents=True, exist_ok=True)
+            torch.save(base_state, self.dir / "base.pt")
+            torch.save(cold_state, self.dir / "cold_start.pt")
+            argv = list(sys.argv[1:] if argv is None else argv)
+            with open(self.dir / "controls.log", "w") as out:
+                self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
+                                                 "--controls-from", str(self.dir)], stdout=out,
+                                                stderr=subprocess.STDOUT)
+            log(f"controls (grpo_random_reward, r1_zero) started in a second process, pid {self.process.pid}; "
+                f"log: {self.dir / 'controls.log'}")
+
+    def results(self) -> dict:
+        if self.process is None:
+            return self.run_here()
+        if self.process.wait() != 0:
+            raise SystemExit(f"the controls' process failed (exit status {self.process.returncode}); its output: "
+                             f"{self.dir / 'controls.log'}")
+        return json.loads((self.dir / "controls.json").read_text())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def controls_only(args) -> None:
+    """`--controls-from DIR`: the controls from DIR's base.pt and cold_start.pt, written to DIR/controls.json."""
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    src = Path(args.controls_from)
+    tokenizer = build_tokenizer()
+    held_out, train_problems = split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops,
+                                              max_number=args.max_number)
+    results = run_controls(args, tokenizer, held_out, train_problems, torch.load(src / "base.pt"),
+                           torch.load(src / "cold_start.pt"), Path(args.output))
+    (src / "controls.json.tmp").write_text(json.dumps(results))
+    os.replace(src / "controls.json.tmp", src / "controls.json")
 
 
 def run_on_policy_distillation(student, teacher, tokenizer, train_problems, args, out_dir: Path):
@@ -292,12 +374,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ops", default="+-", help="operations of the problems ('+-*' adds products, '+-*/' exact "
                    "division; at this model size '+-*' leaves the cold start near 0%%: benchmarks/RESULTS.md)")
+    p.add_argument("--max-number", type=int, default=12,
+                   help="the problems' numbers are 1..N (12: 1,264 problems, 964 of them for training; 9: 550, too "
+                   "few for RL to learn more than the cold start's keys: benchmarks/RESULTS.md)")
     p.add_argument("--held-out", type=int, default=300, help="held-out problems, never trained on by any stage")
     p.add_argument("--facts-steps", type=int, default=1200, help="base model: steps on computation steps")
     p.add_argument("--cold-start-examples", type=int, default=1024, help="worked traces in the cold-start set")
     p.add_argument("--cold-start-steps", type=int, default=800)
     p.add_argument("--cold-start-lr", type=float, default=3e-3)
-    p.add_argument("--grpo-steps", type=int, default=60)
+    p.add_argument("--grpo-steps", type=int, default=600,
+                   help="held-out pass@1 gain from one cold start: +5.4 at 60 steps, +13.5 at 300, +17.2 at 500")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
@@ -329,6 +415,12 @@ def parse_args(argv=None):
     p.add_argument("--from-cold-start", default=None, help="load the base and cold start saved by `python -m "
                    "benchmarks.grpo_sweep cold-start` (same arguments) instead of training them")
     p.add_argument("--no-controls", action="store_true", help="skip the random-reward and R1-Zero runs")
+    p.add_argument("--controls-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the controls in a second process beside stages 2-5 (the second CPU core); "
+                   "--no-controls-process runs them after stage 5 in this one")
+    p.add_argument("--controls-from", default=None, metavar="DIR",
+                   help="run only the controls, from DIR/base.pt and DIR/cold_start.pt, and write DIR/controls.json "
+                   "(what the second process of --controls-process runs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny matmuls run fastest)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -346,6 +438,8 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.controls_from:
+        return controls_only(args)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -358,12 +452,13 @@ def main(argv=None) -> list[dict]:
     from transformers import set_seed
 
     from trainers.rejection_sampling import rejection_sample
-    from trainers.rewards import countdown_reward, make_countdown_reward, random_reward_control
+    from trainers.rewards import countdown_reward, make_countdown_reward
 
     set_seed(args.seed)
     tokenizer = build_tokenizer()
-    held_out, train_problems = split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops)
-    facts = lambda rng: fact_line(rng, ops=args.ops)  # noqa: E731
+    held_out, train_problems = split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops,
+                                             max_number=args.max_number)
+    facts = lambda rng: fact_line(rng, ops=args.ops, max_number=args.max_number)  # noqa: E731
     stages, timings, grpo_logs = [], {}, {}
     by_name = {}
 
@@ -401,82 +496,80 @@ def main(argv=None) -> list[dict]:
            figures=made["cold_start_sft"], train_examples=made["train_examples"],
            final_train_loss=made["final_train_loss"])
 
-    # 2. Reasoning RL: GRPO with the Countdown reward.
-    started = time.time()
-    reward = make_countdown_reward(well_formed=args.well_formed)
-    grpo_logs["grpo"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "grpo", reward)
-    finish("grpo", model, started, reference="cold_start_sft", **grpo_summary(grpo_logs["grpo"]))
+    # The controls (same GRPO budget and settings: a reward of the same mean and no information, and R1-Zero) start
+    # from the base and the cold start: by default in a second process, on the second core, beside stages 2-5.
+    controls = None if args.no_controls else Controls(args, argv, tokenizer, held_out, train_problems, base_state,
+                                                      cold_state, out_dir, log)
+    with controls or contextlib.nullcontext():
+        # 2. Reasoning RL: GRPO with the Countdown reward.
+        started = time.time()
+        reward = make_countdown_reward(well_formed=args.well_formed)
+        grpo_logs["grpo"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "grpo", reward)
+        finish("grpo", model, started, reference="cold_start_sft", **grpo_summary(grpo_logs["grpo"]))
 
-    # 3. Rejection sampling from the RL policy on training problems.
-    started = time.time()
-    pool = train_problems[: args.rs_prompts] if args.rs_prompts else train_problems
-    prompts = datasets.Dataset.from_list([{"prompt": prompt_text(p["numbers"], p["target"]),
-                                           "numbers": p["numbers"], "target": p["target"]} for p in pool])
-    result = rejection_sample(model, tokenizer, prompts, [countdown_reward], num_samples=args.rs_samples,
-                              prompts_per_batch=256, max_new_tokens=args.max_completion_length,
-                              temperature=args.rs_temperature, top_p=0.95, seed=args.seed, progress=False)
-    kept = result.dataset
-    kept.save_to_disk(str(out_dir / "rejection_sampled"))
-    s = result.stats
-    log(f"rejection sampling: {s['samples']} samples of {s['prompts']} problems, pass rate {s['pass_rate']:.1%}, "
-        f"kept {s['kept']} ({s['duplicates_dropped']} duplicates dropped), problems with a kept sample "
-        f"{s['prompts_with_a_kept_sample']:.1%}")
-    if len(kept) == 0:
-        raise SystemExit("rejection sampling kept no sample: the policy solves none of the training problems; raise "
-                         "the cold-start / GRPO budget")
-    finish("rejection_sampling", model, started,
-           figures={k: v for k, v in by_name["grpo"].items() if k.startswith("heldout_")},
-           note="held-out figures: the GRPO policy it sampled from (this stage makes data, not a model)",
-           rejection_sampling=s)
-    rows = kept.to_list()
-    grpo_model = model
+        # 3. Rejection sampling from the RL policy on training problems.
+        started = time.time()
+        pool = train_problems[: args.rs_prompts] if args.rs_prompts else train_problems
+        prompts = datasets.Dataset.from_list([{"prompt": prompt_text(p["numbers"], p["target"]),
+                                               "numbers": p["numbers"], "target": p["target"]} for p in pool])
+        result = rejection_sample(model, tokenizer, prompts, [countdown_reward], num_samples=args.rs_samples,
+                                  prompts_per_batch=256, max_new_tokens=args.max_completion_length,
+                                  temperature=args.rs_temperature, top_p=0.95, seed=args.seed, progress=False)
+        kept = result.dataset
+        kept.save_to_disk(str(out_dir / "rejection_sampled"))
+        s = result.stats
+        log(f"rejection sampling: {s['samples']} samples of {s['prompts']} problems, pass rate "
+            f"{s['pass_rate']:.1%}, kept {s['kept']} ({s['duplicates_dropped']} duplicates dropped), problems with a "
+            f"kept sample {s['prompts_with_a_kept_sample']:.1%}")
+        if len(kept) == 0:
+            raise SystemExit("rejection sampling kept no sample: the policy solves none of the training problems; "
+                             "raise the cold-start / GRPO budget")
+        finish("rejection_sampling", model, started,
+               figures={k: v for k, v in by_name["grpo"].items() if k.startswith("heldout_")},
+               note="held-out figures: the GRPO policy it sampled from (this stage makes data, not a model)",
+               rejection_sampling=s)
+        rows = kept.to_list()
+        grpo_model = model
 
-    # 4. SFT of the base model on the kept samples (R1's third stage starts again from DeepSeek-V3-Base).
-    started = time.time()
-    model = from_base()
-    losses = train_sft(model, tokenizer, rows, out_dir / "trainer", "sft", args.sft_steps, args.sft_lr, args.seed)
-    finish("sft", model, started, reference="grpo", train_examples=len(rows), initialised_from="base model",
-           final_train_loss=losses[-1])
-
-    # 5. Distillation into a dense transformers model (SFT on the kept samples; optionally on-policy after).
-    started = time.time()
-    student = build_student(tokenizer, seed=args.seed)
-    log(f"student: LlamaForCausalLM, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters, "
-        f"{args.student_facts_steps} steps of computation steps, then {args.student_sft_steps} SFT steps on the "
-        f"kept samples")
-    pretrain_facts(student, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=log, line=facts)
-    losses = train_sft(student, tokenizer, rows, out_dir / "trainer", "distill", args.student_sft_steps, args.sft_lr,
-                       args.seed)
-    extra = {"student": "LlamaForCausalLM", "train_examples": len(rows), "teacher": "grpo",
-             "final_train_loss": losses[-1]}
-    if args.on_policy_steps:
-        extra["after_sft_only"] = {k: v for k, v in measure(student, tokenizer, held_out, args).items()
-                                   if k != "heldout_example"}
-        history = run_on_policy_distillation(student, model, tokenizer, train_problems, args, out_dir / "trainer")
-        extra["on_policy_steps"] = args.on_policy_steps
-        extra["on_policy_losses"] = [h["loss"] for h in history if "loss" in h]
-    entry = finish("distill", student, started, reference="grpo", **extra)
-    entry["kept_share_of_teacher_pass@1"] = (entry["heldout_pass@1"] / by_name["grpo"]["heldout_pass@1"]
-                                             if by_name["grpo"]["heldout_pass@1"] else None)
-    student.save_pretrained(out_dir / "student")
-    tokenizer.save_pretrained(out_dir / "student")
-    del grpo_model
-
-    # Controls, same GRPO budget and settings: a reward of the same mean and no information, and R1-Zero.
-    if not args.no_controls:
+        # 4. SFT of the base model on the kept samples (R1's third stage starts again from DeepSeek-V3-Base).
         started = time.time()
         model = from_base()
-        model.load_state_dict(cold_state)
-        grpo_logs["grpo_random_reward"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer",
-                                                   "grpo_random_reward",
-                                                   random_reward_control(reward, seed=args.seed))
-        finish("grpo_random_reward", model, started, reference="cold_start_sft",
-               **grpo_summary(grpo_logs["grpo_random_reward"]))
+        losses = train_sft(model, tokenizer, rows, out_dir / "trainer", "sft", args.sft_steps, args.sft_lr,
+                           args.seed)
+        finish("sft", model, started, reference="grpo", train_examples=len(rows), initialised_from="base model",
+               final_train_loss=losses[-1])
+
+        # 5. Distillation into a dense transformers model (SFT on the kept samples; optionally on-policy after).
         started = time.time()
-        model = from_base()
-        grpo_logs["r1_zero"] = run_grpo(model, tokenizer, train_problems, args, out_dir / "trainer", "r1_zero",
-                                        reward)
-        finish("r1_zero", model, started, reference="base", **grpo_summary(grpo_logs["r1_zero"]))
+        student = build_student(tokenizer, seed=args.seed)
+        log(f"student: LlamaForCausalLM, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters, "
+            f"{args.student_facts_steps} steps of computation steps, then {args.student_sft_steps} SFT steps on the "
+            f"kept samples")
+        pretrain_facts(student, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=log, line=facts)
+        losses = train_sft(student, tokenizer, rows, out_dir / "trainer", "distill", args.student_sft_steps,
+                           args.sft_lr, args.seed)
+        extra = {"student": "LlamaForCausalLM", "train_examples": len(rows), "teacher": "grpo",
+                 "final_train_loss": losses[-1]}
+        if args.on_policy_steps:
+            extra["after_sft_only"] = {k: v for k, v in measure(student, tokenizer, held_out, args).items()
+                                       if k != "heldout_example"}
+            history = run_on_policy_distillation(student, model, tokenizer, train_problems, args,
+                                                 out_dir / "trainer")
+            extra["on_policy_steps"] = args.on_policy_steps
+            extra["on_policy_losses"] = [h["loss"] for h in history if "loss" in h]
+        entry = finish("distill", student, started, reference="grpo", **extra)
+        entry["kept_share_of_teacher_pass@1"] = (entry["heldout_pass@1"] / by_name["grpo"]["heldout_pass@1"]
+                                                 if by_name["grpo"]["heldout_pass@1"] else None)
+        student.save_pretrained(out_dir / "student")
+        tokenizer.save_pretrained(out_dir / "student")
+        del grpo_model
+
+        if controls is not None:  # waits for the second process where there is one
+            results = controls.results()
+            for name, reference in (("grpo_random_reward", "cold_start_sft"), ("r1_zero", "base")):
+                grpo_logs[name] = results[name]["logs"]
+                finish(name, None, time.time() - results[name]["seconds"], reference=reference,
+                       figures=results[name]["figures"], **grpo_summary(results[name]["logs"]))
 
     (out_dir / "stages.json").write_text(json.dumps(stages, indent=1))
     (out_dir / "grpo_logs.json").write_text(json.dumps(grpo_logs, indent=1))
