@@ -342,10 +342,30 @@ def test_dynamic_sampling_keeps_only_groups_with_a_reward_spread(tmp_path):
             mixed += 1
             assert len(questions) == 4 and all(odd)
             assert b["advantages"].abs().max() > 0
-        else:  # nothing to drop, or nothing informative: the batch whole
+        else:  # nothing to drop, or nothing informative: the batch whole (and its step skipped)
             assert len(questions) == 8 and all(odd) == (kept == 1)
         assert b["num_items_in_batch"].item() == b["completion_mask"].sum().item()
     assert mixed >= 1, "no step drew one even and one odd question; change the seed"
+
+
+def flat_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def test_dynamic_sampling_skips_a_step_with_nothing_to_learn(tmp_path):
+    """Every group flat (R1-Zero from a base that never writes the format): with dynamic sampling the steps are
+    skipped, no parameter and no routing bias moves; without it the balance loss and the bias update move them."""
+    for dynamic in (True, False):
+        model = tiny_lm()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        logs = train_logs(trainer_for(tmp_path / str(dynamic), model=model, rewards=(flat_reward,),
+                                      dynamic_sampling=dynamic, max_steps=2))
+        assert len(logs) == 2 and all(h["frac_reward_zero_std"] == 1.0 for h in logs)
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        if dynamic:
+            assert changed == [] and all(h["dynamic_sampling/kept_groups"] == 0.0 for h in logs)
+        else:
+            assert any("e_score_correction_bias" in k for k in changed) and any("weight" in k for k in changed)
 
 
 def test_dynamic_sampling_refuses_what_it_cannot_do(tmp_path):

@@ -35,9 +35,11 @@ Dynamic sampling (`dynamic_sampling=True`, DAPO's; TRL has none). A group whose 
 tokens take compute and, with DAPO's token-level normalisation, dilute the others'. With the option, such groups
 are dropped from the batch after scoring and before the loss: the loss is over prompts at the edge of competence,
 normalised by their tokens. The groups are those TRL counts in `frac_reward_zero_std` (logged as ever, before the
-drop); the share kept is logged as `dynamic_sampling/kept_groups`. A batch with no informative group is kept whole
-(its advantages are zero). DAPO also re-samples until the batch is full again; here the batch shrinks instead (on CPU
-the point is to skip the dead work). One process, steps_per_generation 1 (TRL splits a batch into equal parts, one per step).
+drop); the share kept is logged as `dynamic_sampling/kept_groups`. DAPO also re-samples until the batch is full
+again; here the batch shrinks instead (on CPU the point is to skip the dead work). A batch with no informative group
+is empty: its step is skipped (no loss forward, no gradient, so the optimizer and the routers' bias leave the model
+as it was), which is what a policy that never or always solves its prompts, R1-Zero from a base model that never
+writes the format, costs: the rollouts alone. One process, steps_per_generation 1 (TRL splits a batch into equal parts, one per step).
 
 Reward functions that raise are reported with their name, the sample index and the exception.
 
@@ -215,6 +217,7 @@ class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
                 raise ValueError(f"dynamic_sampling needs one optimizer step per generated batch "
                                  f"(steps_per_generation 1); got {self.args.steps_per_generation}")
         self._rewards_per_func = None
+        self._empty_batch = False
         if self.deepseek is None:
             for option in ("use_mtp", "mtp_loss_weight"):
                 if getattr(self, option):
@@ -308,11 +311,13 @@ class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
 
     def make_training_batch(self, inputs):
         self._rewards_per_func = None
+        self._empty_batch = False
         batch = self.trl_make_training_batch(inputs)
         if not (self.dynamic_sampling and self.model.training) or self._rewards_per_func is None:
             return batch
         keep_G = self.informative_groups(self._rewards_per_func)
         self._metrics["train"]["dynamic_sampling/kept_groups"].append(keep_G.float().mean().item())
+        self._empty_batch = not keep_G.any()  # grpo_loss skips the step (one batch per step: checked in __init__)
         if not keep_G.any() or keep_G.all():
             return batch
         rows = batch["completion_ids"].shape[0]
@@ -329,6 +334,9 @@ class GRPOTrainer(GRPOTrainerHooks, trl.GRPOTrainer):
     # -----------------------------------------------------------------------------------------------------------------
     # Loss
     def grpo_loss(self, model, inputs):
+        if self._empty_batch and self.model.training:
+            # dynamic sampling left nothing to learn from: a zero that reaches no parameter, so the step is a no-op
+            return torch.zeros((), device=inputs["completion_ids"].device, requires_grad=True)
         if self.deepseek is None:
             return self.trl_grpo_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
