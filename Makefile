@@ -9,9 +9,9 @@
 #                       (it needs transformers >= 5.25); SERVE_MODEL, SERVE_HOST, SERVE_PORT, SERVE_ARGS to change it
 #   make grpo-demo    - GRPO learning curve: a small DeepSeek learns two-digit sums (about 6 min on 2 CPU cores)
 #   make r1-demo      - the R1 recipe end to end on Countdown (cold start, GRPO, rejection sampling, SFT,
-#                       distillation into a dense Llama; random-reward and R1-Zero controls), each stage measured on
-#                       300 held-out problems (about 18 min estimated on 2 idle CPU cores from per-step times, not
-#                       measured end to end; 47 min measured on 2 cores shared at load 7-13: benchmarks/RESULTS.md)
+#                       distillation into a dense Llama; random-reward and R1-Zero controls in a second process),
+#                       each stage measured on 300 held-out problems (17.6 min measured on 2 idle CPU cores, seed 2:
+#                       benchmarks/RESULTS.md)
 #   make bench        - run benchmarks (if present)
 #   make docs         - build the documentation site into site/ (mkdocs --strict: a broken link or reference fails)
 #   make clean        - remove build outputs and demo runs (keeps the venvs; `make distclean` removes them too)

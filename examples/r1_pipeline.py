@@ -354,12 +354,18 @@ def plot(stages: list[dict], base: dict, grpo_logs: dict, path: Path, title: str
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", fontsize=8, ncol=3)
     ax.grid(axis="y", alpha=0.3)
+    window = max(1, max((len(logs) for logs in grpo_logs.values()), default=0) // 40)
+
+    def smooth(values):  # the mean of the last `window` steps: one batch of 16 prompts is a noisy estimate
+        return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                for i in range(len(values))]
+
     for name, logs in grpo_logs.items():
         steps = [h["step"] for h in logs]
-        line, = ax2.plot(steps, [h["reward"] for h in logs], label=f"{name}: reward", lw=1)
-        ax2.plot(steps, [h["frac_reward_zero_std"] for h in logs], ls=":", color=line.get_color(),
+        line, = ax2.plot(steps, smooth([h["reward"] for h in logs]), label=f"{name}: reward", lw=1)
+        ax2.plot(steps, smooth([h["frac_reward_zero_std"] for h in logs]), ls=":", color=line.get_color(),
                  label=f"{name}: frac_reward_zero_std", lw=1)
-    ax2.set_xlabel("GRPO step")
+    ax2.set_xlabel("GRPO step" + (f" (mean of the last {window} steps)" if window > 1 else ""))
     ax2.set_ylim(0, 1.05)
     ax2.set_title("GRPO: mean reward and share of groups with one reward", fontsize=10)
     ax2.legend(fontsize=7)
