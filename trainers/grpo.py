@@ -39,7 +39,8 @@ drop); the share kept is logged as `dynamic_sampling/kept_groups`. DAPO also re-
 again; here the batch shrinks instead (on CPU the point is to skip the dead work). A batch with no informative group
 is empty: its step is skipped (no loss forward, no gradient, so the optimizer and the routers' bias leave the model
 as it was), which is what a policy that never or always solves its prompts, R1-Zero from a base model that never
-writes the format, costs: the rollouts alone. One process, steps_per_generation 1 (TRL splits a batch into equal parts, one per step).
+writes the format, costs: the rollouts alone. One process, steps_per_generation 1 (TRL splits a batch into equal
+parts, one per step).
 
 Reward functions that raise are reported with their name, the sample index and the exception.
 
