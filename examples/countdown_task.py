@@ -3,8 +3,8 @@
 A problem gives three numbers from 1 to `max_number` and a target ("User: 3 5 7 to 38 Assistant:"); the answer is an
 arithmetic expression that uses each number exactly once and equals the target ("5*7+3"). The R1 demo uses numbers
 up to 12 with + and -: 1,264 problems, enough that 300 held out leave RL problems the cold start has not seen (with
-numbers up to 9 there are 550). TinyZero made it the smallest task on
-which RL with a rule-based reward teaches search; here it replaces the three-digit sums (examples/arithmetic_task.py,
+numbers up to 9 there are 550). TinyZero made it the smallest task on which RL with a rule-based reward teaches
+search; here it replaces the three-digit sums (examples/arithmetic_task.py,
 still the task of `make grpo-demo`) because a sum has one way to be worked out, so a cold start that teaches it leaves
 RL nothing to find, while a Countdown problem has many candidate expressions of which few hit the target: a model
 that has learned the format and the arithmetic still has to pick the operations, and sampling several times finds

@@ -51,9 +51,9 @@ additions), which tests/test_compat.py checks against TRL's signatures; the attr
 `reward_func_names` read after TRL's __init__; the batch keys `completion_ids`, `completion_mask`, `tool_mask`,
 `sampling_per_token_logps` and `old_per_token_logps`; for dynamic sampling the private `_calculate_rewards` and
 `_generate_and_score_completions` (as `score_completions` / `make_training_batch`, through the same mixin), the
-attributes `reward_weights` and `num_generations`, and the batch key `num_items_in_batch`; and the behaviour that the fused LM head calls the backbone
-module (so that a forward hook on DeepseekModel sees the loss forward) and that TRL's aux-loss path is off when
-`router_aux_loss_coef` is 0.
+attributes `reward_weights` and `num_generations`, and the batch key `num_items_in_batch`; and the behaviour that
+the fused LM head calls the backbone module (so that a forward hook on DeepseekModel sees the loss forward) and that
+TRL's aux-loss path is off when `router_aux_loss_coef` is 0.
 """
 
 from __future__ import annotations
