@@ -54,8 +54,7 @@ def cold_start(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tokenizer = pipeline.build_tokenizer()
-    held_out, train_problems = pipeline.split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops,
-                                                       max_number=args.max_number)
+    held_out, train_problems = pipeline.task_split(args)
     models = pipeline.base_and_cold_start(args, tokenizer, held_out, train_problems, out,
                                           lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True))
     torch.save(models["cold_state"], out / "cold_start.pt")
@@ -96,8 +95,7 @@ def grpo(argv: list[str]) -> dict:
     from trainers.rewards import make_countdown_reward, random_reward_control
 
     tokenizer = pipeline.build_tokenizer()
-    held_out, train_problems = pipeline.split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops,
-                                                       max_number=args.max_number)
+    held_out, train_problems = pipeline.task_split(args)
     scored = held_out[: known.eval_held_out] if known.eval_held_out else held_out
     model = pipeline.build_model(tokenizer, seed=args.seed)
     model.load_state_dict(torch.load(src / ("base.pt" if known.from_base else "cold_start.pt")))
@@ -154,14 +152,13 @@ def sft(argv: list[str]) -> dict:
     args = saved_arguments(src, rest)
     torch.set_num_threads(args.threads)
     tokenizer = pipeline.build_tokenizer()
-    held_out, _ = pipeline.split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops,
-                                          max_number=args.max_number)
+    held_out, _ = pipeline.task_split(args)
     rows = datasets.load_from_disk(known.data).to_list()
     t0 = time.time()
     if known.student:
         model, steps = pipeline.build_student(tokenizer, seed=args.seed), args.student_sft_steps
         pipeline.pretrain_facts(model, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=print,
-                                line=lambda rng: pipeline.fact_line(rng, ops=args.ops, max_number=args.max_number))
+                                line=pipeline.task_facts(args))
     else:
         model, steps = pipeline.build_model(tokenizer, seed=args.seed), args.sft_steps
         model.load_state_dict(torch.load(src / "base.pt"))

@@ -78,6 +78,17 @@ UNDERTRAINED_LOSS = 0.05
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and data
+def task_split(args) -> tuple[list[dict], list[dict]]:
+    """(held-out problems, training problems) of a run: its seed, operations and numbers decide them, so every
+    stage, the controls' process and benchmarks/grpo_sweep.py score and train on the same split."""
+    return split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops, max_number=args.max_number)
+
+
+def task_facts(args):
+    """The base model's (and the student's) pre-training line for a run's task: rng -> text."""
+    return lambda rng: fact_line(rng, ops=args.ops, max_number=args.max_number)
+
+
 def build_student(tokenizer, seed: int, hidden: int = 96, layers: int = 3):
     """A dense Llama (plain transformers) of about the teacher's active size, same tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -126,14 +137,13 @@ def base_and_cold_start(args, tokenizer, held_out, train_problems, out_dir: Path
     solution each), both measured: {"model" (the cold start), "base_state", "cold_state", "base" and
     "cold_start_sft" (held-out figures), "final_train_loss", "train_examples", "base_seconds",
     "cold_start_seconds"}. benchmarks/grpo_sweep.py saves its output to run many GRPO settings from it."""
-    facts = lambda rng: fact_line(rng, ops=args.ops, max_number=args.max_number)  # noqa: E731
     started = time.time()
     model = build_model(tokenizer, seed=args.seed)
     log(f"task: Countdown, 3 numbers from 1 to {args.max_number}, operations {args.ops!r}; {len(held_out)} problems "
         f"held out, {len(train_problems)} for training; base model "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.facts_steps} steps of computation "
         f"steps")
-    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=facts)
+    pretrain_facts(model, tokenizer, args.facts_steps, seed=args.seed + 2, log=log, line=task_facts(args))
     base_state = copy.deepcopy(model.state_dict())
     base = measure(model, tokenizer, held_out, args)
     base_seconds = round(time.time() - started, 1)
@@ -261,8 +271,7 @@ def controls_only(args) -> None:
     set_seed(args.seed)
     src = Path(args.controls_from)
     tokenizer = build_tokenizer()
-    held_out, train_problems = split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops,
-                                              max_number=args.max_number)
+    held_out, train_problems = task_split(args)
     results = run_controls(args, tokenizer, held_out, train_problems, torch.load(src / "base.pt"),
                            torch.load(src / "cold_start.pt"), Path(args.output))
     (src / "controls.json.tmp").write_text(json.dumps(results))
@@ -463,9 +472,7 @@ def main(argv=None) -> list[dict]:
 
     set_seed(args.seed)
     tokenizer = build_tokenizer()
-    held_out, train_problems = split_problems(args.held_out, seed=10_000 + args.seed, ops=args.ops,
-                                             max_number=args.max_number)
-    facts = lambda rng: fact_line(rng, ops=args.ops, max_number=args.max_number)  # noqa: E731
+    held_out, train_problems = task_split(args)
     stages, timings, grpo_logs = [], {}, {}
     by_name = {}
 
@@ -552,7 +559,7 @@ def main(argv=None) -> list[dict]:
         log(f"student: LlamaForCausalLM, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters, "
             f"{args.student_facts_steps} steps of computation steps, then {args.student_sft_steps} SFT steps on the "
             f"kept samples")
-        pretrain_facts(student, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=log, line=facts)
+        pretrain_facts(student, tokenizer, args.student_facts_steps, seed=args.seed + 2, log=log, line=task_facts(args))
         losses = train_sft(student, tokenizer, rows, out_dir / "trainer", "distill", args.student_sft_steps,
                            args.sft_lr, args.seed)
         extra = {"student": "LlamaForCausalLM", "train_examples": len(rows), "teacher": "grpo",
